@@ -1,0 +1,589 @@
+//! Control-stream frames: a 4-byte big-endian length, then a MessagePack map
+//! whose keys and values are strings (binaries are accepted on decode).
+
+use rmpv::Value;
+
+use crate::tunnel_id::TunnelId;
+
+/// Largest control frame body accepted by default (64 KiB).
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
+/// Nesting allowed inside a frame; control maps are flat.
+const MAX_DEPTH: usize = 16;
+
+/// Every control message of the protocol, as typed values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// node → relay: `t: "id"`, `n`, optional `tok` and `v`.
+    Identify {
+        node: String,
+        token: Option<String>,
+        version: Option<u64>,
+    },
+    /// relay → node: `t: "id_ok"`.
+    Identified,
+    /// relay → node: `t: "id_err"`, `r`; the relay then closes the connection.
+    IdentifyRefused { reason: String },
+    /// node → relay: `t: "tun_req"`, `target`.
+    TunnelRequest { target: String },
+    /// relay → node: `t: "tun_ok"`, `tid`.
+    TunnelOk { tunnel: TunnelId },
+    /// relay → node: `t: "tun_err"`, `r`.
+    TunnelError { reason: String },
+    /// relay → node: `t: "tun_notify"`, `tid`, `src`.
+    TunnelNotify { tunnel: TunnelId, source: String },
+    /// node → relay: `t: "tun_close"`, `tid`.
+    TunnelClose { tunnel: TunnelId },
+    /// relay → node: `t: "err"`, `r`.
+    ProtocolError { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes is over the maximum of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame is not a MessagePack map: {0}")]
+    BadFrame(String),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("message {msg} lacks key {key}")]
+    MissingKey { msg: &'static str, key: &'static str },
+    #[error("key {key} has a value of the wrong type")]
+    WrongType { key: &'static str },
+    #[error("key {key} is not a valid tunnel id")]
+    BadTunnelId { key: &'static str },
+}
+
+impl DecodeError {
+    /// Framing errors leave the stream unusable; message errors only lose one frame.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, DecodeError::FrameTooLarge { .. } | DecodeError::BadFrame(_))
+    }
+
+    /// The reason sent back in an `err` frame.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::FrameTooLarge { .. } => "frame_too_large",
+            DecodeError::BadFrame(_) => "bad_frame",
+            DecodeError::UnknownType(_) => "unknown_type",
+            DecodeError::MissingKey { .. }
+            | DecodeError::WrongType { .. }
+            | DecodeError::BadTunnelId { .. } => "bad_message",
+        }
+    }
+}
+
+impl Message {
+    /// The `t` value of this message.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Identify { .. } => "id",
+            Message::Identified => "id_ok",
+            Message::IdentifyRefused { .. } => "id_err",
+            Message::TunnelRequest { .. } => "tun_req",
+            Message::TunnelOk { .. } => "tun_ok",
+            Message::TunnelError { .. } => "tun_err",
+            Message::TunnelNotify { .. } => "tun_notify",
+            Message::TunnelClose { .. } => "tun_close",
+            Message::ProtocolError { .. } => "err",
+        }
+    }
+
+    fn fields(&self) -> Vec<(&'static str, Value)> {
+        let text = |s: &str| Value::from(s);
+        let tid = |t: &TunnelId| Value::from(t.as_string());
+        let mut fields = vec![("t", text(self.type_name()))];
+        match self {
+            Message::Identify {
+                node,
+                token,
+                version,
+            } => {
+                fields.push(("n", text(node)));
+                if let Some(token) = token {
+                    fields.push(("tok", text(token)));
+                }
+                if let Some(v) = version {
+                    fields.push(("v", Value::from(*v)));
+                }
+            }
+            Message::Identified => {}
+            Message::IdentifyRefused { reason }
+            | Message::TunnelError { reason }
+            | Message::ProtocolError { reason } => fields.push(("r", text(reason))),
+            Message::TunnelRequest { target } => fields.push(("target", text(target))),
+            Message::TunnelOk { tunnel } | Message::TunnelClose { tunnel } => {
+                fields.push(("tid", tid(tunnel)))
+            }
+            Message::TunnelNotify { tunnel, source } => {
+                fields.push(("tid", tid(tunnel)));
+                fields.push(("src", text(source)));
+            }
+        }
+        fields
+    }
+
+    /// Appends the whole frame (length prefix included) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let map = Value::Map(
+            self.fields()
+                .into_iter()
+                .map(|(k, v)| (Value::from(k), v))
+                .collect(),
+        );
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        rmpv::encode::write_value(out, &map).expect("writing to a Vec cannot fail");
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Decodes one frame body (without its length prefix).
+    pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
+        let mut rest = body;
+        let value = rmpv::decode::read_value_with_max_depth(&mut rest, MAX_DEPTH)
+            .map_err(|e| DecodeError::BadFrame(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::BadFrame(format!(
+                "{} bytes after the map",
+                rest.len()
+            )));
+        }
+        let Value::Map(entries) = value else {
+            return Err(DecodeError::BadFrame("not a map".into()));
+        };
+        let map = Fields(entries);
+        let t = map.text("?", "t")?;
+        match t.as_str() {
+            "id" => Ok(Message::Identify {
+                node: map.text("id", "n")?,
+                token: map.optional_text("tok")?,
+                version: map.optional_u64("v")?,
+            }),
+            "id_ok" => Ok(Message::Identified),
+            "id_err" => Ok(Message::IdentifyRefused {
+                reason: map.text("id_err", "r")?,
+            }),
+            "tun_req" => Ok(Message::TunnelRequest {
+                target: map.text("tun_req", "target")?,
+            }),
+            "tun_ok" => Ok(Message::TunnelOk {
+                tunnel: map.tunnel_id("tun_ok")?,
+            }),
+            "tun_err" => Ok(Message::TunnelError {
+                reason: map.text("tun_err", "r")?,
+            }),
+            "tun_notify" => Ok(Message::TunnelNotify {
+                tunnel: map.tunnel_id("tun_notify")?,
+                source: map.text("tun_notify", "src")?,
+            }),
+            "tun_close" => Ok(Message::TunnelClose {
+                tunnel: map.tunnel_id("tun_close")?,
+            }),
+            "err" => Ok(Message::ProtocolError {
+                reason: map.text("err", "r")?,
+            }),
+            _ => Err(DecodeError::UnknownType(t)),
+        }
+    }
+}
+
+/// A decoded map, looked up by key; string and binary keys are alike.
+struct Fields(Vec<(Value, Value)>);
+
+impl Fields {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| as_bytes(k) == Some(key.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    fn optional_text(&self, key: &'static str) -> Result<Option<String>, DecodeError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => as_bytes(v)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .map(|s| Some(s.to_owned()))
+                .ok_or(DecodeError::WrongType { key }),
+        }
+    }
+
+    fn text(&self, msg: &'static str, key: &'static str) -> Result<String, DecodeError> {
+        self.optional_text(key)?
+            .ok_or(DecodeError::MissingKey { msg, key })
+    }
+
+    fn optional_u64(&self, key: &'static str) -> Result<Option<u64>, DecodeError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or(DecodeError::WrongType { key }),
+        }
+    }
+
+    fn tunnel_id(&self, msg: &'static str) -> Result<TunnelId, DecodeError> {
+        let key = "tid";
+        let v = self.get(key).ok_or(DecodeError::MissingKey { msg, key })?;
+        let bytes = as_bytes(v).ok_or(DecodeError::WrongType { key })?;
+        TunnelId::parse(bytes).map_err(|_| DecodeError::BadTunnelId { key })
+    }
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::String(s) => Some(s.as_bytes()),
+        Value::Binary(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// Streaming decoder: feed it chunks of any size, take whole messages out.
+///
+/// It never holds more than one frame: a length over the maximum is refused
+/// as soon as the 4 header bytes are seen, before anything is buffered.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame: usize,
+    header: [u8; 4],
+    header_len: usize,
+    body: Vec<u8>,
+    body_len: Option<usize>,
+    failed: Option<DecodeError>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        FrameDecoder {
+            max_frame,
+            header: [0; 4],
+            header_len: 0,
+            body: Vec::new(),
+            body_len: None,
+            failed: None,
+        }
+    }
+
+    /// Takes bytes from the front of `input` until one frame is complete.
+    ///
+    /// Returns `Ok(None)` once `input` is used up without completing a frame.
+    /// A message-level error drops only that frame; after a fatal error
+    /// ([`DecodeError::is_fatal`]) every later call returns the same error.
+    pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Message>, DecodeError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        loop {
+            let Some(len) = self.body_len else {
+                if input.is_empty() {
+                    return Ok(None);
+                }
+                let take = (4 - self.header_len).min(input.len());
+                self.header[self.header_len..self.header_len + take].copy_from_slice(&input[..take]);
+                self.header_len += take;
+                *input = &input[take..];
+                if self.header_len == 4 {
+                    let len = u32::from_be_bytes(self.header) as usize;
+                    if len > self.max_frame {
+                        return Err(self.fail(DecodeError::FrameTooLarge {
+                            len,
+                            max: self.max_frame,
+                        }));
+                    }
+                    self.body_len = Some(len);
+                    self.body.clear();
+                    self.body.reserve(len);
+                }
+                continue;
+            };
+            let take = (len - self.body.len()).min(input.len());
+            self.body.extend_from_slice(&input[..take]);
+            *input = &input[take..];
+            if self.body.len() < len {
+                return Ok(None);
+            }
+            self.header_len = 0;
+            self.body_len = None;
+            return match Message::decode_body(&self.body) {
+                Err(e) if e.is_fatal() => Err(self.fail(e)),
+                other => other.map(Some),
+            };
+        }
+    }
+
+    fn fail(&mut self, err: DecodeError) -> DecodeError {
+        self.body = Vec::new();
+        self.failed = Some(err.clone());
+        err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_messages() -> Vec<Message> {
+        let tunnel = TunnelId::from_bytes([7; 16]);
+        vec![
+            Message::Identify {
+                node: "a@host".into(),
+                token: None,
+                version: None,
+            },
+            Message::Identify {
+                node: "a@host".into(),
+                token: Some("secret".into()),
+                version: Some(1),
+            },
+            Message::Identified,
+            Message::IdentifyRefused {
+                reason: "bad_token".into(),
+            },
+            Message::TunnelRequest {
+                target: "b@host".into(),
+            },
+            Message::TunnelOk { tunnel },
+            Message::TunnelError {
+                reason: "target_not_connected".into(),
+            },
+            Message::TunnelNotify {
+                tunnel,
+                source: "a@host".into(),
+            },
+            Message::TunnelClose { tunnel },
+            Message::ProtocolError {
+                reason: "unknown_type".into(),
+            },
+        ]
+    }
+
+    fn decode_all(bytes: &[u8]) -> Vec<Result<Message, DecodeError>> {
+        let mut dec = FrameDecoder::default();
+        let mut input = bytes;
+        let mut out = vec![];
+        loop {
+            match dec.decode(&mut input) {
+                Ok(Some(m)) => out.push(Ok(m)),
+                Ok(None) => return out,
+                Err(e) => {
+                    let fatal = e.is_fatal();
+                    out.push(Err(e));
+                    if fatal {
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes a raw map of string pairs as a frame, for hand-made input.
+    fn raw_frame(pairs: &[(Value, Value)]) -> Vec<u8> {
+        let mut body = vec![];
+        rmpv::encode::write_value(&mut body, &Value::Map(pairs.to_vec())).unwrap();
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in all_messages() {
+            assert_eq!(decode_all(&m.encode()), vec![Ok(m)]);
+        }
+    }
+
+    #[test]
+    fn uses_the_design_keys() {
+        let bytes = Message::TunnelNotify {
+            tunnel: TunnelId::from_bytes([1; 16]),
+            source: "a@h".into(),
+        }
+        .encode();
+        let value = rmpv::decode::read_value(&mut &bytes[4..]).unwrap();
+        let keys: Vec<_> = value
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(keys, ["t", "tid", "src"]);
+    }
+
+    #[test]
+    fn binary_keys_and_values_are_accepted() {
+        let frame = raw_frame(&[
+            (Value::Binary(b"t".to_vec()), Value::Binary(b"tun_req".to_vec())),
+            (Value::Binary(b"target".to_vec()), Value::Binary(b"b@h".to_vec())),
+        ]);
+        assert_eq!(
+            decode_all(&frame),
+            vec![Ok(Message::TunnelRequest {
+                target: "b@h".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn extra_keys_are_ignored() {
+        let frame = raw_frame(&[
+            (Value::from("t"), Value::from("id_ok")),
+            (Value::from("status"), Value::from("ok")),
+        ]);
+        assert_eq!(decode_all(&frame), vec![Ok(Message::Identified)]);
+    }
+
+    #[test]
+    fn too_large_is_refused_from_the_header_alone() {
+        let mut dec = FrameDecoder::new(100);
+        let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff];
+        assert_eq!(
+            dec.decode(&mut input),
+            Err(DecodeError::FrameTooLarge {
+                len: u32::MAX as usize,
+                max: 100
+            })
+        );
+        assert_eq!(dec.body.capacity(), 0);
+        // Poisoned: later input is not looked at.
+        let ok = Message::Identified.encode();
+        assert!(dec.decode(&mut ok.as_slice()).is_err());
+    }
+
+    #[test]
+    fn message_errors_are_typed_and_not_fatal() {
+        let mut bytes = raw_frame(&[(Value::from("t"), Value::from("nope"))]);
+        bytes.extend(raw_frame(&[(Value::from("t"), Value::from("tun_req"))]));
+        bytes.extend(raw_frame(&[
+            (Value::from("t"), Value::from("tun_req")),
+            (Value::from("target"), Value::from(5)),
+        ]));
+        bytes.extend(raw_frame(&[
+            (Value::from("t"), Value::from("tun_close")),
+            (Value::from("tid"), Value::from("ABC")),
+        ]));
+        bytes.extend(Message::Identified.encode());
+        assert_eq!(
+            decode_all(&bytes),
+            vec![
+                Err(DecodeError::UnknownType("nope".into())),
+                Err(DecodeError::MissingKey {
+                    msg: "tun_req",
+                    key: "target"
+                }),
+                Err(DecodeError::WrongType { key: "target" }),
+                Err(DecodeError::BadTunnelId { key: "tid" }),
+                Ok(Message::Identified),
+            ]
+        );
+    }
+
+    #[test]
+    fn garbage_is_fatal() {
+        let mut bytes = vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1];
+        bytes.extend(Message::Identified.encode());
+        let out = decode_all(&bytes);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0], Err(DecodeError::BadFrame(_))));
+        assert_eq!(out[0].as_ref().unwrap_err().reason(), "bad_frame");
+    }
+
+    #[test]
+    fn not_a_map_and_trailing_bytes_are_bad_frames() {
+        let mut arr = vec![];
+        rmpv::encode::write_value(&mut arr, &Value::from(3)).unwrap();
+        let mut frame = (arr.len() as u32).to_be_bytes().to_vec();
+        frame.extend(arr);
+        assert!(matches!(decode_all(&frame)[0], Err(DecodeError::BadFrame(_))));
+
+        let mut frame = Message::Identified.encode();
+        frame.push(0xc0);
+        frame[3] += 1;
+        assert!(matches!(decode_all(&frame)[0], Err(DecodeError::BadFrame(_))));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9_@.\\-]{0,40}"
+        }
+
+        fn message() -> impl Strategy<Value = Message> {
+            let tid = any::<[u8; 16]>().prop_map(TunnelId::from_bytes);
+            prop_oneof![
+                (text(), proptest::option::of(text()), proptest::option::of(any::<u64>()))
+                    .prop_map(|(node, token, version)| Message::Identify { node, token, version }),
+                Just(Message::Identified),
+                text().prop_map(|reason| Message::IdentifyRefused { reason }),
+                text().prop_map(|target| Message::TunnelRequest { target }),
+                tid.clone().prop_map(|tunnel| Message::TunnelOk { tunnel }),
+                text().prop_map(|reason| Message::TunnelError { reason }),
+                (tid.clone(), text())
+                    .prop_map(|(tunnel, source)| Message::TunnelNotify { tunnel, source }),
+                tid.prop_map(|tunnel| Message::TunnelClose { tunnel }),
+                text().prop_map(|reason| Message::ProtocolError { reason }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_chunking_decodes_the_same(
+                msgs in proptest::collection::vec(message(), 0..20),
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..30),
+            ) {
+                let mut bytes = vec![];
+                for m in &msgs {
+                    m.encode_into(&mut bytes);
+                }
+                let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+                points.push(0);
+                points.push(bytes.len());
+                points.sort_unstable();
+                let mut dec = FrameDecoder::default();
+                let mut out = vec![];
+                for w in points.windows(2) {
+                    let mut chunk = &bytes[w[0]..w[1]];
+                    while let Some(m) = dec.decode(&mut chunk).unwrap() {
+                        out.push(m);
+                    }
+                    prop_assert!(chunk.is_empty());
+                }
+                prop_assert_eq!(out, msgs);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)
+            ) {
+                let mut dec = FrameDecoder::new(1024);
+                for c in &chunks {
+                    let mut input = c.as_slice();
+                    loop {
+                        match dec.decode(&mut input) {
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            Err(e) if e.is_fatal() => break,
+                            Err(_) => {}
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let _ = Message::decode_body(&body);
+            }
+        }
+    }
+}
