@@ -46,7 +46,10 @@ pub enum DecodeError {
     #[error("unknown message type {0:?}")]
     UnknownType(String),
     #[error("message {msg} lacks key {key}")]
-    MissingKey { msg: &'static str, key: &'static str },
+    MissingKey {
+        msg: &'static str,
+        key: &'static str,
+    },
     #[error("key {key} has a value of the wrong type")]
     WrongType { key: &'static str },
     #[error("key {key} is not a valid tunnel id")]
@@ -56,7 +59,10 @@ pub enum DecodeError {
 impl DecodeError {
     /// Framing errors leave the stream unusable; message errors only lose one frame.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, DecodeError::FrameTooLarge { .. } | DecodeError::BadFrame(_))
+        matches!(
+            self,
+            DecodeError::FrameTooLarge { .. } | DecodeError::BadFrame(_)
+        )
     }
 
     /// The reason sent back in an `err` frame.
@@ -289,7 +295,8 @@ impl FrameDecoder {
                     return Ok(None);
                 }
                 let take = (4 - self.header_len).min(input.len());
-                self.header[self.header_len..self.header_len + take].copy_from_slice(&input[..take]);
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&input[..take]);
                 self.header_len += take;
                 *input = &input[take..];
                 if self.header_len == 4 {
@@ -422,8 +429,14 @@ mod tests {
     #[test]
     fn binary_keys_and_values_are_accepted() {
         let frame = raw_frame(&[
-            (Value::Binary(b"t".to_vec()), Value::Binary(b"tun_req".to_vec())),
-            (Value::Binary(b"target".to_vec()), Value::Binary(b"b@h".to_vec())),
+            (
+                Value::Binary(b"t".to_vec()),
+                Value::Binary(b"tun_req".to_vec()),
+            ),
+            (
+                Value::Binary(b"target".to_vec()),
+                Value::Binary(b"b@h".to_vec()),
+            ),
         ]);
         assert_eq!(
             decode_all(&frame),
@@ -503,12 +516,18 @@ mod tests {
         rmpv::encode::write_value(&mut arr, &Value::from(3)).unwrap();
         let mut frame = (arr.len() as u32).to_be_bytes().to_vec();
         frame.extend(arr);
-        assert!(matches!(decode_all(&frame)[0], Err(DecodeError::BadFrame(_))));
+        assert!(matches!(
+            decode_all(&frame)[0],
+            Err(DecodeError::BadFrame(_))
+        ));
 
         let mut frame = Message::Identified.encode();
         frame.push(0xc0);
         frame[3] += 1;
-        assert!(matches!(decode_all(&frame)[0], Err(DecodeError::BadFrame(_))));
+        assert!(matches!(
+            decode_all(&frame)[0],
+            Err(DecodeError::BadFrame(_))
+        ));
     }
 
     mod props {
@@ -522,8 +541,16 @@ mod tests {
         fn message() -> impl Strategy<Value = Message> {
             let tid = any::<[u8; 16]>().prop_map(TunnelId::from_bytes);
             prop_oneof![
-                (text(), proptest::option::of(text()), proptest::option::of(any::<u64>()))
-                    .prop_map(|(node, token, version)| Message::Identify { node, token, version }),
+                (
+                    text(),
+                    proptest::option::of(text()),
+                    proptest::option::of(any::<u64>())
+                )
+                    .prop_map(|(node, token, version)| Message::Identify {
+                        node,
+                        token,
+                        version
+                    }),
                 Just(Message::Identified),
                 text().prop_map(|reason| Message::IdentifyRefused { reason }),
                 text().prop_map(|target| Message::TunnelRequest { target }),

@@ -152,7 +152,12 @@ impl<R, S> TunnelMatcher<R, S> {
     }
 
     /// A stream's prefix has been read.
-    pub fn on_stream(&mut self, tunnel: TunnelId, stream: S, now: Instant) -> Option<Matched<R, S>> {
+    pub fn on_stream(
+        &mut self,
+        tunnel: TunnelId,
+        stream: S,
+        now: Instant,
+    ) -> Option<Matched<R, S>> {
         if let Some((expected, _)) = self.expected.remove(&tunnel) {
             return Some(complete(tunnel, expected, stream));
         }

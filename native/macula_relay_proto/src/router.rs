@@ -183,8 +183,7 @@ impl Router {
             .conn_of(target)
             .ok_or(TunnelRefusal::TargetNotConnected)?;
         let max = self.limits.max_tunnels_per_node;
-        if self.conns[&conn].tunnels.len() >= max || self.conns[&target_conn].tunnels.len() >= max
-        {
+        if self.conns[&conn].tunnels.len() >= max || self.conns[&target_conn].tunnels.len() >= max {
             return Err(TunnelRefusal::TooManyTunnels);
         }
         let tunnel = Tunnel {
@@ -350,7 +349,10 @@ mod tests {
         assert_eq!(r.identify(1, "a b@h"), Err(IdentifyRefusal::BadName));
         assert_eq!(r.identify(1, "abcdefghi"), Err(IdentifyRefusal::BadName));
         r.identify(1, "a@h").unwrap();
-        assert_eq!(r.identify(1, "b@h"), Err(IdentifyRefusal::AlreadyIdentified));
+        assert_eq!(
+            r.identify(1, "b@h"),
+            Err(IdentifyRefusal::AlreadyIdentified)
+        );
         assert_eq!(r.identify(2, "b@h"), Err(IdentifyRefusal::TooManyNodes));
         // Replacing an existing name is not a new node.
         assert_eq!(r.identify(2, "a@h").unwrap().replaced, Some(1));

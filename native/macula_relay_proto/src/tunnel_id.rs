@@ -78,7 +78,9 @@ mod tests {
     fn round_trips_through_hex() {
         let id = TunnelId::random();
         let hex = id.to_hex();
-        assert!(hex.iter().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(hex
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_eq!(TunnelId::parse(&hex), Ok(id));
     }
 

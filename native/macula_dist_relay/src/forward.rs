@@ -1,0 +1,85 @@
+//! Forwarding one tunnel: one task per direction, chunks handed from one
+//! stream to the other without copying, never reordered.
+
+use std::sync::Arc;
+
+use macula_relay_proto::router::Tunnel;
+use quinn::{ReadError, RecvStream, SendStream, WriteError};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::server::{Shared, TUNNEL_CLOSED};
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    tunnel: Tunnel,
+    (requester_send, requester_recv): (SendStream, RecvStream),
+    (target_send, target_recv): (SendStream, RecvStream),
+    cancel: CancellationToken,
+) {
+    let up = tokio::spawn(pipe(requester_recv, target_send, cancel.clone()));
+    let down = tokio::spawn(pipe(target_recv, requester_send, cancel.clone()));
+    let bytes_up = up.await.unwrap_or_default();
+    let bytes_down = down.await.unwrap_or_default();
+    shared.tunnel_ended(&tunnel.id);
+    info!(
+        tunnel = %tunnel.id,
+        from = %tunnel.requester_name,
+        to = %tunnel.target_name,
+        bytes_up,
+        bytes_down,
+        "tunnel closed"
+    );
+}
+
+enum Outcome {
+    Finished,
+    Cancelled,
+    Read(ReadError),
+    Write(WriteError),
+}
+
+/// Copies `from` to `to` until one ends. A finish is passed on as a finish
+/// (half-close); a reset, a stop or a lost connection closes the whole tunnel.
+/// Returns the bytes forwarded.
+async fn pipe(mut from: RecvStream, mut to: SendStream, cancel: CancellationToken) -> u64 {
+    let mut bytes = 0u64;
+    let outcome = loop {
+        let read = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Outcome::Cancelled,
+            read = from.read_chunk(usize::MAX, true) => read,
+        };
+        let chunk = match read {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break Outcome::Finished,
+            Err(e) => break Outcome::Read(e),
+        };
+        bytes += chunk.bytes.len() as u64;
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Outcome::Cancelled,
+            written = to.write_chunk(chunk.bytes) => if let Err(e) = written {
+                break Outcome::Write(e);
+            },
+        }
+    };
+    match outcome {
+        Outcome::Finished => {
+            let _ = to.finish();
+            return bytes;
+        }
+        Outcome::Cancelled => {}
+        Outcome::Read(ReadError::Reset(code)) => {
+            let _ = to.reset(code);
+        }
+        Outcome::Write(WriteError::Stopped(code)) => {
+            let _ = from.stop(code);
+        }
+        Outcome::Read(_) | Outcome::Write(_) => {}
+    }
+    let _ = to.reset(TUNNEL_CLOSED);
+    let _ = from.stop(TUNNEL_CLOSED);
+    cancel.cancel();
+    bytes
+}

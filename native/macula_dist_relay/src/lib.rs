@@ -1,0 +1,142 @@
+//! The macula dist relay: a QUIC server that nodes identify to, which pairs
+//! their tunnel streams and forwards raw bytes between them.
+//!
+//! Run it as the `macula-dist-relay` binary, or inside another process:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let relay = macula_dist_relay::Relay::start(macula_dist_relay::Config::loopback()).await?;
+//! println!("{} {}", relay.local_addr(), relay.fingerprint());
+//! relay.stop().await;
+//! # Ok(()) }
+//! ```
+
+mod forward;
+mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use macula_relay_proto::router::Limits;
+pub use server::{close_code, Stats};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// Everything a relay needs to run.
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None`: generate a self-signed certificate at start.
+    pub identity: Option<tls::Identity>,
+    /// When set, identify must carry this token in `tok`.
+    pub token: Option<String>,
+    pub limits: Limits,
+    pub max_frame: usize,
+    /// How long a connection may take to identify before it is closed.
+    pub identify_timeout: Duration,
+    pub transport: tls::Transport,
+}
+
+impl Config {
+    /// A relay on 127.0.0.1, port chosen by the OS, self-signed, no token.
+    pub fn loopback() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Config::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], macula_relay_proto::DEFAULT_PORT)),
+            identity: None,
+            token: None,
+            limits: Limits::default(),
+            max_frame: macula_relay_proto::DEFAULT_MAX_FRAME,
+            identify_timeout: Duration::from_secs(10),
+            transport: tls::Transport::default(),
+        }
+    }
+}
+
+/// A running relay. Dropping it without [`Relay::stop`] leaves it running
+/// until its runtime ends.
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    fingerprint: String,
+    shutdown: CancellationToken,
+    shared: Arc<server::Shared>,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Binds and starts serving. Must be called inside a tokio runtime.
+    pub async fn start(config: Config) -> anyhow::Result<Relay> {
+        let identity = match config.identity {
+            Some(identity) => identity,
+            None => tls::Identity::self_signed(vec![
+                "localhost".into(),
+                config.listen.ip().to_string(),
+            ])?,
+        };
+        let fingerprint = identity.fingerprint();
+        if config.token.is_none() {
+            warn!("no token configured: any node that reaches this relay may join");
+        }
+        let server_config = tls::server_config(identity, &config.transport)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let local_addr = endpoint.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(server::Shared::new(
+            config.limits,
+            config.token,
+            config.max_frame,
+            config.identify_timeout,
+        ));
+        let accept_loop = tokio::spawn(server::accept_loop(
+            endpoint.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(%local_addr, %fingerprint, "relay listening");
+        Ok(Relay {
+            endpoint,
+            local_addr,
+            fingerprint,
+            shutdown,
+            shared,
+            accept_loop,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// SHA-256 of the relay's certificate, lowercase hex.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Resolves when the relay stops (after [`Relay::stop`] from elsewhere).
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await
+    }
+
+    /// Closes every connection and waits briefly for the peers to hear it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.endpoint
+            .close(close_code::NORMAL.into(), b"relay stopping");
+        let _ = self.accept_loop.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,430 @@
+//! The relay's async glue: accept connections, run each control stream
+//! through the routing table, open and hand tunnels to the forwarder.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use macula_relay_proto::router::{ConnId, Limits, Router, Tunnel};
+use macula_relay_proto::{FrameDecoder, Message, TunnelId};
+use quinn::{RecvStream, SendStream, VarInt};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::forward;
+
+/// QUIC application close codes the relay uses.
+pub mod close_code {
+    pub const NORMAL: u32 = 0;
+    pub const PROTOCOL_ERROR: u32 = 1;
+    pub const REPLACED: u32 = 2;
+    pub const REFUSED: u32 = 3;
+    pub const IDENTIFY_TIMEOUT: u32 = 4;
+    pub const CONTROL_BACKLOG: u32 = 5;
+}
+
+/// Control messages queued for one node before it counts as not reading.
+const CONTROL_QUEUE: usize = 1024;
+/// How long opening a tunnel's two streams may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused node gets to read its refusal before the close.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Counts a running relay reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub nodes: usize,
+    pub tunnels: usize,
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    token: Option<String>,
+    max_frame: usize,
+    identify_timeout: Duration,
+}
+
+/// An identified node: its connection and its control queue.
+struct Node {
+    conn: quinn::Connection,
+    control: mpsc::Sender<Message>,
+}
+
+struct State {
+    router: Router,
+    nodes: HashMap<ConnId, Node>,
+    tunnels: HashMap<TunnelId, CancellationToken>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        limits: Limits,
+        token: Option<String>,
+        max_frame: usize,
+        identify_timeout: Duration,
+    ) -> Self {
+        Shared {
+            state: Mutex::new(State {
+                router: Router::new(limits),
+                nodes: HashMap::new(),
+                tunnels: HashMap::new(),
+            }),
+            token,
+            max_frame,
+            identify_timeout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take the relay down with a poisoned lock.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let state = self.lock();
+        Stats {
+            nodes: state.router.node_count(),
+            tunnels: state.router.tunnel_count(),
+        }
+    }
+
+    /// The forwarder is done with a tunnel (for whatever reason).
+    pub(crate) fn tunnel_ended(&self, id: &TunnelId) {
+        let mut state = self.lock();
+        state.router.remove_tunnel(id);
+        state.tunnels.remove(id);
+    }
+
+    fn token_matches(&self, given: Option<&str>) -> bool {
+        match (&self.token, given) {
+            (None, _) => true,
+            (Some(expected), Some(given)) => expected.as_bytes().ct_eq(given.as_bytes()).into(),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+impl State {
+    fn cancel_tunnels(&mut self, closed: Vec<Tunnel>) {
+        for t in closed {
+            if let Some(token) = self.tunnels.remove(&t.id) {
+                token.cancel();
+            }
+        }
+    }
+
+    /// Queues a control message for `conn`; a node that lets its queue fill
+    /// up is not reading its control stream and is disconnected.
+    fn send_to(&self, conn: ConnId, msg: Message) {
+        if let Some(node) = self.nodes.get(&conn) {
+            if node.control.try_send(msg).is_err() {
+                node.conn
+                    .close(close_code::CONTROL_BACKLOG.into(), b"control_backlog");
+            }
+        }
+    }
+}
+
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = serve(incoming, shared).await {
+                debug!(%remote, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+/// How a control session ended.
+enum End {
+    /// The node went away or finished its control stream.
+    Gone(String),
+    /// The relay closes the connection, after a last message.
+    Close { code: u32, reason: &'static str },
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    conn_id: ConnId,
+    remote: SocketAddr,
+    control: mpsc::Sender<Message>,
+    name: Option<String>,
+}
+
+async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + shared.identify_timeout;
+    let remote = incoming.remote_address();
+    let conn = timeout_at(deadline, incoming).await??;
+    let (send, mut recv) = match timeout_at(deadline, conn.accept_bi()).await {
+        Ok(streams) => streams?,
+        Err(_) => {
+            conn.close(close_code::IDENTIFY_TIMEOUT.into(), b"identify_timeout");
+            return Ok(());
+        }
+    };
+    let (control, queue) = mpsc::channel(CONTROL_QUEUE);
+    let writer = tokio::spawn(write_control(send, queue));
+    let mut session = Session {
+        shared: shared.clone(),
+        conn_id: conn.stable_id() as ConnId,
+        conn: conn.clone(),
+        remote,
+        control,
+        name: None,
+    };
+    let end = session.read_loop(&mut recv, deadline).await;
+    session.leave();
+    drop(session);
+    match end {
+        End::Gone(why) => debug!(%remote, why, "control stream ended"),
+        End::Close { code, reason } => {
+            // Let the last message (id_err, err) reach the node before closing.
+            let _ = timeout(LINGER, writer).await;
+            conn.close(code.into(), reason.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+impl Session {
+    async fn read_loop(&mut self, recv: &mut RecvStream, deadline: Instant) -> End {
+        let mut decoder = FrameDecoder::new(self.shared.max_frame);
+        loop {
+            let read = if self.name.is_none() {
+                match timeout_at(deadline, recv.read_chunk(64 * 1024, true)).await {
+                    Ok(read) => read,
+                    Err(_) => return self.refuse("identify_timeout", close_code::IDENTIFY_TIMEOUT),
+                }
+            } else {
+                recv.read_chunk(64 * 1024, true).await
+            };
+            let chunk = match read {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return End::Gone("finished".into()),
+                Err(e) => return End::Gone(e.to_string()),
+            };
+            let mut input = &chunk.bytes[..];
+            loop {
+                match decoder.decode(&mut input) {
+                    Ok(Some(msg)) => {
+                        if let Err(end) = self.handle(msg).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(remote = %self.remote, node = ?self.name, error = %e, "bad control frame");
+                        self.reply(Message::ProtocolError {
+                            reason: e.reason().into(),
+                        });
+                        if e.is_fatal() {
+                            return End::Close {
+                                code: close_code::PROTOCOL_ERROR,
+                                reason: e.reason(),
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: Message) -> Result<(), End> {
+        match msg {
+            Message::Identify {
+                node,
+                token,
+                version,
+            } => self.identify(node, token, version),
+            Message::TunnelRequest { target } => {
+                self.request_tunnel(target).await;
+                Ok(())
+            }
+            Message::TunnelClose { tunnel } => {
+                let mut state = self.shared.lock();
+                if let Some(t) = state.router.close_tunnel(self.conn_id, &tunnel) {
+                    debug!(tunnel = %t.id, by = ?self.name, "tun_close");
+                    state.cancel_tunnels(vec![t]);
+                }
+                Ok(())
+            }
+            other => {
+                warn!(remote = %self.remote, t = other.type_name(), "message only the relay sends");
+                self.reply(Message::ProtocolError {
+                    reason: "unexpected_type".into(),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn identify(
+        &mut self,
+        node: String,
+        token: Option<String>,
+        version: Option<u64>,
+    ) -> Result<(), End> {
+        if !self.shared.token_matches(token.as_deref()) {
+            warn!(remote = %self.remote, node, "identify refused: bad_token");
+            return Err(self.refuse("bad_token", close_code::REFUSED));
+        }
+        let mut state = self.shared.lock();
+        let identified = match state.router.identify(self.conn_id, &node) {
+            Ok(identified) => identified,
+            Err(refusal) => {
+                drop(state);
+                warn!(remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
+                return Err(self.refuse(refusal.as_str(), close_code::REFUSED));
+            }
+        };
+        if let Some(old) = identified.replaced.and_then(|old| state.nodes.remove(&old)) {
+            info!(node, "node re-identified: closing its older connection");
+            old.conn.close(close_code::REPLACED.into(), b"replaced");
+        }
+        state.cancel_tunnels(identified.closed);
+        state.nodes.insert(
+            self.conn_id,
+            Node {
+                conn: self.conn.clone(),
+                control: self.control.clone(),
+            },
+        );
+        drop(state);
+        info!(node, remote = %self.remote, ?version, "node identified");
+        self.name = Some(node);
+        self.reply(Message::Identified);
+        Ok(())
+    }
+
+    async fn request_tunnel(&mut self, target: String) {
+        let id = TunnelId::random();
+        let token = CancellationToken::new();
+        let (tunnel, target_conn) = {
+            let mut state = self.shared.lock();
+            let tunnel = match state.router.request_tunnel(self.conn_id, &target, id) {
+                Ok(tunnel) => tunnel,
+                Err(refusal) => {
+                    drop(state);
+                    debug!(from = ?self.name, target, reason = refusal.as_str(), "tunnel refused");
+                    return self.reply(Message::TunnelError {
+                        reason: refusal.as_str().into(),
+                    });
+                }
+            };
+            let target_conn = state.nodes[&tunnel.target].conn.clone();
+            state.tunnels.insert(id, token.clone());
+            (tunnel, target_conn)
+        };
+        let opened = timeout(OPEN_TIMEOUT, async {
+            let requester_end = open_prefixed(&self.conn, id).await?;
+            let target_end = open_prefixed(&target_conn, id).await?;
+            anyhow::Ok((requester_end, target_end))
+        })
+        .await;
+        let (requester_end, target_end) = match opened {
+            Ok(Ok(ends)) => ends,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timeout".into(),
+                };
+                warn!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, why, "tunnel streams could not be opened");
+                self.shared.tunnel_ended(&id);
+                return self.reply(Message::TunnelError {
+                    reason: "open_failed".into(),
+                });
+            }
+        };
+        info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
+        self.reply(Message::TunnelOk { tunnel: id });
+        self.shared.lock().send_to(
+            tunnel.target,
+            Message::TunnelNotify {
+                tunnel: id,
+                source: tunnel.requester_name.clone(),
+            },
+        );
+        tokio::spawn(forward::run(
+            self.shared.clone(),
+            tunnel,
+            requester_end,
+            target_end,
+            token,
+        ));
+    }
+
+    fn reply(&self, msg: Message) {
+        if self.control.try_send(msg).is_err() {
+            self.conn
+                .close(close_code::CONTROL_BACKLOG.into(), b"control_backlog");
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, code: u32) -> End {
+        self.reply(Message::IdentifyRefused {
+            reason: reason.into(),
+        });
+        End::Close { code, reason }
+    }
+
+    /// The connection is done: forget the node and close its tunnels.
+    fn leave(&mut self) {
+        let mut state = self.shared.lock();
+        let closed = state.router.disconnect(self.conn_id);
+        state.nodes.remove(&self.conn_id);
+        let tunnels = closed.len();
+        state.cancel_tunnels(closed);
+        drop(state);
+        if let Some(node) = &self.name {
+            info!(node, remote = %self.remote, tunnels, "node left");
+        }
+    }
+}
+
+async fn open_prefixed(
+    conn: &quinn::Connection,
+    id: TunnelId,
+) -> anyhow::Result<(SendStream, RecvStream)> {
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(&id.to_hex()).await?;
+    Ok((send, recv))
+}
+
+/// Writes queued control messages, batching whatever is queued at once.
+/// When the queue closes it finishes the stream and waits for the peer to
+/// read it, so a refusal is delivered before the connection closes.
+async fn write_control(mut send: SendStream, mut queue: mpsc::Receiver<Message>) {
+    let mut buf = Vec::new();
+    while let Some(msg) = queue.recv().await {
+        buf.clear();
+        msg.encode_into(&mut buf);
+        while let Ok(more) = queue.try_recv() {
+            more.encode_into(&mut buf);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+pub(crate) const TUNNEL_CLOSED: VarInt = VarInt::from_u32(0);

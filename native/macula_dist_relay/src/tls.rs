@@ -1,0 +1,228 @@
+//! TLS 1.3 for relay connections: the relay's certificate (given or
+//! generated), its SHA-256 fingerprint, and the client's ways to trust it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use macula_relay_proto::ALPN;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// The relay's certificate chain and key.
+pub struct Identity {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Reads PEM files (`--cert`, `--key`).
+    pub fn from_pem_files(cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let cert_pem =
+            std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let key_pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing {}", cert.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no certificate", cert.display());
+        }
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .with_context(|| format!("parsing {}", key.display()))?
+            .with_context(|| format!("{} holds no private key", key.display()))?;
+        Ok(Identity { certs, key })
+    }
+
+    /// A fresh self-signed certificate, for relays started without one.
+    pub fn self_signed(names: Vec<String>) -> anyhow::Result<Self> {
+        let cert = rcgen::generate_simple_self_signed(names)?;
+        Ok(Identity {
+            certs: vec![cert.cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into()),
+        })
+    }
+
+    /// SHA-256 of the end-entity certificate, in lowercase hex.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.certs[0])
+    }
+}
+
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex::encode(Sha256::digest(cert.as_ref()))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// QUIC transport settings shared by relay and client.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Per-stream receive window: what one tunnel may have in flight.
+    pub stream_window: u32,
+    /// Streams the peer may open at once (the relay opens one per tunnel).
+    pub max_streams: u32,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            stream_window: 4 * 1024 * 1024,
+            max_streams: 4096,
+        }
+    }
+}
+
+impl Transport {
+    pub fn quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(self.idle_timeout.try_into()?))
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_concurrent_bidi_streams(self.max_streams.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(self.stream_window.into())
+            .receive_window((self.stream_window as u64 * 4).try_into()?)
+            .send_window(self.stream_window as u64 * 4);
+        Ok(t)
+    }
+}
+
+pub fn server_config(
+    identity: Identity,
+    transport: &Transport,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.certs, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport.quinn_config()?));
+    Ok(config)
+}
+
+/// How a client decides to trust the relay's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The SHA-256 of the relay's certificate, in hex (any case, `:` allowed).
+    Pin(String),
+    /// A PEM file of CA certificates; the relay's name is checked too.
+    CaFile(PathBuf),
+    /// Accepts any certificate. Only by explicit choice; logged as insecure.
+    Insecure,
+}
+
+pub fn client_config(trust: &Trust, transport: &Transport) -> anyhow::Result<quinn::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = match trust {
+        Trust::CaFile(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.add(cert.with_context(|| format!("parsing {}", path.display()))?)?;
+            }
+            if roots.is_empty() {
+                bail!("{} holds no certificate", path.display());
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Pin(hex_pin) => {
+            let pin = parse_pin(hex_pin)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Verifier {
+                    pin: Some(pin),
+                    provider: provider(),
+                }))
+                .with_no_client_auth()
+        }
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                pin: None,
+                provider: provider(),
+            }))
+            .with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport.quinn_config()?));
+    Ok(config)
+}
+
+/// Parses a hex SHA-256 fingerprint; colons and case are ignored.
+pub fn parse_pin(text: &str) -> anyhow::Result<[u8; 32]> {
+    let clean: String = text.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(clean.trim()).context("pin_sha256 is not hex")?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("pin_sha256 must be 32 bytes (64 hex characters)"))
+}
+
+/// Checks the relay's certificate against a pinned SHA-256 (or, without a
+/// pin, accepts any), and in both cases checks the handshake signatures.
+#[derive(Debug)]
+struct Verifier {
+    pin: Option<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            Some(pin) if Sha256::digest(end_entity.as_ref()).as_slice() != pin => Err(
+                rustls::Error::General("certificate does not match pin_sha256".into()),
+            ),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
