@@ -1,0 +1,665 @@
+//! The relay client: one QUIC connection, its control stream run through
+//! the proto crate's tunnel matcher, and the tunnels it hands out.
+//!
+//! Messages to the owner (the `macula_dist_relay_client` gen_server):
+//! `{macula_client, identified}`, `{macula_client, {connect_failed, Reason}}`,
+//! `{macula_client, {closed, Reason}}`, `{macula_client, {log, Level, Text}}`.
+//! Tunnel answers go to the process that asked:
+//! `{macula_tunnel_reply, Tag, {ok, ConnRef, Tunnel} | {error, Reason}}`.
+//! Inbound tunnels go to the kernel: `{accept, AcceptPid, Tunnel, inet, macula}`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use macula_dist_relay::tls::{self, Trust};
+use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
+use macula_relay_proto::{FrameDecoder, Message, TunnelId, PROTOCOL_VERSION};
+use quinn::{ConnectionError, RecvStream, SendStream};
+use rustler::{Encoder, Env, LocalPid, Monitor, OwnedEnv, Resource, ResourceArc, Term};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::atoms;
+use crate::runtime::{endpoint_for, runtime};
+use crate::tunnel::{self, Streams, TunnelRes};
+
+/// Streams that wait for their `tun_ok`/`tun_notify`, at most.
+const MAX_ORPHANS: usize = 256;
+/// Inbound tunnels waiting for a kernel (`set_kernel`), at most.
+const MAX_WAITING: usize = 64;
+/// How long half a tunnel may wait for its other half, or for a kernel.
+const MATCH_WAIT: Duration = Duration::from_secs(10);
+/// How long a new stream may take to send its 32-byte prefix.
+const PREFIX_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(rustler::NifMap)]
+pub struct ConnectOpts {
+    pub host: String,
+    pub port: u16,
+    pub node: String,
+    /// Empty: no token.
+    pub token: String,
+    /// One of `pin`, `ca`, `insecure` decides the trust, in that order.
+    pub pin_sha256: String,
+    pub ca_cert: String,
+    pub insecure: bool,
+    pub connect_timeout: u64,
+    pub tunnel_timeout: u64,
+    pub idle_timeout: u64,
+    pub keep_alive: u64,
+}
+
+struct Request {
+    caller: LocalPid,
+    tag: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Connected,
+    Closed,
+}
+
+struct State {
+    phase: Phase,
+    matcher: TunnelMatcher<Request, Streams>,
+    /// (kernel, accept pid) from `set_kernel`.
+    kernel: Option<(LocalPid, LocalPid)>,
+    waiting: VecDeque<(ResourceArc<TunnelRes>, Instant)>,
+    control: Option<mpsc::UnboundedSender<Message>>,
+}
+
+pub struct Client {
+    owner: LocalPid,
+    node: String,
+    tunnel_timeout: Duration,
+    state: Mutex<State>,
+    conn: OnceLock<quinn::Connection>,
+    open_tunnels: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+/// The handle the gen_server holds; when it goes, the client stops.
+pub struct ClientRes(pub Arc<Client>);
+
+/// The `ConnRef` handed out with tunnels: names the client, owns nothing.
+pub struct ConnRef {
+    _client: Arc<Client>,
+}
+
+#[rustler::resource_impl]
+impl Resource for ClientRes {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
+        self.0.stop();
+    }
+}
+
+impl Drop for ClientRes {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+#[rustler::resource_impl]
+impl Resource for ConnRef {}
+
+/// Why a connection attempt failed, for `{error, Reason}`.
+enum ConnectError {
+    Unreachable(String),
+    Tls(String),
+    Refused(String),
+    Protocol(String),
+    Timeout,
+}
+
+impl ConnectError {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        match self {
+            ConnectError::Unreachable(s) => (atoms::unreachable(), s.as_str()).encode(env),
+            ConnectError::Tls(s) => (atoms::tls(), s.as_str()).encode(env),
+            ConnectError::Refused(s) => (atoms::refused(), reason_term(env, s)).encode(env),
+            ConnectError::Protocol(s) => (atoms::protocol_error(), s.as_str()).encode(env),
+            ConnectError::Timeout => atoms::timeout().encode(env),
+        }
+    }
+}
+
+impl From<ConnectionError> for ConnectError {
+    fn from(e: ConnectionError) -> Self {
+        // TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100..=0x1ff.
+        let crypto = |code: u64| (0x100..0x200).contains(&code);
+        match &e {
+            ConnectionError::TransportError(t) if crypto(u64::from(t.code)) => {
+                ConnectError::Tls(e.to_string())
+            }
+            ConnectionError::ConnectionClosed(c) if crypto(u64::from(c.error_code)) => {
+                ConnectError::Tls(e.to_string())
+            }
+            ConnectionError::TimedOut => ConnectError::Timeout,
+            _ => ConnectError::Unreachable(e.to_string()),
+        }
+    }
+}
+
+/// Relay reasons this project knows become atoms; others stay binaries
+/// (atoms are never made from what a peer sends).
+pub fn reason_term<'a>(env: Env<'a>, reason: &str) -> Term<'a> {
+    match atoms::relay_reason(reason) {
+        Some(atom) => atom.encode(env),
+        None => reason.encode(env),
+    }
+}
+
+/// Starts connecting; the owner hears `identified` or `connect_failed`.
+pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> {
+    let trust = if !opts.pin_sha256.is_empty() {
+        Trust::Pin(opts.pin_sha256.clone())
+    } else if !opts.ca_cert.is_empty() {
+        Trust::CaFile(opts.ca_cert.clone().into())
+    } else if opts.insecure {
+        Trust::Insecure
+    } else {
+        return Err("no relay trust given: set pin_sha256, ca_cert, or verify => none".into());
+    };
+    let transport = tls::Transport {
+        idle_timeout: Duration::from_millis(opts.idle_timeout),
+        keep_alive: Duration::from_millis(opts.keep_alive),
+        ..tls::Transport::default()
+    };
+    let config = tls::client_config(&trust, &transport).map_err(|e| format!("{e:#}"))?;
+    let client = Arc::new(Client {
+        owner,
+        node: opts.node.clone(),
+        tunnel_timeout: Duration::from_millis(opts.tunnel_timeout),
+        state: Mutex::new(State {
+            phase: Phase::Connecting,
+            matcher: TunnelMatcher::new(MAX_ORPHANS),
+            kernel: None,
+            waiting: VecDeque::new(),
+            control: None,
+        }),
+        conn: OnceLock::new(),
+        open_tunnels: Arc::new(AtomicUsize::new(0)),
+        shutdown: CancellationToken::new(),
+    });
+    runtime().spawn(run(client.clone(), opts, config));
+    Ok(client)
+}
+
+async fn run(client: Arc<Client>, opts: ConnectOpts, config: quinn::ClientConfig) {
+    let connect_timeout = Duration::from_millis(opts.connect_timeout);
+    let connected = tokio::select! {
+        _ = client.shutdown.cancelled() => return,
+        r = timeout(connect_timeout, connect(&client, &opts, config)) => r.unwrap_or(Err(ConnectError::Timeout)),
+    };
+    let (conn, send, recv, decoder) = match connected {
+        Ok(parts) => parts,
+        Err(e) => {
+            client.lock().phase = Phase::Closed;
+            client.tell_owner(|env| (atoms::connect_failed(), e.encode(env)).encode(env));
+            return;
+        }
+    };
+    let _ = client.conn.set(conn.clone());
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    {
+        let mut state = client.lock();
+        state.phase = Phase::Connected;
+        state.control = Some(control_tx);
+    }
+    client.tell_owner(|env| atoms::identified().encode(env));
+    let rt = runtime();
+    rt.spawn(write_control(send, control_rx));
+    rt.spawn(accept_streams(client.clone(), conn.clone()));
+    rt.spawn(housekeeping(client.clone()));
+    let why = tokio::select! {
+        _ = client.shutdown.cancelled() => "stopped".to_string(),
+        why = read_control(&client, recv, decoder) => why,
+    };
+    conn.close(0u32.into(), b"client stopping");
+    client.closed(&why);
+}
+
+type Connected = (quinn::Connection, SendStream, RecvStream, FrameDecoder);
+
+async fn connect(
+    client: &Client,
+    opts: &ConnectOpts,
+    config: quinn::ClientConfig,
+) -> Result<Connected, ConnectError> {
+    let addr = tokio::net::lookup_host((opts.host.as_str(), opts.port))
+        .await
+        .map_err(|e| ConnectError::Unreachable(format!("resolving {}: {e}", opts.host)))?
+        .next()
+        .ok_or_else(|| ConnectError::Unreachable(format!("{} has no address", opts.host)))?;
+    let endpoint = endpoint_for(addr).map_err(ConnectError::Unreachable)?;
+    let server_name = if opts.host.parse::<std::net::IpAddr>().is_ok() {
+        "localhost"
+    } else {
+        opts.host.as_str()
+    };
+    let conn = endpoint
+        .connect_with(config, addr, server_name)
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let identify = Message::Identify {
+        node: client.node.clone(),
+        token: (!opts.token.is_empty()).then(|| opts.token.clone()),
+        version: Some(PROTOCOL_VERSION),
+    };
+    send.write_all(&identify.encode())
+        .await
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let mut decoder = FrameDecoder::default();
+    loop {
+        let chunk = recv
+            .read_chunk(64 * 1024, true)
+            .await
+            .map_err(|e| match e {
+                quinn::ReadError::ConnectionLost(c) => ConnectError::from(c),
+                other => ConnectError::Protocol(other.to_string()),
+            })?
+            .ok_or_else(|| ConnectError::Protocol("relay ended the control stream".into()))?;
+        let mut input = &chunk.bytes[..];
+        match decoder.decode(&mut input) {
+            Ok(None) => continue,
+            Ok(Some(Message::Identified)) if input.is_empty() => {
+                return Ok((conn, send, recv, decoder))
+            }
+            Ok(Some(Message::IdentifyRefused { reason })) => {
+                return Err(ConnectError::Refused(reason))
+            }
+            Ok(Some(other)) => {
+                return Err(ConnectError::Protocol(format!(
+                    "expected id_ok, got {}",
+                    other.type_name()
+                )))
+            }
+            Err(e) => return Err(ConnectError::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// Runs the control stream until it ends; returns why it ended.
+async fn read_control(
+    client: &Arc<Client>,
+    mut recv: RecvStream,
+    mut decoder: FrameDecoder,
+) -> String {
+    loop {
+        let chunk = match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return "relay ended the control stream".into(),
+            Err(quinn::ReadError::ConnectionLost(e)) => return e.to_string(),
+            Err(e) => return e.to_string(),
+        };
+        let mut input = &chunk.bytes[..];
+        loop {
+            let matched = match decoder.decode(&mut input) {
+                Ok(None) => break,
+                Ok(Some(msg)) => client.on_control(msg),
+                Err(e) if e.is_fatal() => return format!("bad control frame from the relay: {e}"),
+                Err(e) => {
+                    client.log(atoms::warning(), format!("ignored a control frame: {e}"));
+                    None
+                }
+            };
+            if let Some(m) = matched {
+                client.dispatch(m);
+            }
+        }
+    }
+}
+
+async fn write_control(mut send: SendStream, mut queue: mpsc::UnboundedReceiver<Message>) {
+    let mut buf = Vec::new();
+    while let Some(msg) = queue.recv().await {
+        buf.clear();
+        msg.encode_into(&mut buf);
+        while let Ok(more) = queue.try_recv() {
+            more.encode_into(&mut buf);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Accepts the relay's tunnel streams and reads their prefixes.
+async fn accept_streams(client: Arc<Client>, conn: quinn::Connection) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let client = client.clone();
+        runtime().spawn(async move {
+            if let Ok(Ok((tunnel, streams))) = timeout(PREFIX_WAIT, read_prefix(send, recv)).await {
+                let matched = client
+                    .lock()
+                    .matcher
+                    .on_stream(tunnel, streams, Instant::now());
+                if let Some(m) = matched {
+                    client.dispatch(m);
+                }
+            }
+        });
+    }
+}
+
+async fn read_prefix(
+    send: SendStream,
+    mut recv: RecvStream,
+) -> anyhow::Result<(TunnelId, Streams)> {
+    let mut prefix = PrefixReader::default();
+    loop {
+        let chunk = recv
+            .read_chunk(64 * 1024, true)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended inside its prefix"))?;
+        if let Some((tunnel, rest)) = prefix.feed(&chunk.bytes)? {
+            let early = chunk.bytes.slice(chunk.bytes.len() - rest.len()..);
+            return Ok((tunnel, Streams { send, recv, early }));
+        }
+    }
+}
+
+/// Gives up on halves that never met, and on inbound tunnels no kernel took.
+async fn housekeeping(client: Arc<Client>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = client.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let (expired, stale) = {
+            let mut state = client.lock();
+            let expired = state.matcher.expire(now, MATCH_WAIT);
+            let mut stale = vec![];
+            while let Some((_, at)) = state.waiting.front() {
+                if now.duration_since(*at) < MATCH_WAIT {
+                    break;
+                }
+                stale.extend(state.waiting.pop_front().map(|(t, _)| t));
+            }
+            (expired, stale)
+        };
+        for m in expired {
+            client.dispatch(m);
+        }
+        for t in stale {
+            client.log(
+                atoms::warning(),
+                format!(
+                    "closed inbound tunnel {} from {}: no kernel took it",
+                    t.0.id, t.0.peer
+                ),
+            );
+            client.discard(t.0.id);
+            t.0.close(false);
+        }
+    }
+}
+
+impl Client {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tell_owner(&self, event: impl for<'a> FnOnce(Env<'a>) -> Term<'a>) {
+        let _ = OwnedEnv::new().send_and_clear(&self.owner, |env| {
+            (atoms::macula_client(), event(env)).encode(env)
+        });
+    }
+
+    fn log(&self, level: rustler::Atom, text: String) {
+        self.tell_owner(|env| (atoms::log(), level, text).encode(env));
+    }
+
+    fn on_control(&self, msg: Message) -> Option<Matched<Request, Streams>> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        match msg {
+            Message::TunnelOk { tunnel } => state.matcher.on_tunnel_ok(tunnel, now),
+            Message::TunnelError { reason } => state.matcher.on_tunnel_error(reason),
+            Message::TunnelNotify { tunnel, source } => {
+                state.matcher.on_tunnel_notify(tunnel, source, now)
+            }
+            Message::ProtocolError { reason } => {
+                drop(state);
+                self.log(
+                    atoms::warning(),
+                    format!("the relay reported a protocol error: {reason}"),
+                );
+                None
+            }
+            other => {
+                drop(state);
+                self.log(
+                    atoms::warning(),
+                    format!("unexpected {} from the relay", other.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Carries out what the matcher decided.
+    fn dispatch(self: &Arc<Self>, matched: Matched<Request, Streams>) {
+        match matched {
+            Matched::Outbound {
+                request,
+                tunnel,
+                stream,
+            } => {
+                let res = tunnel::start(
+                    tunnel,
+                    String::new(),
+                    true,
+                    stream,
+                    Some(request.caller),
+                    self.open_tunnels.clone(),
+                );
+                let conn = ResourceArc::new(ConnRef {
+                    _client: self.clone(),
+                });
+                reply(&request, |env| (atoms::ok(), conn, res).encode(env));
+            }
+            Matched::Inbound {
+                source,
+                tunnel,
+                stream,
+            } => {
+                let res = tunnel::start(
+                    tunnel,
+                    source,
+                    false,
+                    stream,
+                    None,
+                    self.open_tunnels.clone(),
+                );
+                let mut state = self.lock();
+                match state.kernel {
+                    Some((kernel, acceptor)) => offer(kernel, acceptor, res),
+                    None if state.waiting.len() < MAX_WAITING => {
+                        state.waiting.push_back((res, Instant::now()))
+                    }
+                    None => {
+                        drop(state);
+                        self.log(atoms::warning(), format!("closed inbound tunnel {tunnel}: no kernel and {MAX_WAITING} already waiting"));
+                        res.0.close(false);
+                        self.discard(tunnel);
+                    }
+                }
+            }
+            Matched::Failed { request, reason } => {
+                reply(&request, |env| {
+                    (
+                        atoms::error(),
+                        (atoms::tunnel_error(), reason_term(env, &reason)),
+                    )
+                        .encode(env)
+                });
+            }
+            Matched::Discard { tunnel, stream } => {
+                drop(stream);
+                self.discard(tunnel);
+            }
+        }
+    }
+
+    /// Tells the relay we will not use this tunnel.
+    fn discard(&self, tunnel: TunnelId) {
+        self.send_control(Message::TunnelClose { tunnel });
+    }
+
+    fn send_control(&self, msg: Message) -> bool {
+        match &self.lock().control {
+            Some(tx) => tx.send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Asks for a tunnel; the answer goes to `caller` tagged `tag`.
+    pub fn request_tunnel(
+        self: &Arc<Self>,
+        target: String,
+        caller: LocalPid,
+        tag: u64,
+    ) -> Result<(), rustler::Atom> {
+        let id: RequestId = {
+            let mut state = self.lock();
+            if state.phase != Phase::Connected {
+                return Err(atoms::not_connected());
+            }
+            let Some(tx) = state.control.clone() else {
+                return Err(atoms::not_connected());
+            };
+            // Pushed and sent under one lock, so the FIFO matches the wire.
+            let id = state.matcher.request(Request { caller, tag });
+            if tx.send(Message::TunnelRequest { target }).is_err() {
+                state.matcher.abandon(id);
+                return Err(atoms::not_connected());
+            }
+            id
+        };
+        let client = self.clone();
+        let wait = self.tunnel_timeout;
+        runtime().spawn(async move {
+            tokio::time::sleep(wait).await;
+            let abandoned = client.lock().matcher.abandon(id);
+            if let Some(request) = abandoned {
+                reply(&request, |env| {
+                    (atoms::error(), atoms::timeout()).encode(env)
+                });
+            }
+        });
+        Ok(())
+    }
+
+    pub fn close_tunnel(&self, tunnel: TunnelId) -> bool {
+        self.send_control(Message::TunnelClose { tunnel })
+    }
+
+    /// Inbound tunnels go to `kernel` from now on, with `acceptor` as AcceptPid.
+    pub fn set_kernel(&self, kernel: LocalPid, acceptor: LocalPid) {
+        let waiting: Vec<_> = {
+            let mut state = self.lock();
+            state.kernel = Some((kernel, acceptor));
+            state.waiting.drain(..).map(|(t, _)| t).collect()
+        };
+        for t in waiting {
+            offer(kernel, acceptor, t);
+        }
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+        if let Some(conn) = self.conn.get() {
+            conn.close(0u32.into(), b"client stopping");
+        }
+    }
+
+    /// The relay connection is gone: every request fails, every tunnel closes.
+    fn closed(&self, why: &str) {
+        let drained = {
+            let mut state = self.lock();
+            state.phase = Phase::Closed;
+            state.control = None;
+            for (t, _) in state.waiting.drain(..) {
+                t.0.close(false);
+            }
+            state.matcher.drain("relay_closed")
+        };
+        for m in drained {
+            if let Matched::Failed { request, .. } = m {
+                reply(&request, |env| {
+                    (atoms::error(), atoms::relay_closed()).encode(env)
+                });
+            }
+        }
+        self.tell_owner(|env| (atoms::closed(), why).encode(env));
+    }
+
+    pub fn status<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let state = self.lock();
+        let phase = match state.phase {
+            Phase::Connecting => atoms::connecting(),
+            Phase::Connected => atoms::connected(),
+            Phase::Closed => atoms::closed(),
+        };
+        let connected = state.phase == Phase::Connected;
+        let pending = state.matcher.pending_count();
+        let kernel_set = state.kernel.is_some();
+        drop(state);
+        let (rtt_us, bytes_in, bytes_out) = match self.conn.get() {
+            Some(c) => {
+                let s = c.stats();
+                (c.rtt().as_micros() as u64, s.udp_rx.bytes, s.udp_tx.bytes)
+            }
+            None => (0, 0, 0),
+        };
+        let pairs: Vec<(Term, Term)> = vec![
+            (atoms::node().encode(env), self.node.as_str().encode(env)),
+            (atoms::connection().encode(env), phase.encode(env)),
+            (atoms::identified().encode(env), connected.encode(env)),
+            (atoms::pending_tunnels().encode(env), pending.encode(env)),
+            (
+                atoms::active_tunnels().encode(env),
+                self.open_tunnels.load(Ordering::Relaxed).encode(env),
+            ),
+            (atoms::bytes_in().encode(env), bytes_in.encode(env)),
+            (atoms::bytes_out().encode(env), bytes_out.encode(env)),
+            (atoms::rtt_us().encode(env), rtt_us.encode(env)),
+            (atoms::kernel_set().encode(env), kernel_set.encode(env)),
+        ];
+        Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+    }
+}
+
+fn reply(request: &Request, result: impl for<'a> FnOnce(Env<'a>) -> Term<'a>) {
+    let _ = OwnedEnv::new().send_and_clear(&request.caller, |env| {
+        (atoms::macula_tunnel_reply(), request.tag, result(env)).encode(env)
+    });
+}
+
+fn offer(kernel: LocalPid, acceptor: LocalPid, tunnel: ResourceArc<TunnelRes>) {
+    let sent = OwnedEnv::new().send_and_clear(&kernel, |env| {
+        (
+            atoms::accept(),
+            acceptor,
+            tunnel.clone(),
+            atoms::inet(),
+            atoms::macula(),
+        )
+            .encode(env)
+    });
+    if sent.is_err() {
+        tunnel.0.close(false);
+    }
+}

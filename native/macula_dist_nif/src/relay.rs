@@ -1,0 +1,94 @@
+//! An embedded relay, for tests and demos: `relay_start/1`, `relay_info/1`,
+//! `relay_stop/1`.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use macula_dist_relay::{Config, Relay};
+use rustler::{Encoder, Env, NifResult, Resource, ResourceArc, Term};
+
+use crate::atoms;
+use crate::runtime::runtime;
+
+pub struct RelayRes {
+    relay: Mutex<Option<Relay>>,
+    addr: SocketAddr,
+    fingerprint: String,
+}
+
+#[rustler::resource_impl]
+impl Resource for RelayRes {}
+
+impl Drop for RelayRes {
+    fn drop(&mut self) {
+        if let Some(relay) = self.relay.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            runtime().spawn(relay.stop());
+        }
+    }
+}
+
+#[derive(rustler::NifMap)]
+pub struct RelayOpts {
+    ip: String,
+    port: u16,
+    /// Empty: no token.
+    token: String,
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn relay_start(env: Env, opts: RelayOpts) -> NifResult<Term> {
+    let ip = opts
+        .ip
+        .parse()
+        .map_err(|_| rustler::Error::Term(Box::new(format!("bad ip {:?}", opts.ip))))?;
+    let config = Config {
+        listen: SocketAddr::new(ip, opts.port),
+        token: (!opts.token.is_empty()).then_some(opts.token),
+        ..Config::default()
+    };
+    match runtime().block_on(Relay::start(config)) {
+        Ok(relay) => {
+            let res = ResourceArc::new(RelayRes {
+                addr: relay.local_addr(),
+                fingerprint: relay.fingerprint().to_owned(),
+                relay: Mutex::new(Some(relay)),
+            });
+            Ok((atoms::ok(), res).encode(env))
+        }
+        Err(e) => Ok((atoms::error(), format!("{e:#}")).encode(env)),
+    }
+}
+
+#[rustler::nif]
+fn relay_info(env: Env, relay: ResourceArc<RelayRes>) -> Term {
+    let stats = relay
+        .relay
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|r| r.stats());
+    let (nodes, tunnels) = stats.map(|s| (s.nodes, s.tunnels)).unwrap_or((0, 0));
+    let pairs: Vec<(Term, Term)> = vec![
+        (
+            atoms::address().encode(env),
+            relay.addr.ip().to_string().encode(env),
+        ),
+        (atoms::port().encode(env), relay.addr.port().encode(env)),
+        (
+            atoms::fingerprint().encode(env),
+            relay.fingerprint.as_str().encode(env),
+        ),
+        (atoms::nodes().encode(env), nodes.encode(env)),
+        (atoms::tunnels().encode(env), tunnels.encode(env)),
+    ];
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+}
+
+#[rustler::nif(schedule = "DirtyIo")]
+fn relay_stop(relay: ResourceArc<RelayRes>) -> rustler::Atom {
+    let taken = relay.relay.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(r) = taken {
+        runtime().block_on(r.stop());
+    }
+    atoms::ok()
+}

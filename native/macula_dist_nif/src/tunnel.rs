@@ -1,0 +1,389 @@
+//! One tunnel: a QUIC stream pair owned by an Erlang process.
+//!
+//! - Outbound: `send` copies iodata into a queue that a writer task drains
+//!   into quinn. Past `HIGH_WATER` queued bytes `send` answers `busy`, and
+//!   the owner gets `writable` once the queue is under `LOW_WATER` again.
+//! - Inbound: a reader task frames bytes (raw, 2 or 4-byte packets) and
+//!   sends them to the owner in batches, one batch per credit (like
+//!   `{active, N}`). Without credit it stops reading, and QUIC flow control
+//!   pushes back on the sender. Bytes that arrive before an owner claims the
+//!   tunnel wait here.
+//! - The owner is monitored: when it dies the tunnel closes.
+//!
+//! Messages to the owner: `{macula_tunnel, Tunnel, {data, [binary()]}}`,
+//! `{macula_tunnel, Tunnel, writable}`, `{macula_tunnel, Tunnel, closed}`.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use macula_relay_proto::TunnelId;
+use quinn::{RecvStream, SendStream, VarInt};
+use rustler::{Encoder, Env, LocalPid, Monitor, NewBinary, OwnedEnv, Resource, ResourceArc, Term};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::atoms;
+use crate::framing::{Framer, Packet};
+use crate::runtime::runtime;
+
+/// Queued outbound bytes over which `send` answers `busy`.
+pub const HIGH_WATER: usize = 4 << 20;
+/// Queued outbound bytes under which a busy tunnel becomes `writable`.
+pub const LOW_WATER: usize = 1 << 20;
+/// Largest inbound packet accepted in packet mode.
+const MAX_FRAME: usize = 1 << 30;
+/// Most bytes and frames in one `{data, Frames}` message.
+const BATCH_BYTES: usize = 256 * 1024;
+const BATCH_FRAMES: usize = 256;
+/// How long a graceful close may take to flush before the stream is reset.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+const CLOSED_CODE: VarInt = VarInt::from_u32(0);
+
+#[derive(Default)]
+pub struct Counters {
+    pub recv_bytes: AtomicU64,
+    pub recv_packets: AtomicU64,
+    pub send_bytes: AtomicU64,
+    pub send_packets: AtomicU64,
+}
+
+pub struct Tunnel {
+    pub id: TunnelId,
+    pub peer: String,
+    pub outbound: bool,
+    owner: Mutex<Option<(LocalPid, Option<Monitor>)>>,
+    out: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    queued: AtomicUsize,
+    want_writable: AtomicBool,
+    credit: AtomicU32,
+    credit_added: Notify,
+    packet: AtomicU8,
+    closed: AtomicBool,
+    /// Stops the reader (any close).
+    stop_reading: CancellationToken,
+    /// Stops the writer without flushing (a close that is not graceful).
+    abort_writing: CancellationToken,
+    pub counters: Counters,
+    /// The client's count of open tunnels, for status.
+    open_count: Arc<AtomicUsize>,
+}
+
+pub struct TunnelRes(pub Arc<Tunnel>);
+
+#[rustler::resource_impl]
+impl Resource for TunnelRes {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
+        self.0.close(false);
+    }
+}
+
+impl Drop for TunnelRes {
+    fn drop(&mut self) {
+        self.0.close(false);
+    }
+}
+
+/// What the caller got from the matcher: a stream pair and any bytes read
+/// past the tunnel-id prefix.
+pub struct Streams {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub early: Bytes,
+}
+
+/// Creates the tunnel and starts its reader and writer.
+pub fn start(
+    id: TunnelId,
+    peer: String,
+    outbound: bool,
+    streams: Streams,
+    owner: Option<LocalPid>,
+    open_count: Arc<AtomicUsize>,
+) -> ResourceArc<TunnelRes> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    open_count.fetch_add(1, Ordering::Relaxed);
+    let tunnel = Arc::new(Tunnel {
+        id,
+        peer,
+        outbound,
+        owner: Mutex::new(None),
+        out: Mutex::new(Some(tx)),
+        queued: AtomicUsize::new(0),
+        want_writable: AtomicBool::new(false),
+        credit: AtomicU32::new(0),
+        credit_added: Notify::new(),
+        packet: AtomicU8::new(0),
+        closed: AtomicBool::new(false),
+        stop_reading: CancellationToken::new(),
+        abort_writing: CancellationToken::new(),
+        counters: Counters::default(),
+        open_count,
+    });
+    let res = ResourceArc::new(TunnelRes(tunnel));
+    if let Some(pid) = owner {
+        set_owner(&res, None, pid);
+    }
+    let rt = runtime();
+    rt.spawn(read_loop(res.clone(), streams.recv, streams.early));
+    rt.spawn(write_loop(res.clone(), streams.send, rx));
+    res
+}
+
+/// Makes `pid` the owner (monitored); the old owner is no longer monitored.
+/// A tunnel whose new owner is already dead closes.
+pub fn set_owner(res: &ResourceArc<TunnelRes>, env: Option<Env>, pid: LocalPid) {
+    let tunnel = &res.0;
+    let mut owner = tunnel.owner.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, Some(old))) = owner.take() {
+        res.demonitor(env, &old);
+    }
+    let monitor = res.monitor(env, &pid);
+    let alive = monitor.is_some();
+    *owner = Some((pid, monitor));
+    drop(owner);
+    if !alive {
+        tunnel.close(false);
+    }
+}
+
+impl Tunnel {
+    pub fn owner(&self) -> Option<LocalPid> {
+        self.owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(pid, _)| *pid)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn set_packet(&self, packet: Packet) {
+        self.packet.store(packet as u8, Ordering::Release);
+    }
+
+    fn packet(&self) -> Packet {
+        match self.packet.load(Ordering::Acquire) {
+            x if x == Packet::Two as u8 => Packet::Two,
+            x if x == Packet::Four as u8 => Packet::Four,
+            _ => Packet::Raw,
+        }
+    }
+
+    pub fn add_credit(&self, n: u32) {
+        self.credit.fetch_add(n, Ordering::AcqRel);
+        self.credit_added.notify_one();
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Queues bytes for the peer. `Ok(true)` means over the high-water mark:
+    /// stop sending until `writable`.
+    pub fn send(&self, data: Bytes, packets: u64) -> Result<bool, ()> {
+        let len = data.len();
+        let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = out.as_ref() else {
+            return Err(());
+        };
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+        if tx.send(data).is_err() {
+            return Err(());
+        }
+        self.counters
+            .send_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.counters
+            .send_packets
+            .fetch_add(packets, Ordering::Relaxed);
+        if queued > HIGH_WATER {
+            self.want_writable.store(true, Ordering::Release);
+            // The writer may have drained everything in between.
+            if self.queued() <= LOW_WATER {
+                self.want_writable.store(false, Ordering::Release);
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Closes the tunnel once. Graceful: what is queued is still sent, then
+    /// the stream is finished. Otherwise the stream is reset.
+    pub fn close(&self, graceful: bool) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.open_count.fetch_sub(1, Ordering::Relaxed);
+        self.stop_reading.cancel();
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if graceful {
+            let abort = self.abort_writing.clone();
+            let _ = runtime().spawn(async move {
+                tokio::time::sleep(CLOSE_FLUSH).await;
+                abort.cancel();
+            });
+        } else {
+            self.abort_writing.cancel();
+        }
+    }
+}
+
+/// Tells the owner (if any) something about the tunnel.
+fn notify(
+    env: &mut OwnedEnv,
+    res: &ResourceArc<TunnelRes>,
+    event: impl for<'a> FnOnce(Env<'a>) -> Term<'a>,
+) {
+    if let Some(owner) = res.0.owner() {
+        let _ = env.send_and_clear(&owner, |env| {
+            (atoms::macula_tunnel(), res.clone(), event(env)).encode(env)
+        });
+    }
+}
+
+/// The peer or the connection ended the tunnel: close it and tell the owner.
+fn closed_by_peer(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>) {
+    if !res.0.is_closed() {
+        res.0.close(false);
+        notify(env, res, |env| atoms::closed().encode(env));
+    }
+}
+
+async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Bytes) {
+    let tunnel = res.0.clone();
+    let mut framer = Framer::new(Packet::Raw, MAX_FRAME);
+    framer.push(&early);
+    let mut env = OwnedEnv::new();
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        // Frames are only cut while there is credit to deliver them, so a
+        // packet-mode change applies to every byte not yet delivered.
+        while tunnel.credit.load(Ordering::Acquire) == 0 {
+            let added = tunnel.credit_added.notified();
+            if tunnel.credit.load(Ordering::Acquire) > 0 {
+                break;
+            }
+            tokio::select! {
+                _ = added => {}
+                _ = tunnel.stop_reading.cancelled() => return,
+            }
+        }
+        let mode = tunnel.packet();
+        framer.set_mode(mode);
+        // During the handshake (2-byte packets) one packet per message, so the
+        // switch to 4-byte packets can come between any two.
+        let max_frames = if mode == Packet::Two { 1 } else { BATCH_FRAMES };
+        let mut bytes = 0;
+        while batch.len() < max_frames && bytes < BATCH_BYTES {
+            match framer.next_frame() {
+                Ok(Some(frame)) => {
+                    tunnel.counters.recv_packets.fetch_add(1, Ordering::Relaxed);
+                    // Empty packets are ticks: counted (that is what keeps the
+                    // connection alive), not delivered.
+                    if !frame.is_empty() || mode == Packet::Raw {
+                        bytes += frame.len();
+                        batch.push(frame);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return closed_by_peer(&mut env, &res),
+            }
+        }
+        if !batch.is_empty() {
+            tunnel.credit.fetch_sub(1, Ordering::AcqRel);
+            deliver(&mut env, &res, &mut batch);
+            continue;
+        }
+        let read = tokio::select! {
+            read = recv.read_chunk(usize::MAX, true) => read,
+            _ = tunnel.stop_reading.cancelled() => return,
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                tunnel
+                    .counters
+                    .recv_bytes
+                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                framer.push(&chunk.bytes);
+            }
+            Ok(None) | Err(_) => return closed_by_peer(&mut env, &res),
+        }
+    }
+}
+
+/// Sends `{data, Frames}`: one binary holds the batch, each frame is a
+/// sub-binary of it (one allocation and one copy per batch).
+fn deliver(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>, batch: &mut Vec<Bytes>) {
+    let frames = std::mem::take(batch);
+    notify(env, res, |env| {
+        let total = frames.iter().map(|f| f.len()).sum();
+        let mut whole = NewBinary::new(env, total);
+        let mut at = 0;
+        for f in &frames {
+            whole.as_mut_slice()[at..at + f.len()].copy_from_slice(f);
+            at += f.len();
+        }
+        let whole: rustler::Binary = whole.into();
+        let mut at = 0;
+        let list: Vec<Term> = frames
+            .iter()
+            .map(|f| {
+                let sub = whole
+                    .make_subbinary(at, f.len())
+                    .expect("within the batch binary");
+                at += f.len();
+                sub.to_term(env)
+            })
+            .collect();
+        (atoms::data(), list).encode(env)
+    });
+}
+
+async fn write_loop(
+    res: ResourceArc<TunnelRes>,
+    mut send: SendStream,
+    mut queue: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let tunnel = res.0.clone();
+    let mut env = OwnedEnv::new();
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
+    loop {
+        let got = tokio::select! {
+            biased;
+            _ = tunnel.abort_writing.cancelled() => {
+                let _ = send.reset(CLOSED_CODE);
+                return;
+            }
+            got = queue.recv_many(&mut chunks, 64) => got,
+        };
+        if got == 0 {
+            // Closed gracefully: everything queued went out.
+            let _ = send.finish();
+            return;
+        }
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        let written = tokio::select! {
+            biased;
+            _ = tunnel.abort_writing.cancelled() => {
+                let _ = send.reset(CLOSED_CODE);
+                return;
+            }
+            written = send.write_all_chunks(&mut chunks) => written,
+        };
+        chunks.clear();
+        if written.is_err() {
+            return closed_by_peer(&mut env, &res);
+        }
+        let left = tunnel.queued.fetch_sub(len, Ordering::AcqRel) - len;
+        if left <= LOW_WATER && tunnel.want_writable.swap(false, Ordering::AcqRel) {
+            notify(&mut env, &res, |env| atoms::writable().encode(env));
+        }
+    }
+}

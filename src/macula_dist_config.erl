@@ -1,0 +1,128 @@
+%% @doc Relay URLs and client options: parsing and validation, no side effects.
+-module(macula_dist_config).
+
+-export([parse_url/1, client_opts/3, default_port/0]).
+
+-define(DEFAULT_PORT, 4434).
+-define(DEFAULTS, #{connect_timeout => 10000, tunnel_timeout => 10000,
+                    idle_timeout => 30000, keep_alive => 5000}).
+
+default_port() -> ?DEFAULT_PORT.
+
+%% @doc `quic://host:port', `host:port', `host' (port 4434), `[::1]:4434'.
+-spec parse_url(binary() | string()) ->
+          {ok, {Host :: string(), Port :: 1..65535}} | {error, {bad_relay_url, term()}}.
+parse_url(Url) when is_binary(Url) ->
+    parse_url_string(Url, unicode:characters_to_list(Url));
+parse_url(Url) when is_list(Url) ->
+    parse_url_string(Url, Url);
+parse_url(Url) ->
+    {error, {bad_relay_url, Url}}.
+
+parse_url_string(Orig, "quic://" ++ Rest) -> host_port(Orig, Rest);
+parse_url_string(Orig, Rest) when is_list(Rest) ->
+    case string:find(Rest, "://") of
+        nomatch -> host_port(Orig, Rest);
+        _ -> {error, {bad_relay_url, Orig}}
+    end;
+parse_url_string(Orig, _) -> {error, {bad_relay_url, Orig}}.
+
+host_port(Orig, "[" ++ Rest) ->
+    case string:split(Rest, "]") of
+        [Host, ""] -> checked(Orig, Host, ?DEFAULT_PORT);
+        [Host, ":" ++ Port] -> checked(Orig, Host, port(Port));
+        _ -> {error, {bad_relay_url, Orig}}
+    end;
+host_port(Orig, HostPort) ->
+    case string:split(string:trim(HostPort, trailing, "/"), ":", all) of
+        [Host] -> checked(Orig, Host, ?DEFAULT_PORT);
+        [Host, Port] -> checked(Orig, Host, port(Port));
+        _ -> {error, {bad_relay_url, Orig}}
+    end.
+
+port(Text) ->
+    case string:to_integer(Text) of
+        {Port, ""} when Port > 0, Port < 65536 -> Port;
+        _ -> bad
+    end.
+
+checked(Orig, Host, Port) ->
+    Valid = Host =/= "" andalso is_integer(Port)
+        andalso lists:all(fun(C) -> C > 32 andalso C < 127 andalso C =/= $/ end, Host),
+    case Valid of
+        true -> {ok, {Host, Port}};
+        false -> {error, {bad_relay_url, Orig}}
+    end.
+
+%% @doc The NIF's connect options from the URL, node name and user options.
+%% Options: `token', `ca_cert' (PEM path), `pin_sha256' (hex), `verify => none'
+%% (explicitly insecure), `connect_timeout', `tunnel_timeout', `idle_timeout',
+%% `keep_alive' (milliseconds).
+-spec client_opts(binary() | string(), binary() | atom() | string(), map()) ->
+          {ok, map()} | {error, term()}.
+client_opts(Url, Node, Opts) when is_map(Opts) ->
+    maybe_all([fun() -> parse_url(Url) end,
+               fun() -> node_name(Node) end,
+               fun() -> check_opts(maps:to_list(Opts)) end],
+              fun([{Host, Port}, NodeBin, ok]) ->
+                      All = maps:merge(?DEFAULTS, Opts),
+                      trust(All, #{host => list_to_binary(Host), port => Port, node => NodeBin,
+                                   token => text(maps:get(token, All, <<>>)),
+                                   connect_timeout => maps:get(connect_timeout, All),
+                                   tunnel_timeout => maps:get(tunnel_timeout, All),
+                                   idle_timeout => maps:get(idle_timeout, All),
+                                   keep_alive => maps:get(keep_alive, All)})
+              end);
+client_opts(_Url, _Node, Opts) ->
+    {error, {bad_options, Opts}}.
+
+maybe_all(Steps, Done) -> maybe_all(Steps, [], Done).
+maybe_all([], Acc, Done) -> Done(lists:reverse(Acc));
+maybe_all([Step | Rest], Acc, Done) ->
+    case Step() of
+        {ok, V} -> maybe_all(Rest, [V | Acc], Done);
+        ok -> maybe_all(Rest, [ok | Acc], Done);
+        {error, _} = E -> E
+    end.
+
+node_name(Node) when is_atom(Node) -> node_name(atom_to_binary(Node, utf8));
+node_name(Node) when is_list(Node) -> node_name(unicode:characters_to_binary(Node));
+node_name(Node) when is_binary(Node), byte_size(Node) > 0, byte_size(Node) =< 255 -> {ok, Node};
+node_name(Node) -> {error, {bad_node_name, Node}}.
+
+check_opts([]) -> ok;
+check_opts([{token, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{ca_cert, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{pin_sha256, V} = Opt | Rest]) when is_binary(V); is_list(V) ->
+    case is_pin(text(V)) of
+        true -> check_opts(Rest);
+        false -> {error, {bad_option, Opt}}
+    end;
+check_opts([{verify, none} | Rest]) -> check_opts(Rest);
+check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
+check_opts([{K, V} | Rest])
+  when (K =:= connect_timeout orelse K =:= tunnel_timeout orelse K =:= idle_timeout
+        orelse K =:= keep_alive), is_integer(V), V > 0 ->
+    check_opts(Rest);
+check_opts([Opt | _]) -> {error, {bad_option, Opt}}.
+
+is_pin(Pin) ->
+    Hex = binary:replace(Pin, <<":">>, <<>>, [global]),
+    byte_size(Hex) =:= 64 andalso
+        lists:all(fun(C) -> (C >= $0 andalso C =< $9) orelse (C >= $a andalso C =< $f)
+                                orelse (C >= $A andalso C =< $F) end,
+                  binary_to_list(Hex)).
+
+%% The relay is verified unless the user says otherwise, explicitly.
+trust(#{pin_sha256 := Pin}, Nif) ->
+    {ok, Nif#{pin_sha256 => text(Pin), ca_cert => <<>>, insecure => false}};
+trust(#{ca_cert := Ca}, Nif) ->
+    {ok, Nif#{pin_sha256 => <<>>, ca_cert => text(Ca), insecure => false}};
+trust(#{verify := none}, Nif) ->
+    logger:warning("macula_dist: relay certificate NOT verified (verify => none)"),
+    {ok, Nif#{pin_sha256 => <<>>, ca_cert => <<>>, insecure => true}};
+trust(_, _) ->
+    {error, no_relay_trust}.
+
+text(V) when is_binary(V) -> V;
+text(V) when is_list(V) -> unicode:characters_to_binary(V).

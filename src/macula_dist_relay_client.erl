@@ -1,0 +1,187 @@
+%% @doc Client for the macula dist relay.
+%%
+%% Keeps one QUIC connection to the relay (in the NIF) and gives out
+%% point-to-point tunnels between nodes. Each tunnel is a raw QUIC stream
+%% pair through the relay; Erlang distribution runs inside it unchanged.
+%%
+%% Lifecycle: `start_link/2,3' connects and identifies, and returns once the
+%% relay answered (or with `{error, Reason}'). `request_tunnel/2' returns
+%% `{ok, ConnRef, StreamRef}' once the tunnel stream is matched; the caller
+%% owns the tunnel. Inbound tunnels are handed to the kernel given with
+%% `set_kernel/2' as `{accept, AcceptPid, StreamRef, inet, macula}'. When the
+%% relay connection ends every tunnel owner gets
+%% `{macula_tunnel, StreamRef, closed}' and the client stops with
+%% `{relay_closed, Reason}'.
+%%
+%% Options (`start_link/3'; missing ones come from the `macula_dist'
+%% application environment): `token', `pin_sha256' (hex SHA-256 of the
+%% relay's certificate), `ca_cert' (PEM path), `verify => none' (explicitly
+%% insecure, logged), `connect_timeout', `tunnel_timeout', `idle_timeout',
+%% `keep_alive' (milliseconds).
+%%
+%% The tunnel data API (send, framing, credit, owner, counters) is
+%% documented in `macula_dist_nif'.
+-module(macula_dist_relay_client).
+-behaviour(gen_server).
+
+-export([start_link/2, start_link/3, request_tunnel/2, close_tunnel/2, set_kernel/2,
+         status/1, whereis_client/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
+                   idle_timeout, keep_alive]).
+
+-record(state, {client :: reference(), url :: binary(), node :: binary(),
+                tunnel_timeout :: pos_integer()}).
+
+-spec start_link(binary() | string(), binary()) -> {ok, pid()} | {error, term()}.
+start_link(RelayUrl, NodeName) ->
+    start_link(RelayUrl, NodeName, #{}).
+
+%% @doc Start the client with a locally-registered name so macula_dist can
+%% find it without being passed the pid. Only one dist_relay_client per node
+%% makes sense: a node connects to exactly one dist relay for its cluster
+%% traffic.
+-spec start_link(binary() | string(), binary(), map()) -> {ok, pid()} | {error, term()}.
+start_link(RelayUrl, NodeName, Opts) when is_map(Opts) ->
+    case macula_dist_config:client_opts(RelayUrl, NodeName, maps:merge(app_opts(), Opts)) of
+        {ok, NifOpts} ->
+            gen_server:start_link({local, ?MODULE}, ?MODULE,
+                                  {unicode:characters_to_binary(RelayUrl), NifOpts}, []);
+        {error, _} = Error ->
+            Error
+    end;
+start_link(_RelayUrl, _NodeName, Opts) ->
+    {error, {bad_options, Opts}}.
+
+app_opts() ->
+    maps:from_list([{K, V} || K <- ?APP_OPTS, {ok, V} <- [application:get_env(macula_dist, K)]]).
+
+%% @doc Request a tunnel to TargetNode. Blocks until the tunnel stream is
+%% ready or the request fails or times out. Returns a `{ConnRef, StreamRef}'
+%% pair suitable for use as the dist Socket in macula_dist; the caller owns
+%% the tunnel.
+-spec request_tunnel(pid(), binary()) -> {ok, reference(), reference()} | {error, term()}.
+request_tunnel(Client, Target) when is_atom(Target) ->
+    request_tunnel(Client, atom_to_binary(Target, utf8));
+request_tunnel(Client, Target) when is_binary(Target) ->
+    case call(Client, handle) of
+        {ok, Nif, Timeout} ->
+            Tag = erlang:unique_integer([positive]),
+            case macula_dist_nif:client_request_tunnel(Nif, Target, Tag) of
+                ok ->
+                    %% The NIF answers within Timeout; the margin only guards
+                    %% against a client that died meanwhile.
+                    receive {macula_tunnel_reply, Tag, Reply} -> Reply
+                    after Timeout + 5000 -> {error, timeout}
+                    end;
+                {error, _} = Error ->
+                    Error
+            end;
+        {error, _} = Error ->
+            Error
+    end;
+request_tunnel(_Client, Target) ->
+    {error, {bad_target, Target}}.
+
+-spec close_tunnel(pid(), binary()) -> ok.
+close_tunnel(Client, TunnelId) when is_binary(TunnelId) ->
+    case call(Client, handle) of
+        {ok, Nif, _} -> _ = macula_dist_nif:client_close_tunnel(Nif, TunnelId), ok;
+        {error, _} -> ok
+    end.
+
+%% @doc Tell the client which process to deliver `{accept, ...}' messages to
+%% when inbound tunnels arrive. Called by `macula_dist:accept/1' with the
+%% net_kernel pid (self() at that call site).
+-spec set_kernel(pid(), pid()) -> ok.
+set_kernel(Client, Kernel) when is_pid(Kernel) ->
+    ok = gen_server:call(Client, {set_kernel, Kernel}).
+
+-spec status(pid()) -> map().
+status(Client) ->
+    gen_server:call(Client, status).
+
+%% @doc Locate the registered client, if any.
+-spec whereis_client() -> pid() | undefined.
+whereis_client() ->
+    whereis(?MODULE).
+
+call(Client, Request) ->
+    try gen_server:call(Client, Request)
+    catch exit:{noproc, _} -> {error, no_client};
+          exit:{normal, _} -> {error, no_client};
+          exit:{{relay_closed, _}, _} -> {error, relay_closed}
+    end.
+
+%% gen_server
+
+init({Url, #{node := Node, connect_timeout := ConnectTimeout,
+             tunnel_timeout := TunnelTimeout} = NifOpts}) ->
+    process_flag(trap_exit, true),
+    case start_nif(NifOpts) of
+        {ok, Client} ->
+            receive
+                {macula_client, identified} ->
+                    {ok, #state{client = Client, url = Url, node = Node,
+                                tunnel_timeout = TunnelTimeout}};
+                {macula_client, {connect_failed, Reason}} ->
+                    fail_init(Reason)
+            after ConnectTimeout + 5000 ->
+                    macula_dist_nif:client_stop(Client),
+                    fail_init(timeout)
+            end;
+        {error, Reason} ->
+            fail_init(Reason)
+    end.
+
+start_nif(NifOpts) ->
+    case macula_dist_nif:loaded() of
+        ok ->
+            try macula_dist_nif:client_start(NifOpts)
+            catch error:Reason -> {error, Reason}
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+%% Answer start_link with {error, Reason} and exit normally, so a linked
+%% caller gets an error value, not an exit signal.
+fail_init(Reason) ->
+    proc_lib:init_ack({error, Reason}),
+    exit(normal).
+
+handle_call(handle, _From, #state{client = C, tunnel_timeout = T} = S) ->
+    {reply, {ok, C, T}, S};
+handle_call({set_kernel, Kernel}, _From, #state{client = C} = S) ->
+    %% This process is the AcceptPid: net_kernel's {Kernel, controller, Pid}
+    %% replies come here (the handshake process claims its tunnel itself).
+    ok = macula_dist_nif:client_set_kernel(C, Kernel, self()),
+    {reply, ok, S};
+handle_call(status, _From, #state{client = C, url = Url} = S) ->
+    {reply, maps:put(relay_url, Url, macula_dist_nif:client_status(C)), S};
+handle_call(Request, _From, S) ->
+    {reply, {error, {unknown_call, Request}}, S}.
+
+handle_cast(_Msg, S) ->
+    {noreply, S}.
+
+handle_info({macula_client, {closed, Reason}}, S) ->
+    logger:warning("macula_dist: relay connection closed: ~ts", [Reason]),
+    {stop, {relay_closed, Reason}, S};
+handle_info({macula_client, {log, Level, Text}}, S) ->
+    logger:log(Level, "macula_dist: ~ts", [Text]),
+    {noreply, S};
+handle_info({Kernel, controller, Pid}, S) when is_pid(Kernel), is_pid(Pid) ->
+    {noreply, S};
+handle_info({Kernel, unsupported_protocol}, S) when is_pid(Kernel) ->
+    logger:error("macula_dist: net_kernel does not know the macula protocol"),
+    {noreply, S};
+handle_info({'EXIT', _Pid, Reason}, S) ->
+    {stop, Reason, S};
+handle_info(_Info, S) ->
+    {noreply, S}.
+
+terminate(_Reason, #state{client = C}) ->
+    macula_dist_nif:client_stop(C),
+    ok.
