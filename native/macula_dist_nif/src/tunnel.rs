@@ -225,7 +225,7 @@ impl Tunnel {
         self.out.lock().unwrap_or_else(|e| e.into_inner()).take();
         if graceful {
             let abort = self.abort_writing.clone();
-            let _ = runtime().spawn(async move {
+            runtime().spawn(async move {
                 tokio::time::sleep(CLOSE_FLUSH).await;
                 abort.cancel();
             });
