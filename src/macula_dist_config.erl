@@ -1,7 +1,7 @@
 %% @doc Relay URLs and client options: parsing and validation, no side effects.
 -module(macula_dist_config).
 
--export([parse_url/1, client_opts/3, default_port/0]).
+-export([parse_url/1, client_opts/3, default_port/0, boot_config/0, boot_config/3]).
 
 -define(DEFAULT_PORT, 4434).
 -define(DEFAULTS, #{connect_timeout => 10000, tunnel_timeout => 10000,
@@ -126,3 +126,111 @@ trust(_, _) ->
 
 text(V) when is_binary(V) -> V;
 text(V) when is_list(V) -> unicode:characters_to_binary(V).
+
+%% @doc The distribution's relay settings, each from the first of:
+%% init arguments (`-macula_dist relay \'"quic://h:4434"\''), the `macula_dist'
+%% application environment, OS variables (`MACULA_DIST_RELAY', ...).
+%% Returns the relay URL and client options, or why not.
+-spec boot_config() -> {ok, string(), map()} | {error, term()}.
+boot_config() ->
+    boot_config(init_args(), fun app_env/1, fun os:getenv/1).
+
+-define(BOOT_KEYS, [{relay, "MACULA_DIST_RELAY", string},
+                    {token, "MACULA_DIST_TOKEN", string},
+                    {token_file, "MACULA_DIST_TOKEN_FILE", string},
+                    {pin_sha256, "MACULA_DIST_PIN_SHA256", string},
+                    {ca_cert, "MACULA_DIST_CA_CERT", string},
+                    {verify, "MACULA_DIST_VERIFY", atom},
+                    {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
+                    {tunnel_timeout, "MACULA_DIST_TUNNEL_TIMEOUT", integer},
+                    {idle_timeout, "MACULA_DIST_IDLE_TIMEOUT", integer},
+                    {keep_alive, "MACULA_DIST_KEEP_ALIVE", integer}]).
+
+%% Testable core: the three sources as a proplist and two lookups.
+boot_config(InitArgs, AppEnv, OsEnv) ->
+    Found = [{K, V} || {K, Var, Type} <- ?BOOT_KEYS,
+                       V <- [lookup(K, Var, Type, InitArgs, AppEnv, OsEnv)], V =/= undefined],
+    case lists:keytake(relay, 1, Found) of
+        false ->
+            {error, {no_relay_configured,
+                     "pass -macula_dist relay '\"quic://host:4434\"' "
+                     "or set MACULA_DIST_RELAY"}};
+        {value, {relay, {bad, Raw}}, _} ->
+            {error, {bad_relay_url, Raw}};
+        {value, {relay, Url}, Rest} ->
+            case [K || {K, {bad, _}} <- Rest] of
+                [] -> with_token_file(Url, maps:from_list(Rest));
+                [Bad | _] -> {error, {bad_boot_option, Bad, proplists:get_value(Bad, Rest)}}
+            end
+    end.
+
+with_token_file(Url, #{token_file := File} = Opts) ->
+    case file:read_file(File) of
+        {ok, Token} ->
+            {ok, Url, maps:put(token, string:trim(Token), maps:remove(token_file, Opts))};
+        {error, Reason} ->
+            {error, {token_file, File, Reason}}
+    end;
+with_token_file(Url, Opts) ->
+    {ok, Url, Opts}.
+
+lookup(Key, Var, Type, InitArgs, AppEnv, OsEnv) ->
+    case proplists:get_value(atom_to_list(Key), InitArgs) of
+        undefined ->
+            case AppEnv(Key) of
+                undefined ->
+                    case OsEnv(Var) of
+                        false -> undefined;
+                        "" -> undefined;
+                        Text -> typed(Type, Text)
+                    end;
+                Value -> checked_type(Type, Value)
+            end;
+        Text ->
+            %% -macula_dist Key Value: Value is an Erlang term, as for
+            %% -App Par Val; an unquoted string is taken as it is.
+            case {parse_term(Text), Type} of
+                {{ok, Value}, _} when Type =/= string; is_list(Value) -> checked_type(Type, Value);
+                {_, string} -> Text;
+                _ -> {bad, Text}
+            end
+    end.
+
+typed(string, Text) -> Text;
+typed(atom, Text) -> list_to_atom(Text);
+typed(integer, Text) ->
+    case string:to_integer(Text) of
+        {N, ""} -> N;
+        _ -> {bad, Text}
+    end.
+
+checked_type(string, V) when is_list(V); is_binary(V) -> unicode:characters_to_list(V);
+checked_type(atom, V) when is_atom(V) -> V;
+checked_type(integer, V) when is_integer(V) -> V;
+checked_type(_, V) -> {bad, V}.
+
+parse_term(Text) ->
+    case erl_scan:string(Text ++ ".") of
+        {ok, Tokens, _} ->
+            case erl_parse:parse_term(Tokens) of
+                {ok, Term} -> {ok, Term};
+                _ -> error
+            end;
+        _ -> error
+    end.
+
+init_args() ->
+    case init:get_argument(macula_dist) of
+        {ok, Lists} -> pairs(lists:append(Lists));
+        error -> []
+    end.
+
+pairs([K, V | Rest]) -> [{K, V} | pairs(Rest)];
+pairs(_) -> [].
+
+app_env(Key) ->
+    _ = application:load(macula_dist),
+    case application:get_env(macula_dist, Key) of
+        {ok, V} -> V;
+        undefined -> undefined
+    end.

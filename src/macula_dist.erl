@@ -1,0 +1,348 @@
+%% @doc `-proto_dist macula': Erlang distribution through a macula QUIC relay.
+%%
+%% ```
+%% erl -proto_dist macula -no_epmd -sname alice \
+%%     -macula_dist relay '"quic://127.0.0.1:4434"' -macula_dist pin_sha256 '"<hex>"'
+%% '''
+%%
+%% The relay client is started by `listen/2' under `macula_dist_sup' (which
+%% net_kernel's supervisor starts from `childspecs/0'). Each connection is a
+%% relay tunnel: `setup/5' asks for one by node name, inbound ones arrive as
+%% `{accept, ...}' at net_kernel. Node names are `name@host'; the host part
+%% is a name only, never dialled.
+%%
+%% Per connection, as in OTP's gen_tcp_dist example: the handshake process
+%% (which then runs dist_util's connection loop, ticks included), a
+%% controller process (handshake I/O, then output: it pulls
+%% `dist_ctrl_get_data' and hands whole batches to the NIF), and an input
+%% process (owns the tunnel after the handshake; feeds
+%% `dist_ctrl_put_data' from batches that the NIF framed).
+-module(macula_dist).
+
+-export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
+         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2]).
+-export([do_setup/6, do_accept/5, acceptor/2, controller/1, input_handler/3]).
+
+-include_lib("kernel/include/net_address.hrl").
+-include_lib("kernel/include/dist_util.hrl").
+
+-define(SPAWN_OPTS, [{message_queue_data, off_heap}, {fullsweep_after, 0}]).
+%% Dist packets pulled per NIF call, at most, and their bytes.
+-define(BATCH_PACKETS, 1024).
+-define(BATCH_BYTES, 262144).
+%% Iodata over this goes to the NIF on a dirty scheduler.
+-define(DIRTY_BYTES, 1048576).
+%% Batches the NIF may have in flight to the input handler.
+-define(INPUT_CREDIT, 4).
+
+%% ---- listening ----
+
+childspecs() ->
+    {ok, [#{id => macula_dist_sup, start => {macula_dist_sup, start_link, []},
+            type => supervisor}]}.
+
+listen(Name) ->
+    {ok, Host} = inet:gethostname(),
+    listen(Name, Host).
+
+listen(Name, Host) ->
+    Node = iolist_to_binary([atom_to_list(Name), "@", Host]),
+    case macula_dist_config:boot_config() of
+        {ok, Url, Opts} ->
+            case ensure_client(Url, Node, Opts) of
+                {ok, Client} ->
+                    {ok, {Client, address(Host), creation()}};
+                {error, Reason} ->
+                    logger:error("macula_dist: cannot join relay ~ts as ~ts: ~p",
+                                 [Url, Node, Reason]),
+                    {error, {relay, Reason}}
+            end;
+        {error, Reason} ->
+            logger:error("macula_dist: ~p", [Reason]),
+            {error, Reason}
+    end.
+
+%% Under net_kernel's supervisor when there is one (a node that booted with
+%% -proto_dist macula); else started here, standalone.
+ensure_client(Url, Node, Opts) ->
+    case whereis(macula_dist_sup) of
+        undefined ->
+            case macula_dist_sup:start_link() of
+                {ok, Sup} -> unlink(Sup);
+                {error, {already_started, _}} -> ok
+            end;
+        _ ->
+            ok
+    end,
+    macula_dist_sup:start_client(Url, Node, Opts).
+
+creation() ->
+    rand:uniform((1 bsl 32) - 5) + 3.
+
+address() ->
+    {ok, Host} = inet:gethostname(),
+    address(Host).
+
+address(Host) ->
+    #net_address{address = relay, host = Host, protocol = macula, family = inet}.
+
+%% net_kernel links to the acceptor. It watches the client: if the client
+%% goes, the acceptor exits, and net_kernel calls accept/1 again, which
+%% hands the kernel to the restarted client.
+accept(_Client) ->
+    spawn_opt(?MODULE, acceptor, [self(), 1], [link, {priority, max}]).
+
+acceptor(Kernel, Attempt) ->
+    case macula_dist_relay_client:whereis_client() of
+        Client when is_pid(Client) ->
+            Ref = monitor(process, Client),
+            try macula_dist_relay_client:set_kernel(Client, Kernel) of
+                ok -> receive {'DOWN', Ref, process, Client, Reason} -> exit({relay_client_down, Reason}) end
+            catch exit:_ -> retry_acceptor(Kernel, Attempt)
+            end;
+        undefined ->
+            retry_acceptor(Kernel, Attempt)
+    end.
+
+retry_acceptor(Kernel, Attempt) when Attempt < 100 ->
+    timer:sleep(100),
+    acceptor(Kernel, Attempt + 1);
+retry_acceptor(_Kernel, _Attempt) ->
+    exit(no_relay_client).
+
+close(_Client) ->
+    macula_dist_sup:stop_client().
+
+select(Node) -> is_node_name(Node).
+
+is_node_name(Node) when is_atom(Node) ->
+    case string:split(atom_to_list(Node), "@", all) of
+        [Name, Host] -> Name =/= "" andalso Host =/= "";
+        _ -> false
+    end;
+is_node_name(_) ->
+    false.
+
+setopts(_Listen, []) -> ok;
+setopts(_Listen, Opts) -> {error, {badopts, Opts}}.
+
+getopts(_Listen, _Opts) -> {ok, []}.
+
+%% ---- connecting ----
+
+setup(Node, Type, MyNode, LongOrShortNames, SetupTime) ->
+    spawn_opt(?MODULE, do_setup, [self(), Node, Type, MyNode, LongOrShortNames, SetupTime],
+              dist_util:net_ticker_spawn_options()).
+
+do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
+    Timer = dist_util:start_timer(SetupTime),
+    case is_node_name(Node) andalso macula_dist_relay_client:whereis_client() of
+        Client when is_pid(Client) ->
+            case macula_dist_relay_client:request_tunnel(Client, atom_to_binary(Node, utf8)) of
+                {ok, _ConnRef, Tunnel} ->
+                    Ctrl = start_controller(Tunnel),
+                    HSData = (hs_data(Ctrl, Tunnel))#hs_data{
+                               kernel_pid = Kernel, other_node = Node, this_node = MyNode,
+                               timer = Timer, this_flags = 0, other_version = 6,
+                               request_type = Type},
+                    dist_util:handshake_we_started(HSData);
+                {error, Reason} ->
+                    ?shutdown2(Node, {macula_tunnel, Reason})
+            end;
+        false ->
+            ?shutdown2(Node, bad_node_name);
+        undefined ->
+            ?shutdown2(Node, no_relay_client)
+    end.
+
+accept_connection(_AcceptPid, Tunnel, MyNode, Allowed, SetupTime) ->
+    spawn_opt(?MODULE, do_accept, [self(), Tunnel, MyNode, Allowed, SetupTime],
+              dist_util:net_ticker_spawn_options()).
+
+do_accept(Kernel, Tunnel, MyNode, Allowed, SetupTime) ->
+    Timer = dist_util:start_timer(SetupTime),
+    Ctrl = start_controller(Tunnel),
+    HSData = (hs_data(Ctrl, Tunnel))#hs_data{
+               kernel_pid = Kernel, this_node = MyNode, timer = Timer,
+               this_flags = 0, allowed = Allowed},
+    dist_util:handshake_other_started(HSData).
+
+%% The controller owns the tunnel from here; it is linked to this process,
+%% which becomes the connection's supervisor (dist_util's con_loop).
+start_controller(Tunnel) ->
+    Ctrl = spawn_opt(?MODULE, controller, [Tunnel], [link, {priority, max} | ?SPAWN_OPTS]),
+    case macula_dist_nif:tunnel_set_owner(Tunnel, Ctrl) of
+        ok -> Ctrl;
+        {error, closed} -> ?shutdown2(tunnel, tunnel_closed)
+    end.
+
+hs_data(Ctrl, Tunnel) ->
+    #hs_data{socket = Ctrl,
+             f_send = fun(C, Packet) -> call(C, {send, Packet}) end,
+             f_recv = fun(C, Length, Timeout) -> call(C, {recv, Length, Timeout}) end,
+             f_setopts_pre_nodeup = fun(C) -> call(C, packet_4) end,
+             f_setopts_post_nodeup = fun(_C) -> ok end,
+             f_getll = fun(C) -> {ok, C} end,
+             f_address = fun(_C, Node) -> node_address(Node) end,
+             f_handshake_complete = fun(C, _Node, DHandle) -> call(C, {handshake_complete, DHandle}) end,
+             mf_tick = fun(_C) -> tick(Tunnel) end,
+             mf_getstat = fun(_C) -> getstat(Tunnel) end,
+             mf_setopts = fun(_C, _Opts) -> {error, enotsup} end,
+             mf_getopts = fun(_C, _Opts) -> {error, enotsup} end}.
+
+node_address(Node) ->
+    case string:split(atom_to_list(Node), "@") of
+        [_, Host] -> address(Host);
+        _ -> ?shutdown(no_node)
+    end.
+
+%% A tick is an empty 4-byte-framed packet. The NIF takes whole batches, so
+%% it can come between any two of the controller's.
+tick(Tunnel) ->
+    _ = macula_dist_nif:tunnel_send(Tunnel, <<0:32>>, 1),
+    ok.
+
+getstat(Tunnel) ->
+    {Recv, Send, Pending} = macula_dist_nif:tunnel_getstat(Tunnel),
+    {ok, Recv, Send, Pending}.
+
+call(Ctrl, Request) ->
+    Ref = monitor(process, Ctrl),
+    Ctrl ! {Ref, self(), Request},
+    receive
+        {Ref, Reply} ->
+            demonitor(Ref, [flush]),
+            Reply;
+        {'DOWN', Ref, process, Ctrl, Reason} ->
+            exit({macula_dist_controller, Reason})
+    end.
+
+%% ---- the controller: handshake I/O, then output ----
+
+controller(Tunnel) ->
+    handshake_loop(Tunnel).
+
+handshake_loop(Tunnel) ->
+    receive
+        {Ref, From, {send, Packet}} ->
+            Reply = case macula_dist_nif:tunnel_send(Tunnel, [<<(iolist_size(Packet)):16>>, Packet], 1) of
+                        {error, _} = Error -> Error;
+                        _ -> ok
+                    end,
+            From ! {Ref, Reply},
+            handshake_loop(Tunnel);
+        {Ref, From, {recv, _Length, Timeout}} ->
+            From ! {Ref, recv_packet(Tunnel, Timeout)},
+            handshake_loop(Tunnel);
+        {Ref, From, packet_4} ->
+            From ! {Ref, macula_dist_nif:tunnel_set_packet(Tunnel, 4)},
+            handshake_loop(Tunnel);
+        {Ref, From, {handshake_complete, DHandle}} ->
+            From ! {Ref, ok},
+            start_data_path(Tunnel, DHandle);
+        {macula_tunnel, Tunnel, closed} ->
+            exit(connection_closed);
+        _ ->
+            handshake_loop(Tunnel)
+    end.
+
+recv_packet(Tunnel, Timeout) ->
+    ok = macula_dist_nif:tunnel_set_packet(Tunnel, 2),
+    ok = macula_dist_nif:tunnel_activate(Tunnel, 1),
+    receive
+        {macula_tunnel, Tunnel, {data, [Packet]}} -> {ok, binary_to_list(Packet)};
+        {macula_tunnel, Tunnel, closed} -> {error, closed}
+    after Timeout ->
+            {error, timeout}
+    end.
+
+start_data_path(Tunnel, DHandle) ->
+    Input = spawn_opt(?MODULE, input_handler, [self(), Tunnel, DHandle], [link | ?SPAWN_OPTS]),
+    ok = erlang:dist_ctrl_input_handler(DHandle, Input),
+    case macula_dist_nif:tunnel_set_owner(Tunnel, Input) of
+        ok -> ok;
+        {error, closed} -> exit(connection_closed)
+    end,
+    Input ! {Tunnel, owner},
+    process_flag(priority, normal),
+    _ = erlang:dist_ctrl_set_opt(DHandle, get_size, true),
+    erlang:dist_ctrl_get_data_notification(DHandle),
+    output_loop(Tunnel, DHandle).
+
+output_loop(Tunnel, DHandle) ->
+    receive
+        dist_data ->
+            send_data(Tunnel, DHandle);
+        {macula_tunnel, Tunnel, closed} ->
+            exit(connection_closed);
+        _ ->
+            output_loop(Tunnel, DHandle)
+    end.
+
+%% Pull what the VM has, in batches, until it has nothing (then ask to be
+%% told) or the NIF is over budget (then wait for writable: the VM's dist
+%% buffer fills meanwhile, and busy_dist_port suspends the senders).
+send_data(Tunnel, DHandle) ->
+    case pull(DHandle, [], 0, 0) of
+        {none, [], _, _} ->
+            erlang:dist_ctrl_get_data_notification(DHandle),
+            output_loop(Tunnel, DHandle);
+        {More, Batch, Bytes, Packets} ->
+            case push(Tunnel, Batch, Bytes, Packets) of
+                ok when More =:= more -> send_data(Tunnel, DHandle);
+                ok ->
+                    erlang:dist_ctrl_get_data_notification(DHandle),
+                    output_loop(Tunnel, DHandle);
+                busy -> wait_writable(Tunnel, DHandle);
+                {error, closed} -> exit(connection_closed)
+            end
+    end.
+
+pull(_DHandle, Acc, Bytes, Packets) when Packets >= ?BATCH_PACKETS; Bytes >= ?BATCH_BYTES ->
+    {more, Acc, Bytes, Packets};
+pull(DHandle, Acc, Bytes, Packets) ->
+    case erlang:dist_ctrl_get_data(DHandle) of
+        none -> {none, Acc, Bytes, Packets};
+        {Size, Data} -> pull(DHandle, [Acc, <<Size:32>> | Data], Bytes + Size + 4, Packets + 1)
+    end.
+
+push(Tunnel, Batch, Bytes, Packets) when Bytes > ?DIRTY_BYTES ->
+    macula_dist_nif:tunnel_send_dirty(Tunnel, Batch, Packets);
+push(Tunnel, Batch, _Bytes, Packets) ->
+    macula_dist_nif:tunnel_send(Tunnel, Batch, Packets).
+
+wait_writable(Tunnel, DHandle) ->
+    receive
+        {macula_tunnel, Tunnel, writable} -> send_data(Tunnel, DHandle);
+        {macula_tunnel, Tunnel, closed} -> exit(connection_closed)
+    end.
+
+%% ---- the input handler ----
+
+input_handler(Ctrl, Tunnel, DHandle) ->
+    receive
+        {Tunnel, owner} ->
+            ok = macula_dist_nif:tunnel_activate(Tunnel, ?INPUT_CREDIT),
+            input_loop(Ctrl, Tunnel, DHandle)
+    end.
+
+input_loop(Ctrl, Tunnel, DHandle) ->
+    receive
+        {macula_tunnel, Tunnel, {data, Packets}} ->
+            put_data(DHandle, Packets),
+            ok = macula_dist_nif:tunnel_activate(Tunnel, 1),
+            input_loop(Ctrl, Tunnel, DHandle);
+        {macula_tunnel, Tunnel, writable} = Writable ->
+            Ctrl ! Writable,
+            input_loop(Ctrl, Tunnel, DHandle);
+        {macula_tunnel, Tunnel, closed} ->
+            exit(connection_closed);
+        _ ->
+            input_loop(Ctrl, Tunnel, DHandle)
+    end.
+
+put_data(_DHandle, []) ->
+    ok;
+put_data(DHandle, [Packet | Rest]) ->
+    erlang:dist_ctrl_put_data(DHandle, Packet),
+    put_data(DHandle, Rest).

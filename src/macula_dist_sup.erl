@@ -1,0 +1,35 @@
+%% @doc Supervises the relay client of `-proto_dist macula'. Started by
+%% net_kernel's supervisor through `macula_dist:childspecs/0', before
+%% distribution listens; `macula_dist:listen/2' starts the client in it,
+%% once the node name is known.
+-module(macula_dist_sup).
+-behaviour(supervisor).
+
+-export([start_link/0, start_client/3, stop_client/0]).
+-export([init/1]).
+
+start_link() ->
+    supervisor:start_link({local, ?MODULE}, ?MODULE, []).
+
+%% The client is transient: if the relay connection ends it is restarted
+%% (and net_kernel's acceptor hands it the kernel again).
+-spec start_client(binary() | string(), binary(), map()) -> {ok, pid()} | {error, term()}.
+start_client(Url, Node, Opts) ->
+    Spec = #{id => macula_dist_relay_client,
+             start => {macula_dist_relay_client, start_link, [Url, Node, Opts]},
+             restart => transient, shutdown => 5000, type => worker},
+    _ = supervisor:delete_child(?MODULE, macula_dist_relay_client),
+    case supervisor:start_child(?MODULE, Spec) of
+        {ok, Pid} -> {ok, Pid};
+        {error, {already_started, Pid}} -> {ok, Pid};
+        {error, {Reason, _Child}} -> {error, Reason};
+        {error, _} = Error -> Error
+    end.
+
+stop_client() ->
+    _ = supervisor:terminate_child(?MODULE, macula_dist_relay_client),
+    _ = supervisor:delete_child(?MODULE, macula_dist_relay_client),
+    ok.
+
+init([]) ->
+    {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, []}}.
