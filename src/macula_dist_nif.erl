@@ -36,7 +36,7 @@
          client_set_kernel/3, client_status/1]).
 -export([tunnel_send/3, tunnel_send_dirty/3, tunnel_set_owner/2, tunnel_set_packet/2,
          tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1]).
--export([relay_start/1, relay_info/1, relay_stop/1]).
+-export([relay_start/1, relay_info/1, relay_stop/1, live_counts/0]).
 
 -on_load(init/0).
 
@@ -95,3 +95,6 @@ tunnel_info(_Tunnel) -> not_loaded().
 relay_start(_Opts) -> not_loaded().
 relay_info(_Relay) -> not_loaded().
 relay_stop(_Relay) -> not_loaded().
+
+%% @doc `#{tunnels, clients}' alive in the NIF, for leak checks.
+live_counts() -> not_loaded().

@@ -26,7 +26,7 @@
 
 -export([start_link/2, start_link/3, request_tunnel/2, close_tunnel/2, set_kernel/2,
          status/1, whereis_client/0]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
                    idle_timeout, keep_alive]).
@@ -181,6 +181,13 @@ handle_info({'EXIT', _Pid, Reason}, S) ->
     {stop, Reason, S};
 handle_info(_Info, S) ->
     {noreply, S}.
+
+%% Reports show the relay and node, not the NIF handle (a log that kept the
+%% handle would keep the client alive).
+format_status(#{state := #state{url = Url, node = Node}} = Status) ->
+    Status#{state := #{relay_url => Url, node => Node}};
+format_status(Status) ->
+    Status.
 
 terminate(_Reason, #state{client = C}) ->
     macula_dist_nif:client_stop(C),

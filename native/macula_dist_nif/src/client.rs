@@ -100,6 +100,12 @@ impl Resource for ClientRes {
     }
 }
 
+impl Drop for Client {
+    fn drop(&mut self) {
+        crate::LIVE_CLIENTS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for ClientRes {
     fn drop(&mut self) {
         self.0.stop();
@@ -173,6 +179,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         ..tls::Transport::default()
     };
     let config = tls::client_config(&trust, &transport).map_err(|e| format!("{e:#}"))?;
+    crate::LIVE_CLIENTS.fetch_add(1, Ordering::Relaxed);
     let client = Arc::new(Client {
         owner,
         node: opts.node.clone(),
@@ -548,10 +555,14 @@ impl Client {
             }
             id
         };
-        let client = self.clone();
+        // Weak: a stopped client is not kept alive by its pending timers.
+        let client = Arc::downgrade(self);
         let wait = self.tunnel_timeout;
         runtime().spawn(async move {
             tokio::time::sleep(wait).await;
+            let Some(client) = client.upgrade() else {
+                return;
+            };
             let abandoned = client.lock().matcher.abandon(id);
             if let Some(request) = abandoned {
                 reply(&request, |env| {
@@ -573,9 +584,12 @@ impl Client {
             state.kernel = Some((kernel, acceptor));
             state.waiting.drain(..).map(|(t, _)| t).collect()
         };
-        for t in waiting {
-            offer(kernel, acceptor, t);
-        }
+        // Sent from the runtime: an OwnedEnv cannot send from a scheduler thread.
+        runtime().spawn(async move {
+            for t in waiting {
+                offer(kernel, acceptor, t);
+            }
+        });
     }
 
     pub fn stop(&self) {

@@ -12,6 +12,8 @@ mod relay;
 mod runtime;
 mod tunnel;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
 use rustler::{Binary, Encoder, Env, LocalPid, NifResult, ResourceArc, Term, TermType};
 
@@ -31,7 +33,7 @@ pub(crate) mod atoms {
         bytes_in, bytes_out, rtt_us, kernel_set,
         recv_bytes, recv_packets, send_bytes, send_packets, send_pending,
         id, peer, direction, inbound, outbound, port, address, fingerprint,
-        nodes, tunnels,
+        nodes, tunnels, clients,
         // Reasons the relay and client send, returned as atoms.
         target_not_connected, not_identified, self_tunnel, too_many_tunnels,
         too_many_nodes, bad_name, bad_token, already_identified,
@@ -56,6 +58,26 @@ pub(crate) mod atoms {
             _ => return None,
         })
     }
+}
+
+/// Objects alive in this VM, for leak checks: tunnels and clients count up
+/// when made and down when Rust frees them (after Erlang let go too).
+pub(crate) static LIVE_TUNNELS: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static LIVE_CLIENTS: AtomicUsize = AtomicUsize::new(0);
+
+#[rustler::nif]
+fn live_counts(env: Env) -> Term {
+    let pairs: Vec<(Term, Term)> = vec![
+        (
+            atoms::tunnels().encode(env),
+            LIVE_TUNNELS.load(Ordering::Relaxed).encode(env),
+        ),
+        (
+            atoms::clients().encode(env),
+            LIVE_CLIENTS.load(Ordering::Relaxed).encode(env),
+        ),
+    ];
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
 }
 
 // ---- client ----

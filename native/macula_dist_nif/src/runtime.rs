@@ -13,6 +13,13 @@ static ENDPOINT_V6: OnceLock<Result<quinn::Endpoint, String>> = OnceLock::new();
 /// the rest of the work; QUIC needs few threads).
 pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
+        // Opt-in logs of the NIF's own work, on stderr: MACULA_DIST_LOG=debug.
+        if let Ok(filter) = std::env::var("MACULA_DIST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let threads = std::env::var("MACULA_DIST_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -76,8 +76,15 @@ pub struct TunnelRes(pub Arc<Tunnel>);
 impl Resource for TunnelRes {
     const IMPLEMENTS_DOWN: bool = true;
 
+    /// The owner died: what it sent is still delivered, as with a socket.
     fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
-        self.0.close(false);
+        self.0.close(true);
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        crate::LIVE_TUNNELS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -106,6 +113,7 @@ pub fn start(
 ) -> ResourceArc<TunnelRes> {
     let (tx, rx) = mpsc::unbounded_channel();
     open_count.fetch_add(1, Ordering::Relaxed);
+    crate::LIVE_TUNNELS.fetch_add(1, Ordering::Relaxed);
     let tunnel = Arc::new(Tunnel {
         id,
         peer,
@@ -249,7 +257,8 @@ fn notify(
 }
 
 /// The peer or the connection ended the tunnel: close it and tell the owner.
-fn closed_by_peer(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>) {
+fn closed_by_peer(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>, why: &dyn std::fmt::Display) {
+    tracing::debug!(tunnel = %res.0.id, %why, "tunnel ended");
     if !res.0.is_closed() {
         res.0.close(false);
         notify(env, res, |env| atoms::closed().encode(env));
@@ -293,7 +302,9 @@ async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Byt
                     }
                 }
                 Ok(None) => break,
-                Err(_) => return closed_by_peer(&mut env, &res),
+                Err(e) => {
+                    return closed_by_peer(&mut env, &res, &format!("packet of {} bytes", e.len))
+                }
             }
         }
         if !batch.is_empty() {
@@ -313,7 +324,8 @@ async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Byt
                     .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                 framer.push(&chunk.bytes);
             }
-            Ok(None) | Err(_) => return closed_by_peer(&mut env, &res),
+            Ok(None) => return closed_by_peer(&mut env, &res, &"finished by the peer"),
+            Err(e) => return closed_by_peer(&mut env, &res, &e),
         }
     }
 }
@@ -378,8 +390,8 @@ async fn write_loop(
             written = send.write_all_chunks(&mut chunks) => written,
         };
         chunks.clear();
-        if written.is_err() {
-            return closed_by_peer(&mut env, &res);
+        if let Err(e) = written {
+            return closed_by_peer(&mut env, &res, &e);
         }
         let left = tunnel.queued.fetch_sub(len, Ordering::AcqRel) - len;
         if left <= LOW_WATER && tunnel.want_writable.swap(false, Ordering::AcqRel) {

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every test: Rust (cargo test), EUnit, Common Test and ExUnit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo test"
+cargo test --workspace --quiet 2>&1 | grep -v '^$'
+
+echo "== rebar3 eunit"
+rebar3 eunit
+
+echo "== rebar3 ct"
+rebar3 ct
+
+if [ -f mix.exs ] && command -v mix >/dev/null; then
+  echo "== mix test"
+  mix test
+fi

@@ -1,0 +1,127 @@
+%% Helpers shared by the Common Test suites: relays, raw NIF clients,
+%% tunnel I/O, and peer nodes running -proto_dist macula.
+-module(macula_ct).
+
+-export([start_relay/0, start_relay/1, raw_client/3, raw_client/4, request/2,
+         exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
+-export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
+
+start_relay() -> start_relay(#{}).
+
+%% An embedded relay, owned by a process that outlives the caller.
+start_relay(Opts) ->
+    {ok, Relay} = macula_dist_relay:start(Opts),
+    {Relay, macula_dist_relay:info(Relay)}.
+
+raw_client(Url, Pin, Node) -> raw_client(Url, Pin, Node, #{}).
+
+%% A second client in this VM, straight on the NIF (the gen_server is
+%% registered once per VM). The caller owns it.
+raw_client(Url, Pin, Node, Extra) ->
+    {ok, Opts} = macula_dist_config:client_opts(Url, Node, maps:merge(#{pin_sha256 => Pin}, Extra)),
+    {ok, Client} = macula_dist_nif:client_start(Opts),
+    receive
+        {macula_client, identified} -> {ok, Client};
+        {macula_client, {connect_failed, Reason}} -> {error, Reason}
+    after 15000 -> {error, timeout}
+    end.
+
+%% A tunnel request from a raw client; the caller owns the tunnel.
+request(Client, Target) ->
+    Tag = erlang:unique_integer([positive]),
+    ok = macula_dist_nif:client_request_tunnel(Client, Target, Tag),
+    receive {macula_tunnel_reply, Tag, Reply} -> Reply
+    after 15000 -> {error, no_reply}
+    end.
+
+%% In a new process that owns Tunnel: send Data (raw, honouring busy and
+%% writable) while reading Expect bytes. Returns what it read.
+exchange(Tunnel, Data, Expect) ->
+    await_exchange(run_exchange(Tunnel, Data, Expect)).
+
+run_exchange(Tunnel, Data, Expect) ->
+    Parent = self(),
+    Pid = spawn_link(fun() ->
+                             receive go -> ok end,
+                             ok = macula_dist_nif:tunnel_set_packet(Tunnel, 0),
+                             ok = macula_dist_nif:tunnel_activate(Tunnel, 4),
+                             Got = loop(Tunnel, Data, Expect, [], 0),
+                             Parent ! {self(), Got}
+                     end),
+    ok = macula_dist_nif:tunnel_set_owner(Tunnel, Pid),
+    Pid ! go,
+    Pid.
+
+await_exchange(Pid) ->
+    receive {Pid, Got} -> Got after 120000 -> error(exchange_timeout) end.
+
+-define(CHUNK, 65536).
+
+loop(_Tunnel, <<>>, Expect, Acc, Got) when Got >= Expect ->
+    iolist_to_binary(lists:reverse(Acc));
+loop(Tunnel, Data, Expect, Acc, Got) ->
+    {Data1, Busy} = send_some(Tunnel, Data),
+    Timeout = case {Data1, Busy} of {<<>>, _} -> 60000; {_, true} -> 60000; _ -> 0 end,
+    receive
+        {macula_tunnel, Tunnel, {data, Chunks}} ->
+            ok = macula_dist_nif:tunnel_activate(Tunnel, 1),
+            N = lists:sum([byte_size(C) || C <- Chunks]),
+            loop(Tunnel, Data1, Expect, lists:reverse(Chunks, Acc), Got + N);
+        {macula_tunnel, Tunnel, writable} ->
+            loop(Tunnel, Data1, Expect, Acc, Got);
+        {macula_tunnel, Tunnel, closed} ->
+            {closed, Got}
+    after Timeout ->
+            case Timeout of
+                0 -> loop(Tunnel, Data1, Expect, Acc, Got);
+                _ -> {stalled, Got}
+            end
+    end.
+
+%% Sends until the NIF says busy (then wait for writable) or all is sent.
+send_some(_Tunnel, <<>>) ->
+    {<<>>, false};
+send_some(Tunnel, Data) ->
+    Size = min(?CHUNK, byte_size(Data)),
+    <<Chunk:Size/binary, Rest/binary>> = Data,
+    case macula_dist_nif:tunnel_send(Tunnel, Chunk, 1) of
+        ok -> send_some(Tunnel, Rest);
+        busy -> {Rest, true}
+    end.
+
+random_bytes(N) -> crypto:strong_rand_bytes(N).
+
+%% ---- peers ----
+
+host() ->
+    {ok, Host} = inet:gethostname(),
+    Host.
+
+node_name(Name) -> list_to_atom(atom_to_list(Name) ++ "@" ++ host()).
+
+%% Command-line arguments for a node that joins the relay.
+peer_args(#{url := Url, fingerprint := Pin}, Extra) ->
+    Paths = lists:append([["-pa", D] || D <- code:get_path(), is_project_path(D)]),
+    ["-proto_dist", "macula", "-no_epmd",
+     "-macula_dist", "relay", "\"" ++ binary_to_list(Url) ++ "\"",
+     "-macula_dist", "pin_sha256", "\"" ++ binary_to_list(Pin) ++ "\"",
+     "-setcookie", "macula_ct_cookie"] ++ Paths ++ Extra.
+
+is_project_path(Dir) ->
+    string:find(Dir, "_build") =/= nomatch.
+
+start_peer(Name, RelayInfo, Extra) ->
+    start_peer(Name, RelayInfo, Extra, #{}).
+
+%% A peer controlled over standard_io (this test node need not be
+%% distributed); it joins the cluster through the relay.
+start_peer(Name, RelayInfo, Extra, Opts) ->
+    {ok, Peer, Node} = peer:start(maps:merge(#{name => Name,
+                                               connection => standard_io,
+                                               args => peer_args(RelayInfo, Extra),
+                                               wait_boot => 30000}, Opts)),
+    {Peer, Node}.
+
+stop_peer(Peer) ->
+    catch peer:stop(Peer),
+    ok.

@@ -1,0 +1,85 @@
+-module(macula_dist_config_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+-define(PIN, "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef").
+
+url_forms_test_() ->
+    [?_assertEqual({ok, {"relay.example", 4434}}, macula_dist_config:parse_url("quic://relay.example:4434")),
+     ?_assertEqual({ok, {"relay.example", 4434}}, macula_dist_config:parse_url(<<"quic://relay.example">>)),
+     ?_assertEqual({ok, {"10.0.0.1", 9000}}, macula_dist_config:parse_url("10.0.0.1:9000")),
+     ?_assertEqual({ok, {"host", 4434}}, macula_dist_config:parse_url("host")),
+     ?_assertEqual({ok, {"::1", 4434}}, macula_dist_config:parse_url("[::1]:4434")),
+     ?_assertEqual({ok, {"::1", 4434}}, macula_dist_config:parse_url("quic://[::1]")),
+     ?_assertEqual({ok, {"h", 1}}, macula_dist_config:parse_url("quic://h:1/"))].
+
+bad_urls_test_() ->
+    [?_assertEqual({error, {bad_relay_url, U}}, macula_dist_config:parse_url(U))
+     || U <- ["", "quic://", "http://h:1", "h:0", "h:65536", "h:port", "h:1:2", "[::1", "[::1]x",
+              "quic://:4434", "ho st:1", <<"h:-1">>, 42]].
+
+opts(Opts) -> macula_dist_config:client_opts("quic://h:1", <<"a@h">>, Opts).
+
+trust_is_required_test() ->
+    ?assertEqual({error, no_relay_trust}, opts(#{})).
+
+pin_test() ->
+    {ok, M} = opts(#{pin_sha256 => ?PIN}),
+    ?assertMatch(#{host := <<"h">>, port := 1, node := <<"a@h">>, pin_sha256 := <<?PIN>>,
+                   ca_cert := <<>>, insecure := false, token := <<>>}, M),
+    Colons = lists:flatten(lists:join(":", [[A, B] || [A, B] <- chunks(?PIN)])),
+    ?assertMatch({ok, _}, opts(#{pin_sha256 => Colons})),
+    ?assertEqual({error, {bad_option, {pin_sha256, "abc"}}}, opts(#{pin_sha256 => "abc"})).
+
+chunks([A, B | T]) -> [[A, B] | chunks(T)];
+chunks([]) -> [].
+
+ca_and_insecure_test() ->
+    ?assertMatch({ok, #{ca_cert := <<"/x.pem">>, insecure := false}}, opts(#{ca_cert => "/x.pem"})),
+    ?assertMatch({ok, #{insecure := true}}, opts(#{verify => none})).
+
+timeouts_and_defaults_test() ->
+    {ok, M} = opts(#{verify => none, tunnel_timeout => 500, token => "t"}),
+    ?assertMatch(#{tunnel_timeout := 500, connect_timeout := 10000, token := <<"t">>}, M).
+
+bad_options_test_() ->
+    [?_assertEqual({error, {bad_option, O}}, opts(maps:from_list([O, {pin_sha256, ?PIN}])))
+     || O <- [{connect_timeout, 0}, {tunnel_timeout, -1}, {keep_alive, "5"}, {verify, maybe},
+              {nonsense, 1}, {token, 5}]].
+
+bad_node_and_url_test() ->
+    ?assertEqual({error, {bad_node_name, <<>>}},
+                 macula_dist_config:client_opts("h", <<>>, #{verify => none})),
+    ?assertEqual({error, {bad_relay_url, "http://x"}},
+                 macula_dist_config:client_opts("http://x", <<"a@h">>, #{verify => none})),
+    ?assertEqual({error, {bad_options, nope}}, macula_dist_config:client_opts("h", <<"a@h">>, nope)).
+
+boot(InitArgs, App, Os) ->
+    macula_dist_config:boot_config(InitArgs,
+                                   fun(K) -> proplists:get_value(K, App) end,
+                                   fun(V) -> proplists:get_value(V, Os, false) end).
+
+boot_precedence_test() ->
+    %% init arguments beat the application environment, which beats OS variables.
+    ?assertEqual({ok, "quic://a:1", #{}}, boot([{"relay", "\"quic://a:1\""}], [{relay, "b"}], [{"MACULA_DIST_RELAY", "c"}])),
+    ?assertEqual({ok, "b", #{}}, boot([], [{relay, "b"}], [{"MACULA_DIST_RELAY", "c"}])),
+    ?assertEqual({ok, "c", #{connect_timeout => 7}},
+                 boot([], [], [{"MACULA_DIST_RELAY", "c"}, {"MACULA_DIST_CONNECT_TIMEOUT", "7"}])),
+    %% An unquoted URL on the command line is taken as it is.
+    ?assertEqual({ok, "quic://a:1", #{verify => none}},
+                 boot([{"relay", "quic://a:1"}, {"verify", "none"}], [], [])).
+
+boot_errors_test() ->
+    ?assertMatch({error, {no_relay_configured, _}}, boot([], [], [])),
+    ?assertEqual({error, {bad_boot_option, connect_timeout, {bad, "soon"}}},
+                 boot([], [], [{"MACULA_DIST_RELAY", "c"}, {"MACULA_DIST_CONNECT_TIMEOUT", "soon"}])),
+    ?assertMatch({error, {token_file, "/nonexistent/t", enoent}},
+                 boot([], [{relay, "c"}, {token_file, "/nonexistent/t"}], [])).
+
+token_file_test() ->
+    File = filename:join(os:getenv("TMPDIR", "/tmp"), "macula_token_" ++ os:getpid()),
+    ok = file:write_file(File, <<"s3cret\n">>),
+    try
+        ?assertEqual({ok, "c", #{token => <<"s3cret">>}}, boot([], [{relay, "c"}, {token_file, File}], []))
+    after
+        file:delete(File)
+    end.
