@@ -5,6 +5,9 @@
 -export([start_relay/0, start_relay/1, raw_client/3, raw_client/4, request/2,
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
+%% Run on peer nodes.
+-export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
+         ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1]).
 
 start_relay() -> start_relay(#{}).
 
@@ -125,3 +128,79 @@ start_peer(Name, RelayInfo, Extra, Opts) ->
 stop_peer(Peer) ->
     catch peer:stop(Peer),
     ok.
+
+%% ---- run on peers ----
+
+%% 64 MiB-class binaries both ways through rpc and erpc, checked by md5.
+big_exchange(Node, Size) ->
+    Out = crypto:strong_rand_bytes(Size),
+    Md5 = erlang:md5(Out),
+    Md5 = erpc:call(Node, erlang, md5, [Out], 120000),
+    Md5 = rpc:call(Node, erlang, md5, [Out], 120000),
+    {In1, InMd5_1} = erpc:call(Node, ?MODULE, random_with_md5, [Size], 120000),
+    InMd5_1 = erlang:md5(In1),
+    {In2, InMd5_2} = rpc:call(Node, ?MODULE, random_with_md5, [Size], 120000),
+    InMd5_2 = erlang:md5(In2),
+    {ok, byte_size(In1) + byte_size(In2)}.
+
+random_with_md5(Size) ->
+    B = crypto:strong_rand_bytes(Size),
+    {B, erlang:md5(B)}.
+
+%% Watches Node from here: monitor_node and a process monitor on a process
+%% there. watch_result/1 says how both ended.
+watch(Node, Name) ->
+    Parent = self(),
+    Pid = spawn(fun() ->
+                        true = monitor_node(Node, true),
+                        Remote = erlang:spawn(Node, timer, sleep, [infinity]),
+                        Ref = monitor(process, Remote),
+                        Parent ! {watching, self()},
+                        receive {go, From} -> ok end,
+                        T0 = erlang:monotonic_time(millisecond),
+                        NodeDown = receive {nodedown, Node} -> nodedown end,
+                        Down = receive {'DOWN', Ref, process, Remote, R} -> R end,
+                        From ! {watched, NodeDown, Down, erlang:monotonic_time(millisecond) - T0}
+                end),
+    receive {watching, Pid} -> register(Name, Pid), ok after 10000 -> error(watch_failed) end.
+
+watch_result({Name, Timeout}) ->
+    whereis(Name) ! {go, self()},
+    receive {watched, NodeDown, Down, Ms} -> {NodeDown, Down, Ms}
+    after Timeout -> timeout
+    end.
+
+connect_all(Nodes) ->
+    [pong = net_adm:ping(N) || N <- Nodes, N =/= node()],
+    lists:sort(nodes()).
+
+%% Sends 1..Count to a registered receiver on Node, in order.
+ordered_sender(Node, Name, Count) ->
+    lists:foreach(fun(I) -> {Name, Node} ! {seq, node(), I} end, lists:seq(1, Count)),
+    ok.
+
+%% Registers a receiver that checks each sender's numbers arrive 1, 2, 3...
+ordered_receiver(Name, Expected) ->
+    Pid = spawn(fun() -> receive_in_order(#{}, Expected) end),
+    register(Name, Pid),
+    ok.
+
+receive_in_order(Seen, 0) ->
+    receive {result, From} -> From ! {in_order, Seen} end;
+receive_in_order(Seen, Left) ->
+    receive
+        {seq, From, I} ->
+            case maps:get(From, Seen, 0) of
+                Prev when I =:= Prev + 1 -> receive_in_order(Seen#{From => I}, Left - 1);
+                Prev -> exit({out_of_order, From, Prev, I})
+            end
+    end.
+
+receiver_result(Name) ->
+    whereis(Name) ! {result, self()},
+    receive {in_order, Seen} -> {ok, Seen} after 120000 -> timeout end.
+
+register_here(Name) ->
+    Pid = spawn(timer, sleep, [infinity]),
+    yes = global:register_name(Name, Pid),
+    Pid.

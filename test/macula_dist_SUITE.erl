@@ -1,0 +1,201 @@
+%% Erlang distribution over -proto_dist macula: real peer nodes, a real
+%% relay, OTP's own rpc, erpc, global, pg and monitors.
+-module(macula_dist_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
+-export([ping_both_directions/1, simultaneous_connect/1, rpc_erpc_64_mib_both_ways/1,
+         global_across_three_nodes/1, pg_across_three_nodes/1, kill_9_detected_by_ticks/1,
+         full_mesh_of_five_in_order/1, restarted_peer_reachable_again/1,
+         wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
+         missing_relay_fails_boot/1]).
+
+suite() -> [{timetrap, {minutes, 5}}].
+
+all() ->
+    [ping_both_directions, simultaneous_connect, rpc_erpc_64_mib_both_ways,
+     global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
+     full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
+     hidden_node, net_kernel_start_later, missing_relay_fails_boot].
+
+init_per_suite(Config) ->
+    {Relay, Info} = macula_ct:start_relay(),
+    [{relay, Relay}, {info, Info} | Config].
+
+end_per_suite(Config) ->
+    macula_dist_relay:stop(?config(relay, Config)).
+
+init_per_testcase(_Case, Config) ->
+    [{peers, []} | Config].
+
+end_per_testcase(_Case, _Config) ->
+    [macula_ct:stop_peer(P) || P <- erase_peers()],
+    ok.
+
+%% Starts peers named after the test case; stopped in end_per_testcase.
+peers(Config, Names) -> peers(Config, Names, []).
+
+peers(Config, Names, Extra) ->
+    Started = [macula_ct:start_peer(N, ?config(info, Config), Extra) || N <- Names],
+    put(peers, [P || {P, _} <- Started] ++ get_peers()),
+    Started.
+
+get_peers() -> case get(peers) of undefined -> []; L -> L end.
+erase_peers() -> L = get_peers(), erase(peers), L.
+
+call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 120000).
+
+%% ---- cases ----
+
+ping_both_directions(Config) ->
+    [{A, AN}, {B, BN}] = peers(Config, [pa1, pb1]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assertEqual([BN], call(A, erlang, nodes, [])),
+    ?assertEqual([AN], call(B, erlang, nodes, [])),
+    ?assertEqual(BN, call(A, rpc, call, [BN, erlang, node, []])),
+    %% The connection runs over the macula carrier, not TCP.
+    {ok, Info} = call(A, net_kernel, node_info, [BN]),
+    ?assertMatch({net_address, relay, _, macula, inet}, proplists:get_value(address, Info)),
+    true = call(A, erlang, disconnect_node, [BN]),
+    ?assertEqual([], call(A, erlang, nodes, [])),
+    ?assertEqual(pong, call(B, net_adm, ping, [AN])),
+    ?assertEqual(AN, call(B, erpc, call, [AN, erlang, node, []])),
+    ?assertEqual(pang, call(A, net_adm, ping, [macula_ct:node_name(nobody_here)])).
+
+simultaneous_connect(Config) ->
+    [{A, AN}, {B, BN}] = peers(Config, [pa2, pb2]),
+    Self = self(),
+    [spawn_link(fun() -> Self ! {P, call(P, net_adm, ping, [N])} end) || {P, N} <- [{A, BN}, {B, AN}]],
+    [receive {P, R} -> ?assertEqual(pong, R) after 30000 -> error(ping_hung) end || P <- [A, B]],
+    %% One connection, usable both ways.
+    ?assertEqual([BN], call(A, erlang, nodes, [])),
+    ?assertEqual([AN], call(B, erlang, nodes, [])),
+    ?assertEqual(AN, call(B, erpc, call, [AN, erlang, node, []])),
+    ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, []])).
+
+rpc_erpc_64_mib_both_ways(Config) ->
+    [{A, _}, {B, BN}] = peers(Config, [pa3, pb3]),
+    Size = 64 bsl 20,
+    ?assertEqual({ok, 2 * Size}, call(A, macula_ct, big_exchange, [BN, Size])),
+    ?assertEqual({ok, 2 * Size}, call(B, macula_ct, big_exchange, [macula_ct:node_name(pa3), Size])).
+
+global_across_three_nodes(Config) ->
+    [{A, AN}, {B, BN}, {C, CN}] = peers(Config, [pa4, pb4, pc4]),
+    Nodes = [AN, BN, CN],
+    [?assertEqual(Nodes -- [N], call(P, macula_ct, connect_all, [Nodes])) || {P, N} <- [{A, AN}, {B, BN}, {C, CN}]],
+    Pid = call(A, macula_ct, register_here, [macula_global_name]),
+    ok = call(C, global, sync, []),
+    ?assertEqual(Pid, call(C, global, whereis_name, [macula_global_name])),
+    ?assertEqual(Pid, call(B, global, whereis_name, [macula_global_name])),
+    ?assertEqual(AN, node(Pid)).
+
+pg_across_three_nodes(Config) ->
+    [{A, AN}, {B, BN}, {C, CN}] = peers(Config, [pa5, pb5, pc5]),
+    Nodes = [AN, BN, CN],
+    [{ok, _} = call(P, pg, start, [pg]) || P <- [A, B, C]],
+    [call(P, macula_ct, connect_all, [Nodes]) || P <- [A, B, C]],
+    Pids = [begin
+                Pid = call(P, erlang, spawn, [timer, sleep, [infinity]]),
+                ok = call(P, pg, join, [macula_group, Pid]),
+                Pid
+            end || P <- [A, B]],
+    Members = wait_for(fun() ->
+                               M = lists:sort(call(C, pg, get_members, [macula_group])),
+                               M =:= lists:sort(Pids) andalso M
+                       end),
+    ?assertEqual(lists:sort(Pids), Members).
+
+kill_9_detected_by_ticks(Config) ->
+    TickTime = 4,
+    Extra = ["-kernel", "net_ticktime", integer_to_list(TickTime)],
+    [{A, _}, {B, BN}] = peers(Config, [pa6, pb6], Extra),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ok = call(A, macula_ct, watch, [BN, macula_watch]),
+    OsPid = call(B, os, getpid, []),
+    os:cmd("kill -9 " ++ OsPid),
+    %% dist_util's ticker notices the silence, as it does over TCP.
+    Result = call(A, macula_ct, watch_result, [{macula_watch, 2 * TickTime * 1000}]),
+    ct:log("kill -9 seen as ~p", [Result]),
+    ?assertMatch({nodedown, noconnection, _Ms}, Result).
+
+full_mesh_of_five_in_order(Config) ->
+    Names = [pm1, pm2, pm3, pm4, pm5],
+    Peers = peers(Config, Names),
+    Nodes = [N || {_, N} <- Peers],
+    [?assertEqual(Nodes -- [N], call(P, macula_ct, connect_all, [Nodes])) || {P, N} <- Peers],
+    %% Each node sends 20 000 numbered messages to the next: 100 000 in all,
+    %% all at once, each stream in order.
+    PerSender = 20000,
+    [ok = call(P, macula_ct, ordered_receiver, [macula_seq, PerSender]) || {P, _} <- Peers],
+    Next = tl(Nodes) ++ [hd(Nodes)],
+    Self = self(),
+    [spawn_link(fun() -> Self ! {sent, call(P, macula_ct, ordered_sender, [To, macula_seq, PerSender])} end)
+     || {{P, _}, To} <- lists:zip(Peers, Next)],
+    [receive {sent, ok} -> ok after 120000 -> error(send_timeout) end || _ <- Peers],
+    Results = [call(P, macula_ct, receiver_result, [macula_seq]) || {P, _} <- Peers],
+    Prev = [lists:last(Nodes) | lists:droplast(Nodes)],
+    ?assertEqual([{ok, #{From => PerSender}} || From <- Prev], Results).
+
+restarted_peer_reachable_again(Config) ->
+    [{A, _}, {B, BN}] = peers(Config, [pa7, pb7]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    os:cmd("kill -9 " ++ call(B, os, getpid, [])),
+    %% Same name again at once: the relay lets the newest connection win.
+    [{B2, BN}] = peers(Config, [pb7]),
+    ?assertEqual(pong, wait_for(fun() -> call(A, net_adm, ping, [BN]) =:= pong andalso pong end)),
+    ?assertEqual(call(B2, os, getpid, []), call(A, rpc, call, [BN, os, getpid, []])).
+
+wrong_cookie_refused(Config) ->
+    [{A, AN}] = peers(Config, [pa8]),
+    [{E, EN}] = peers(Config, [pe8], ["-setcookie", "another_cookie"]),
+    ?assertEqual(pang, call(A, net_adm, ping, [EN])),
+    ?assertEqual(pang, call(E, net_adm, ping, [AN])),
+    ?assertEqual([], call(A, erlang, nodes, [])),
+    ?assertEqual([], call(E, erlang, nodes, [])),
+    %% Both stay up and usable.
+    [{B, _}] = peers(Config, [pb8]),
+    ?assertEqual(pong, call(B, net_adm, ping, [AN])),
+    ?assertEqual(pong, call(E, erlang, is_alive, []) andalso pong).
+
+hidden_node(Config) ->
+    [{A, AN}] = peers(Config, [pa9]),
+    [{H, HN}] = peers(Config, [ph9], ["-hidden"]),
+    ?assertEqual(pong, call(H, net_adm, ping, [AN])),
+    ?assertEqual([], call(A, erlang, nodes, [])),
+    ?assertEqual([HN], call(A, erlang, nodes, [hidden])),
+    ?assertEqual(AN, call(H, erpc, call, [AN, erlang, node, []])).
+
+net_kernel_start_later(Config) ->
+    [{A, AN}] = peers(Config, [pa10]),
+    %% A node that boots without a name and starts distribution itself.
+    Args = macula_ct:peer_args(?config(info, Config), []),
+    {ok, L, nonode@nohost} = peer:start(#{connection => standard_io, args => Args}),
+    put(peers, [L | get_peers()]),
+    {ok, _} = call(L, net_kernel, start, [[pl10, shortnames]]),
+    ?assertEqual(pong, call(L, net_adm, ping, [AN])),
+    ?assertEqual(macula_ct:node_name(pl10), call(A, rpc, call, [macula_ct:node_name(pl10), erlang, node, []])),
+    ok = call(L, net_kernel, stop, []),
+    %% And again, under another name.
+    {ok, _} = call(L, net_kernel, start, [[pl10b, shortnames]]),
+    ?assertEqual(pong, call(L, net_adm, ping, [AN])).
+
+missing_relay_fails_boot(_Config) ->
+    %% No relay configured: the node stops at boot with a clear reason.
+    Erl = os:find_executable("erl"),
+    Paths = lists:append([" -pa " ++ D || D <- code:get_path(), string:find(D, "_build") =/= nomatch]),
+    Cmd = "env -u MACULA_DIST_RELAY timeout 60 " ++ Erl ++ " -noshell -proto_dist macula -no_epmd"
+        " -sname pz11" ++ Paths ++ " -eval 'halt(0)' 2>&1; echo exit=$?",
+    Out = os:cmd(Cmd),
+    ct:log("~ts", [Out]),
+    ?assertNotEqual(nomatch, string:find(Out, "no_relay_configured")),
+    ?assertEqual(nomatch, string:find(Out, "exit=0")),
+    ?assertEqual(nomatch, string:find(Out, "exit=124")).
+
+wait_for(Fun) -> wait_for(Fun, 100).
+wait_for(Fun, 0) -> Fun();
+wait_for(Fun, N) ->
+    case Fun() of
+        false -> timer:sleep(100), wait_for(Fun, N - 1);
+        Value -> Value
+    end.
