@@ -7,7 +7,6 @@
 //! [`client`] and [`tunnel`].
 
 mod client;
-mod framing;
 mod relay;
 mod runtime;
 mod tunnel;
@@ -18,7 +17,7 @@ use bytes::Bytes;
 use rustler::{Binary, Encoder, Env, LocalPid, NifResult, ResourceArc, Term, TermType};
 
 use client::{ClientRes, ConnectOpts};
-use framing::Packet;
+use macula_relay_proto::packet::Packet;
 use tunnel::TunnelRes;
 
 pub(crate) mod atoms {

@@ -1,13 +1,15 @@
 //! One tokio runtime and one quinn client endpoint per address family, per VM.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
 
 use tokio::runtime::Runtime;
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 static ENDPOINT_V4: OnceLock<Result<quinn::Endpoint, String>> = OnceLock::new();
 static ENDPOINT_V6: OnceLock<Result<quinn::Endpoint, String>> = OnceLock::new();
+static CLOSE_AT_EXIT: Once = Once::new();
 
 /// Worker threads: `MACULA_DIST_THREADS`, else 2 (the VM's schedulers do
 /// the rest of the work; QUIC needs few threads).
@@ -41,9 +43,31 @@ pub fn endpoint_for(remote: SocketAddr) -> Result<quinn::Endpoint, String> {
     } else {
         (&ENDPOINT_V6, "[::]:0".parse().unwrap())
     };
+    CLOSE_AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain extern "C" function; glibc also runs it
+        // if this library is unloaded, so it never outlives its code.
+        unsafe { libc::atexit(close_endpoints) };
+    });
     cell.get_or_init(|| {
         let _guard = runtime().enter();
         quinn::Endpoint::client(bind).map_err(|e| format!("binding a UDP socket: {e}"))
     })
     .clone()
+}
+
+/// At VM exit (`halt`, `init:stop`): close every relay connection, so the
+/// relay hears it now and closes this node's tunnels, as a TCP peer would
+/// see a socket close. Without it the node's peers wait for a tick timeout.
+extern "C" fn close_endpoints() {
+    let mut open = 0;
+    for cell in [&ENDPOINT_V4, &ENDPOINT_V6] {
+        if let Some(Ok(endpoint)) = cell.get() {
+            open += endpoint.open_connections();
+            endpoint.close(0u32.into(), b"node exiting");
+        }
+    }
+    if open > 0 {
+        // The runtime's threads still run: give them a moment to send it.
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

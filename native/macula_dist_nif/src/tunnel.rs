@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::atoms;
-use crate::framing::{Framer, Packet};
 use crate::runtime::runtime;
+use macula_relay_proto::packet::{Framer, Packet};
 
 /// Queued outbound bytes over which `send` answers `busy`.
 pub const HIGH_WATER: usize = 4 << 20;

@@ -4,12 +4,14 @@
 //! - [`tunnel_id`]: the 32-hex-character tunnel ids that prefix tunnel streams.
 //! - [`router`]: the relay's routing table (nodes, tunnels, replacement, cleanup).
 //! - [`matcher`]: the client's tunnel matcher (pending FIFO, orphan streams, prefixes).
+//! - [`packet`]: the 2/4-byte length framing of Erlang distribution in a tunnel.
 //!
 //! Everything here is plain data in, plain data out, so relay and client
 //! share one tested implementation and the async glue around it stays thin.
 
 pub mod frame;
 pub mod matcher;
+pub mod packet;
 pub mod router;
 pub mod tunnel_id;
 

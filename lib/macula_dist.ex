@@ -1,0 +1,45 @@
+defmodule MaculaDist do
+  @moduledoc """
+  Erlang distribution through a QUIC relay, for Elixir users.
+
+  Nodes start with `-proto_dist macula -no_epmd` and a relay to join
+  (`-macula_dist relay "quic://host:4434"`, see the README); after that
+  `Node.connect/1`, `:erpc`, `:global`, `:pg` and monitors work as usual.
+  This module only reads the state of the relay connection; the work is
+  done by the Erlang modules and the Rust NIF.
+  """
+
+  @typedoc "What `status/0` reports about the relay connection."
+  @type status :: %{
+          relay_url: binary(),
+          node: binary(),
+          connection: :connecting | :connected | :closed,
+          identified: boolean(),
+          pending_tunnels: non_neg_integer(),
+          active_tunnels: non_neg_integer(),
+          bytes_in: non_neg_integer(),
+          bytes_out: non_neg_integer(),
+          rtt_us: non_neg_integer(),
+          kernel_set: boolean()
+        }
+
+  @doc """
+  The relay connection of this node, or `{:error, :not_running}` when the
+  node does not run `-proto_dist macula` (or distribution is not started).
+  """
+  @spec status() :: {:ok, status()} | {:error, :not_running}
+  def status do
+    case :macula_dist_relay_client.whereis_client() do
+      :undefined -> {:error, :not_running}
+      pid -> {:ok, :macula_dist_relay_client.status(pid)}
+    end
+  end
+
+  @doc """
+  Parses a relay URL the way the node does: `quic://host:port`, `host:port`,
+  `host` (port 4434) or `[::1]:4434`.
+  """
+  @spec parse_relay_url(String.t()) ::
+          {:ok, {charlist(), :inet.port_number()}} | {:error, {:bad_relay_url, term()}}
+  def parse_relay_url(url), do: :macula_dist_config.parse_url(url)
+end
