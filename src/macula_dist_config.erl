@@ -119,7 +119,6 @@ trust(#{pin_sha256 := Pin}, Nif) ->
 trust(#{ca_cert := Ca}, Nif) ->
     {ok, Nif#{pin_sha256 => <<>>, ca_cert => text(Ca), insecure => false}};
 trust(#{verify := none}, Nif) ->
-    logger:warning("macula_dist: relay certificate NOT verified (verify => none)"),
     {ok, Nif#{pin_sha256 => <<>>, ca_cert => <<>>, insecure => true}};
 trust(_, _) ->
     {error, no_relay_trust}.

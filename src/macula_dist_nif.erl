@@ -38,24 +38,29 @@
          tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1]).
 -export([relay_start/1, relay_info/1, relay_stop/1, live_counts/0]).
 
--on_load(init/0).
+-define(STATE, {?MODULE, load_state}).
 
--define(LOAD_ERROR, {?MODULE, load_error}).
-
-init() ->
-    Path = filename:join(priv_dir(), "macula_dist_nif"),
-    case erlang:load_nif(Path, 0) of
-        ok ->
-            persistent_term:erase(?LOAD_ERROR),
-            ok;
-        {error, {reload, _}} ->
-            ok;
-        {error, Reason} ->
-            %% Load the module anyway so callers get a clear error, not undef.
-            persistent_term:put(?LOAD_ERROR, {Path, Reason}),
-            logger:error("macula_dist: cannot load the NIF ~ts.so: ~p", [Path, Reason]),
-            ok
+%% The library is loaded on first use, not in -on_load: in an embedded
+%% release -on_load runs before the code server can find priv/.
+-spec loaded() -> ok | {error, {nif_not_loaded, string(), term()}}.
+loaded() ->
+    case persistent_term:get(?STATE, undefined) of
+        undefined -> load();
+        State -> State
     end.
+
+load() ->
+    Path = filename:join(priv_dir(), "macula_dist_nif"),
+    State = case erlang:load_nif(Path, 0) of
+                ok -> ok;
+                {error, {reload, _}} -> ok;
+                {error, {upgrade, _}} -> ok;
+                {error, Reason} ->
+                    logger:error("macula_dist: cannot load the NIF ~ts.so: ~p", [Path, Reason]),
+                    {error, {nif_not_loaded, Path ++ ".so", Reason}}
+            end,
+    persistent_term:put(?STATE, State),
+    State.
 
 priv_dir() ->
     case code:priv_dir(macula_dist) of
@@ -65,36 +70,34 @@ priv_dir() ->
             Dir
     end.
 
-%% @doc `ok' once the NIF is loaded, else why not.
--spec loaded() -> ok | {error, {nif_not_loaded, string(), term()}}.
-loaded() ->
-    case persistent_term:get(?LOAD_ERROR, undefined) of
-        undefined -> ok;
-        {Path, Reason} -> {error, {nif_not_loaded, Path ++ ".so", Reason}}
+%% A stub runs only while the library is not loaded: load it and call again.
+not_loaded(Function, Args) ->
+    Before = persistent_term:get(?STATE, undefined),
+    case loaded() of
+        ok when Before =:= undefined -> apply(?MODULE, Function, Args);
+        ok -> erlang:nif_error({not_in_nif, Function});
+        {error, Reason} -> erlang:nif_error(Reason)
     end.
 
-not_loaded() ->
-    erlang:nif_error(case loaded() of ok -> nif_not_loaded; {error, E} -> E end).
+client_start(Opts) -> not_loaded(?FUNCTION_NAME, [Opts]).
+client_stop(Client) -> not_loaded(?FUNCTION_NAME, [Client]).
+client_request_tunnel(Client, Target, Tag) -> not_loaded(?FUNCTION_NAME, [Client, Target, Tag]).
+client_close_tunnel(Client, TunnelId) -> not_loaded(?FUNCTION_NAME, [Client, TunnelId]).
+client_set_kernel(Client, Kernel, AcceptPid) -> not_loaded(?FUNCTION_NAME, [Client, Kernel, AcceptPid]).
+client_status(Client) -> not_loaded(?FUNCTION_NAME, [Client]).
 
-client_start(_Opts) -> not_loaded().
-client_stop(_Client) -> not_loaded().
-client_request_tunnel(_Client, _Target, _Tag) -> not_loaded().
-client_close_tunnel(_Client, _TunnelId) -> not_loaded().
-client_set_kernel(_Client, _Kernel, _AcceptPid) -> not_loaded().
-client_status(_Client) -> not_loaded().
+tunnel_send(Tunnel, IoData, Packets) -> not_loaded(?FUNCTION_NAME, [Tunnel, IoData, Packets]).
+tunnel_send_dirty(Tunnel, IoData, Packets) -> not_loaded(?FUNCTION_NAME, [Tunnel, IoData, Packets]).
+tunnel_set_owner(Tunnel, Pid) -> not_loaded(?FUNCTION_NAME, [Tunnel, Pid]).
+tunnel_set_packet(Tunnel, HeaderLen) -> not_loaded(?FUNCTION_NAME, [Tunnel, HeaderLen]).
+tunnel_activate(Tunnel, N) -> not_loaded(?FUNCTION_NAME, [Tunnel, N]).
+tunnel_close(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
+tunnel_getstat(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
+tunnel_info(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
 
-tunnel_send(_Tunnel, _IoData, _Packets) -> not_loaded().
-tunnel_send_dirty(_Tunnel, _IoData, _Packets) -> not_loaded().
-tunnel_set_owner(_Tunnel, _Pid) -> not_loaded().
-tunnel_set_packet(_Tunnel, _HeaderLen) -> not_loaded().
-tunnel_activate(_Tunnel, _N) -> not_loaded().
-tunnel_close(_Tunnel) -> not_loaded().
-tunnel_getstat(_Tunnel) -> not_loaded().
-tunnel_info(_Tunnel) -> not_loaded().
-
-relay_start(_Opts) -> not_loaded().
-relay_info(_Relay) -> not_loaded().
-relay_stop(_Relay) -> not_loaded().
+relay_start(Opts) -> not_loaded(?FUNCTION_NAME, [Opts]).
+relay_info(Relay) -> not_loaded(?FUNCTION_NAME, [Relay]).
+relay_stop(Relay) -> not_loaded(?FUNCTION_NAME, [Relay]).
 
 %% @doc `#{tunnels, clients}' alive in the NIF, for leak checks.
-live_counts() -> not_loaded().
+live_counts() -> not_loaded(?FUNCTION_NAME, []).

@@ -135,7 +135,8 @@ init({Url, #{node := Node, connect_timeout := ConnectTimeout,
             fail_init(Reason)
     end.
 
-start_nif(NifOpts) ->
+start_nif(#{insecure := Insecure} = NifOpts) ->
+    Insecure andalso logger:warning("macula_dist: relay certificate NOT verified (verify => none)"),
     case macula_dist_nif:loaded() of
         ok ->
             try macula_dist_nif:client_start(NifOpts)
