@@ -1,0 +1,307 @@
+%% Benchmarks of -proto_dist macula against inet_tcp_dist and inet_tls_dist.
+%%
+%% Run with bench/run.sh. The controller (this VM, not distributed) starts a
+%% pair of nodes per carrier with `peer', node A pinned to CPU 0 and node B
+%% to CPU 1, and runs each metric on A against B. Carriers are interleaved in
+%% each repetition; the table gives medians and min-max over repetitions.
+-module(macula_bench).
+
+-export([main/1]).
+%% Run on node A.
+-export([rtt/1, small/1, bulk/1, setup/1, mem_start/1, mem_status/0, mem_finish/0]).
+%% Run on node B.
+-export([echo/0, counter/3, checker/1]).
+
+-define(CARRIERS, [macula, inet_tcp, inet_tls]).
+
+%% ---- controller ----
+
+main(Reps) when is_integer(Reps), Reps > 0 ->
+    Root = root(),
+    Tmp = string:trim(os:cmd("mktemp -d")),
+    {Relay, RelayPid, Url, Pin} = start_relay(Root),
+    TlsOpts = tls_optfile(Tmp),
+    io:format("macula_bench: ~b repetitions, carriers ~p, relay ~s (pid ~s)~n",
+              [Reps, ?CARRIERS, Url, RelayPid]),
+    Env = #{root => Root, url => Url, pin => Pin, tls => TlsOpts, relay_pid => RelayPid},
+    try [{Carrier, run_pair(Carrier, Rep, Env)} || Rep <- lists:seq(1, Reps), Carrier <- ?CARRIERS] of
+        Runs -> report(Runs)
+    after
+        port_close(Relay),
+        os:cmd("kill " ++ RelayPid ++ "; rm -rf " ++ Tmp)
+    end,
+    halt(0).
+
+%% bench/ebin/macula_bench.beam -> the repository.
+root() ->
+    Beam = filename:absname(code:which(?MODULE)),
+    filename:dirname(filename:dirname(filename:dirname(Beam))).
+
+start_relay(Root) ->
+    Exe = filename:join(Root, "target/release/macula-dist-relay"),
+    Port = open_port({spawn, Exe ++ " --listen 127.0.0.1:0 2>/dev/null"},
+                     [{line, 256}, binary, use_stdio]),
+    Pin = receive {Port, {data, {eol, Line}}} -> binary_to_list(Line) after 10000 -> error(relay) end,
+    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+    %% The relay prints only its fingerprint; its address is in /proc.
+    UdpPort = relay_port(OsPid),
+    {Port, integer_to_list(OsPid), "quic://127.0.0.1:" ++ integer_to_list(UdpPort), Pin}.
+
+relay_port(OsPid) ->
+    Out = os:cmd("ss -Hunlp | grep 'pid=" ++ integer_to_list(OsPid) ++ ",'"),
+    [_, _, _, Local | _] = string:lexemes(Out, " \n"),
+    list_to_integer(lists:last(string:lexemes(Local, ":"))).
+
+tls_optfile(Tmp) ->
+    #{cert := Cert, key := Key} = public_key:pkix_test_root_cert("macula bench", []),
+    CertFile = filename:join(Tmp, "cert.pem"),
+    KeyFile = filename:join(Tmp, "key.pem"),
+    ok = file:write_file(CertFile, public_key:pem_encode([{'Certificate', Cert, not_encrypted}])),
+    ok = file:write_file(KeyFile, public_key:pem_encode([public_key:pem_entry_encode(element(1, Key), Key)])),
+    OptFile = filename:join(Tmp, "ssl_dist.conf"),
+    ok = file:write_file(OptFile, io_lib:format("~p.~n",
+        [[{server, [{certfile, CertFile}, {keyfile, KeyFile}, {verify, verify_none}]},
+          {client, [{verify, verify_none}]}]])),
+    OptFile.
+
+carrier_args(macula, #{url := Url, pin := Pin}) ->
+    ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", Url,
+     "-macula_dist", "pin_sha256", Pin];
+carrier_args(inet_tcp, _) ->
+    [];
+carrier_args(inet_tls, #{tls := OptFile}) ->
+    ["-proto_dist", "inet_tls", "-ssl_dist_optfile", OptFile].
+
+start_node(Name, Cpu, Carrier, Env) ->
+    #{root := Root} = Env,
+    Paths = ["-pa", filename:join(Root, "_build/default/lib/macula_dist/ebin"),
+             "-pa", filename:join(Root, "bench/ebin")],
+    Erl = os:find_executable("erl"),
+    {ok, Peer, Node} = peer:start(#{name => Name, connection => standard_io,
+                                    exec => {os:find_executable("taskset"), ["-c", integer_to_list(Cpu), Erl]},
+                                    args => ["-setcookie", "macula_bench", "+sbwt", "none"]
+                                        ++ Paths ++ carrier_args(Carrier, Env),
+                                    wait_boot => 30000}),
+    {Peer, Node}.
+
+run_pair(Carrier, Rep, Env) ->
+    Suffix = "_" ++ atom_to_list(Carrier) ++ "_" ++ integer_to_list(Rep),
+    {A, _} = start_node(list_to_atom("bench_a" ++ Suffix), 0, Carrier, Env),
+    {B, BN} = start_node(list_to_atom("bench_b" ++ Suffix), 1, Carrier, Env),
+    try
+        pong = peer:call(A, net_adm, ping, [BN]),
+        Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 600000) end,
+        {P50, P99} = Call(rtt),
+        Small = Call(small),
+        Bulk = Call(bulk),
+        Setup = Call(setup),
+        Mem = memory(A, B, BN, Env#{carrier => Carrier}),
+        R = #{rtt_p50 => P50, rtt_p99 => P99, small => Small, bulk => Bulk, setup => Setup},
+        Result = maps:merge(R, Mem),
+        io:format("  rep ~b ~-8s ~p~n", [Rep, Carrier, Result]),
+        Result
+    after
+        catch peer:stop(A),
+        catch peer:stop(B)
+    end.
+
+%% B is stopped (SIGSTOP) while A keeps sending 1 MiB messages for 5 s.
+memory(A, B, BN, #{carrier := Carrier, relay_pid := RelayPid}) ->
+    APid = peer:call(A, os, getpid, []),
+    BPid = peer:call(B, os, getpid, []),
+    ok = peer:call(A, ?MODULE, mem_start, [BN]),
+    RssA0 = rss(APid),
+    RssR0 = rss(RelayPid),
+    os:cmd("kill -STOP " ++ BPid),
+    Samples = [begin timer:sleep(100), {rss(APid), rss(RelayPid)} end || _ <- lists:seq(1, 50)],
+    Status = peer:call(A, ?MODULE, mem_status, []),
+    os:cmd("kill -CONT " ++ BPid),
+    Done = peer:call(A, ?MODULE, mem_finish, [], 120000),
+    PeakA = lists:max([X || {X, _} <- Samples]) - RssA0,
+    PeakR = case Carrier of
+                macula -> lists:max([Y || {_, Y} <- Samples]) - RssR0;
+                _ -> 0
+            end,
+    #{mem_a_mib => PeakA / 1024, mem_relay_mib => PeakR / 1024,
+      mem_busy_dist_port => maps:get(busy_events, Status),
+      mem_suspended => maps:get(suspended, Status),
+      mem_sent_while_stopped => maps:get(sent, Status),
+      mem_intact => Done}.
+
+rss(OsPid) ->
+    {ok, Bin} = file:read_file("/proc/" ++ OsPid ++ "/status"),
+    [Line] = [L || L <- binary:split(Bin, <<"\n">>, [global]), binary:match(L, <<"VmRSS">>) =/= nomatch],
+    [_, Kb | _] = string:lexemes(binary_to_list(Line), " \t"),
+    list_to_integer(Kb).
+
+%% ---- run on A ----
+
+rtt(B) ->
+    Echo = spawn(B, ?MODULE, echo, []),
+    Msg = binary:copy(<<7>>, 64),
+    _ = [ping(Echo, Msg) || _ <- lists:seq(1, 2000)],
+    Times = lists:sort([ping(Echo, Msg) || _ <- lists:seq(1, 20000)]),
+    exit(Echo, kill),
+    {percentile(Times, 50), percentile(Times, 99)}.
+
+ping(Echo, Msg) ->
+    T0 = erlang:monotonic_time(nanosecond),
+    Echo ! {self(), Msg},
+    receive {Echo, _} -> ok end,
+    (erlang:monotonic_time(nanosecond) - T0) / 1000.
+
+percentile(Sorted, P) ->
+    lists:nth(max(1, round(length(Sorted) * P / 100)), Sorted).
+
+echo() ->
+    receive {From, Msg} -> From ! {self(), Msg}, echo() end.
+
+-define(SMALL_COUNT, 500000).
+-define(BULK_COUNT, 400).
+
+%% One-way 100-byte messages; the receiver acks every 1000, the sender keeps
+%% at most 10 000 unacknowledged.
+small(B) ->
+    stream(B, binary:copy(<<1>>, 100), ?SMALL_COUNT, 1000, 10000).
+
+%% One-way 1 MiB binaries; acked one by one, at most 8 unacknowledged.
+bulk(B) ->
+    N = ?BULK_COUNT,
+    MsgsPerSecond = stream(B, crypto:strong_rand_bytes(1 bsl 20), N, 1, 8),
+    MsgsPerSecond * (1 bsl 20) / 1.0e6.
+
+stream(B, Msg, N, AckEvery, Window) ->
+    Counter = spawn(B, ?MODULE, counter, [self(), N, AckEvery]),
+    T0 = erlang:monotonic_time(microsecond),
+    send_window(Counter, Msg, 0, 0, N, Window),
+    Us = erlang:monotonic_time(microsecond) - T0,
+    N / (Us / 1.0e6).
+
+send_window(_Counter, _Msg, _Sent, Acked, N, _Window) when Acked >= N ->
+    ok;
+send_window(Counter, Msg, Sent, Acked, N, Window) when Sent < N, Sent - Acked < Window ->
+    Counter ! Msg,
+    send_window(Counter, Msg, Sent + 1, Acked, N, Window);
+send_window(Counter, Msg, Sent, _Acked, N, Window) ->
+    receive {ack, Count} -> send_window(Counter, Msg, Sent, Count, N, Window) end.
+
+counter(From, N, AckEvery) -> counter(From, N, AckEvery, 0).
+
+counter(_From, N, _AckEvery, N) -> ok;
+counter(From, N, AckEvery, Count) ->
+    receive _ ->
+            C = Count + 1,
+            (C rem AckEvery =:= 0 orelse C =:= N) andalso (From ! {ack, C}),
+            counter(From, N, AckEvery, C)
+    end.
+
+%% Time of net_adm:ping on a fresh connection, median of 20, in ms.
+setup(B) ->
+    Times = [begin
+                 erlang:disconnect_node(B),
+                 wait_gone(B),
+                 T0 = erlang:monotonic_time(microsecond),
+                 pong = net_adm:ping(B),
+                 (erlang:monotonic_time(microsecond) - T0) / 1000
+             end || _ <- lists:seq(1, 20)],
+    percentile(lists:sort(Times), 50).
+
+wait_gone(B) ->
+    case lists:member(B, nodes()) of
+        true -> timer:sleep(5), wait_gone(B);
+        false -> timer:sleep(20)
+    end.
+
+%% Memory: a sender that sends numbered 1 MiB messages to a checker on B.
+mem_start(B) ->
+    Checker = spawn(B, ?MODULE, checker, [self()]),
+    Monitor = spawn(fun() -> busy_monitor(0) end),
+    erlang:system_monitor(Monitor, [busy_dist_port]),
+    Payload = crypto:strong_rand_bytes(1 bsl 20),
+    Sender = spawn(fun() -> mem_sender(Checker, Payload, 0) end),
+    persistent_term:put(macula_bench_mem, {Sender, Checker, Monitor}),
+    ok.
+
+mem_sender(Checker, Payload, Seq) ->
+    receive
+        {stop, From} -> Checker ! {done, Seq, From}
+    after 0 ->
+            Checker ! {Seq, erlang:crc32(Payload), Payload},
+            put(sent, Seq + 1),
+            mem_sender(Checker, Payload, Seq + 1)
+    end.
+
+busy_monitor(N) ->
+    receive
+        {monitor, _Pid, busy_dist_port, _Port} -> busy_monitor(N + 1);
+        {count, From} -> From ! {busy, N}, busy_monitor(N)
+    end.
+
+mem_status() ->
+    {Sender, _, Monitor} = persistent_term:get(macula_bench_mem),
+    Monitor ! {count, self()},
+    Busy = receive {busy, N} -> N after 5000 -> unknown end,
+    {status, Status} = process_info(Sender, status),
+    {dictionary, Dict} = process_info(Sender, dictionary),
+    #{busy_events => Busy, suspended => Status =:= suspended,
+      sent => proplists:get_value(sent, Dict, 0)}.
+
+mem_finish() ->
+    {Sender, _, _} = persistent_term:get(macula_bench_mem),
+    erlang:system_monitor(undefined),
+    Sender ! {stop, self()},
+    receive {checked, Result} -> Result after 110000 -> timeout end.
+
+%% ---- run on B ----
+
+checker(Parent) -> checker(Parent, 0).
+
+checker(Parent, Next) ->
+    receive
+        {Next, Crc, Payload} ->
+            case erlang:crc32(Payload) of
+                Crc -> checker(Parent, Next + 1);
+                _ -> Parent ! {checked, {corrupt, Next}}
+            end;
+        {done, Next, Reply} ->
+            Reply ! {checked, {intact, Next}};
+        {done, _, Reply} ->
+            Reply ! {checked, {missing, Next}};
+        Other ->
+            Parent ! {checked, {out_of_order, Next, element(1, Other)}}
+    end.
+
+%% ---- report ----
+
+report(Runs) ->
+    Metrics = [{rtt_p50, "rtt p50 (us)", low}, {rtt_p99, "rtt p99 (us)", low},
+               {small, "small (msgs/s)", high}, {bulk, "bulk (MB/s)", high},
+               {setup, "setup (ms)", low}, {mem_a_mib, "memory A (MiB)", low},
+               {mem_relay_mib, "memory relay (MiB)", low}],
+    Of = fun(Carrier, Key) -> [maps:get(Key, R) || {C, R} <- Runs, C =:= Carrier] end,
+    Med = fun(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)) end,
+    io:format("~n~-20s ~-26s ~-26s ~-26s ~12s ~12s~n",
+              ["metric", "macula", "inet_tcp", "inet_tls", "macula/tcp", "macula/tls"]),
+    lists:foreach(
+      fun({Key, Label, _}) ->
+              Cells = [begin
+                           L = Of(C, Key),
+                           lists:flatten(io_lib:format("~s [~s-~s]", [fmt(Med(L)), fmt(lists:min(L)), fmt(lists:max(L))]))
+                       end || C <- ?CARRIERS],
+              [M, T, S] = [Med(Of(C, Key)) || C <- ?CARRIERS],
+              io:format("~-20s ~-26s ~-26s ~-26s ~12s ~12s~n",
+                        [Label | Cells] ++ [ratio(M, T), ratio(M, S)])
+      end, Metrics),
+    io:format("~nmemory test (B stopped, A sending 1 MiB messages for 5 s), per repetition:~n"),
+    [io:format("  ~-8s busy_dist_port events ~p, sender suspended ~p, sent while stopped ~p, after SIGCONT ~p~n",
+               [C, maps:get(mem_busy_dist_port, R), maps:get(mem_suspended, R),
+                maps:get(mem_sent_while_stopped, R), maps:get(mem_intact, R)])
+     || {C, R} <- Runs].
+
+fmt(X) when is_integer(X) -> integer_to_list(X);
+fmt(X) when X >= 1000 -> integer_to_list(round(X));
+fmt(X) -> float_to_list(X * 1.0, [{decimals, 1}]).
+
+ratio(_, 0) -> "-";
+ratio(_, Y) when Y == 0 -> "-";
+ratio(X, Y) -> float_to_list(X / Y, [{decimals, 2}]).
