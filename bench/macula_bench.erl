@@ -12,7 +12,14 @@
 %% Run on node B.
 -export([echo/0, counter/3, checker/1]).
 
--define(CARRIERS, [macula, inet_tcp, inet_tls]).
+-define(CARRIERS, carriers()).
+
+%% MACULA_BENCH_CARRIERS=macula,inet_tls picks some; all three by default.
+carriers() ->
+    case os:getenv("MACULA_BENCH_CARRIERS") of
+        false -> [macula, inet_tcp, inet_tls];
+        List -> [list_to_atom(C) || C <- string:lexemes(List, ",")]
+    end.
 
 %% ---- controller ----
 
@@ -65,12 +72,15 @@ tls_optfile(Tmp) ->
     OptFile.
 
 carrier_args(macula, #{url := Url, pin := Pin}) ->
-    ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", Url,
-     "-macula_dist", "pin_sha256", Pin];
+    ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", quoted(Url),
+     "-macula_dist", "pin_sha256", quoted(Pin)];
 carrier_args(inet_tcp, _) ->
     [];
 carrier_args(inet_tls, #{tls := OptFile}) ->
     ["-proto_dist", "inet_tls", "-ssl_dist_optfile", OptFile].
+
+%% -macula_dist values are Erlang terms (as for -App Key Value): strings quoted.
+quoted(S) -> "\"" ++ S ++ "\"".
 
 start_node(Name, Cpu, Carrier, Env) ->
     #{root := Root} = Env,
@@ -123,6 +133,8 @@ memory(A, B, BN, #{carrier := Carrier, relay_pid := RelayPid}) ->
                 _ -> 0
             end,
     #{mem_a_mib => PeakA / 1024, mem_relay_mib => PeakR / 1024,
+      mem_peak_rss_mib => {lists:max([X || {X, _} <- Samples]) div 1024,
+                           lists:max([Y || {_, Y} <- Samples]) div 1024},
       mem_busy_dist_port => maps:get(busy_events, Status),
       mem_suspended => maps:get(suspended, Status),
       mem_sent_while_stopped => maps:get(sent, Status),
@@ -254,21 +266,25 @@ mem_finish() ->
 
 %% ---- run on B ----
 
-checker(Parent) -> checker(Parent, 0).
+checker(_Starter) -> checker(0, ok).
 
-checker(Parent, Next) ->
+%% Checks each message's number and checksum; answers {done, ...} with the
+%% count, or with the first problem seen.
+checker(Next, Problem) ->
     receive
-        {Next, Crc, Payload} ->
-            case erlang:crc32(Payload) of
-                Crc -> checker(Parent, Next + 1);
-                _ -> Parent ! {checked, {corrupt, Next}}
-            end;
-        {done, Next, Reply} ->
+        {done, Sent, Reply} when Problem =:= ok, Sent =:= Next ->
             Reply ! {checked, {intact, Next}};
-        {done, _, Reply} ->
-            Reply ! {checked, {missing, Next}};
-        Other ->
-            Parent ! {checked, {out_of_order, Next, element(1, Other)}}
+        {done, Sent, Reply} ->
+            Reply ! {checked, {Problem, Next, Sent}};
+        {Seq, Crc, Payload} when Problem =:= ok, Seq =:= Next ->
+            case erlang:crc32(Payload) of
+                Crc -> checker(Next + 1, ok);
+                _ -> checker(Next, {corrupt, Seq})
+            end;
+        {Seq, _, _} when Problem =:= ok ->
+            checker(Next, {out_of_order, Next, Seq});
+        _ ->
+            checker(Next, Problem)
     end.
 
 %% ---- report ----
@@ -284,18 +300,20 @@ report(Runs) ->
               ["metric", "macula", "inet_tcp", "inet_tls", "macula/tcp", "macula/tls"]),
     lists:foreach(
       fun({Key, Label, _}) ->
-              Cells = [begin
-                           L = Of(C, Key),
-                           lists:flatten(io_lib:format("~s [~s-~s]", [fmt(Med(L)), fmt(lists:min(L)), fmt(lists:max(L))]))
-                       end || C <- ?CARRIERS],
-              [M, T, S] = [Med(Of(C, Key)) || C <- ?CARRIERS],
+              Cells = [case Of(C, Key) of
+                           [] -> "-";
+                           L -> lists:flatten(io_lib:format("~s [~s-~s]", [fmt(Med(L)), fmt(lists:min(L)), fmt(lists:max(L))]))
+                       end || C <- [macula, inet_tcp, inet_tls]],
+              [M, T, S] = [case Of(C, Key) of [] -> 0; L -> Med(L) end || C <- [macula, inet_tcp, inet_tls]],
               io:format("~-20s ~-26s ~-26s ~-26s ~12s ~12s~n",
                         [Label | Cells] ++ [ratio(M, T), ratio(M, S)])
       end, Metrics),
     io:format("~nmemory test (B stopped, A sending 1 MiB messages for 5 s), per repetition:~n"),
-    [io:format("  ~-8s busy_dist_port events ~p, sender suspended ~p, sent while stopped ~p, after SIGCONT ~p~n",
+    [io:format("  ~-8s busy_dist_port events ~p, sender suspended ~p, sent while stopped ~p, "
+               "peak RSS {A, relay} ~p MiB, after SIGCONT ~p~n",
                [C, maps:get(mem_busy_dist_port, R), maps:get(mem_suspended, R),
-                maps:get(mem_sent_while_stopped, R), maps:get(mem_intact, R)])
+                maps:get(mem_sent_while_stopped, R), maps:get(mem_peak_rss_mib, R),
+                maps:get(mem_intact, R)])
      || {C, R} <- Runs].
 
 fmt(X) when is_integer(X) -> integer_to_list(X);

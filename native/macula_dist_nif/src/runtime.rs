@@ -50,7 +50,9 @@ pub fn endpoint_for(remote: SocketAddr) -> Result<quinn::Endpoint, String> {
     });
     cell.get_or_init(|| {
         let _guard = runtime().enter();
-        quinn::Endpoint::client(bind).map_err(|e| format!("binding a UDP socket: {e}"))
+        macula_dist_relay::tls::Transport::default()
+            .client_endpoint(bind)
+            .map_err(|e| format!("{e:#}"))
     })
     .clone()
 }

@@ -271,6 +271,8 @@ async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Byt
     framer.push(&early);
     let mut env = OwnedEnv::new();
     let mut batch: Vec<Bytes> = Vec::new();
+    // Taken from quinn in one call: whatever arrived since the last read.
+    let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
     loop {
         // Frames are only cut while there is credit to deliver them, so a
         // packet-mode change applies to every byte not yet delivered.
@@ -313,16 +315,17 @@ async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Byt
             continue;
         }
         let read = tokio::select! {
-            read = recv.read_chunk(usize::MAX, true) => read,
+            read = recv.read_chunks(&mut chunks) => read,
             _ = tunnel.stop_reading.cancelled() => return,
         };
         match read {
-            Ok(Some(chunk)) => {
-                tunnel
-                    .counters
-                    .recv_bytes
-                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                framer.push(&chunk.bytes);
+            Ok(Some(n)) => {
+                for chunk in &mut chunks[..n] {
+                    let len = chunk.len() as u64;
+                    tunnel.counters.recv_bytes.fetch_add(len, Ordering::Relaxed);
+                    framer.push(chunk);
+                    *chunk = Bytes::new();
+                }
             }
             Ok(None) => return closed_by_peer(&mut env, &res, &"finished by the peer"),
             Err(e) => return closed_by_peer(&mut env, &res, &e),

@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use macula_relay_proto::router::Tunnel;
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::server::{Shared, TUNNEL_CLOSED};
+
+/// Chunks (about a packet each) taken from a stream at once.
+const BATCH: usize = 64;
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -44,22 +48,25 @@ enum Outcome {
 /// Returns the bytes forwarded.
 async fn pipe(mut from: RecvStream, mut to: SendStream, cancel: CancellationToken) -> u64 {
     let mut bytes = 0u64;
+    // Whatever quinn has buffered is taken and handed on at once: one wakeup
+    // of the other connection per batch, not per received packet.
+    let mut chunks: Vec<Bytes> = vec![Bytes::new(); BATCH];
     let outcome = loop {
         let read = tokio::select! {
             biased;
             _ = cancel.cancelled() => break Outcome::Cancelled,
-            read = from.read_chunk(usize::MAX, true) => read,
+            read = from.read_chunks(&mut chunks) => read,
         };
-        let chunk = match read {
-            Ok(Some(chunk)) => chunk,
+        let n = match read {
+            Ok(Some(n)) => n,
             Ok(None) => break Outcome::Finished,
             Err(e) => break Outcome::Read(e),
         };
-        bytes += chunk.bytes.len() as u64;
+        bytes += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break Outcome::Cancelled,
-            written = to.write_chunk(chunk.bytes) => if let Err(e) = written {
+            written = to.write_all_chunks(&mut chunks[..n]) => if let Err(e) = written {
                 break Outcome::Write(e);
             },
         }

@@ -88,7 +88,9 @@ impl Relay {
             warn!("no token configured: any node that reaches this relay may join");
         }
         let server_config = tls::server_config(identity, &config.transport)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let endpoint = config
+            .transport
+            .server_endpoint(server_config, config.listen)?;
         let local_addr = endpoint.local_addr()?;
         let shutdown = CancellationToken::new();
         let shared = Arc::new(server::Shared::new(

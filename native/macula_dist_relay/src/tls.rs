@@ -1,6 +1,7 @@
 //! TLS 1.3 for relay connections: the relay's certificate (given or
 //! generated), its SHA-256 fingerprint, and the client's ways to trust it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +70,9 @@ pub struct Transport {
     pub stream_window: u32,
     /// Streams the peer may open at once (the relay opens one per tunnel).
     pub max_streams: u32,
+    /// Largest UDP payload MTU discovery may try (quinn's default, 1472).
+    /// Raising it (loopback, jumbo frames) was measured: no gain with GSO.
+    pub max_udp_payload: u16,
 }
 
 impl Default for Transport {
@@ -78,6 +82,7 @@ impl Default for Transport {
             keep_alive: Duration::from_secs(5),
             stream_window: 4 * 1024 * 1024,
             max_streams: 4096,
+            max_udp_payload: 1472,
         }
     }
 }
@@ -92,9 +97,57 @@ impl Transport {
             .stream_receive_window(self.stream_window.into())
             .receive_window((self.stream_window as u64 * 4).try_into()?)
             .send_window(self.stream_window as u64 * 4);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
         Ok(t)
     }
+
+    fn endpoint_config(&self) -> anyhow::Result<quinn::EndpointConfig> {
+        let mut config = quinn::EndpointConfig::default();
+        config.max_udp_payload_size(self.max_udp_payload)?;
+        Ok(config)
+    }
+
+    /// A UDP socket with large buffers (as large as the system allows), so
+    /// bursts are not dropped before quinn reads them.
+    fn socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+        let socket =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+        Ok(socket)
+    }
+
+    /// A relay's endpoint.
+    pub fn server_endpoint(
+        &self,
+        config: quinn::ServerConfig,
+        addr: SocketAddr,
+    ) -> anyhow::Result<quinn::Endpoint> {
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        Ok(quinn::Endpoint::new(
+            self.endpoint_config()?,
+            Some(config),
+            Self::socket(addr)?,
+            runtime,
+        )?)
+    }
+
+    /// A client endpoint (connections get their config at connect).
+    pub fn client_endpoint(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        Ok(quinn::Endpoint::new(
+            self.endpoint_config()?,
+            None,
+            Self::socket(addr)?,
+            runtime,
+        )?)
+    }
 }
+
+const SOCKET_BUFFER: usize = 4 << 20;
 
 pub fn server_config(
     identity: Identity,

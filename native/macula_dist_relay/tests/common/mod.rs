@@ -31,7 +31,9 @@ pub async fn connect(relay: &Relay) -> Connection {
 }
 
 pub async fn connect_to(addr: SocketAddr, pin: &str) -> Connection {
-    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut endpoint = tls::Transport::default()
+        .client_endpoint("127.0.0.1:0".parse().unwrap())
+        .unwrap();
     let config =
         tls::client_config(&tls::Trust::Pin(pin.into()), &tls::Transport::default()).unwrap();
     endpoint.set_default_client_config(config);

@@ -1,0 +1,246 @@
+//! The relay's own cost: raw quinn streams client→server directly, and
+//! client→relay→client through the relay, measured in one run.
+//!
+//! `cargo run --release -p macula_dist_relay --example relay_bench [-- REPS]`
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use macula_dist_relay::{tls, Config, Relay};
+use macula_relay_proto::{FrameDecoder, Message, TunnelId};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+
+const THROUGHPUT_BYTES: usize = 256 << 20;
+const WRITE_SIZE: usize = 64 * 1024;
+const ROUND_TRIPS: usize = 10_000;
+
+type Stream = (SendStream, RecvStream);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
+    let direct = DirectServer::start().await?;
+    let relay = Relay::start(Config::loopback()).await?;
+    let pair = RelayPair::connect(&relay).await?;
+    let mut results: Vec<(&str, f64, f64)> = vec![];
+    for rep in 1..=reps {
+        for path in ["direct", "relay"] {
+            let (mbps, rtt) = if path == "direct" {
+                (
+                    throughput(direct.stream().await?).await?,
+                    rtt(direct.stream().await?).await?,
+                )
+            } else {
+                (
+                    throughput(pair.tunnel().await?).await?,
+                    rtt(pair.tunnel().await?).await?,
+                )
+            };
+            println!("rep {rep} {path:6} throughput {mbps:8.1} MB/s   rtt p50 {rtt:6.1} us");
+            results.push((path, mbps, rtt));
+        }
+    }
+    let median = |path: &str, pick: fn(&(&str, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = results.iter().filter(|r| r.0 == path).map(pick).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (dt, rt) = (median("direct", |r| r.1), median("relay", |r| r.1));
+    let (dl, rl) = (median("direct", |r| r.2), median("relay", |r| r.2));
+    println!("\nmedians of {reps}:      direct        relay   relay/direct");
+    println!("throughput (MB/s)  {dt:10.1} {rt:12.1} {:14.2}", rt / dt);
+    println!("rtt p50 (us)       {dl:10.1} {rl:12.1} {:14.2}", rl / dl);
+    relay.stop().await;
+    Ok(())
+}
+
+/// Client side: sends THROUGHPUT_BYTES, waits for the peer's "done".
+async fn throughput((mut send, mut recv): Stream) -> anyhow::Result<f64> {
+    let chunk = Bytes::from(vec![0x5a; WRITE_SIZE]);
+    let start = Instant::now();
+    send.write_all(b"T").await?;
+    for _ in 0..THROUGHPUT_BYTES / WRITE_SIZE {
+        send.write_chunk(chunk.clone()).await?;
+    }
+    send.finish()?;
+    let mut done = [0u8; 4];
+    recv.read_exact(&mut done).await?;
+    anyhow::ensure!(&done == b"done");
+    Ok(THROUGHPUT_BYTES as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Client side: 64-byte writes echoed back, median round trip in µs.
+async fn rtt((mut send, mut recv): Stream) -> anyhow::Result<f64> {
+    send.write_all(b"E").await?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut times = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..ROUND_TRIPS + 1000 {
+        let start = Instant::now();
+        send.write_all(&msg).await?;
+        recv.read_exact(&mut back).await?;
+        if i >= 1000 {
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    send.finish()?;
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(times[times.len() / 2])
+}
+
+/// Server side of both tests, the same behind the relay and without it.
+async fn serve((mut send, mut recv): Stream) -> anyhow::Result<()> {
+    let mut mode = [0u8; 1];
+    recv.read_exact(&mut mode).await?;
+    match &mode {
+        b"T" => {
+            let mut total = 0;
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                total += chunk.bytes.len();
+            }
+            anyhow::ensure!(total == THROUGHPUT_BYTES, "got {total} bytes");
+            send.write_all(b"done").await?;
+        }
+        _ => {
+            let mut buf = [0u8; 64];
+            while recv.read_exact(&mut buf).await.is_ok() {
+                send.write_all(&buf).await?;
+            }
+        }
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+fn client(pin: &str) -> anyhow::Result<Endpoint> {
+    let mut endpoint = tls::Transport::default().client_endpoint("127.0.0.1:0".parse()?)?;
+    let trust = tls::Trust::Pin(pin.into());
+    endpoint.set_default_client_config(tls::client_config(&trust, &tls::Transport::default())?);
+    Ok(endpoint)
+}
+
+struct DirectServer {
+    conn: Connection,
+}
+
+impl DirectServer {
+    async fn start() -> anyhow::Result<Self> {
+        let identity = tls::Identity::self_signed(vec!["localhost".into()])?;
+        let pin = identity.fingerprint();
+        let config = tls::server_config(identity, &tls::Transport::default())?;
+        let server = tls::Transport::default().server_endpoint(config, "127.0.0.1:0".parse()?)?;
+        let addr: SocketAddr = server.local_addr()?;
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok(stream) = conn.accept_bi().await {
+                        tokio::spawn(serve(stream));
+                    }
+                });
+            }
+        });
+        let conn = client(&pin)?.connect(addr, "localhost")?.await?;
+        Ok(DirectServer { conn })
+    }
+
+    async fn stream(&self) -> anyhow::Result<Stream> {
+        Ok(self.conn.open_bi().await?)
+    }
+}
+
+/// Two nodes on the relay; `b` serves every tunnel it is offered.
+struct RelayPair {
+    a_control: tokio::sync::Mutex<(SendStream, RecvStream, FrameDecoder)>,
+    a_streams: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(TunnelId, Stream)>>,
+}
+
+impl RelayPair {
+    async fn connect(relay: &Relay) -> anyhow::Result<Self> {
+        let (_a, a_ctl, a_streams) = node(relay, "a@bench").await?;
+        let (_b, _b_ctl, mut b_streams) = node(relay, "b@bench").await?;
+        tokio::spawn(async move {
+            let _keep = (_a, _b, _b_ctl);
+            while let Some((_, stream)) = b_streams.recv().await {
+                tokio::spawn(serve(stream));
+            }
+        });
+        Ok(RelayPair {
+            a_control: tokio::sync::Mutex::new(a_ctl),
+            a_streams: tokio::sync::Mutex::new(a_streams),
+        })
+    }
+
+    async fn tunnel(&self) -> anyhow::Result<Stream> {
+        let mut ctl = self.a_control.lock().await;
+        let (send, recv, decoder) = &mut *ctl;
+        send.write_all(
+            &Message::TunnelRequest {
+                target: "b@bench".into(),
+            }
+            .encode(),
+        )
+        .await?;
+        let Message::TunnelOk { tunnel } = next_message(recv, decoder).await? else {
+            anyhow::bail!("tunnel refused");
+        };
+        let (id, stream) = self.a_streams.lock().await.recv().await.expect("stream");
+        anyhow::ensure!(id == tunnel);
+        Ok(stream)
+    }
+}
+
+type Node = (
+    Connection,
+    (SendStream, RecvStream, FrameDecoder),
+    tokio::sync::mpsc::UnboundedReceiver<(TunnelId, Stream)>,
+);
+
+/// Connects and identifies; tunnel streams (prefix read) come out of the channel.
+async fn node(relay: &Relay, name: &str) -> anyhow::Result<Node> {
+    let conn = client(relay.fingerprint())?
+        .connect(relay.local_addr(), "localhost")?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(
+        &Message::Identify {
+            node: name.into(),
+            token: None,
+            version: Some(1),
+        }
+        .encode(),
+    )
+    .await?;
+    let mut decoder = FrameDecoder::default();
+    anyhow::ensure!(next_message(&mut recv, &mut decoder).await? == Message::Identified);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = conn.clone();
+    tokio::spawn(async move {
+        while let Ok((s, mut r)) = c.accept_bi().await {
+            let mut prefix = [0u8; 32];
+            if r.read_exact(&mut prefix).await.is_ok() {
+                let _ = tx.send((TunnelId::parse(&prefix).expect("prefix"), (s, r)));
+            }
+        }
+    });
+    Ok((conn, (send, recv, decoder), rx))
+}
+
+async fn next_message(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> anyhow::Result<Message> {
+    loop {
+        // One message at a time: read only what is needed.
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut byte)).await??;
+        if let Some(msg) = decoder.decode(&mut &byte[..])? {
+            return Ok(msg);
+        }
+    }
+}
