@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use macula_dist_relay::{tls, Config, Relay};
 use macula_relay_proto::{FrameDecoder, Message, TunnelId};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
