@@ -21,7 +21,7 @@
 
 -export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
          address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2]).
--export([do_setup/6, do_accept/5, acceptor/2, controller/1, input_handler/3]).
+-export([do_setup/6, do_accept/5, acceptor/1, controller/1, input_handler/3]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist_util.hrl").
@@ -87,28 +87,27 @@ address(Host) ->
     #net_address{address = relay, host = Host, protocol = macula, family = inet}.
 
 %% net_kernel links to the acceptor. It watches the client: if the client
-%% goes, the acceptor exits, and net_kernel calls accept/1 again, which
-%% hands the kernel to the restarted client.
+%% goes (the relay connection ended), the acceptor exits, net_kernel calls
+%% accept/1 again, and the new acceptor waits for the keeper's next client
+%% and hands it the kernel.
 accept(_Client) ->
-    spawn_opt(?MODULE, acceptor, [self(), 1], [link, {priority, max}]).
+    spawn_opt(?MODULE, acceptor, [self()], [link, {priority, max}]).
 
-acceptor(Kernel, Attempt) ->
+acceptor(Kernel) ->
     case macula_dist_relay_client:whereis_client() of
         Client when is_pid(Client) ->
             Ref = monitor(process, Client),
             try macula_dist_relay_client:set_kernel(Client, Kernel) of
                 ok -> receive {'DOWN', Ref, process, Client, Reason} -> exit({relay_client_down, Reason}) end
-            catch exit:_ -> retry_acceptor(Kernel, Attempt)
+            catch exit:_ -> retry_acceptor(Kernel)
             end;
         undefined ->
-            retry_acceptor(Kernel, Attempt)
+            retry_acceptor(Kernel)
     end.
 
-retry_acceptor(Kernel, Attempt) when Attempt < 100 ->
+retry_acceptor(Kernel) ->
     timer:sleep(100),
-    acceptor(Kernel, Attempt + 1);
-retry_acceptor(_Kernel, _Attempt) ->
-    exit(no_relay_client).
+    acceptor(Kernel).
 
 close(_Client) ->
     macula_dist_sup:stop_client().

@@ -11,14 +11,14 @@
 start_link() ->
     supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 
-%% The client is transient: if the relay connection ends it is restarted
-%% (and net_kernel's acceptor hands it the kernel again).
+%% The client runs under a keeper that connects again whenever the relay
+%% connection ends (and net_kernel's acceptor hands it the kernel again).
 -spec start_client(binary() | string(), binary(), map()) -> {ok, pid()} | {error, term()}.
 start_client(Url, Node, Opts) ->
-    Spec = #{id => macula_dist_relay_client,
-             start => {macula_dist_relay_client, start_link, [Url, Node, Opts]},
-             restart => transient, shutdown => 5000, type => worker},
-    _ = supervisor:delete_child(?MODULE, macula_dist_relay_client),
+    Spec = #{id => macula_dist_keeper,
+             start => {macula_dist_keeper, start_link, [Url, Node, Opts]},
+             restart => transient, shutdown => 10000, type => worker},
+    _ = supervisor:delete_child(?MODULE, macula_dist_keeper),
     case supervisor:start_child(?MODULE, Spec) of
         {ok, Pid} -> {ok, Pid};
         {error, {already_started, Pid}} -> {ok, Pid};
@@ -27,8 +27,8 @@ start_client(Url, Node, Opts) ->
     end.
 
 stop_client() ->
-    _ = supervisor:terminate_child(?MODULE, macula_dist_relay_client),
-    _ = supervisor:delete_child(?MODULE, macula_dist_relay_client),
+    _ = supervisor:terminate_child(?MODULE, macula_dist_keeper),
+    _ = supervisor:delete_child(?MODULE, macula_dist_keeper),
     ok.
 
 init([]) ->

@@ -9,7 +9,7 @@
          global_across_three_nodes/1, pg_across_three_nodes/1, kill_9_detected_by_ticks/1,
          full_mesh_of_five_in_order/1, restarted_peer_reachable_again/1,
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
-         missing_relay_fails_boot/1]).
+         missing_relay_fails_boot/1, relay_restart_reconnects/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -17,7 +17,7 @@ all() ->
     [ping_both_directions, simultaneous_connect, rpc_erpc_64_mib_both_ways,
      global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
      full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
-     hidden_node, net_kernel_start_later, missing_relay_fails_boot].
+     hidden_node, net_kernel_start_later, missing_relay_fails_boot, relay_restart_reconnects].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -191,6 +191,27 @@ missing_relay_fails_boot(_Config) ->
     ?assertNotEqual(nomatch, string:find(Out, "no_relay_configured")),
     ?assertEqual(nomatch, string:find(Out, "exit=0")),
     ?assertEqual(nomatch, string:find(Out, "exit=124")).
+
+relay_restart_reconnects(_Config) ->
+    {Relay, #{port := Port} = Info} = macula_ct:start_relay(),
+    %% The next relay has a new certificate: trust without a pin here.
+    Trust = ["-macula_dist", "verify", "none"],
+    Start = fun(Name) -> macula_ct:start_peer(Name, Info#{fingerprint => none}, Trust) end,
+    [{A, AN}, {B, BN}] = [Start(N) || N <- [pa12, pb12]],
+    put(peers, [A, B | get_peers()]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    macula_dist_relay:stop(Relay),
+    %% The connection is gone, the nodes are not.
+    ?assertEqual([], wait_for(fun() -> call(A, erlang, nodes, []) =:= [] andalso [] end)),
+    ?assertEqual(AN, call(A, erlang, node, [])),
+    ?assertEqual(pang, call(A, net_adm, ping, [BN])),
+    {Relay2, _} = macula_ct:start_relay(#{port => Port}),
+    try
+        ?assertEqual(pong, wait_for(fun() -> call(A, net_adm, ping, [BN]) =:= pong andalso pong end)),
+        ?assertEqual(AN, call(B, rpc, call, [AN, erlang, node, []]))
+    after
+        macula_dist_relay:stop(Relay2)
+    end.
 
 wait_for(Fun) -> wait_for(Fun, 100).
 wait_for(Fun, 0) -> Fun();

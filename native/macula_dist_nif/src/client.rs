@@ -70,7 +70,7 @@ struct State {
     /// (kernel, accept pid) from `set_kernel`.
     kernel: Option<(LocalPid, LocalPid)>,
     waiting: VecDeque<(ResourceArc<TunnelRes>, Instant)>,
-    control: Option<mpsc::UnboundedSender<Message>>,
+    control: Option<mpsc::Sender<Message>>,
 }
 
 pub struct Client {
@@ -214,7 +214,7 @@ async fn run(client: Arc<Client>, opts: ConnectOpts, config: quinn::ClientConfig
         }
     };
     let _ = client.conn.set(conn.clone());
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mpsc::channel(macula_dist_relay::CONTROL_QUEUE);
     {
         let mut state = client.lock();
         state.phase = Phase::Connected;
@@ -222,7 +222,7 @@ async fn run(client: Arc<Client>, opts: ConnectOpts, config: quinn::ClientConfig
     }
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
-    rt.spawn(write_control(send, control_rx));
+    rt.spawn(macula_dist_relay::write_control(send, control_rx));
     rt.spawn(accept_streams(client.clone(), conn.clone()));
     rt.spawn(housekeeping(client.clone()));
     let why = tokio::select! {
@@ -323,21 +323,6 @@ async fn read_control(
             }
         }
     }
-}
-
-async fn write_control(mut send: SendStream, mut queue: mpsc::UnboundedReceiver<Message>) {
-    let mut buf = Vec::new();
-    while let Some(msg) = queue.recv().await {
-        buf.clear();
-        msg.encode_into(&mut buf);
-        while let Ok(more) = queue.try_recv() {
-            more.encode_into(&mut buf);
-        }
-        if send.write_all(&buf).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.finish();
 }
 
 /// Accepts the relay's tunnel streams and reads their prefixes.
@@ -527,7 +512,7 @@ impl Client {
 
     fn send_control(&self, msg: Message) -> bool {
         match &self.lock().control {
-            Some(tx) => tx.send(msg).is_ok(),
+            Some(tx) => tx.try_send(msg).is_ok(),
             None => false,
         }
     }
@@ -549,7 +534,7 @@ impl Client {
             };
             // Pushed and sent under one lock, so the FIFO matches the wire.
             let id = state.matcher.request(Request { caller, tag });
-            if tx.send(Message::TunnelRequest { target }).is_err() {
+            if tx.try_send(Message::TunnelRequest { target }).is_err() {
                 state.matcher.abandon(id);
                 return Err(atoms::not_connected());
             }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use macula_relay_proto::router::Limits;
-pub use server::{close_code, Stats};
+pub use server::{close_code, write_control, Stats, CONTROL_QUEUE};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 

@@ -71,15 +71,26 @@ struct Args {
     /// Seconds between QUIC keep-alive pings (keeps NAT bindings open).
     #[arg(long, env = "MACULA_DIST_KEEP_ALIVE", default_value_t = 5)]
     keep_alive: u64,
+
+    /// Worker threads (default: one per CPU).
+    #[arg(long, env = "MACULA_DIST_THREADS")]
+    threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads.filter(|n| *n > 0) {
+        runtime.worker_threads(n);
+    }
+    runtime.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
     let mut listen = args.listen;
     if let Some(port) = args.port {
         listen.set_port(port);

@@ -27,8 +27,8 @@ pub mod close_code {
     pub const CONTROL_BACKLOG: u32 = 5;
 }
 
-/// Control messages queued for one node before it counts as not reading.
-const CONTROL_QUEUE: usize = 1024;
+/// Control messages queued for one peer before it counts as not reading.
+pub const CONTROL_QUEUE: usize = 1024;
 /// How long opening a tunnel's two streams may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refused node gets to read its refusal before the close.
@@ -410,8 +410,9 @@ async fn open_prefixed(
 
 /// Writes queued control messages, batching whatever is queued at once.
 /// When the queue closes it finishes the stream and waits for the peer to
-/// read it, so a refusal is delivered before the connection closes.
-async fn write_control(mut send: SendStream, mut queue: mpsc::Receiver<Message>) {
+/// read it, so a last message (a refusal) is delivered before a close.
+/// Relay and client both run their control stream's send side with it.
+pub async fn write_control(mut send: SendStream, mut queue: mpsc::Receiver<Message>) {
     let mut buf = Vec::new();
     while let Some(msg) = queue.recv().await {
         buf.clear();

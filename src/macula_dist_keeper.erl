@@ -1,0 +1,61 @@
+%% @doc Keeps the node's relay client running under -proto_dist macula.
+%%
+%% The first connection is made while `macula_dist:listen/2' waits, so a
+%% wrong relay or configuration fails the boot with its reason. After that,
+%% when the relay connection ends (the client stops with `{relay_closed, _}'),
+%% the keeper connects again, with backoff, for as long as it takes: a relay
+%% outage costs the node its connections, never the node itself (net_kernel's
+%% supervisor would give up after a few quick restarts, and take the node
+%% down with it).
+-module(macula_dist_keeper).
+
+-export([start_link/3]).
+-export([init/4]).
+
+-define(MIN_BACKOFF, 100).
+-define(MAX_BACKOFF, 5000).
+
+-spec start_link(string() | binary(), binary(), map()) -> {ok, pid()} | {error, term()}.
+start_link(Url, Node, Opts) ->
+    proc_lib:start_link(?MODULE, init, [self(), Url, Node, Opts]).
+
+init(Parent, Url, Node, Opts) ->
+    process_flag(trap_exit, true),
+    case macula_dist_relay_client:start_link(Url, Node, Opts) of
+        {ok, Client} ->
+            proc_lib:init_ack(Parent, {ok, self()}),
+            watch(Parent, Client, {Url, Node, Opts});
+        {error, Reason} ->
+            proc_lib:init_ack(Parent, {error, Reason}),
+            exit(normal)
+    end.
+
+watch(Parent, Client, Args) ->
+    receive
+        {'EXIT', Parent, Reason} ->
+            stop_client(Client),
+            exit(Reason);
+        {'EXIT', Client, Reason} ->
+            logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
+            reconnect(Parent, Args, ?MIN_BACKOFF)
+    end.
+
+reconnect(Parent, {Url, Node, Opts} = Args, Backoff) ->
+    receive
+        {'EXIT', Parent, Reason} -> exit(Reason)
+    after Backoff ->
+            case macula_dist_relay_client:start_link(Url, Node, Opts) of
+                {ok, Client} ->
+                    logger:notice("macula_dist: connected to relay ~ts again", [Url]),
+                    watch(Parent, Client, Args);
+                {error, Reason} ->
+                    logger:warning("macula_dist: relay ~ts not reachable (~p); next try in ~b ms",
+                                   [Url, Reason, min(Backoff * 2, ?MAX_BACKOFF)]),
+                    reconnect(Parent, Args, min(Backoff * 2, ?MAX_BACKOFF))
+            end
+    end.
+
+stop_client(Client) ->
+    unlink(Client),
+    catch gen_server:stop(Client, shutdown, 5000),
+    ok.
