@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 echo "== cargo test"
 cargo test --workspace --quiet 2>&1 | grep -v '^$'
 
+echo "== relay interop (aioquic client)"
+bash test/interop/run.sh
+
 echo "== rebar3 eunit"
 rebar3 eunit
 

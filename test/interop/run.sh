@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the aioquic client (another QUIC stack) against the relay binary.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python3 -c 'import aioquic, msgpack' 2>/dev/null || python3 -m pip install --quiet aioquic msgpack
+cargo build --release --quiet -p macula_dist_relay
+work=$(mktemp -d)
+printf 'interop-token' > "$work/token"
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+./target/release/macula-dist-relay --listen "127.0.0.1:$port" --token-file "$work/token" >/dev/null 2>"$work/relay.log" &
+relay=$!
+trap 'kill $relay 2>/dev/null; rm -rf "$work"' EXIT
+sleep 0.5
+timeout 120 python3 test/interop/aioquic_client.py "$port" interop-token
