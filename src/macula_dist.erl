@@ -99,7 +99,9 @@ acceptor(Kernel) ->
             Ref = monitor(process, Client),
             try macula_dist_relay_client:set_kernel(Client, Kernel) of
                 ok -> receive {'DOWN', Ref, process, Client, Reason} -> exit({relay_client_down, Reason}) end
-            catch exit:_ -> retry_acceptor(Kernel)
+            catch exit:_ ->
+                    demonitor(Ref, [flush]),
+                    retry_acceptor(Kernel)
             end;
         undefined ->
             retry_acceptor(Kernel)
