@@ -8,13 +8,14 @@
          tunnel_errors/1, twenty_concurrent_tunnels_both_ways/1, wrong_token_refused/1,
          wrong_pin_refused/1, unknown_ca_refused/1, unreachable_and_bad_url/1,
          relay_stop_closes_tunnels/1, tunnel_owner_death_closes_it/1,
-         close_tunnel_by_id/1]).
+         close_tunnel_by_id/1, inbound_without_kernel_is_closed/1]).
 
 all() ->
     [identify_and_status, round_trip_8_mib_both_ways, inbound_accept_reaches_kernel,
      tunnel_errors, twenty_concurrent_tunnels_both_ways, wrong_token_refused,
      wrong_pin_refused, unknown_ca_refused, unreachable_and_bad_url,
-     tunnel_owner_death_closes_it, close_tunnel_by_id, relay_stop_closes_tunnels].
+     tunnel_owner_death_closes_it, close_tunnel_by_id, inbound_without_kernel_is_closed,
+     relay_stop_closes_tunnels].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -223,6 +224,18 @@ close_tunnel_by_id(Config) ->
     #{id := Id} = macula_dist_nif:tunnel_info(TA),
     ok = macula_dist_relay_client:close_tunnel(C, Id),
     [receive {macula_tunnel, T, closed} -> ok after 10000 -> error({not_closed, T}) end || T <- [TA, TB]],
+    macula_dist_nif:client_stop(B).
+
+inbound_without_kernel_is_closed(Config) ->
+    %% No set_kernel: the inbound tunnel waits a bounded time, then the
+    %% client closes it and the requester hears so.
+    C = client(Config, <<"a@h">>),
+    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, _, TB} = macula_ct:request(B, <<"a@h">>),
+    ?assertMatch(#{active_tunnels := 1, kernel_set := false}, macula_dist_relay_client:status(C)),
+    ok = macula_dist_nif:tunnel_activate(TB, 1),
+    receive {macula_tunnel, TB, closed} -> ok after 20000 -> error(not_closed) end,
+    ?assertMatch(#{active_tunnels := 0}, macula_dist_relay_client:status(C)),
     macula_dist_nif:client_stop(B).
 
 relay_stop_closes_tunnels(_Config) ->
