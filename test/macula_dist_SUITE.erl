@@ -9,7 +9,8 @@
          global_across_three_nodes/1, pg_across_three_nodes/1, kill_9_detected_by_ticks/1,
          full_mesh_of_five_in_order/1, restarted_peer_reachable_again/1,
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
-         missing_relay_fails_boot/1, relay_restart_reconnects/1]).
+         missing_relay_fails_boot/1, relay_restart_reconnects/1,
+         idle_connection_kept_by_ticks/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -17,7 +18,8 @@ all() ->
     [ping_both_directions, simultaneous_connect, rpc_erpc_64_mib_both_ways,
      global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
      full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
-     hidden_node, net_kernel_start_later, missing_relay_fails_boot, relay_restart_reconnects].
+     hidden_node, net_kernel_start_later, missing_relay_fails_boot, relay_restart_reconnects,
+     idle_connection_kept_by_ticks].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -191,6 +193,19 @@ missing_relay_fails_boot(_Config) ->
     ?assertNotEqual(nomatch, string:find(Out, "no_relay_configured")),
     ?assertEqual(nomatch, string:find(Out, "exit=0")),
     ?assertEqual(nomatch, string:find(Out, "exit=124")).
+
+idle_connection_kept_by_ticks(Config) ->
+    %% Idle for three tick times: ticks flow both ways and are counted, so
+    %% the connection stays (a carrier without working ticks drops it).
+    TickTime = 2,
+    [{A, _}, {B, BN}] = peers(Config, [pa13, pb13], ["-kernel", "net_ticktime", integer_to_list(TickTime)]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ok = call(A, macula_ct, watch, [BN, macula_idle_watch]),
+    timer:sleep(3 * TickTime * 1000),
+    ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_idle_watch, 100}])),
+    ?assertEqual([BN], call(A, erlang, nodes, [])),
+    ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, []])),
+    _ = B.
 
 relay_restart_reconnects(_Config) ->
     {Relay, #{port := Port} = Info} = macula_ct:start_relay(),
