@@ -177,7 +177,10 @@ unknown_ca_refused(Config) ->
     File = filename:join(?config(priv_dir, Config), "ca.pem"),
     ok = file:write_file(File, public_key:pem_encode([{'Certificate', CaDer, not_encrypted}])),
     ?assertMatch({error, {tls, _}},
-                 macula_dist_relay_client:start_link(url(Config), <<"a@h">>, #{ca_cert => File})).
+                 macula_dist_relay_client:start_link(url(Config), <<"a@h">>, #{ca_cert => File})),
+    %% A CA file that is not there is a configuration error, said as such.
+    ?assertMatch({error, {tls_config, <<"reading ", _/binary>>}},
+                 macula_dist_relay_client:start_link(url(Config), <<"a@h">>, #{ca_cert => File ++ ".missing"})).
 
 unreachable_and_bad_url(_Config) ->
     ?assertEqual({error, {bad_relay_url, "http://x"}},

@@ -25,7 +25,7 @@ pub(crate) mod atoms {
         ok, error, closed, busy, timeout,
         macula_client, macula_tunnel, macula_tunnel_reply,
         identified, connect_failed, log, warning,
-        unreachable, tls, refused, protocol_error,
+        unreachable, tls, tls_config, refused, protocol_error,
         tunnel_error, not_connected, relay_closed, badarg,
         accept, inet, macula, data, writable,
         connecting, connected, node, connection, pending_tunnels, active_tunnels,
@@ -86,7 +86,8 @@ fn live_counts(env: Env) -> Term {
 #[rustler::nif]
 fn client_start(env: Env, opts: ConnectOpts) -> NifResult<(rustler::Atom, ResourceArc<ClientRes>)> {
     let owner = env.pid();
-    let client = client::start(owner, opts).map_err(|e| rustler::Error::Term(Box::new(e)))?;
+    let client = client::start(owner, opts)
+        .map_err(|e| rustler::Error::Term(Box::new((atoms::tls_config(), e))))?;
     let res = ResourceArc::new(ClientRes(client));
     if env.monitor(&res, &owner).is_none() {
         res.0.stop();
