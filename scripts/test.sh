@@ -15,7 +15,8 @@ rebar3 eunit
 echo "== rebar3 ct"
 rebar3 ct
 
-if [ -f mix.exs ] && command -v mix >/dev/null; then
-  echo "== mix test"
-  mix test
-fi
+echo "== mix test"
+mix test
+
+echo "== Elixir release example (examples/cluster)"
+bash examples/cluster/run.sh
