@@ -47,7 +47,7 @@ init(Opts) when is_map(Opts) ->
 
 handle_call(info, _From, Relay) ->
     Info = #{address := Addr, port := Port} = macula_dist_nif:relay_info(Relay),
-    Host = case string:find(Addr, ":") of nomatch -> Addr; _ -> "[" ++ Addr ++ "]" end,
+    Host = case string:find(Addr, ":") of nomatch -> Addr; _ -> [$[, Addr, $]] end,
     Url = iolist_to_binary(io_lib:format("quic://~ts:~b", [Host, Port])),
     {reply, Info#{url => Url}, Relay}.
 

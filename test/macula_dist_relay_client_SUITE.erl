@@ -8,13 +8,13 @@
          tunnel_errors/1, twenty_concurrent_tunnels_both_ways/1, wrong_token_refused/1,
          wrong_pin_refused/1, unknown_ca_refused/1, unreachable_and_bad_url/1,
          relay_stop_closes_tunnels/1, tunnel_owner_death_closes_it/1,
-         close_tunnel_by_id/1, inbound_without_kernel_is_closed/1]).
+         close_tunnel_by_id/1, inbound_without_kernel_is_closed/1, ipv6_relay/1]).
 
 all() ->
     [identify_and_status, round_trip_8_mib_both_ways, inbound_accept_reaches_kernel,
      tunnel_errors, twenty_concurrent_tunnels_both_ways, wrong_token_refused,
      wrong_pin_refused, unknown_ca_refused, unreachable_and_bad_url,
-     tunnel_owner_death_closes_it, close_tunnel_by_id, inbound_without_kernel_is_closed,
+     tunnel_owner_death_closes_it, close_tunnel_by_id, inbound_without_kernel_is_closed, ipv6_relay,
      relay_stop_closes_tunnels].
 
 init_per_suite(Config) ->
@@ -240,6 +240,26 @@ inbound_without_kernel_is_closed(Config) ->
     receive {macula_tunnel, TB, closed} -> ok after 20000 -> error(not_closed) end,
     ?assertMatch(#{active_tunnels := 0}, macula_dist_relay_client:status(C)),
     macula_dist_nif:client_stop(B).
+
+ipv6_relay(_Config) ->
+    {Relay, #{url := Url, fingerprint := Pin}} = macula_ct:start_relay(#{ip => "::1"}),
+    try
+        ?assertMatch(<<"quic://[::1]:", _/binary>>, Url),
+        {ok, C} = macula_dist_relay_client:start_link(Url, <<"a@h">>, #{pin_sha256 => Pin}),
+        {ok, B} = macula_ct:raw_client(Url, Pin, <<"b@h">>),
+        ok = macula_dist_nif:client_set_kernel(B, self(), self()),
+        {ok, _, TA} = macula_dist_relay_client:request_tunnel(C, <<"b@h">>),
+        TB = receive {accept, _, T, inet, macula} -> T after 10000 -> error(no_accept) end,
+        PA = macula_ct:run_exchange(TA, <<"v6 ping">>, 7),
+        PB = macula_ct:run_exchange(TB, <<"v6 pong">>, 7),
+        ?assertEqual(<<"v6 pong">>, macula_ct:await_exchange(PA)),
+        ?assertEqual(<<"v6 ping">>, macula_ct:await_exchange(PB)),
+        macula_dist_nif:client_stop(B),
+        unlink(C),
+        gen_server:stop(C)
+    after
+        macula_dist_relay:stop(Relay)
+    end.
 
 relay_stop_closes_tunnels(_Config) ->
     {Relay, #{url := Url, fingerprint := Pin}} = macula_ct:start_relay(),
