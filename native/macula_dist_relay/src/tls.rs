@@ -126,21 +126,23 @@ impl Transport {
         config: quinn::ServerConfig,
         addr: SocketAddr,
     ) -> anyhow::Result<quinn::Endpoint> {
-        let runtime = quinn::default_runtime().context("no async runtime")?;
-        Ok(quinn::Endpoint::new(
-            self.endpoint_config()?,
-            Some(config),
-            Self::socket(addr)?,
-            runtime,
-        )?)
+        self.endpoint(Some(config), addr)
     }
 
     /// A client endpoint (connections get their config at connect).
     pub fn client_endpoint(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+        self.endpoint(None, addr)
+    }
+
+    fn endpoint(
+        &self,
+        server: Option<quinn::ServerConfig>,
+        addr: SocketAddr,
+    ) -> anyhow::Result<quinn::Endpoint> {
         let runtime = quinn::default_runtime().context("no async runtime")?;
         Ok(quinn::Endpoint::new(
             self.endpoint_config()?,
-            None,
+            server,
             Self::socket(addr)?,
             runtime,
         )?)
