@@ -182,11 +182,12 @@ impl RelayPair {
         send.write_all(
             &Message::TunnelRequest {
                 target: "b@bench".into(),
+                mode: macula_relay_proto::Mode::Stream,
             }
             .encode(),
         )
         .await?;
-        let Message::TunnelOk { tunnel } = next_message(recv, decoder).await? else {
+        let Message::TunnelOk { tunnel, .. } = next_message(recv, decoder).await? else {
             anyhow::bail!("tunnel refused");
         };
         let (id, stream) = self.a_streams.lock().await.recv().await.expect("stream");
@@ -217,7 +218,12 @@ async fn node(relay: &Relay, name: &str) -> anyhow::Result<Node> {
     )
     .await?;
     let mut decoder = FrameDecoder::default();
-    anyhow::ensure!(next_message(&mut recv, &mut decoder).await? == Message::Identified);
+    anyhow::ensure!(
+        next_message(&mut recv, &mut decoder).await?
+            == Message::Identified {
+                version: Some(macula_relay_proto::PROTOCOL_VERSION)
+            }
+    );
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let c = conn.clone();
     tokio::spawn(async move {

@@ -1,5 +1,11 @@
-//! The macula dist relay: a QUIC server that nodes identify to, which pairs
-//! their tunnel streams and forwards raw bytes between them.
+//! The macula dist relay: a QUIC server that nodes identify to. It pairs
+//! their tunnel streams and forwards raw bytes between them (version 1,
+//! stream tunnels), and forwards the sealed datagrams of end-to-end QUIC
+//! connections between nodes without being able to read them (version 2,
+//! e2e sessions).
+//!
+//! The library also holds what a node needs for e2e sessions, shared by the
+//! NIF, the tests and the benchmarks: [`node_socket`] and [`identity`].
 //!
 //! Run it as the `macula-dist-relay` binary, or inside another process:
 //!
@@ -12,12 +18,18 @@
 //! ```
 
 mod forward;
+pub mod identity;
+pub mod node_socket;
+pub mod relay_socket;
 mod server;
 pub mod tls;
+pub mod udp;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use macula_relay_proto::sessions::SessionTable;
 
 pub use macula_relay_proto::router::Limits;
 pub use server::{close_code, write_control, Stats, CONTROL_QUEUE};
@@ -70,6 +82,7 @@ pub struct Relay {
     fingerprint: String,
     shutdown: CancellationToken,
     shared: Arc<server::Shared>,
+    socket: Arc<relay_socket::RelaySocket>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
@@ -88,9 +101,11 @@ impl Relay {
             warn!("no token configured: any node that reaches this relay may join");
         }
         let server_config = tls::server_config(identity, &config.transport)?;
-        let endpoint = config
-            .transport
-            .server_endpoint(server_config, config.listen)?;
+        let sessions = Arc::new(Mutex::new(SessionTable::default()));
+        let (endpoint, socket) =
+            config
+                .transport
+                .relay_endpoint(server_config, config.listen, sessions.clone())?;
         let local_addr = endpoint.local_addr()?;
         let shutdown = CancellationToken::new();
         let shared = Arc::new(server::Shared::new(
@@ -98,6 +113,7 @@ impl Relay {
             config.token,
             config.max_frame,
             config.identify_timeout,
+            sessions,
         ));
         let accept_loop = tokio::spawn(server::accept_loop(
             endpoint.clone(),
@@ -111,6 +127,7 @@ impl Relay {
             fingerprint,
             shutdown,
             shared,
+            socket,
             accept_loop,
         })
     }
@@ -126,6 +143,17 @@ impl Relay {
 
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// Counters of the data plane (e2e session datagrams).
+    pub fn data_stats(&self) -> &relay_socket::DataStats {
+        &self.socket.stats
+    }
+
+    /// Test hook: makes the relay corrupt or forge session datagrams, to
+    /// check that nodes never accept what a relay altered or made up.
+    pub fn data_socket(&self) -> &relay_socket::RelaySocket {
+        &self.socket
     }
 
     /// Resolves when the relay stops (after [`Relay::stop`] from elsewhere).

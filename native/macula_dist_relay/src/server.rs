@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use macula_relay_proto::router::{ConnId, Limits, Router, Tunnel};
-use macula_relay_proto::{FrameDecoder, Message, TunnelId};
+use macula_relay_proto::sessions::SessionTable;
+use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream, VarInt};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
@@ -38,7 +39,10 @@ const LINGER: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub nodes: usize,
+    /// Tunnels of both modes.
     pub tunnels: usize,
+    /// Of those, e2e sessions.
+    pub sessions: usize,
 }
 
 pub(crate) struct Shared {
@@ -46,12 +50,16 @@ pub(crate) struct Shared {
     token: Option<String>,
     max_frame: usize,
     identify_timeout: Duration,
+    /// The data plane's table; the relay socket reads it for every datagram.
+    sessions: Arc<Mutex<SessionTable>>,
 }
 
-/// An identified node: its connection and its control queue.
+/// An identified node: its connection, its control queue, and the protocol
+/// version it said it speaks (2 or more: it can take e2e sessions).
 struct Node {
     conn: quinn::Connection,
     control: mpsc::Sender<Message>,
+    version: u64,
 }
 
 struct State {
@@ -66,6 +74,7 @@ impl Shared {
         token: Option<String>,
         max_frame: usize,
         identify_timeout: Duration,
+        sessions: Arc<Mutex<SessionTable>>,
     ) -> Self {
         Shared {
             state: Mutex::new(State {
@@ -76,7 +85,12 @@ impl Shared {
             token,
             max_frame,
             identify_timeout,
+            sessions,
         }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, SessionTable> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -89,6 +103,7 @@ impl Shared {
         Stats {
             nodes: state.router.node_count(),
             tunnels: state.router.tunnel_count(),
+            sessions: self.sessions().len(),
         }
     }
 
@@ -97,6 +112,8 @@ impl Shared {
         let mut state = self.lock();
         state.router.remove_tunnel(id);
         state.tunnels.remove(id);
+        drop(state);
+        self.sessions().close(id);
     }
 
     fn token_matches(&self, given: Option<&str>) -> bool {
@@ -109,11 +126,18 @@ impl Shared {
 }
 
 impl State {
-    fn cancel_tunnels(&mut self, closed: Vec<Tunnel>) {
+    /// Ends tunnels the router has forgotten: a stream tunnel's forwarder
+    /// stops, an e2e session leaves the data plane's table.
+    fn cancel_tunnels(&mut self, closed: Vec<Tunnel>, sessions: &Mutex<SessionTable>) {
+        if closed.is_empty() {
+            return;
+        }
+        let mut sessions = sessions.lock().unwrap_or_else(|e| e.into_inner());
         for t in closed {
             if let Some(token) = self.tunnels.remove(&t.id) {
                 token.cancel();
             }
+            sessions.close(&t.id);
         }
     }
 
@@ -254,15 +278,25 @@ impl Session {
                 token,
                 version,
             } => self.identify(node, token, version),
-            Message::TunnelRequest { target } => {
+            Message::TunnelRequest {
+                target,
+                mode: Mode::Stream,
+            } => {
                 self.request_tunnel(target).await;
+                Ok(())
+            }
+            Message::TunnelRequest {
+                target,
+                mode: Mode::E2e,
+            } => {
+                self.request_session(target);
                 Ok(())
             }
             Message::TunnelClose { tunnel } => {
                 let mut state = self.shared.lock();
                 if let Some(t) = state.router.close_tunnel(self.conn_id, &tunnel) {
                     debug!(tunnel = %t.id, by = ?self.name, "tun_close");
-                    state.cancel_tunnels(vec![t]);
+                    state.cancel_tunnels(vec![t], &self.shared.sessions);
                 }
                 Ok(())
             }
@@ -299,18 +333,21 @@ impl Session {
             info!(node, "node re-identified: closing its older connection");
             old.conn.close(close_code::REPLACED.into(), b"replaced");
         }
-        state.cancel_tunnels(identified.closed);
+        state.cancel_tunnels(identified.closed, &self.shared.sessions);
         state.nodes.insert(
             self.conn_id,
             Node {
                 conn: self.conn.clone(),
                 control: self.control.clone(),
+                version: version.unwrap_or(1),
             },
         );
         drop(state);
         info!(node, remote = %self.remote, ?version, "node identified");
         self.name = Some(node);
-        self.reply(Message::Identified);
+        self.reply(Message::Identified {
+            version: Some(PROTOCOL_VERSION),
+        });
         Ok(())
     }
 
@@ -354,12 +391,16 @@ impl Session {
             }
         };
         info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
-        self.reply(Message::TunnelOk { tunnel: id });
+        self.reply(Message::TunnelOk {
+            tunnel: id,
+            bind: None,
+        });
         self.shared.lock().send_to(
             tunnel.target,
             Message::TunnelNotify {
                 tunnel: id,
                 source: tunnel.requester_name.clone(),
+                bind: None,
             },
         );
         tokio::spawn(forward::run(
@@ -369,6 +410,66 @@ impl Session {
             target_end,
             token,
         ));
+    }
+
+    /// An e2e session: no streams at the relay, only an entry in the data
+    /// plane's table with a bind key for each side. The target hears of it
+    /// first, so it knows the session before the requester's first datagram.
+    fn request_session(&mut self, target: String) {
+        let mut state = self.shared.lock();
+        if let Some(node) = state
+            .router
+            .conn_of(&target)
+            .and_then(|c| state.nodes.get(&c))
+        {
+            if node.version < 2 {
+                drop(state);
+                return self.reply(Message::TunnelError {
+                    reason: "mode_unsupported".into(),
+                });
+            }
+        }
+        // A session id is the tunnel id's first 8 bytes: draw again on a clash.
+        let mut id = TunnelId::random();
+        while self.shared.sessions().get(&id).is_some() {
+            id = TunnelId::random();
+        }
+        let tunnel = match state.router.request_tunnel(self.conn_id, &target, id) {
+            Ok(tunnel) => tunnel,
+            Err(refusal) => {
+                drop(state);
+                debug!(from = ?self.name, target, reason = refusal.as_str(), "session refused");
+                return self.reply(Message::TunnelError {
+                    reason: refusal.as_str().into(),
+                });
+            }
+        };
+        let target_addr = state.nodes[&tunnel.target].conn.remote_address();
+        let opened = self
+            .shared
+            .sessions()
+            .open(id, self.conn.remote_address(), target_addr);
+        let Ok([requester_key, target_key]) = opened else {
+            state.router.remove_tunnel(&id);
+            drop(state);
+            return self.reply(Message::TunnelError {
+                reason: "open_failed".into(),
+            });
+        };
+        state.send_to(
+            tunnel.target,
+            Message::TunnelNotify {
+                tunnel: id,
+                source: tunnel.requester_name.clone(),
+                bind: Some(target_key),
+            },
+        );
+        drop(state);
+        info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
+        self.reply(Message::TunnelOk {
+            tunnel: id,
+            bind: Some(requester_key),
+        });
     }
 
     fn reply(&self, msg: Message) {
@@ -391,7 +492,7 @@ impl Session {
         let closed = state.router.disconnect(self.conn_id);
         state.nodes.remove(&self.conn_id);
         let tunnels = closed.len();
-        state.cancel_tunnels(closed);
+        state.cancel_tunnels(closed, &self.shared.sessions);
         drop(state);
         if let Some(node) = &self.name {
             info!(node, remote = %self.remote, tunnels, "node left");

@@ -3,16 +3,22 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use macula_relay_proto::dataplane::HEADER_LEN;
+use macula_relay_proto::sessions::SessionTable;
 use macula_relay_proto::ALPN;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
+
+use crate::node_socket::NodeSocket;
+use crate::relay_socket::RelaySocket;
+use crate::udp::UdpIo;
 
 /// The relay's certificate chain and key.
 pub struct Identity {
@@ -103,24 +109,28 @@ impl Transport {
         Ok(t)
     }
 
-    fn endpoint_config(&self) -> anyhow::Result<quinn::EndpointConfig> {
+    /// The same for the QUIC connection of an e2e session: its datagrams
+    /// travel behind the relay's session header, so they are that much
+    /// smaller; a node opens one stream per session.
+    pub fn e2e_quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let mut t = self.quinn_config()?;
+        t.max_concurrent_bidi_streams(4u32.into());
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload - HEADER_LEN as u16);
+        t.mtu_discovery_config(Some(mtu));
+        Ok(t)
+    }
+
+    pub fn endpoint_config(&self) -> anyhow::Result<quinn::EndpointConfig> {
         let mut config = quinn::EndpointConfig::default();
         config.max_udp_payload_size(self.max_udp_payload)?;
+        // Session datagrams are told from QUIC packets by the fixed bit:
+        // peers must never clear it (RFC 9287 greasing).
+        config.grease_quic_bit(false);
         Ok(config)
     }
 
-    /// A UDP socket with large buffers (as large as the system allows), so
-    /// bursts are not dropped before quinn reads them.
-    fn socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
-        let socket =
-            std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
-        let sock = socket2::SockRef::from(&socket);
-        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-        Ok(socket)
-    }
-
-    /// A relay's endpoint.
+    /// An endpoint on a plain UDP socket (tests and benchmarks).
     pub fn server_endpoint(
         &self,
         config: quinn::ServerConfig,
@@ -129,7 +139,7 @@ impl Transport {
         self.endpoint(Some(config), addr)
     }
 
-    /// A client endpoint (connections get their config at connect).
+    /// A client endpoint on a plain UDP socket (connections get their config at connect).
     pub fn client_endpoint(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
         self.endpoint(None, addr)
     }
@@ -140,16 +150,64 @@ impl Transport {
         addr: SocketAddr,
     ) -> anyhow::Result<quinn::Endpoint> {
         let runtime = quinn::default_runtime().context("no async runtime")?;
+        let socket =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(crate::udp::SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(crate::udp::SOCKET_BUFFER);
         Ok(quinn::Endpoint::new(
             self.endpoint_config()?,
             server,
-            Self::socket(addr)?,
+            socket,
             runtime,
         )?)
     }
+
+    /// A node's endpoint: one socket for its relay connections and its e2e
+    /// sessions (see [`NodeSocket`]). It accepts e2e sessions only, each
+    /// with its own server config (`Incoming::accept_with`).
+    pub fn node_endpoint(
+        &self,
+        addr: SocketAddr,
+    ) -> anyhow::Result<(quinn::Endpoint, Arc<NodeSocket>)> {
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        let socket = Arc::new(NodeSocket::new(UdpIo::bind(addr)?)?);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            self.endpoint_config()?,
+            Some(refusing_server_config()?),
+            socket.clone(),
+            runtime,
+        )?;
+        Ok((endpoint, socket))
+    }
+
+    /// A relay's endpoint: QUIC for the control plane, session datagrams
+    /// forwarded by the socket itself (see [`RelaySocket`]).
+    pub fn relay_endpoint(
+        &self,
+        config: quinn::ServerConfig,
+        addr: SocketAddr,
+        sessions: Arc<Mutex<SessionTable>>,
+    ) -> anyhow::Result<(quinn::Endpoint, Arc<RelaySocket>)> {
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        let socket = Arc::new(RelaySocket::new(UdpIo::bind(addr)?, sessions));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            self.endpoint_config()?,
+            Some(config),
+            socket.clone(),
+            runtime,
+        )?;
+        Ok((endpoint, socket))
+    }
 }
 
-const SOCKET_BUFFER: usize = 4 << 20;
+/// A node's endpoint needs a server config to see incoming connections at
+/// all; each is then accepted with its session's config or refused. This
+/// one is never used to accept: its certificate is throwaway.
+fn refusing_server_config() -> anyhow::Result<quinn::ServerConfig> {
+    let identity = Identity::self_signed(vec!["refused.invalid".into()])?;
+    server_config(identity, &Transport::default())
+}
 
 pub fn server_config(
     identity: Identity,

@@ -95,10 +95,12 @@ async fn fifty_concurrent_tunnels_from_both_sides() {
     for _ in 0..EACH_SIDE {
         a.send(Message::TunnelRequest {
             target: "b@host".into(),
+            mode: macula_relay_proto::Mode::Stream,
         })
         .await;
         b.send(Message::TunnelRequest {
             target: "a@host".into(),
+            mode: macula_relay_proto::Mode::Stream,
         })
         .await;
     }
@@ -107,7 +109,7 @@ async fn fifty_concurrent_tunnels_from_both_sides() {
         let (mut mine, mut theirs) = (vec![], vec![]);
         while mine.len() < EACH_SIDE || theirs.len() < EACH_SIDE {
             match node.next().await {
-                Some(Message::TunnelOk { tunnel }) => mine.push(tunnel),
+                Some(Message::TunnelOk { tunnel, .. }) => mine.push(tunnel),
                 Some(Message::TunnelNotify { tunnel, .. }) => theirs.push(tunnel),
                 other => panic!("unexpected {other:?}"),
             }
@@ -259,9 +261,12 @@ async fn bad_input_gets_its_answer_and_the_relay_keeps_serving() {
         version: None,
     })
     .await;
-    assert_eq!(node.next().await, Some(Message::Identified));
+    assert!(matches!(
+        node.next().await,
+        Some(Message::Identified { .. })
+    ));
 
-    let (_, msg) = answer_to(&relay, &Message::Identified.encode()).await;
+    let (_, msg) = answer_to(&relay, &Message::Identified { version: None }.encode()).await;
     assert_eq!(msg, err("unexpected_type"));
 
     let (bad_name, msg) = answer_to(
@@ -286,6 +291,7 @@ async fn bad_input_gets_its_answer_and_the_relay_keeps_serving() {
     let mut vanish = Node::raw(&relay).await;
     let mut partial = Message::TunnelRequest {
         target: "a@host".into(),
+        mode: macula_relay_proto::Mode::Stream,
     }
     .encode();
     partial.truncate(6);

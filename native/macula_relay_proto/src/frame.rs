@@ -19,23 +19,57 @@ pub enum Message {
         token: Option<String>,
         version: Option<u64>,
     },
-    /// relay → node: `t: "id_ok"`.
-    Identified,
+    /// relay → node: `t: "id_ok"`, optional `v` (the relay's version; 2 or
+    /// more offers end-to-end sessions).
+    Identified { version: Option<u64> },
     /// relay → node: `t: "id_err"`, `r`; the relay then closes the connection.
     IdentifyRefused { reason: String },
-    /// node → relay: `t: "tun_req"`, `target`.
-    TunnelRequest { target: String },
-    /// relay → node: `t: "tun_ok"`, `tid`.
-    TunnelOk { tunnel: TunnelId },
+    /// node → relay: `t: "tun_req"`, `target`, optional `mode` (`"e2e"`;
+    /// absent or `"stream"` is a version 1 stream tunnel).
+    TunnelRequest { target: String, mode: Mode },
+    /// relay → node: `t: "tun_ok"`, `tid`; an e2e tunnel adds `mode: "e2e"`
+    /// and `bind`, this side's session secret.
+    TunnelOk {
+        tunnel: TunnelId,
+        bind: Option<BindKey>,
+    },
     /// relay → node: `t: "tun_err"`, `r`.
     TunnelError { reason: String },
-    /// relay → node: `t: "tun_notify"`, `tid`, `src`.
-    TunnelNotify { tunnel: TunnelId, source: String },
+    /// relay → node: `t: "tun_notify"`, `tid`, `src`; an e2e tunnel adds
+    /// `mode: "e2e"` and `bind`.
+    TunnelNotify {
+        tunnel: TunnelId,
+        source: String,
+        bind: Option<BindKey>,
+    },
     /// node → relay: `t: "tun_close"`, `tid`.
     TunnelClose { tunnel: TunnelId },
     /// relay → node: `t: "err"`, `r`.
     ProtocolError { reason: String },
 }
+
+/// How a tunnel carries distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Version 1: the relay splices two QUIC streams.
+    Stream,
+    /// Version 2: a QUIC connection between the two nodes, its datagrams
+    /// forwarded by the relay (see [`crate::dataplane`]).
+    E2e,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Stream => "stream",
+            Mode::E2e => "e2e",
+        }
+    }
+}
+
+/// The secret one side of an e2e session puts in each datagram's header to
+/// prove the datagram is its own (8 bytes, sent as 16 hex characters).
+pub type BindKey = [u8; 8];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -54,6 +88,8 @@ pub enum DecodeError {
     WrongType { key: &'static str },
     #[error("key {key} is not a valid tunnel id")]
     BadTunnelId { key: &'static str },
+    #[error("key {key} has a value this version does not know")]
+    BadValue { key: &'static str },
 }
 
 impl DecodeError {
@@ -73,7 +109,8 @@ impl DecodeError {
             DecodeError::UnknownType(_) => "unknown_type",
             DecodeError::MissingKey { .. }
             | DecodeError::WrongType { .. }
-            | DecodeError::BadTunnelId { .. } => "bad_message",
+            | DecodeError::BadTunnelId { .. }
+            | DecodeError::BadValue { .. } => "bad_message",
         }
     }
 }
@@ -83,7 +120,7 @@ impl Message {
     pub fn type_name(&self) -> &'static str {
         match self {
             Message::Identify { .. } => "id",
-            Message::Identified => "id_ok",
+            Message::Identified { .. } => "id_ok",
             Message::IdentifyRefused { .. } => "id_err",
             Message::TunnelRequest { .. } => "tun_req",
             Message::TunnelOk { .. } => "tun_ok",
@@ -97,6 +134,12 @@ impl Message {
     fn fields(&self) -> Vec<(&'static str, Value)> {
         let text = |s: &str| Value::from(s);
         let tid = |t: &TunnelId| Value::from(t.as_string());
+        let e2e = |fields: &mut Vec<(&'static str, Value)>, bind: &Option<BindKey>| {
+            if let Some(bind) = bind {
+                fields.push(("mode", Value::from(Mode::E2e.as_str())));
+                fields.push(("bind", Value::from(hex(bind))));
+            }
+        };
         let mut fields = vec![("t", text(self.type_name()))];
         match self {
             Message::Identify {
@@ -112,17 +155,33 @@ impl Message {
                     fields.push(("v", Value::from(*v)));
                 }
             }
-            Message::Identified => {}
+            Message::Identified { version } => {
+                if let Some(v) = version {
+                    fields.push(("v", Value::from(*v)));
+                }
+            }
             Message::IdentifyRefused { reason }
             | Message::TunnelError { reason }
             | Message::ProtocolError { reason } => fields.push(("r", text(reason))),
-            Message::TunnelRequest { target } => fields.push(("target", text(target))),
-            Message::TunnelOk { tunnel } | Message::TunnelClose { tunnel } => {
-                fields.push(("tid", tid(tunnel)))
+            Message::TunnelRequest { target, mode } => {
+                fields.push(("target", text(target)));
+                if *mode == Mode::E2e {
+                    fields.push(("mode", text(mode.as_str())));
+                }
             }
-            Message::TunnelNotify { tunnel, source } => {
+            Message::TunnelOk { tunnel, bind } => {
+                fields.push(("tid", tid(tunnel)));
+                e2e(&mut fields, bind);
+            }
+            Message::TunnelClose { tunnel } => fields.push(("tid", tid(tunnel))),
+            Message::TunnelNotify {
+                tunnel,
+                source,
+                bind,
+            } => {
                 fields.push(("tid", tid(tunnel)));
                 fields.push(("src", text(source)));
+                e2e(&mut fields, bind);
             }
         }
         fields
@@ -171,15 +230,19 @@ impl Message {
                 token: map.optional_text("tok")?,
                 version: map.optional_u64("v")?,
             }),
-            "id_ok" => Ok(Message::Identified),
+            "id_ok" => Ok(Message::Identified {
+                version: map.optional_u64("v")?,
+            }),
             "id_err" => Ok(Message::IdentifyRefused {
                 reason: map.text("id_err", "r")?,
             }),
             "tun_req" => Ok(Message::TunnelRequest {
                 target: map.text("tun_req", "target")?,
+                mode: map.mode()?,
             }),
             "tun_ok" => Ok(Message::TunnelOk {
                 tunnel: map.tunnel_id("tun_ok")?,
+                bind: map.bind()?,
             }),
             "tun_err" => Ok(Message::TunnelError {
                 reason: map.text("tun_err", "r")?,
@@ -187,6 +250,7 @@ impl Message {
             "tun_notify" => Ok(Message::TunnelNotify {
                 tunnel: map.tunnel_id("tun_notify")?,
                 source: map.text("tun_notify", "src")?,
+                bind: map.bind()?,
             }),
             "tun_close" => Ok(Message::TunnelClose {
                 tunnel: map.tunnel_id("tun_close")?,
@@ -232,12 +296,47 @@ impl Fields {
         }
     }
 
+    fn mode(&self) -> Result<Mode, DecodeError> {
+        match self.optional_text("mode")?.as_deref() {
+            None | Some("stream") => Ok(Mode::Stream),
+            Some("e2e") => Ok(Mode::E2e),
+            Some(_) => Err(DecodeError::BadValue { key: "mode" }),
+        }
+    }
+
+    /// `bind` of an e2e tunnel; `None` for a stream tunnel.
+    fn bind(&self) -> Result<Option<BindKey>, DecodeError> {
+        if self.mode()? == Mode::Stream {
+            return Ok(None);
+        }
+        let key = "bind";
+        let text = self
+            .optional_text(key)?
+            .ok_or(DecodeError::MissingKey { msg: "e2e", key })?;
+        unhex(&text).map(Some).ok_or(DecodeError::BadValue { key })
+    }
+
     fn tunnel_id(&self, msg: &'static str) -> Result<TunnelId, DecodeError> {
         let key = "tid";
         let v = self.get(key).ok_or(DecodeError::MissingKey { msg, key })?;
         let bytes = as_bytes(v).ok_or(DecodeError::WrongType { key })?;
         TunnelId::parse(bytes).map_err(|_| DecodeError::BadTunnelId { key })
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 fn as_bytes(v: &Value) -> Option<&[u8]> {
@@ -352,20 +451,36 @@ mod tests {
                 token: Some("secret".into()),
                 version: Some(1),
             },
-            Message::Identified,
+            Message::Identified { version: None },
+            Message::Identified { version: Some(2) },
             Message::IdentifyRefused {
                 reason: "bad_token".into(),
             },
             Message::TunnelRequest {
                 target: "b@host".into(),
+                mode: Mode::Stream,
             },
-            Message::TunnelOk { tunnel },
+            Message::TunnelRequest {
+                target: "b@host".into(),
+                mode: Mode::E2e,
+            },
+            Message::TunnelOk { tunnel, bind: None },
+            Message::TunnelOk {
+                tunnel,
+                bind: Some([1, 2, 3, 4, 5, 6, 7, 0xff]),
+            },
             Message::TunnelError {
                 reason: "target_not_connected".into(),
             },
             Message::TunnelNotify {
                 tunnel,
                 source: "a@host".into(),
+                bind: None,
+            },
+            Message::TunnelNotify {
+                tunnel,
+                source: "a@host".into(),
+                bind: Some([9; 8]),
             },
             Message::TunnelClose { tunnel },
             Message::ProtocolError {
@@ -414,6 +529,7 @@ mod tests {
         let bytes = Message::TunnelNotify {
             tunnel: TunnelId::from_bytes([1; 16]),
             source: "a@h".into(),
+            bind: None,
         }
         .encode();
         let value = rmpv::decode::read_value(&mut &bytes[4..]).unwrap();
@@ -441,7 +557,8 @@ mod tests {
         assert_eq!(
             decode_all(&frame),
             vec![Ok(Message::TunnelRequest {
-                target: "b@h".into()
+                target: "b@h".into(),
+                mode: Mode::Stream,
             })]
         );
     }
@@ -452,7 +569,10 @@ mod tests {
             (Value::from("t"), Value::from("id_ok")),
             (Value::from("status"), Value::from("ok")),
         ]);
-        assert_eq!(decode_all(&frame), vec![Ok(Message::Identified)]);
+        assert_eq!(
+            decode_all(&frame),
+            vec![Ok(Message::Identified { version: None })]
+        );
     }
 
     #[test]
@@ -468,7 +588,7 @@ mod tests {
         );
         assert_eq!(dec.body.capacity(), 0);
         // Poisoned: later input is not looked at.
-        let ok = Message::Identified.encode();
+        let ok = Message::Identified { version: None }.encode();
         assert!(dec.decode(&mut ok.as_slice()).is_err());
     }
 
@@ -484,7 +604,7 @@ mod tests {
             (Value::from("t"), Value::from("tun_close")),
             (Value::from("tid"), Value::from("ABC")),
         ]));
-        bytes.extend(Message::Identified.encode());
+        bytes.extend(Message::Identified { version: None }.encode());
         assert_eq!(
             decode_all(&bytes),
             vec![
@@ -495,7 +615,7 @@ mod tests {
                 }),
                 Err(DecodeError::WrongType { key: "target" }),
                 Err(DecodeError::BadTunnelId { key: "tid" }),
-                Ok(Message::Identified),
+                Ok(Message::Identified { version: None }),
             ]
         );
     }
@@ -503,7 +623,7 @@ mod tests {
     #[test]
     fn garbage_is_fatal() {
         let mut bytes = vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1];
-        bytes.extend(Message::Identified.encode());
+        bytes.extend(Message::Identified { version: None }.encode());
         let out = decode_all(&bytes);
         assert_eq!(out.len(), 1);
         assert!(matches!(out[0], Err(DecodeError::BadFrame(_))));
@@ -521,7 +641,7 @@ mod tests {
             Err(DecodeError::BadFrame(_))
         ));
 
-        let mut frame = Message::Identified.encode();
+        let mut frame = Message::Identified { version: None }.encode();
         frame.push(0xc0);
         frame[3] += 1;
         assert!(matches!(
@@ -551,13 +671,23 @@ mod tests {
                         token,
                         version
                     }),
-                Just(Message::Identified),
+                proptest::option::of(any::<u64>())
+                    .prop_map(|version| Message::Identified { version }),
                 text().prop_map(|reason| Message::IdentifyRefused { reason }),
-                text().prop_map(|target| Message::TunnelRequest { target }),
-                tid.clone().prop_map(|tunnel| Message::TunnelOk { tunnel }),
+                (text(), any::<bool>()).prop_map(|(target, e2e)| Message::TunnelRequest {
+                    target,
+                    mode: if e2e { Mode::E2e } else { Mode::Stream }
+                }),
+                (tid.clone(), proptest::option::of(any::<[u8; 8]>()))
+                    .prop_map(|(tunnel, bind)| Message::TunnelOk { tunnel, bind }),
                 text().prop_map(|reason| Message::TunnelError { reason }),
-                (tid.clone(), text())
-                    .prop_map(|(tunnel, source)| Message::TunnelNotify { tunnel, source }),
+                (tid.clone(), text(), proptest::option::of(any::<[u8; 8]>())).prop_map(
+                    |(tunnel, source, bind)| Message::TunnelNotify {
+                        tunnel,
+                        source,
+                        bind
+                    }
+                ),
                 tid.prop_map(|tunnel| Message::TunnelClose { tunnel }),
                 text().prop_map(|reason| Message::ProtocolError { reason }),
             ]

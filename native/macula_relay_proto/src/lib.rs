@@ -5,22 +5,31 @@
 //! - [`router`]: the relay's routing table (nodes, tunnels, replacement, cleanup).
 //! - [`matcher`]: the client's tunnel matcher (pending FIFO, orphan streams, prefixes).
 //! - [`packet`]: the 2/4-byte length framing of Erlang distribution in a tunnel.
+//! - [`dataplane`]: the header of e2e session datagrams, told from QUIC by their first byte.
+//! - [`sessions`]: the relay's e2e session table (who may send for a session, where it goes).
+//! - [`paths`]: the node's map between e2e sessions and the virtual addresses quinn sees.
 //!
 //! Everything here is plain data in, plain data out, so relay and client
 //! share one tested implementation and the async glue around it stays thin.
 
+pub mod dataplane;
 pub mod frame;
 pub mod matcher;
 pub mod packet;
+pub mod paths;
 pub mod router;
+pub mod sessions;
 pub mod tunnel_id;
 
-pub use frame::{DecodeError, FrameDecoder, Message, DEFAULT_MAX_FRAME};
+pub use frame::{BindKey, DecodeError, FrameDecoder, Message, Mode, DEFAULT_MAX_FRAME};
 pub use tunnel_id::TunnelId;
 
 /// ALPN protocol id spoken on every relay connection.
 pub const ALPN: &[u8] = b"macula-dist";
+/// ALPN protocol id of the QUIC connection of an e2e session (node to node).
+pub const ALPN_E2E: &[u8] = b"macula-dist-e2e";
 /// The relay's default UDP port.
 pub const DEFAULT_PORT: u16 = 4434;
-/// The protocol version this crate speaks (sent as `v` in identify).
-pub const PROTOCOL_VERSION: u64 = 1;
+/// The protocol version this crate speaks (sent as `v` in identify and
+/// `id_ok`): 2 adds end-to-end sessions; 1 is stream tunnels only.
+pub const PROTOCOL_VERSION: u64 = 2;

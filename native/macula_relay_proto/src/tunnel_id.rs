@@ -21,6 +21,10 @@ impl TunnelId {
         TunnelId(bytes)
     }
 
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
     /// The 32-byte ASCII form sent on the wire.
     pub fn to_hex(&self) -> [u8; TUNNEL_ID_LEN] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -100,7 +100,10 @@ impl Node {
             version: Some(1),
         })
         .await;
-        assert_eq!(node.next().await, Some(Message::Identified));
+        assert!(matches!(
+            node.next().await,
+            Some(Message::Identified { .. })
+        ));
         node
     }
 
@@ -152,10 +155,11 @@ impl Node {
     pub async fn request(&mut self, target: &str) -> Result<TunnelId, String> {
         self.send(Message::TunnelRequest {
             target: target.into(),
+            mode: macula_relay_proto::Mode::Stream,
         })
         .await;
         match self.next().await {
-            Some(Message::TunnelOk { tunnel }) => Ok(tunnel),
+            Some(Message::TunnelOk { tunnel, .. }) => Ok(tunnel),
             Some(Message::TunnelError { reason }) => Err(reason),
             other => panic!("expected a tunnel answer, got {other:?}"),
         }
@@ -164,7 +168,7 @@ impl Node {
     /// Waits for a `tun_notify`.
     pub async fn notified(&mut self) -> (TunnelId, String) {
         match self.next().await {
-            Some(Message::TunnelNotify { tunnel, source }) => (tunnel, source),
+            Some(Message::TunnelNotify { tunnel, source, .. }) => (tunnel, source),
             other => panic!("expected tun_notify, got {other:?}"),
         }
     }

@@ -1,0 +1,260 @@
+//! A node's one UDP socket, under one quinn endpoint: the node's relay
+//! connections talk to the relays' real addresses, and each e2e session's
+//! QUIC connection talks to a virtual address ([`Paths`]) that this socket
+//! turns into "this relay, this session": outgoing datagrams get the
+//! session header and go to the relay, incoming session datagrams lose it
+//! and appear to come from the virtual address. Control and data share the
+//! socket, so one NAT mapping carries both.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use macula_relay_proto::dataplane::{self, Datagram, HEADER_LEN};
+use macula_relay_proto::paths::{is_virtual, Paths, Route};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+
+use crate::udp::{compact_slots, segments, UdpIo, Writable};
+
+/// Received datagrams that could not stay in quinn's buffer: the rest of a
+/// GRO batch whose datagrams belong to different sessions, and datagrams
+/// held until their session was added.
+type Pending = VecDeque<(RecvMeta, Vec<u8>)>;
+
+#[derive(Debug)]
+pub struct NodeSocket {
+    udp: Arc<UdpIo>,
+    paths: Mutex<Paths>,
+    pending: Mutex<Pending>,
+    /// quinn's receive waker, to wake it when held datagrams are released.
+    waker: Mutex<Option<Waker>>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NodeSocket {
+    pub fn new(udp: UdpIo) -> io::Result<Self> {
+        let ipv6 = udp.local_addr()?.is_ipv6();
+        Ok(NodeSocket {
+            udp: Arc::new(udp),
+            paths: Mutex::new(Paths::new(ipv6)),
+            pending: Mutex::new(VecDeque::new()),
+            waker: Mutex::new(None),
+        })
+    }
+
+    /// Adds a session; quinn reaches it at the returned virtual address.
+    pub fn add_session(&self, route: Route) -> SocketAddr {
+        let (vaddr, held) = lock(&self.paths).add(route);
+        if !held.is_empty() {
+            let mut pending = lock(&self.pending);
+            for d in held {
+                let meta = RecvMeta {
+                    addr: vaddr,
+                    len: d.len(),
+                    stride: d.len(),
+                    ecn: None,
+                    dst_ip: None,
+                };
+                pending.push_back((meta, d));
+            }
+            drop(pending);
+            if let Some(w) = lock(&self.waker).take() {
+                w.wake();
+            }
+        }
+        vaddr
+    }
+
+    pub fn remove_session(&self, vaddr: &SocketAddr) -> Option<Route> {
+        lock(&self.paths).remove(vaddr)
+    }
+
+    pub fn route(&self, vaddr: &SocketAddr) -> Option<Route> {
+        lock(&self.paths).route(vaddr).copied()
+    }
+
+    pub fn session_count(&self) -> usize {
+        lock(&self.paths).len()
+    }
+
+    fn send_session(&self, route: Route, transmit: &Transmit) -> io::Result<()> {
+        let header = dataplane::header(route.session, &route.bind);
+        let stride = transmit.segment_size.unwrap_or(transmit.contents.len());
+        SCRATCH.with(|scratch| {
+            let mut buf = scratch.borrow_mut();
+            buf.clear();
+            for datagram in transmit.contents.chunks(stride.max(1)) {
+                buf.extend_from_slice(&header);
+                buf.extend_from_slice(datagram);
+            }
+            self.udp.try_send(&Transmit {
+                destination: route.relay,
+                ecn: transmit.ecn,
+                contents: &buf,
+                segment_size: transmit.segment_size.map(|s| s + HEADER_LEN),
+                src_ip: None,
+            })
+        })
+    }
+
+    /// Fills slots from the pending queue; returns how many.
+    fn take_pending(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut pending = lock(&self.pending);
+        let mut n = 0;
+        while n < bufs.len() {
+            let Some((m, data)) = pending.pop_front() else {
+                break;
+            };
+            if data.len() > bufs[n].len() {
+                continue; // cannot happen with quinn's buffers; never panic
+            }
+            bufs[n][..data.len()].copy_from_slice(&data);
+            meta[n] = m;
+            n += 1;
+        }
+        n
+    }
+
+    /// Rewrites one received slot in place: session datagrams lose their
+    /// header and take their session's virtual address. A slot keeps its
+    /// first run of datagrams of one origin; later runs of another origin
+    /// go to the pending queue. Returns the bytes left in the slot.
+    fn demux(&self, buf: &mut [u8], meta: &mut RecvMeta) -> usize {
+        let stride = if meta.stride == 0 {
+            meta.len
+        } else {
+            meta.stride
+        };
+        let mut paths = lock(&self.paths);
+        // The slot's run: origin, write offset, stride of its datagrams.
+        let mut kept: Option<(SocketAddr, usize, usize)> = None;
+        let mut spill: Vec<(RecvMeta, Vec<u8>)> = vec![];
+        let now = Instant::now();
+        for (off, len) in segments(meta.len, stride) {
+            let (origin, inner) = match dataplane::classify(&buf[off..off + len]) {
+                Datagram::Quic => (meta.addr, off..off + len),
+                Datagram::Invalid => continue,
+                Datagram::Session { session, .. } => {
+                    let inner = off + HEADER_LEN..off + len;
+                    match paths.inbound(meta.addr, session) {
+                        Some(vaddr) => (vaddr, inner),
+                        None => {
+                            paths.hold(meta.addr, session, &buf[inner], now);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match kept {
+                None => {
+                    buf.copy_within(inner.clone(), 0);
+                    kept = Some((origin, inner.len(), inner.len()));
+                }
+                Some((o, at, s)) if o == origin && spill.is_empty() && inner.len() <= s => {
+                    buf.copy_within(inner.clone(), at);
+                    kept = Some((o, at + inner.len(), s));
+                }
+                Some(_) => {
+                    let d = buf[inner].to_vec();
+                    let m = RecvMeta {
+                        addr: origin,
+                        len: d.len(),
+                        stride: d.len(),
+                        ..*meta
+                    };
+                    spill.push((m, d));
+                }
+            }
+        }
+        drop(paths);
+        if !spill.is_empty() {
+            lock(&self.pending).extend(spill);
+        }
+        match kept {
+            Some((origin, len, stride)) => {
+                meta.addr = origin;
+                meta.stride = stride;
+                len
+            }
+            None => 0,
+        }
+    }
+}
+
+impl AsyncUdpSocket for NodeSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Writable(self.udp.clone()))
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if !is_virtual(&transmit.destination) {
+            return self.udp.try_send(transmit);
+        }
+        match self.route(&transmit.destination) {
+            Some(route) => self.send_session(route, transmit),
+            // A closed session: drop, as a network would.
+            None => Ok(()),
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = self.take_pending(bufs, meta);
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+            {
+                let mut waker = lock(&self.waker);
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+            }
+            let n = match self.udp.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            for i in 0..n {
+                let len = meta[i].len;
+                meta[i].len = self.demux(&mut bufs[i][..len], &mut meta[i]);
+            }
+            let kept = compact_slots(bufs, meta, n);
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.udp.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.udp.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.udp.max_receive_segments()
+    }
+}
