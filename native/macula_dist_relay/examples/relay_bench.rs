@@ -1,5 +1,7 @@
-//! The relay's own cost: raw quinn streams client→server directly, and
-//! client→relay→client through the relay, measured in one run.
+//! The relay's own cost: raw quinn streams client→server directly,
+//! through the relay's stream tunnels (v1: the relay terminates QUIC) and
+//! through an e2e session (v2: the relay forwards sealed datagrams),
+//! measured in one run, with the relay's CPU time per GB forwarded.
 //!
 //! `cargo run --release -p macula_dist_relay --example relay_bench [-- REPS]`
 
@@ -7,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use macula_dist_relay::e2e_node::{self, E2eNode};
 use macula_dist_relay::{tls, Config, Relay};
 use macula_relay_proto::{FrameDecoder, Message, TunnelId};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
@@ -17,44 +20,95 @@ const ROUND_TRIPS: usize = 10_000;
 
 type Stream = (SendStream, RecvStream);
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let reps: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
+    // The relay runs on a runtime of its own, so its CPU time can be read
+    // from its threads (two workers, as the relay binary has on 2 cores).
+    let relay_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(|| {
+            RELAY_THREADS
+                .lock()
+                .unwrap()
+                .push(unsafe { libc::gettid() })
+        })
+        .enable_all()
+        .build()?;
+    let relay = relay_rt.block_on(Relay::start(Config::loopback()))?;
+    let bench_rt = tokio::runtime::Runtime::new()?;
+    bench_rt.block_on(run(reps, &relay))?;
+    relay_rt.block_on(relay.stop());
+    Ok(())
+}
+
+static RELAY_THREADS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// CPU time of the relay's threads so far (schedstat: nanoseconds on CPU).
+fn relay_cpu() -> Duration {
+    let ns: u64 = RELAY_THREADS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+const PATHS: [&str; 3] = ["direct", "stream", "e2e"];
+
+async fn run(reps: usize, relay: &Relay) -> anyhow::Result<()> {
     let direct = DirectServer::start().await?;
-    let relay = Relay::start(Config::loopback()).await?;
-    let pair = RelayPair::connect(&relay).await?;
-    let mut results: Vec<(&str, f64, f64)> = vec![];
+    let pair = RelayPair::connect(relay).await?;
+    let e2e = E2ePair::connect(relay).await?;
+    // (path, MB/s, rtt µs, relay CPU seconds per GB)
+    let mut results: Vec<(&str, f64, f64, f64)> = vec![];
     for rep in 1..=reps {
-        for path in ["direct", "relay"] {
-            let (mbps, rtt) = if path == "direct" {
-                (
-                    throughput(direct.stream().await?).await?,
-                    rtt(direct.stream().await?).await?,
-                )
-            } else {
-                (
-                    throughput(pair.tunnel().await?).await?,
-                    rtt(pair.tunnel().await?).await?,
-                )
+        for path in PATHS {
+            let stream = || async {
+                match path {
+                    "direct" => direct.stream().await,
+                    "stream" => pair.tunnel().await,
+                    _ => e2e.stream().await,
+                }
             };
-            println!("rep {rep} {path:6} throughput {mbps:8.1} MB/s   rtt p50 {rtt:6.1} us");
-            results.push((path, mbps, rtt));
+            let cpu_before = relay_cpu();
+            let mbps = throughput(stream().await?).await?;
+            let cpu = (relay_cpu() - cpu_before).as_secs_f64() / (THROUGHPUT_BYTES as f64 / 1e9);
+            let rtt = rtt(stream().await?).await?;
+            println!(
+                "rep {rep} {path:6} throughput {mbps:8.1} MB/s   rtt p50 {rtt:6.1} us   relay cpu {cpu:5.2} s/GB"
+            );
+            results.push((path, mbps, rtt, cpu));
         }
     }
-    let median = |path: &str, pick: fn(&(&str, f64, f64)) -> f64| {
+    let median = |path: &str, pick: fn(&(&str, f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = results.iter().filter(|r| r.0 == path).map(pick).collect();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (dt, rt) = (median("direct", |r| r.1), median("relay", |r| r.1));
-    let (dl, rl) = (median("direct", |r| r.2), median("relay", |r| r.2));
-    println!("\nmedians of {reps}:      direct        relay   relay/direct");
-    println!("throughput (MB/s)  {dt:10.1} {rt:12.1} {:14.2}", rt / dt);
-    println!("rtt p50 (us)       {dl:10.1} {rl:12.1} {:14.2}", rl / dl);
-    relay.stop().await;
+    println!(
+        "\nmedians of {reps}:       direct       stream          e2e   stream/direct  e2e/direct"
+    );
+    let line = |what: &str, pick: fn(&(&str, f64, f64, f64)) -> f64| {
+        let (d, s, e) = (
+            median("direct", pick),
+            median("stream", pick),
+            median("e2e", pick),
+        );
+        println!(
+            "{what:19}{d:10.2} {s:12.2} {e:12.2} {:15.2} {:11.2}",
+            s / d,
+            e / d
+        );
+    };
+    line("throughput (MB/s)", |r| r.1);
+    line("rtt p50 (us)", |r| r.2);
+    let (s, e) = (median("stream", |r| r.3), median("e2e", |r| r.3));
+    println!("relay CPU (s/GB)                {s:12.2} {e:12.2}");
     Ok(())
 }
 
@@ -147,6 +201,32 @@ impl DirectServer {
         });
         let conn = client(&pin)?.connect(addr, "localhost")?.await?;
         Ok(DirectServer { conn })
+    }
+
+    async fn stream(&self) -> anyhow::Result<Stream> {
+        Ok(self.conn.open_bi().await?)
+    }
+}
+
+/// Two nodes on the relay with one e2e session; `b` serves its streams.
+struct E2ePair {
+    conn: Connection,
+}
+
+impl E2ePair {
+    async fn connect(relay: &Relay) -> anyhow::Result<Self> {
+        let (addr, pin) = (relay.local_addr(), relay.fingerprint());
+        let mut a = E2eNode::join(addr, pin, "a@e2e").await?;
+        let mut b = E2eNode::join(addr, pin, "b@e2e").await?;
+        let session = e2e_node::session(&mut a, &mut b, b"bench", b"bench").await?;
+        let (conn, served) = (session.requester?, session.target?);
+        tokio::spawn(async move {
+            let _keep = (a, b);
+            while let Ok(stream) = served.accept_bi().await {
+                tokio::spawn(serve(stream));
+            }
+        });
+        Ok(E2ePair { conn })
     }
 
     async fn stream(&self) -> anyhow::Result<Stream> {

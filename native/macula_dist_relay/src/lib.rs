@@ -5,7 +5,8 @@
 //! e2e sessions).
 //!
 //! The library also holds what a node needs for e2e sessions, shared by the
-//! NIF, the tests and the benchmarks: [`node_socket`] and [`identity`].
+//! NIF, the tests and the benchmarks: [`node_socket`] and [`identity`]
+//! ([`e2e_node`] is a minimal e2e client for tests and benchmarks).
 //!
 //! Run it as the `macula-dist-relay` binary, or inside another process:
 //!
@@ -17,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod e2e_node;
 mod forward;
 pub mod identity;
 pub mod node_socket;

@@ -4,105 +4,23 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use common::{random_bytes, relay, WAIT};
-use macula_dist_relay::identity::{self, NodeIdentity, E2E_SERVER_NAME};
-use macula_dist_relay::node_socket::NodeSocket;
-use macula_dist_relay::{tls, Relay};
+use macula_dist_relay::e2e_node::{self, E2eNode};
+use macula_dist_relay::Relay;
 use macula_relay_proto::dataplane::session_id;
-use macula_relay_proto::paths::Route;
-use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use macula_relay_proto::{Message, TunnelId};
+use quinn::Connection;
 use tokio::time::timeout;
 
-struct E2eNode {
-    name: String,
-    endpoint: Endpoint,
-    socket: Arc<NodeSocket>,
-    relay_addr: SocketAddr,
-    relay_conn: Connection,
-    send: SendStream,
-    recv: RecvStream,
-    decoder: FrameDecoder,
-    queued: Vec<Message>,
+async fn join(relay: &Relay, name: &str) -> E2eNode {
+    E2eNode::join(relay.local_addr(), relay.fingerprint(), name)
+        .await
+        .unwrap()
 }
 
-impl E2eNode {
-    async fn join(relay: &Relay, name: &str) -> E2eNode {
-        let transport = tls::Transport::default();
-        let (mut endpoint, socket) = transport
-            .node_endpoint("127.0.0.1:0".parse().unwrap())
-            .unwrap();
-        endpoint.set_default_client_config(
-            tls::client_config(&tls::Trust::Pin(relay.fingerprint().into()), &transport).unwrap(),
-        );
-        let relay_conn = endpoint
-            .connect(relay.local_addr(), "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (send, recv) = relay_conn.open_bi().await.unwrap();
-        let mut node = E2eNode {
-            name: name.into(),
-            endpoint,
-            socket,
-            relay_addr: relay.local_addr(),
-            relay_conn,
-            send,
-            recv,
-            decoder: FrameDecoder::default(),
-            queued: vec![],
-        };
-        node.send(Message::Identify {
-            node: name.into(),
-            token: None,
-            version: Some(PROTOCOL_VERSION),
-        })
-        .await;
-        assert_eq!(
-            node.next().await,
-            Message::Identified {
-                version: Some(PROTOCOL_VERSION)
-            }
-        );
-        node
-    }
-
-    async fn send(&mut self, msg: Message) {
-        self.send.write_all(&msg.encode()).await.unwrap();
-    }
-
-    async fn next(&mut self) -> Message {
-        loop {
-            if !self.queued.is_empty() {
-                return self.queued.remove(0);
-            }
-            let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            let mut input = &chunk.bytes[..];
-            while let Some(m) = self.decoder.decode(&mut input).unwrap() {
-                self.queued.push(m);
-            }
-        }
-    }
-
-    fn route(&self, tunnel: &TunnelId, bind: BindKey) -> SocketAddr {
-        self.socket.add_session(Route {
-            relay: self.relay_addr,
-            session: session_id(tunnel),
-            bind,
-        })
-    }
-}
-
-/// A session from `a` to `b` with the given cookies; returns both ends'
-/// connections (or the handshake errors).
+/// A session from `a` to `b`: both ends (or their handshake errors).
 async fn session(
     a: &mut E2eNode,
     b: &mut E2eNode,
@@ -113,51 +31,8 @@ async fn session(
     Result<Connection, quinn::ConnectionError>,
     TunnelId,
 ) {
-    a.send(Message::TunnelRequest {
-        target: b.name.clone(),
-        mode: Mode::E2e,
-    })
-    .await;
-    let Message::TunnelNotify {
-        tunnel,
-        source,
-        bind: Some(b_bind),
-    } = b.next().await
-    else {
-        panic!("expected an e2e tun_notify")
-    };
-    assert_eq!(source, a.name);
-    let Message::TunnelOk {
-        tunnel: t2,
-        bind: Some(a_bind),
-    } = a.next().await
-    else {
-        panic!("expected an e2e tun_ok")
-    };
-    assert_eq!(tunnel, t2);
-    let transport = tls::Transport::default();
-    // Each side computes its own key and the key it expects of the other.
-    let a_me = NodeIdentity::derive(a_cookie, &a.name).unwrap();
-    let a_expects = NodeIdentity::derive(a_cookie, &b.name).unwrap().spki;
-    let b_me = NodeIdentity::derive(b_cookie, &b.name).unwrap();
-    let b_expects = NodeIdentity::derive(b_cookie, &a.name).unwrap().spki;
-    let b_vaddr = b.route(&tunnel, b_bind);
-    let a_vaddr = a.route(&tunnel, a_bind);
-    let server_config = identity::server_config(&b_me, b_expects, &transport).unwrap();
-    let b_endpoint = b.endpoint.clone();
-    let accept = tokio::spawn(async move {
-        let incoming = timeout(WAIT, b_endpoint.accept()).await.unwrap().unwrap();
-        assert_eq!(incoming.remote_address(), b_vaddr);
-        incoming.accept_with(Arc::new(server_config)).unwrap().await
-    });
-    let client_config = identity::client_config(&a_me, a_expects, &transport).unwrap();
-    let a_end = a
-        .endpoint
-        .connect_with(client_config, a_vaddr, E2E_SERVER_NAME)
-        .unwrap()
-        .await;
-    let b_end = accept.await.unwrap();
-    (a_end, b_end, tunnel)
+    let s = e2e_node::session(a, b, a_cookie, b_cookie).await.unwrap();
+    (s.requester, s.target, s.tunnel)
 }
 
 async fn transfer(from: &Connection, to: &Connection, data: &[u8]) -> Vec<u8> {
@@ -180,8 +55,8 @@ async fn transfer(from: &Connection, to: &Connection, data: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn nodes_talk_end_to_end_through_the_relay() {
     let relay = relay().await;
-    let mut a = E2eNode::join(&relay, "a@h").await;
-    let mut b = E2eNode::join(&relay, "b@h").await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
     let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
     let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
     assert_eq!(relay.stats().sessions, 1);
@@ -195,7 +70,7 @@ async fn nodes_talk_end_to_end_through_the_relay() {
     // control address (no rebinding).
     assert_eq!(stats.rebinds.load(Ordering::Relaxed), 0);
     // Closing the tunnel removes the session from the data plane.
-    a.send(Message::TunnelClose { tunnel }).await;
+    a.send(Message::TunnelClose { tunnel }).await.unwrap();
     timeout(WAIT, async {
         while relay.stats().sessions != 0 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -209,8 +84,8 @@ async fn nodes_talk_end_to_end_through_the_relay() {
 #[tokio::test]
 async fn a_wrong_cookie_fails_the_handshake_on_both_sides() {
     let relay = relay().await;
-    let mut a = E2eNode::join(&relay, "a@h").await;
-    let mut b = E2eNode::join(&relay, "b@h").await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
     let (a_end, b_end, _) = session(&mut a, &mut b, b"guess", b"cookie").await;
     assert!(
         a_end.is_err(),
@@ -225,8 +100,8 @@ async fn a_wrong_cookie_fails_the_handshake_on_both_sides() {
 #[tokio::test]
 async fn what_the_relay_alters_or_forges_is_never_delivered() {
     let relay = relay().await;
-    let mut a = E2eNode::join(&relay, "a@h").await;
-    let mut b = E2eNode::join(&relay, "b@h").await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
     let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
     let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
     let (mut send, _) = a_end.open_bi().await.unwrap();

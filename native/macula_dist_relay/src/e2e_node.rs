@@ -1,0 +1,171 @@
+//! A minimal e2e node for tests and benchmarks: one endpoint on a
+//! [`NodeSocket`], identified on a relay, that asks for sessions and
+//! connects them end to end. (The NIF is the full client: tunnel matching,
+//! Erlang ownership, timeouts.)
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use macula_relay_proto::dataplane::session_id;
+use macula_relay_proto::paths::Route;
+use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::time::timeout;
+
+use crate::identity::{self, NodeIdentity, E2E_SERVER_NAME};
+use crate::node_socket::NodeSocket;
+use crate::tls;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+pub struct E2eNode {
+    pub name: String,
+    pub endpoint: Endpoint,
+    pub socket: Arc<NodeSocket>,
+    pub relay_addr: SocketAddr,
+    pub relay_conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    queued: Vec<Message>,
+}
+
+/// The two ends of a session, as each side's handshake ended.
+pub struct Session {
+    pub tunnel: TunnelId,
+    pub requester: Result<Connection, quinn::ConnectionError>,
+    pub target: Result<Connection, quinn::ConnectionError>,
+}
+
+impl E2eNode {
+    /// Joins the relay at `relay` (certificate pinned) as `name`.
+    pub async fn join(relay: SocketAddr, pin: &str, name: &str) -> anyhow::Result<E2eNode> {
+        let transport = tls::Transport::default();
+        let (mut endpoint, socket) = transport.node_endpoint("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(tls::client_config(
+            &tls::Trust::Pin(pin.into()),
+            &transport,
+        )?);
+        let relay_conn = endpoint.connect(relay, "localhost")?.await?;
+        let (send, recv) = relay_conn.open_bi().await?;
+        let mut node = E2eNode {
+            name: name.into(),
+            endpoint,
+            socket,
+            relay_addr: relay,
+            relay_conn,
+            send,
+            recv,
+            decoder: FrameDecoder::default(),
+            queued: vec![],
+        };
+        node.send(Message::Identify {
+            node: name.into(),
+            token: None,
+            version: Some(PROTOCOL_VERSION),
+        })
+        .await?;
+        match node.next().await? {
+            Message::Identified {
+                version: Some(v), ..
+            } if v >= 2 => Ok(node),
+            other => bail!("expected id_ok of version 2, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, msg: Message) -> anyhow::Result<()> {
+        Ok(self.send.write_all(&msg.encode()).await?)
+    }
+
+    /// The next control message.
+    pub async fn next(&mut self) -> anyhow::Result<Message> {
+        loop {
+            if !self.queued.is_empty() {
+                return Ok(self.queued.remove(0));
+            }
+            let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
+                .await
+                .context("control message in time")??
+                .context("control stream ended")?;
+            let mut input = &chunk.bytes[..];
+            while let Some(m) = self.decoder.decode(&mut input)? {
+                self.queued.push(m);
+            }
+        }
+    }
+
+    /// Routes a session through this node's socket; quinn reaches it at
+    /// the returned address.
+    pub fn route(&self, tunnel: &TunnelId, bind: BindKey) -> SocketAddr {
+        self.socket.add_session(Route {
+            relay: self.relay_addr,
+            session: session_id(tunnel),
+            bind,
+        })
+    }
+}
+
+/// Opens a session from `a` to `b`, each side keyed with its own cookie.
+pub async fn session(
+    a: &mut E2eNode,
+    b: &mut E2eNode,
+    a_cookie: &[u8],
+    b_cookie: &[u8],
+) -> anyhow::Result<Session> {
+    a.send(Message::TunnelRequest {
+        target: b.name.clone(),
+        mode: Mode::E2e,
+    })
+    .await?;
+    let Message::TunnelNotify {
+        tunnel,
+        source,
+        bind: Some(b_bind),
+    } = b.next().await?
+    else {
+        bail!("expected an e2e tun_notify")
+    };
+    ensure!(source == a.name, "tun_notify from {source}");
+    let Message::TunnelOk {
+        tunnel: granted,
+        bind: Some(a_bind),
+    } = a.next().await?
+    else {
+        bail!("expected an e2e tun_ok")
+    };
+    ensure!(tunnel == granted);
+    let transport = tls::Transport::default();
+    // Each side computes its own key and the key it expects of the other.
+    let a_me = NodeIdentity::derive(a_cookie, &a.name)?;
+    let a_expects = NodeIdentity::derive(a_cookie, &b.name)?.spki;
+    let b_me = NodeIdentity::derive(b_cookie, &b.name)?;
+    let b_expects = NodeIdentity::derive(b_cookie, &a.name)?.spki;
+    let b_vaddr = b.route(&tunnel, b_bind);
+    let a_vaddr = a.route(&tunnel, a_bind);
+    let server_config = Arc::new(identity::server_config(&b_me, b_expects, &transport)?);
+    let b_endpoint = b.endpoint.clone();
+    let accept = tokio::spawn(async move {
+        let incoming = timeout(WAIT, b_endpoint.accept())
+            .await
+            .context("incoming session in time")?
+            .context("endpoint closed")?;
+        ensure!(
+            incoming.remote_address() == b_vaddr,
+            "session from elsewhere"
+        );
+        Ok(incoming.accept_with(server_config)?.await)
+    });
+    let client_config = identity::client_config(&a_me, a_expects, &transport)?;
+    let requester = a
+        .endpoint
+        .connect_with(client_config, a_vaddr, E2E_SERVER_NAME)?
+        .await;
+    let target = accept.await??;
+    Ok(Session {
+        tunnel,
+        requester,
+        target,
+    })
+}
