@@ -3,6 +3,7 @@
 # them clustered through the relay (nodes(), an rpc result, a throughput figure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/deps.sh
 
 echo "== building (cargo + rebar3)"
 cargo build --release --quiet -p macula_dist_relay
@@ -17,7 +18,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=${MACULA_DIST_PORT:-$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+port=${MACULA_DIST_PORT:-$(erl -noshell -eval '{ok, S} = gen_udp:open(0, [{ip, {127,0,0,1}}]), {ok, P} = inet:port(S), io:format("~b", [P]), halt().')}
 echo "== starting the relay on 127.0.0.1:$port"
 ./target/release/macula-dist-relay --listen "127.0.0.1:$port" \
   --fingerprint-file "$work/fingerprint" >"$work/relay.out" 2>"$work/relay.log" &

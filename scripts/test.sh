@@ -2,6 +2,7 @@
 # Every test: Rust (cargo test), EUnit, Common Test and ExUnit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/deps.sh
 
 echo "== cargo test"
 cargo test --workspace --quiet 2>&1 | grep -v '^$'
