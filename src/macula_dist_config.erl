@@ -55,13 +55,17 @@ checked(Orig, Host, Port) ->
     end.
 
 %% @doc The NIF's connect options from the URL, node name and user options.
-%% Options: `token', `ca_cert' (PEM path), `pin_sha256' (hex), `verify => none'
-%% (explicitly insecure), `connect_timeout', `tunnel_timeout', `idle_timeout',
-%% `keep_alive' (milliseconds).
--spec client_opts(binary() | string(), binary() | atom() | string(), map()) ->
+%% Url may be a list of URLs (as `boot_config/0' gives): each is checked and,
+%% for now, the first is used.
+%% Options: `token', `ca_cert' (PEM path), `pin_sha256' (hex, or a list of
+%% them, each checked; see trust/2), `verify => none' (explicitly insecure),
+%% `connect_timeout', `tunnel_timeout', `idle_timeout', `keep_alive'
+%% (milliseconds).
+-spec client_opts(binary() | string() | [binary() | string()],
+                  binary() | atom() | string(), map()) ->
           {ok, map()} | {error, term()}.
 client_opts(Url, Node, Opts) when is_map(Opts) ->
-    maybe_all([fun() -> parse_url(Url) end,
+    maybe_all([fun() -> first_url(Url) end,
                fun() -> node_name(Node) end,
                fun() -> check_opts(maps:to_list(Opts)) end],
               fun([{Host, Port}, NodeBin, ok]) ->
@@ -75,6 +79,15 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
               end);
 client_opts(_Url, _Node, Opts) ->
     {error, {bad_options, Opts}}.
+
+%% A list of URLs: all must parse; the first is the one used.
+first_url([First | _] = Urls) when is_list(First); is_binary(First) ->
+    case [E || U <- Urls, {error, _} = E <- [parse_url(U)]] of
+        [] -> parse_url(First);
+        [Error | _] -> Error
+    end;
+first_url(Url) ->
+    parse_url(Url).
 
 maybe_all(Steps, Done) -> maybe_all(Steps, [], Done).
 maybe_all([], Acc, Done) -> Done(lists:reverse(Acc));
@@ -93,10 +106,10 @@ node_name(Node) -> {error, {bad_node_name, Node}}.
 check_opts([]) -> ok;
 check_opts([{token, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{ca_cert, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
-check_opts([{pin_sha256, V} = Opt | Rest]) when is_binary(V); is_list(V) ->
-    case is_pin(text(V)) of
-        true -> check_opts(Rest);
-        false -> {error, {bad_option, Opt}}
+check_opts([{pin_sha256, V} | Rest]) when is_binary(V); is_list(V) ->
+    case [P || P <- pins(V), not is_pin(P)] of
+        [] -> check_opts(Rest);
+        [Bad | _] -> {error, {bad_option, {pin_sha256, Bad}}}
     end;
 check_opts([{verify, none} | Rest]) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
@@ -106,16 +119,31 @@ check_opts([{K, V} | Rest])
     check_opts(Rest);
 check_opts([Opt | _]) -> {error, {bad_option, Opt}}.
 
-is_pin(Pin) ->
+%% One pin (a string or binary) or a list of them.
+pins([First | _] = Pins) when is_list(First); is_binary(First) -> Pins;
+pins(Pin) -> [Pin].
+
+is_pin(Pin) when is_list(Pin) ->
+    try unicode:characters_to_binary(Pin) of
+        Bin when is_binary(Bin) -> is_pin(Bin);
+        _ -> false
+    catch error:_ -> false
+    end;
+is_pin(Pin) when is_binary(Pin) ->
     Hex = binary:replace(Pin, <<":">>, <<>>, [global]),
     byte_size(Hex) =:= 64 andalso
         lists:all(fun(C) -> (C >= $0 andalso C =< $9) orelse (C >= $a andalso C =< $f)
                                 orelse (C >= $A andalso C =< $F) end,
-                  binary_to_list(Hex)).
+                  binary_to_list(Hex));
+is_pin(_) ->
+    false.
 
 %% The relay is verified unless the user says otherwise, explicitly.
 trust(#{pin_sha256 := Pin}, Nif) ->
-    {ok, Nif#{pin_sha256 => text(Pin), ca_cert => <<>>, insecure => false}};
+    %% Several pins go to the NIF as one binary, joined with ","; the Rust
+    %% side splits it on commas (a pin itself never holds one).
+    Joined = iolist_to_binary(lists:join(<<",">>, [text(P) || P <- pins(Pin)])),
+    {ok, Nif#{pin_sha256 => Joined, ca_cert => <<>>, insecure => false}};
 trust(#{ca_cert := Ca}, Nif) ->
     {ok, Nif#{pin_sha256 => <<>>, ca_cert => text(Ca), insecure => false}};
 trust(#{verify := none}, Nif) ->
@@ -129,15 +157,21 @@ text(V) when is_list(V) -> unicode:characters_to_binary(V).
 %% @doc The distribution's relay settings, each from the first of:
 %% init arguments (`-macula_dist relay \'"quic://h:4434"\''), the `macula_dist'
 %% application environment, OS variables (`MACULA_DIST_RELAY', ...).
-%% Returns the relay URL and client options, or why not.
--spec boot_config() -> {ok, string(), map()} | {error, term()}.
+%% Returns the relay URLs and client options (`pin_sha256' as a list), or
+%% why not. `relay' and `pin_sha256' take one value or a list
+%% (`-macula_dist relay \'["quic://a:4434","quic://b:4434"]\'', or
+%% comma-separated in an OS variable or an unquoted argument).
+%%
+%% This runs while net_kernel starts, before the file server: files
+%% (`token_file', `ca_cert') are read with `prim_file'.
+-spec boot_config() -> {ok, [string(), ...], map()} | {error, term()}.
 boot_config() ->
     boot_config(init_args(), fun app_env/1, fun os:getenv/1).
 
--define(BOOT_KEYS, [{relay, "MACULA_DIST_RELAY", string},
+-define(BOOT_KEYS, [{relay, "MACULA_DIST_RELAY", list},
                     {token, "MACULA_DIST_TOKEN", string},
                     {token_file, "MACULA_DIST_TOKEN_FILE", string},
-                    {pin_sha256, "MACULA_DIST_PIN_SHA256", string},
+                    {pin_sha256, "MACULA_DIST_PIN_SHA256", list},
                     {ca_cert, "MACULA_DIST_CA_CERT", string},
                     {verify, "MACULA_DIST_VERIFY", atom},
                     {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
@@ -156,22 +190,28 @@ boot_config(InitArgs, AppEnv, OsEnv) ->
                      "or set MACULA_DIST_RELAY"}};
         {value, {relay, {bad, Raw}}, _} ->
             {error, {bad_relay_url, Raw}};
-        {value, {relay, Url}, Rest} ->
+        {value, {relay, Urls}, Rest} ->
             case [K || {K, {bad, _}} <- Rest] of
-                [] -> with_token_file(Url, maps:from_list(Rest));
+                [] -> with_files(Urls, maps:from_list(Rest));
                 [Bad | _] -> {error, {bad_boot_option, Bad, proplists:get_value(Bad, Rest)}}
             end
     end.
 
-with_token_file(Url, #{token_file := File} = Opts) ->
-    case file:read_file(File) of
+%% The token file is read here; the CA file only checked (the NIF reads it).
+with_files(Urls, #{token_file := File} = Opts) ->
+    case prim_file:read_file(File) of
         {ok, Token} ->
-            {ok, Url, maps:put(token, string:trim(Token), maps:remove(token_file, Opts))};
+            with_files(Urls, maps:put(token, string:trim(Token), maps:remove(token_file, Opts)));
         {error, Reason} ->
             {error, {token_file, File, Reason}}
     end;
-with_token_file(Url, Opts) ->
-    {ok, Url, Opts}.
+with_files(Urls, #{ca_cert := File} = Opts) ->
+    case prim_file:read_file(File) of
+        {ok, _} -> {ok, Urls, Opts};
+        {error, Reason} -> {error, {ca_cert, File, Reason}}
+    end;
+with_files(Urls, Opts) ->
+    {ok, Urls, Opts}.
 
 lookup(Key, Var, Type, InitArgs, AppEnv, OsEnv) ->
     case proplists:get_value(atom_to_list(Key), InitArgs) of
@@ -189,13 +229,20 @@ lookup(Key, Var, Type, InitArgs, AppEnv, OsEnv) ->
             %% -macula_dist Key Value: Value is an Erlang term, as for
             %% -App Par Val; an unquoted string is taken as it is.
             case {parse_term(Text), Type} of
-                {{ok, Value}, _} when Type =/= string; is_list(Value) -> checked_type(Type, Value);
+                {{ok, Value}, _} when Type =/= string, Type =/= list; is_list(Value) ->
+                    checked_type(Type, Value);
                 {_, string} -> Text;
+                {_, list} -> typed(list, Text);
                 _ -> {bad, Text}
             end
     end.
 
 typed(string, Text) -> Text;
+typed(list, Text) ->
+    case [string:trim(P) || P <- string:split(Text, ",", all), string:trim(P) =/= ""] of
+        [] -> {bad, Text};
+        List -> List
+    end;
 typed(atom, Text) -> list_to_atom(Text);
 typed(integer, Text) ->
     case string:to_integer(Text) of
@@ -204,6 +251,22 @@ typed(integer, Text) ->
     end.
 
 checked_type(string, V) when is_list(V); is_binary(V) -> unicode:characters_to_list(V);
+%% One string (comma-separated values allowed), or a non-empty list of them.
+checked_type(list, V) when is_binary(V); is_list(V) ->
+    Items = case io_lib:char_list(V) of
+                true -> [V];
+                false when is_binary(V) -> [V];
+                false -> V
+            end,
+    Split = [case (is_binary(E) orelse io_lib:char_list(E)) andalso
+                     unicode:characters_to_list(E) of
+                 L when is_list(L) -> typed(list, L);
+                 _ -> {bad, E}
+             end || E <- Items],
+    case Split =/= [] andalso lists:all(fun is_list/1, Split) of
+        true -> lists:append(Split);
+        false -> {bad, V}
+    end;
 checked_type(atom, V) when is_atom(V) -> V;
 checked_type(integer, V) when is_integer(V) -> V;
 checked_type(_, V) -> {bad, V}.

@@ -60,13 +60,74 @@ boot(InitArgs, App, Os) ->
 
 boot_precedence_test() ->
     %% init arguments beat the application environment, which beats OS variables.
-    ?assertEqual({ok, "quic://a:1", #{}}, boot([{"relay", "\"quic://a:1\""}], [{relay, "b"}], [{"MACULA_DIST_RELAY", "c"}])),
-    ?assertEqual({ok, "b", #{}}, boot([], [{relay, "b"}], [{"MACULA_DIST_RELAY", "c"}])),
-    ?assertEqual({ok, "c", #{connect_timeout => 7}},
+    ?assertEqual({ok, ["quic://a:1"], #{}}, boot([{"relay", "\"quic://a:1\""}], [{relay, "b"}], [{"MACULA_DIST_RELAY", "c"}])),
+    ?assertEqual({ok, ["b"], #{}}, boot([], [{relay, "b"}], [{"MACULA_DIST_RELAY", "c"}])),
+    ?assertEqual({ok, ["c"], #{connect_timeout => 7}},
                  boot([], [], [{"MACULA_DIST_RELAY", "c"}, {"MACULA_DIST_CONNECT_TIMEOUT", "7"}])),
     %% An unquoted URL on the command line is taken as it is.
-    ?assertEqual({ok, "quic://a:1", #{verify => none}},
+    ?assertEqual({ok, ["quic://a:1"], #{verify => none}},
                  boot([{"relay", "quic://a:1"}, {"verify", "none"}], [], [])).
+
+-define(PIN2, "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210").
+
+boot_relay_lists_test_() ->
+    Relay = fun(Arg) -> boot([{"relay", Arg}], [], []) end,
+    [%% -macula_dist relay '["quic://a:1","quic://b:2"]'
+     ?_assertEqual({ok, ["quic://a:1", "quic://b:2"], #{}}, Relay("[\"quic://a:1\",\"quic://b:2\"]")),
+     ?_assertEqual({ok, ["quic://a:1", "b:2"], #{}}, Relay("[\"quic://a:1\", <<\"b:2\">>]")),
+     ?_assertEqual({ok, ["quic://a:1"], #{}}, Relay("[\"quic://a:1\"]")),
+     %% Unquoted, alone or comma-separated, as they are.
+     ?_assertEqual({ok, ["quic://a:1"], #{}}, Relay("quic://a:1")),
+     ?_assertEqual({ok, ["[::1]:4434"], #{}}, Relay("[::1]:4434")),
+     ?_assertEqual({ok, ["host"], #{}}, Relay("host")),
+     ?_assertEqual({ok, ["quic://a:1", "quic://b:2"], #{}}, Relay("quic://a:1,quic://b:2")),
+     ?_assertEqual({ok, ["quic://a:1", "quic://b:2"], #{}}, Relay("\"quic://a:1, quic://b:2\"")),
+     %% The application environment and OS variables.
+     ?_assertEqual({ok, ["a:1", "b:2"], #{}}, boot([], [{relay, ["a:1", <<"b:2">>]}], [])),
+     ?_assertEqual({ok, ["a:1"], #{}}, boot([], [{relay, <<"a:1">>}], [])),
+     ?_assertEqual({ok, ["a:1", "b:2"], #{}}, boot([], [], [{"MACULA_DIST_RELAY", "a:1,b:2"}])),
+     %% Nothing usable.
+     ?_assertEqual({error, {bad_relay_url, []}}, Relay("[]")),
+     ?_assertEqual({error, {bad_relay_url, ["a:1", 7]}}, Relay("[\"a:1\", 7]")),
+     ?_assertEqual({error, {bad_relay_url, ","}}, boot([], [], [{"MACULA_DIST_RELAY", ","}]))].
+
+boot_pin_lists_test_() ->
+    Pin = fun(Arg) -> boot([{"relay", "h"}, {"pin_sha256", Arg}], [], []) end,
+    [%% -macula_dist pin_sha256 '["hex1","hex2"]'
+     ?_assertEqual({ok, ["h"], #{pin_sha256 => [?PIN, ?PIN2]}},
+                   Pin("[\"" ?PIN "\",\"" ?PIN2 "\"]")),
+     %% One pin, quoted or not, is a list of one.
+     ?_assertEqual({ok, ["h"], #{pin_sha256 => [?PIN]}}, Pin("\"" ?PIN "\"")),
+     ?_assertEqual({ok, ["h"], #{pin_sha256 => [?PIN]}}, Pin(?PIN)),
+     ?_assertEqual({ok, ["h"], #{pin_sha256 => [?PIN, ?PIN2]}}, Pin(?PIN "," ?PIN2)),
+     ?_assertEqual({ok, ["h"], #{pin_sha256 => [?PIN, ?PIN2]}},
+                   boot([], [{relay, "h"}], [{"MACULA_DIST_PIN_SHA256", ?PIN "," ?PIN2}])),
+     ?_assertEqual({ok, ["h"], #{pin_sha256 => [?PIN]}},
+                   boot([], [{relay, "h"}, {pin_sha256, list_to_binary(?PIN)}], [])),
+     ?_assertEqual({error, {bad_boot_option, pin_sha256, {bad, [foo]}}}, Pin("[foo]")),
+     ?_assertEqual({error, {bad_boot_option, pin_sha256, {bad, []}}}, Pin("[]"))].
+
+%% What boot_config gives is what client_opts takes: the first relay is
+%% used, every pin goes to the NIF (joined with commas).
+boot_lists_to_client_opts_test() ->
+    {ok, Urls, Opts} = boot([{"relay", "[\"quic://a:1\",\"quic://b:2\"]"},
+                             {"pin_sha256", "[\"" ?PIN "\",\"" ?PIN2 "\"]"}], [], []),
+    {ok, M} = macula_dist_config:client_opts(Urls, <<"n@h">>, Opts),
+    ?assertMatch(#{host := <<"a">>, port := 1, pin_sha256 := <<?PIN "," ?PIN2>>}, M).
+
+client_opts_lists_test() ->
+    ?assertMatch({ok, #{host := <<"a">>, port := 1}},
+                 macula_dist_config:client_opts(["quic://a:1", <<"b:2">>], <<"n@h">>, #{verify => none})),
+    ?assertEqual({error, {bad_relay_url, "http://b"}},
+                 macula_dist_config:client_opts(["quic://a:1", "http://b"], <<"n@h">>, #{verify => none})),
+    ?assertMatch({ok, #{pin_sha256 := <<?PIN>>}}, opts(#{pin_sha256 => [?PIN]})),
+    ?assertMatch({ok, #{pin_sha256 := <<?PIN>>}}, opts(#{pin_sha256 => list_to_binary(?PIN)})),
+    ?assertMatch({ok, #{pin_sha256 := <<?PIN "," ?PIN2>>}},
+                 opts(#{pin_sha256 => [list_to_binary(?PIN), ?PIN2]})),
+    %% Each pin is checked; the bad one is named.
+    ?assertEqual({error, {bad_option, {pin_sha256, "abc"}}}, opts(#{pin_sha256 => [?PIN, "abc"]})),
+    ?assertEqual({error, {bad_option, {pin_sha256, 5}}}, opts(#{pin_sha256 => [?PIN, 5]})),
+    ?assertEqual({error, {bad_option, {pin_sha256, []}}}, opts(#{pin_sha256 => []})).
 
 boot_errors_test() ->
     ?assertMatch({error, {no_relay_configured, _}}, boot([], [], [])),
@@ -79,7 +140,22 @@ token_file_test() ->
     File = filename:join(os:getenv("TMPDIR", "/tmp"), "macula_token_" ++ os:getpid()),
     ok = file:write_file(File, <<"s3cret\n">>),
     try
-        ?assertEqual({ok, "c", #{token => <<"s3cret">>}}, boot([], [{relay, "c"}, {token_file, File}], []))
+        ?assertEqual({ok, ["c"], #{token => <<"s3cret">>}}, boot([], [{relay, "c"}, {token_file, File}], [])),
+        ?assertEqual({ok, ["c"], #{token => <<"s3cret">>}},
+                     boot([{"relay", "c"}, {"token_file", "\"" ++ File ++ "\""}], [], []))
+    after
+        file:delete(File)
+    end.
+
+%% The CA file is read by the NIF, but a missing one stops the boot here,
+%% with its name.
+ca_cert_checked_test() ->
+    ?assertEqual({error, {ca_cert, "/nonexistent/ca.pem", enoent}},
+                 boot([{"relay", "c"}, {"ca_cert", "\"/nonexistent/ca.pem\""}], [], [])),
+    File = filename:join(os:getenv("TMPDIR", "/tmp"), "macula_ca_" ++ os:getpid()),
+    ok = file:write_file(File, <<"-----BEGIN CERTIFICATE-----\n">>),
+    try
+        ?assertEqual({ok, ["c"], #{ca_cert => File}}, boot([], [{relay, "c"}, {ca_cert, File}], []))
     after
         file:delete(File)
     end.
