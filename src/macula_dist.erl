@@ -21,7 +21,7 @@
 
 -export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
          address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2]).
--export([do_setup/6, do_accept/5, acceptor/1, controller/1, input_handler/3]).
+-export([do_setup/6, do_accept/5, acceptor/1, controller/2, input_handler/3]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist_util.hrl").
@@ -48,13 +48,13 @@ listen(Name) ->
 listen(Name, Host) ->
     Node = iolist_to_binary([atom_to_list(Name), "@", Host]),
     case macula_dist_config:boot_config() of
-        {ok, Url, Opts} ->
-            case ensure_client(Url, Node, Opts) of
+        {ok, Urls, Opts} ->
+            case ensure_client(Urls, Node, Opts) of
                 {ok, Client} ->
                     {ok, {Client, address(Host), creation()}};
                 {error, Reason} ->
-                    logger:error("macula_dist: cannot join relay ~ts as ~ts: ~p",
-                                 [Url, Node, Reason]),
+                    logger:error("macula_dist: cannot join relay ~p as ~ts: ~p",
+                                 [Urls, Node, Reason]),
                     {error, {relay, Reason}}
             end;
         {error, Reason} ->
@@ -141,7 +141,7 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
         Client when is_pid(Client) ->
             case macula_dist_relay_client:request_tunnel(Client, atom_to_binary(Node, utf8)) of
                 {ok, _ConnRef, Tunnel} ->
-                    Ctrl = start_controller(Tunnel),
+                    Ctrl = start_controller(Tunnel, undefined),
                     HSData = (hs_data(Ctrl, Tunnel))#hs_data{
                                kernel_pid = Kernel, other_node = Node, this_node = MyNode,
                                timer = Timer, this_flags = 0, other_version = 6,
@@ -160,9 +160,13 @@ accept_connection(_AcceptPid, Tunnel, MyNode, Allowed, SetupTime) ->
     spawn_opt(?MODULE, do_accept, [self(), Tunnel, MyNode, Allowed, SetupTime],
               dist_util:net_ticker_spawn_options()).
 
+%% The peer's name in the handshake must be the name the relay (stream
+%% tunnel) or the peer's key (e2e session) vouched for: the controller
+%% checks it before dist_util sees it.
 do_accept(Kernel, Tunnel, MyNode, Allowed, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
-    Ctrl = start_controller(Tunnel),
+    #{peer := Peer} = macula_dist_nif:tunnel_info(Tunnel),
+    Ctrl = start_controller(Tunnel, Peer),
     HSData = (hs_data(Ctrl, Tunnel))#hs_data{
                kernel_pid = Kernel, this_node = MyNode, timer = Timer,
                this_flags = 0, allowed = Allowed},
@@ -170,8 +174,9 @@ do_accept(Kernel, Tunnel, MyNode, Allowed, SetupTime) ->
 
 %% The controller owns the tunnel from here; it is linked to this process,
 %% which becomes the connection's supervisor (dist_util's con_loop).
-start_controller(Tunnel) ->
-    Ctrl = spawn_opt(?MODULE, controller, [Tunnel], [link, {priority, max} | ?SPAWN_OPTS]),
+start_controller(Tunnel, ExpectedPeer) ->
+    Ctrl = spawn_opt(?MODULE, controller, [Tunnel, ExpectedPeer],
+                     [link, {priority, max} | ?SPAWN_OPTS]),
     case macula_dist_nif:tunnel_set_owner(Tunnel, Ctrl) of
         ok -> Ctrl;
         {error, closed} -> ?shutdown2(tunnel, tunnel_closed)
@@ -189,7 +194,13 @@ hs_data(Ctrl, Tunnel) ->
              mf_tick = fun(_C) -> tick(Tunnel) end,
              mf_getstat = fun(_C) -> getstat(Tunnel) end,
              mf_setopts = fun(_C, _Opts) -> {error, enotsup} end,
-             mf_getopts = fun(_C, _Opts) -> {error, enotsup} end}.
+             mf_getopts = fun(_C, Opts) -> getopts_tunnel(Tunnel, Opts) end}.
+
+%% `net_kernel:getopts(Node, [mode, peer, tunnel_id])': how the connection runs.
+getopts_tunnel(Tunnel, Opts) ->
+    Info = macula_dist_nif:tunnel_info(Tunnel),
+    Keys = #{mode => mode, peer => peer, tunnel_id => id},
+    {ok, [{Opt, maps:get(Key, Info)} || Opt <- Opts, {ok, Key} <- [maps:find(Opt, Keys)]]}.
 
 node_address(Node) ->
     case string:split(atom_to_list(Node), "@") of
@@ -220,10 +231,13 @@ call(Ctrl, Request) ->
 
 %% ---- the controller: handshake I/O, then output ----
 
-controller(Tunnel) ->
-    handshake_loop(Tunnel).
+%% ExpectedPeer: on an inbound connection, the name the first packet
+%% (send_name) must carry; `undefined' once checked, or outbound (where
+%% dist_util checks the name in the challenge against the node it dialled).
+controller(Tunnel, ExpectedPeer) ->
+    handshake_loop(Tunnel, ExpectedPeer).
 
-handshake_loop(Tunnel) ->
+handshake_loop(Tunnel, Expected) ->
     receive
         {Ref, From, {send, Packet}} ->
             Reply = case macula_dist_nif:tunnel_send(Tunnel, [<<(iolist_size(Packet)):16>>, Packet], 1) of
@@ -231,31 +245,49 @@ handshake_loop(Tunnel) ->
                         _ -> ok
                     end,
             From ! {Ref, Reply},
-            handshake_loop(Tunnel);
+            handshake_loop(Tunnel, Expected);
         {Ref, From, {recv, _Length, Timeout}} ->
-            From ! {Ref, recv_packet(Tunnel, Timeout)},
-            handshake_loop(Tunnel);
+            From ! {Ref, recv_packet(Tunnel, Expected, Timeout)},
+            handshake_loop(Tunnel, undefined);
         {Ref, From, packet_4} ->
             From ! {Ref, macula_dist_nif:tunnel_set_packet(Tunnel, 4)},
-            handshake_loop(Tunnel);
+            handshake_loop(Tunnel, Expected);
         {Ref, From, {handshake_complete, DHandle}} ->
             From ! {Ref, ok},
             start_data_path(Tunnel, DHandle);
         {macula_tunnel, Tunnel, closed} ->
             exit(connection_closed);
         _ ->
-            handshake_loop(Tunnel)
+            handshake_loop(Tunnel, Expected)
     end.
 
-recv_packet(Tunnel, Timeout) ->
+recv_packet(Tunnel, Expected, Timeout) ->
     ok = macula_dist_nif:tunnel_set_packet(Tunnel, 2),
     ok = macula_dist_nif:tunnel_activate(Tunnel, 1),
     receive
-        {macula_tunnel, Tunnel, {data, [Packet]}} -> {ok, binary_to_list(Packet)};
+        {macula_tunnel, Tunnel, {data, [Packet]}} -> checked_name(Tunnel, Expected, Packet);
         {macula_tunnel, Tunnel, closed} -> {error, closed}
     after Timeout ->
             {error, timeout}
     end.
+
+checked_name(_Tunnel, undefined, Packet) ->
+    {ok, binary_to_list(Packet)};
+checked_name(Tunnel, Expected, Packet) ->
+    case send_name(Packet) of
+        Expected ->
+            {ok, binary_to_list(Packet)};
+        Other ->
+            logger:warning("macula_dist: refused a handshake from ~ts that claimed to be ~0p",
+                           [Expected, Other]),
+            macula_dist_nif:tunnel_close(Tunnel),
+            {error, {name_mismatch, Expected}}
+    end.
+
+%% The node name in a send_name packet (OTP 23+ 'N', or the older 'n').
+send_name(<<$N, _Flags:64, _Creation:32, Len:16, Name:Len/binary, _/binary>>) -> Name;
+send_name(<<$n, _Version:16, _Flags:32, Name/binary>>) -> Name;
+send_name(_) -> malformed.
 
 start_data_path(Tunnel, DHandle) ->
     Input = spawn_opt(?MODULE, input_handler, [self(), Tunnel, DHandle], [link | ?SPAWN_OPTS]),

@@ -4,7 +4,7 @@
 -export([parse_url/1, client_opts/3, default_port/0, boot_config/0, boot_config/3]).
 
 -define(DEFAULT_PORT, 4434).
--define(DEFAULTS, #{connect_timeout => 10000, tunnel_timeout => 10000,
+-define(DEFAULTS, #{tunnel => e2e, connect_timeout => 10000, tunnel_timeout => 10000,
                     idle_timeout => 30000, keep_alive => 5000}).
 
 default_port() -> ?DEFAULT_PORT.
@@ -60,7 +60,8 @@ checked(Orig, Host, Port) ->
 %% Options: `token', `ca_cert' (PEM path), `pin_sha256' (hex, or a list of
 %% them, each checked; see trust/2), `verify => none' (explicitly insecure),
 %% `connect_timeout', `tunnel_timeout', `idle_timeout', `keep_alive'
-%% (milliseconds).
+%% (milliseconds), `tunnel' (`e2e', the default, or `stream'), `cookie'
+%% (the cookie that keys e2e sessions when distribution is not running).
 -spec client_opts(binary() | string() | [binary() | string()],
                   binary() | atom() | string(), map()) ->
           {ok, map()} | {error, term()}.
@@ -75,7 +76,8 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
                                    connect_timeout => maps:get(connect_timeout, All),
                                    tunnel_timeout => maps:get(tunnel_timeout, All),
                                    idle_timeout => maps:get(idle_timeout, All),
-                                   keep_alive => maps:get(keep_alive, All)})
+                                   keep_alive => maps:get(keep_alive, All),
+                                   mode => atom_to_binary(maps:get(tunnel, All))})
               end);
 client_opts(_Url, _Node, Opts) ->
     {error, {bad_options, Opts}}.
@@ -112,6 +114,9 @@ check_opts([{pin_sha256, V} | Rest]) when is_binary(V); is_list(V) ->
         [Bad | _] -> {error, {bad_option, {pin_sha256, Bad}}}
     end;
 check_opts([{verify, none} | Rest]) -> check_opts(Rest);
+check_opts([{tunnel, e2e} | Rest]) -> check_opts(Rest);
+check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
+check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
 check_opts([{K, V} | Rest])
   when (K =:= connect_timeout orelse K =:= tunnel_timeout orelse K =:= idle_timeout
@@ -174,6 +179,7 @@ boot_config() ->
                     {pin_sha256, "MACULA_DIST_PIN_SHA256", list},
                     {ca_cert, "MACULA_DIST_CA_CERT", string},
                     {verify, "MACULA_DIST_VERIFY", atom},
+                    {tunnel, "MACULA_DIST_TUNNEL", atom},
                     {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
                     {tunnel_timeout, "MACULA_DIST_TUNNEL_TIMEOUT", integer},
                     {idle_timeout, "MACULA_DIST_IDLE_TIMEOUT", integer},

@@ -15,7 +15,7 @@
 -define(MIN_BACKOFF, 100).
 -define(MAX_BACKOFF, 5000).
 
--spec start_link(string() | binary(), binary(), map()) -> {ok, pid()} | {error, term()}.
+-spec start_link(string() | binary() | [string() | binary()], binary(), map()) -> {ok, pid()} | {error, term()}.
 start_link(Url, Node, Opts) ->
     proc_lib:start_link(?MODULE, init, [self(), Url, Node, Opts]).
 
@@ -46,10 +46,10 @@ reconnect(Parent, {Url, Node, Opts} = Args, Backoff) ->
     after Backoff ->
             case macula_dist_relay_client:start_link(Url, Node, Opts) of
                 {ok, Client} ->
-                    logger:notice("macula_dist: connected to relay ~ts again", [Url]),
+                    logger:notice("macula_dist: connected to relay ~p again", [Url]),
                     watch(Parent, Client, Args);
                 {error, Reason} ->
-                    logger:warning("macula_dist: relay ~ts not reachable (~p); next try in ~b ms",
+                    logger:warning("macula_dist: relay ~p not reachable (~p); next try in ~b ms",
                                    [Url, Reason, min(Backoff * 2, ?MAX_BACKOFF)]),
                     reconnect(Parent, Args, min(Backoff * 2, ?MAX_BACKOFF))
             end

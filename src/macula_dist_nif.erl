@@ -5,6 +5,8 @@
 %%
 %% Client (owned by `macula_dist_relay_client'):
 %%   `{macula_client, identified | {connect_failed, R} | {closed, R} | {log, Level, Text}}'
+%%   `{macula_client, {cookie, Source, Tag}}': an e2e session from Source
+%%   needs the cookie this node uses with it; answer `client_cookie(C, Tag, Cookie)'.
 %% Tunnel requests answer the caller:
 %%   `{macula_tunnel_reply, Tag, {ok, ConnRef, Tunnel} | {error, Reason}}'
 %% Inbound tunnels go to the kernel set with `client_set_kernel/3':
@@ -32,8 +34,8 @@
 -module(macula_dist_nif).
 
 -export([loaded/0]).
--export([client_start/1, client_stop/1, client_request_tunnel/3, client_close_tunnel/2,
-         client_set_kernel/3, client_status/1]).
+-export([client_start/1, client_stop/1, client_request_tunnel/4, client_close_tunnel/2,
+         client_set_kernel/3, client_status/1, client_cookie/3]).
 -export([tunnel_send/3, tunnel_send_dirty/3, tunnel_set_owner/2, tunnel_set_packet/2,
          tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1]).
 -export([relay_start/1, relay_info/1, relay_stop/1, live_counts/0]).
@@ -81,7 +83,8 @@ not_loaded(Function, Args) ->
 
 client_start(Opts) -> not_loaded(?FUNCTION_NAME, [Opts]).
 client_stop(Client) -> not_loaded(?FUNCTION_NAME, [Client]).
-client_request_tunnel(Client, Target, Tag) -> not_loaded(?FUNCTION_NAME, [Client, Target, Tag]).
+client_request_tunnel(Client, Target, Tag, Cookie) -> not_loaded(?FUNCTION_NAME, [Client, Target, Tag, Cookie]).
+client_cookie(Client, Tag, Cookie) -> not_loaded(?FUNCTION_NAME, [Client, Tag, Cookie]).
 client_close_tunnel(Client, TunnelId) -> not_loaded(?FUNCTION_NAME, [Client, TunnelId]).
 client_set_kernel(Client, Kernel, AcceptPid) -> not_loaded(?FUNCTION_NAME, [Client, Kernel, AcceptPid]).
 client_status(Client) -> not_loaded(?FUNCTION_NAME, [Client]).

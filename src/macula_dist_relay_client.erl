@@ -29,12 +29,13 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
-                   idle_timeout, keep_alive]).
+                   idle_timeout, keep_alive, tunnel]).
 
 -record(state, {client :: reference(), url :: binary(), node :: binary(),
-                tunnel_timeout :: pos_integer()}).
+                tunnel_timeout :: pos_integer(),
+                cookie :: atom() | binary() | undefined}).
 
--spec start_link(binary() | string(), binary()) -> {ok, pid()} | {error, term()}.
+-spec start_link(binary() | string() | [binary() | string()], binary()) -> {ok, pid()} | {error, term()}.
 start_link(RelayUrl, NodeName) ->
     start_link(RelayUrl, NodeName, #{}).
 
@@ -42,17 +43,21 @@ start_link(RelayUrl, NodeName) ->
 %% find it without being passed the pid. Only one dist_relay_client per node
 %% makes sense: a node connects to exactly one dist relay for its cluster
 %% traffic.
--spec start_link(binary() | string(), binary(), map()) -> {ok, pid()} | {error, term()}.
+-spec start_link(binary() | string() | [binary() | string()], binary(), map()) -> {ok, pid()} | {error, term()}.
 start_link(RelayUrl, NodeName, Opts) when is_map(Opts) ->
     case macula_dist_config:client_opts(RelayUrl, NodeName, maps:merge(app_opts(), Opts)) of
         {ok, NifOpts} ->
             gen_server:start_link({local, ?MODULE}, ?MODULE,
-                                  {unicode:characters_to_binary(RelayUrl), NifOpts}, []);
+                                  {url_text(RelayUrl), NifOpts, maps:get(cookie, Opts, undefined)},
+                                  []);
         {error, _} = Error ->
             Error
     end;
 start_link(_RelayUrl, _NodeName, Opts) ->
     {error, {bad_options, Opts}}.
+
+url_text([First | _]) when is_list(First); is_binary(First) -> url_text(First);
+url_text(Url) -> unicode:characters_to_binary(Url).
 
 app_opts() ->
     maps:from_list([{K, V} || K <- ?APP_OPTS, {ok, V} <- [application:get_env(macula_dist, K)]]).
@@ -66,17 +71,12 @@ request_tunnel(Client, Target) when is_atom(Target) ->
     request_tunnel(Client, atom_to_binary(Target, utf8));
 request_tunnel(Client, Target) when is_binary(Target) ->
     case call(Client, handle) of
-        {ok, Nif, Timeout} ->
-            Tag = erlang:unique_integer([positive]),
-            case macula_dist_nif:client_request_tunnel(Nif, Target, Tag) of
-                ok ->
-                    %% The NIF answers within Timeout; the margin only guards
-                    %% against a client that died meanwhile.
-                    receive {macula_tunnel_reply, Tag, Reply} -> Reply
-                    after Timeout + 5000 -> {error, timeout}
-                    end;
-                {error, _} = Error ->
-                    Error
+        {ok, Nif, Timeout, CookieOpt} ->
+            %% The cookie keys an e2e session (the NIF asks for one when the
+            %% relay offers them); a target on a v1-only node gets a stream.
+            case request(Nif, Target, cookie(CookieOpt, Target), Timeout) of
+                {error, {tunnel_error, mode_unsupported}} -> request(Nif, Target, <<>>, Timeout);
+                Reply -> Reply
             end;
         {error, _} = Error ->
             Error
@@ -84,10 +84,39 @@ request_tunnel(Client, Target) when is_binary(Target) ->
 request_tunnel(_Client, Target) ->
     {error, {bad_target, Target}}.
 
+request(Nif, Target, Cookie, Timeout) ->
+    Tag = erlang:unique_integer([positive]),
+    case macula_dist_nif:client_request_tunnel(Nif, Target, Tag, Cookie) of
+        ok ->
+            %% The NIF answers within Timeout; the margin only guards
+            %% against a client that died meanwhile.
+            receive {macula_tunnel_reply, Tag, Reply} -> Reply
+            after Timeout + 5000 -> {error, timeout}
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+%% The cookie this node uses with Peer: the `cookie' option when given,
+%% else erlang:get_cookie(Peer) (per-node cookies included). No atom is
+%% made from a peer's name: a name that is not an atom yet has no cookie
+%% of its own.
+cookie(Cookie, _Peer) when is_binary(Cookie) -> Cookie;
+cookie(Cookie, _Peer) when is_atom(Cookie), Cookie =/= undefined -> atom_to_binary(Cookie, utf8);
+cookie(undefined, Peer) ->
+    Own = try binary_to_existing_atom(Peer, utf8) of
+              Node -> erlang:get_cookie(Node)
+          catch error:badarg -> erlang:get_cookie()
+          end,
+    case Own of
+        nocookie -> <<>>;
+        _ -> atom_to_binary(Own, utf8)
+    end.
+
 -spec close_tunnel(pid(), binary()) -> ok.
 close_tunnel(Client, TunnelId) when is_binary(TunnelId) ->
     case call(Client, handle) of
-        {ok, Nif, _} -> _ = macula_dist_nif:client_close_tunnel(Nif, TunnelId), ok;
+        {ok, Nif, _, _} -> _ = macula_dist_nif:client_close_tunnel(Nif, TunnelId), ok;
         {error, _} -> ok
     end.
 
@@ -117,14 +146,14 @@ call(Client, Request) ->
 %% gen_server
 
 init({Url, #{node := Node, connect_timeout := ConnectTimeout,
-             tunnel_timeout := TunnelTimeout} = NifOpts}) ->
+             tunnel_timeout := TunnelTimeout} = NifOpts, Cookie}) ->
     process_flag(trap_exit, true),
     case start_nif(NifOpts) of
         {ok, Client} ->
             receive
                 {macula_client, identified} ->
                     {ok, #state{client = Client, url = Url, node = Node,
-                                tunnel_timeout = TunnelTimeout}};
+                                tunnel_timeout = TunnelTimeout, cookie = Cookie}};
                 {macula_client, {connect_failed, Reason}} ->
                     fail_init(Reason)
             after ConnectTimeout + 5000 ->
@@ -152,8 +181,8 @@ fail_init(Reason) ->
     proc_lib:init_ack({error, Reason}),
     exit(normal).
 
-handle_call(handle, _From, #state{client = C, tunnel_timeout = T} = S) ->
-    {reply, {ok, C, T}, S};
+handle_call(handle, _From, #state{client = C, tunnel_timeout = T, cookie = Cookie} = S) ->
+    {reply, {ok, C, T, Cookie}, S};
 handle_call({set_kernel, Kernel}, _From, #state{client = C} = S) ->
     %% This process is the AcceptPid: net_kernel's {Kernel, controller, Pid}
     %% replies come here (the handshake process claims its tunnel itself).
@@ -170,6 +199,9 @@ handle_cast(_Msg, S) ->
 handle_info({macula_client, {closed, Reason}}, S) ->
     logger:warning("macula_dist: relay connection closed: ~ts", [Reason]),
     {stop, {relay_closed, Reason}, S};
+handle_info({macula_client, {cookie, Source, Tag}}, #state{client = C, cookie = Cookie} = S) ->
+    ok = macula_dist_nif:client_cookie(C, Tag, cookie(Cookie, Source)),
+    {noreply, S};
 handle_info({macula_client, {log, Level, Text}}, S) ->
     logger:log(Level, "macula_dist: ~ts", [Text]),
     {noreply, S};

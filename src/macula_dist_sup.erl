@@ -13,7 +13,7 @@ start_link() ->
 
 %% The client runs under a keeper that connects again whenever the relay
 %% connection ends (and net_kernel's acceptor hands it the kernel again).
--spec start_client(binary() | string(), binary(), map()) -> {ok, pid()} | {error, term()}.
+-spec start_client(binary() | string() | [binary() | string()], binary(), map()) -> {ok, pid()} | {error, term()}.
 start_client(Url, Node, Opts) ->
     Spec = #{id => macula_dist_keeper,
              start => {macula_dist_keeper, start_link, [Url, Node, Opts]},

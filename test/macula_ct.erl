@@ -104,15 +104,20 @@ node_name(Name) -> list_to_atom(atom_to_list(Name) ++ "@" ++ host()).
 
 %% Command-line arguments for a node that joins the relay (pinning its
 %% certificate unless the fingerprint is `none').
-peer_args(#{url := Url, fingerprint := Pin}, Extra) ->
+peer_args(#{url := Url, fingerprint := Pin} = Info, Extra) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), is_project_path(D)]),
     Trust = case Pin of
                 none -> [];
                 _ -> ["-macula_dist", "pin_sha256", "\"" ++ binary_to_list(Pin) ++ "\""]
             end,
+    %% `tunnel' in Info: the mode (e2e or stream) to ask for.
+    Mode = case Info of
+               #{tunnel := T} -> ["-macula_dist", "tunnel", atom_to_list(T)];
+               _ -> []
+           end,
     ["-proto_dist", "macula", "-no_epmd",
      "-macula_dist", "relay", "\"" ++ binary_to_list(Url) ++ "\"",
-     "-setcookie", "macula_ct_cookie"] ++ Trust ++ Paths ++ Extra.
+     "-setcookie", "macula_ct_cookie"] ++ Trust ++ Mode ++ Paths ++ Extra.
 
 is_project_path(Dir) ->
     string:find(Dir, "_build") =/= nomatch.

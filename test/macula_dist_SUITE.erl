@@ -4,7 +4,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
+-export([all/0, groups/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_group/2, end_per_group/2, init_per_testcase/2, end_per_testcase/2]).
 -export([ping_both_directions/1, simultaneous_connect/1, rpc_erpc_64_mib_both_ways/1,
          global_across_three_nodes/1, pg_across_three_nodes/1, kill_9_detected_by_ticks/1,
          full_mesh_of_five_in_order/1, restarted_peer_reachable_again/1,
@@ -14,16 +15,29 @@
 
 suite() -> [{timetrap, {minutes, 5}}].
 
+%% Every case runs in both tunnel modes: e2e sessions (the default) and
+%% version 1 stream tunnels.
 all() ->
-    [ping_both_directions, simultaneous_connect, rpc_erpc_64_mib_both_ways,
-     global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
-     full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
-     hidden_node, net_kernel_start_later, missing_relay_fails_boot, relay_restart_reconnects,
-     idle_connection_kept_by_ticks].
+    [{group, e2e}, {group, stream}].
+
+groups() ->
+    Cases = [ping_both_directions, simultaneous_connect, rpc_erpc_64_mib_both_ways,
+             global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
+             full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
+             hidden_node, net_kernel_start_later, missing_relay_fails_boot,
+             relay_restart_reconnects, idle_connection_kept_by_ticks],
+    [{e2e, [], Cases}, {stream, [], Cases}].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
     [{relay, Relay}, {info, Info} | Config].
+
+init_per_group(Mode, Config) ->
+    Info = ?config(info, Config),
+    [{mode, Mode}, {info, Info#{tunnel => Mode}} | Config].
+
+end_per_group(_Mode, _Config) ->
+    ok.
 
 end_per_suite(Config) ->
     macula_dist_relay:stop(?config(relay, Config)).
@@ -59,6 +73,10 @@ ping_both_directions(Config) ->
     %% The connection runs over the macula carrier, not TCP.
     {ok, Info} = call(A, net_kernel, node_info, [BN]),
     ?assertMatch({net_address, relay, _, macula, inet}, proplists:get_value(address, Info)),
+    %% ... in the group's tunnel mode, on both ends.
+    Mode = ?config(mode, Config),
+    ?assertEqual({ok, [{mode, Mode}]}, call(A, net_kernel, getopts, [BN, [mode]])),
+    ?assertEqual({ok, [{mode, Mode}]}, call(B, net_kernel, getopts, [AN, [mode]])),
     true = call(A, erlang, disconnect_node, [BN]),
     ?assertEqual([], call(A, erlang, nodes, [])),
     ?assertEqual(pong, call(B, net_adm, ping, [AN])),
@@ -207,11 +225,14 @@ idle_connection_kept_by_ticks(Config) ->
     ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, []])),
     _ = B.
 
-relay_restart_reconnects(_Config) ->
+relay_restart_reconnects(Config) ->
     {Relay, #{port := Port} = Info} = macula_ct:start_relay(),
     %% The next relay has a new certificate: trust without a pin here.
     Trust = ["-macula_dist", "verify", "none"],
-    Start = fun(Name) -> macula_ct:start_peer(Name, Info#{fingerprint => none}, Trust) end,
+    Mode = ?config(mode, Config),
+    Start = fun(Name) ->
+                    macula_ct:start_peer(Name, Info#{fingerprint => none, tunnel => Mode}, Trust)
+            end,
     [{A, AN}, {B, BN}] = [Start(N) || N <- [pa12, pb12]],
     put(peers, [A, B | get_peers()]),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),

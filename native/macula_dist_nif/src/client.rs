@@ -8,14 +8,14 @@
 //! `{macula_tunnel_reply, Tag, {ok, ConnRef, Tunnel} | {error, Reason}}`.
 //! Inbound tunnels go to the kernel: `{accept, AcceptPid, Tunnel, inet, macula}`.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use macula_dist_relay::tls::{self, Trust};
 use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
-use macula_relay_proto::{FrameDecoder, Message, TunnelId, PROTOCOL_VERSION};
+use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{ConnectionError, RecvStream, SendStream};
 use rustler::{Encoder, Env, LocalPid, Monitor, OwnedEnv, Resource, ResourceArc, Term};
 use tokio::sync::mpsc;
@@ -23,7 +23,8 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::atoms;
-use crate::runtime::{endpoint_for, runtime};
+use crate::runtime::{endpoint_for, runtime, NodeEndpoint};
+use crate::session::{self, Path};
 use crate::tunnel::{self, Streams, TunnelRes};
 
 /// Streams that wait for their `tun_ok`/`tun_notify`, at most.
@@ -50,11 +51,15 @@ pub struct ConnectOpts {
     pub tunnel_timeout: u64,
     pub idle_timeout: u64,
     pub keep_alive: u64,
+    /// `"e2e"` (sessions end to end, when the relay offers them) or `"stream"`.
+    pub mode: String,
 }
 
 struct Request {
     caller: LocalPid,
     tag: u64,
+    /// For an e2e session: the cookie for the target, and the target.
+    e2e: Option<(Vec<u8>, String)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -71,20 +76,36 @@ struct State {
     kernel: Option<(LocalPid, LocalPid)>,
     waiting: VecDeque<(ResourceArc<TunnelRes>, Instant)>,
     control: Option<mpsc::Sender<Message>>,
+    /// Inbound e2e sessions waiting for the cookie of their source, by tag.
+    cookie_waits: HashMap<u64, (TunnelId, String, BindKey, Instant)>,
+    next_cookie_tag: u64,
+    /// Live e2e sessions' connections: they run through this client's
+    /// relay, and end with it.
+    sessions: HashMap<TunnelId, quinn::Connection>,
 }
 
 pub struct Client {
     owner: LocalPid,
     node: String,
     tunnel_timeout: Duration,
+    /// Asked for e2e sessions (`mode`); they run once the relay offers them.
+    wants_e2e: bool,
     state: Mutex<State>,
     conn: OnceLock<quinn::Connection>,
+    /// Set once connected to a relay that offers e2e sessions.
+    path: OnceLock<Path>,
     open_tunnels: Arc<AtomicUsize>,
+    refused_sessions: AtomicU64,
     shutdown: CancellationToken,
 }
 
 /// The handle the gen_server holds; when it goes, the client stops.
 pub struct ClientRes(pub Arc<Client>);
+
+// rustler returns resources through catch_unwind. The client's quinn
+// endpoint is not RefUnwindSafe, but no NIF call leaves it half-changed:
+// its state is behind locks that recover from poisoning.
+impl std::panic::RefUnwindSafe for ClientRes {}
 
 /// The `ConnRef` handed out with tunnels: names the client, owns nothing.
 pub struct ConnRef {
@@ -179,33 +200,49 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         ..tls::Transport::default()
     };
     let config = tls::client_config(&trust, &transport).map_err(|e| format!("{e:#}"))?;
+    let wants_e2e = match opts.mode.as_str() {
+        "e2e" => true,
+        "stream" => false,
+        other => return Err(format!("unknown tunnel mode {other:?}")),
+    };
     crate::LIVE_CLIENTS.fetch_add(1, Ordering::Relaxed);
     let client = Arc::new(Client {
         owner,
         node: opts.node.clone(),
         tunnel_timeout: Duration::from_millis(opts.tunnel_timeout),
+        wants_e2e,
         state: Mutex::new(State {
             phase: Phase::Connecting,
             matcher: TunnelMatcher::new(MAX_ORPHANS),
             kernel: None,
             waiting: VecDeque::new(),
             control: None,
+            cookie_waits: HashMap::new(),
+            next_cookie_tag: 0,
+            sessions: HashMap::new(),
         }),
         conn: OnceLock::new(),
+        path: OnceLock::new(),
         open_tunnels: Arc::new(AtomicUsize::new(0)),
+        refused_sessions: AtomicU64::new(0),
         shutdown: CancellationToken::new(),
     });
-    runtime().spawn(run(client.clone(), opts, config));
+    runtime().spawn(run(client.clone(), opts, config, transport));
     Ok(client)
 }
 
-async fn run(client: Arc<Client>, opts: ConnectOpts, config: quinn::ClientConfig) {
+async fn run(
+    client: Arc<Client>,
+    opts: ConnectOpts,
+    config: quinn::ClientConfig,
+    transport: tls::Transport,
+) {
     let connect_timeout = Duration::from_millis(opts.connect_timeout);
     let connected = tokio::select! {
         _ = client.shutdown.cancelled() => return,
         r = timeout(connect_timeout, connect(&client, &opts, config)) => r.unwrap_or(Err(ConnectError::Timeout)),
     };
-    let (conn, send, recv, decoder) = match connected {
+    let (conn, send, recv, decoder, (endpoint, socket), relay_version) = match connected {
         Ok(parts) => parts,
         Err(e) => {
             client.lock().phase = Phase::Closed;
@@ -214,6 +251,20 @@ async fn run(client: Arc<Client>, opts: ConnectOpts, config: quinn::ClientConfig
         }
     };
     let _ = client.conn.set(conn.clone());
+    if client.wants_e2e && relay_version >= 2 {
+        let _ = client.path.set(Path {
+            endpoint,
+            socket,
+            relay: conn.remote_address(),
+            transport,
+        });
+    } else if client.wants_e2e {
+        client.log(
+            atoms::warning(),
+            "the relay does not offer end-to-end sessions (protocol v2): using stream tunnels"
+                .into(),
+        );
+    }
     let (control_tx, control_rx) = mpsc::channel(macula_dist_relay::CONTROL_QUEUE);
     {
         let mut state = client.lock();
@@ -233,7 +284,14 @@ async fn run(client: Arc<Client>, opts: ConnectOpts, config: quinn::ClientConfig
     client.closed(&why);
 }
 
-type Connected = (quinn::Connection, SendStream, RecvStream, FrameDecoder);
+type Connected = (
+    quinn::Connection,
+    SendStream,
+    RecvStream,
+    FrameDecoder,
+    NodeEndpoint,
+    u64,
+);
 
 async fn connect(
     client: &Client,
@@ -245,7 +303,7 @@ async fn connect(
         .map_err(|e| ConnectError::Unreachable(format!("resolving {}: {e}", opts.host)))?
         .next()
         .ok_or_else(|| ConnectError::Unreachable(format!("{} has no address", opts.host)))?;
-    let endpoint = endpoint_for(addr).map_err(ConnectError::Unreachable)?;
+    let (endpoint, socket) = endpoint_for(addr).map_err(ConnectError::Unreachable)?;
     let server_name = if opts.host.parse::<std::net::IpAddr>().is_ok() {
         "localhost"
     } else {
@@ -277,8 +335,9 @@ async fn connect(
         let mut input = &chunk.bytes[..];
         match decoder.decode(&mut input) {
             Ok(None) => continue,
-            Ok(Some(Message::Identified)) if input.is_empty() => {
-                return Ok((conn, send, recv, decoder))
+            Ok(Some(Message::Identified { version })) if input.is_empty() => {
+                let version = version.unwrap_or(1);
+                return Ok((conn, send, recv, decoder, (endpoint, socket), version));
             }
             Ok(Some(Message::IdentifyRefused { reason })) => {
                 return Err(ConnectError::Refused(reason))
@@ -355,7 +414,15 @@ async fn read_prefix(
             .ok_or_else(|| anyhow::anyhow!("stream ended inside its prefix"))?;
         if let Some((tunnel, rest)) = prefix.feed(&chunk.bytes)? {
             let early = chunk.bytes.slice(chunk.bytes.len() - rest.len()..);
-            return Ok((tunnel, Streams { send, recv, early }));
+            return Ok((
+                tunnel,
+                Streams {
+                    send,
+                    recv,
+                    early,
+                    conn: None,
+                },
+            ));
         }
     }
 }
@@ -372,6 +439,9 @@ async fn housekeeping(client: Arc<Client>) {
         let (expired, stale) = {
             let mut state = client.lock();
             let expired = state.matcher.expire(now, MATCH_WAIT);
+            state
+                .cookie_waits
+                .retain(|_, (_, _, _, at)| now.duration_since(*at) < MATCH_WAIT);
             let mut stale = vec![];
             while let Some((_, at)) = state.waiting.front() {
                 if now.duration_since(*at) < MATCH_WAIT {
@@ -409,18 +479,66 @@ impl Client {
         });
     }
 
-    fn log(&self, level: rustler::Atom, text: String) {
+    pub fn log(&self, level: rustler::Atom, text: String) {
         self.tell_owner(|env| (atoms::log(), level, text).encode(env));
     }
 
-    fn on_control(&self, msg: Message) -> Option<Matched<Request, Streams>> {
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn count_refused_session(&self) {
+        self.refused_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_control(self: &Arc<Self>, msg: Message) -> Option<Matched<Request, Streams>> {
         let now = Instant::now();
         let mut state = self.lock();
         match msg {
-            Message::TunnelOk { tunnel } => state.matcher.on_tunnel_ok(tunnel, now),
+            Message::TunnelOk { tunnel, bind: None } => state.matcher.on_tunnel_ok(tunnel, now),
+            Message::TunnelOk {
+                tunnel,
+                bind: Some(bind),
+            } => {
+                let e2e = state.matcher.front().and_then(|r| r.e2e.clone());
+                let matched = state.matcher.on_tunnel_ok(tunnel, now);
+                drop(state);
+                match (e2e, self.path.get()) {
+                    (Some((cookie, target)), Some(path)) => {
+                        session::connect(self, path.clone(), tunnel, bind, cookie, target)
+                    }
+                    // Abandoned meanwhile (or not asked as e2e): never used.
+                    _ => self.discard(tunnel),
+                }
+                matched
+            }
             Message::TunnelError { reason } => state.matcher.on_tunnel_error(reason),
-            Message::TunnelNotify { tunnel, source } => {
-                state.matcher.on_tunnel_notify(tunnel, source, now)
+            Message::TunnelNotify {
+                tunnel,
+                source,
+                bind: None,
+            } => state.matcher.on_tunnel_notify(tunnel, source, now),
+            Message::TunnelNotify {
+                tunnel,
+                source,
+                bind: Some(bind),
+            } => {
+                if self.path.get().is_none() {
+                    drop(state);
+                    self.discard(tunnel);
+                    return None;
+                }
+                // The session's keys depend on the cookie for `source`,
+                // which Erlang knows: ask the owner for it.
+                state.next_cookie_tag += 1;
+                let tag = state.next_cookie_tag;
+                state
+                    .cookie_waits
+                    .insert(tag, (tunnel, source.clone(), bind, now));
+                let matched = state.matcher.on_tunnel_notify(tunnel, source.clone(), now);
+                drop(state);
+                self.tell_owner(|env| (atoms::cookie(), source.as_str(), tag).encode(env));
+                matched
             }
             Message::ProtocolError { reason } => {
                 drop(state);
@@ -499,14 +617,65 @@ impl Client {
                 });
             }
             Matched::Discard { tunnel, stream } => {
-                drop(stream);
+                if let Some(s) = stream {
+                    s.discard();
+                }
                 self.discard(tunnel);
             }
         }
     }
 
+    /// The owner's answer to a cookie request: ready the inbound session.
+    pub fn cookie(self: &Arc<Self>, tag: u64, cookie: &[u8]) {
+        let Some((tunnel, source, bind, _)) = self.lock().cookie_waits.remove(&tag) else {
+            return;
+        };
+        let Some(path) = self.path.get().cloned() else {
+            return;
+        };
+        if let Err(e) = session::expect(self, path, tunnel, source, bind, cookie) {
+            self.log(atoms::warning(), format!("e2e session {tunnel}: {e:#}"));
+            self.discard(tunnel);
+        }
+    }
+
+    /// An e2e session's connection is up and its stream open.
+    pub fn session_stream(self: &Arc<Self>, tunnel: TunnelId, streams: Streams) {
+        let matched = self
+            .lock()
+            .matcher
+            .on_stream(tunnel, streams, Instant::now());
+        if let Some(m) = matched {
+            self.dispatch(m);
+        }
+    }
+
+    /// Tracks a live session; `false` if the client is closed (the caller
+    /// then closes it).
+    pub fn track_session(&self, tunnel: TunnelId, conn: &quinn::Connection) -> bool {
+        let mut state = self.lock();
+        if state.phase == Phase::Closed {
+            return false;
+        }
+        state.sessions.insert(tunnel, conn.clone());
+        true
+    }
+
+    pub fn untrack_session(&self, tunnel: &TunnelId) {
+        self.lock().sessions.remove(tunnel);
+    }
+
+    /// An outbound e2e session could not be made.
+    pub fn session_failed(self: &Arc<Self>, tunnel: TunnelId, reason: &str) {
+        let matched = self.lock().matcher.fail(&tunnel, reason.into());
+        if let Some(m) = matched {
+            self.dispatch(m);
+        }
+        self.discard(tunnel);
+    }
+
     /// Tells the relay we will not use this tunnel.
-    fn discard(&self, tunnel: TunnelId) {
+    pub fn discard(&self, tunnel: TunnelId) {
         self.send_control(Message::TunnelClose { tunnel });
     }
 
@@ -518,12 +687,22 @@ impl Client {
     }
 
     /// Asks for a tunnel; the answer goes to `caller` tagged `tag`.
+    /// With a cookie, and a relay that offers them, an e2e session.
     pub fn request_tunnel(
         self: &Arc<Self>,
         target: String,
         caller: LocalPid,
         tag: u64,
+        cookie: Option<Vec<u8>>,
     ) -> Result<(), rustler::Atom> {
+        let e2e = cookie
+            .filter(|_| self.path.get().is_some())
+            .map(|c| (c, target.clone()));
+        let mode = if e2e.is_some() {
+            Mode::E2e
+        } else {
+            Mode::Stream
+        };
         let id: RequestId = {
             let mut state = self.lock();
             if state.phase != Phase::Connected {
@@ -533,8 +712,11 @@ impl Client {
                 return Err(atoms::not_connected());
             };
             // Pushed and sent under one lock, so the FIFO matches the wire.
-            let id = state.matcher.request(Request { caller, tag });
-            if tx.try_send(Message::TunnelRequest { target }).is_err() {
+            let id = state.matcher.request(Request { caller, tag, e2e });
+            if tx
+                .try_send(Message::TunnelRequest { target, mode })
+                .is_err()
+            {
                 state.matcher.abandon(id);
                 return Err(atoms::not_connected());
             }
@@ -593,6 +775,11 @@ impl Client {
             for (t, _) in state.waiting.drain(..) {
                 t.0.close(false);
             }
+            // Their relay is gone (a relay that comes back has forgotten
+            // them): their owners hear `closed`, as with stream tunnels.
+            for (_, conn) in state.sessions.drain() {
+                conn.close(0u32.into(), b"relay connection closed");
+            }
             state.matcher.drain("relay_closed")
         };
         for m in drained {
@@ -616,6 +803,10 @@ impl Client {
         let pending = state.matcher.pending_count();
         let kernel_set = state.kernel.is_some();
         drop(state);
+        let (mode, sessions) = match self.path.get() {
+            Some(path) => (atoms::e2e(), path.socket.session_count()),
+            None => (atoms::stream(), 0),
+        };
         let (rtt_us, bytes_in, bytes_out) = match self.conn.get() {
             Some(c) => {
                 let s = c.stats();
@@ -636,6 +827,12 @@ impl Client {
             (atoms::bytes_out().encode(env), bytes_out.encode(env)),
             (atoms::rtt_us().encode(env), rtt_us.encode(env)),
             (atoms::kernel_set().encode(env), kernel_set.encode(env)),
+            (atoms::mode().encode(env), mode.encode(env)),
+            (atoms::e2e_sessions().encode(env), sessions.encode(env)),
+            (
+                atoms::refused_sessions().encode(env),
+                self.refused_sessions.load(Ordering::Relaxed).encode(env),
+            ),
         ];
         Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
     }

@@ -9,6 +9,7 @@
 mod client;
 mod relay;
 mod runtime;
+mod session;
 mod tunnel;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,8 @@ pub(crate) mod atoms {
         target_not_connected, not_identified, self_tunnel, too_many_tunnels,
         too_many_nodes, bad_name, bad_token, already_identified,
         identify_timeout, open_failed, stream_timeout,
+        mode, e2e, stream, cookie, e2e_sessions, refused_sessions,
+        mode_unsupported, e2e_handshake_failed,
     }
 
     /// The atom for a reason the relay or client is known to send.
@@ -54,6 +57,8 @@ pub(crate) mod atoms {
             "open_failed" => open_failed(),
             "stream_timeout" => stream_timeout(),
             "relay_closed" => relay_closed(),
+            "mode_unsupported" => mode_unsupported(),
+            "e2e_handshake_failed" => e2e_handshake_failed(),
             _ => return None,
         })
     }
@@ -103,14 +108,18 @@ fn client_stop(client: ResourceArc<ClientRes>) -> rustler::Atom {
 
 /// Asks for a tunnel to `target`; the caller hears
 /// `{macula_tunnel_reply, Tag, {ok, ConnRef, Tunnel} | {error, Reason}}`.
+/// With a cookie (not empty) it is an e2e session when the relay offers
+/// them; the cookie keys both ends.
 #[rustler::nif]
-fn client_request_tunnel(
-    env: Env,
+fn client_request_tunnel<'a>(
+    env: Env<'a>,
     client: ResourceArc<ClientRes>,
     target: String,
     tag: u64,
-) -> Term {
-    match client.0.request_tunnel(target, env.pid(), tag) {
+    cookie: Binary<'a>,
+) -> Term<'a> {
+    let cookie = (!cookie.is_empty()).then(|| cookie.as_slice().to_vec());
+    match client.0.request_tunnel(target, env.pid(), tag, cookie) {
         Ok(()) => atoms::ok().encode(env),
         Err(reason) => (atoms::error(), reason).encode(env),
     }
@@ -127,6 +136,14 @@ fn client_close_tunnel<'a>(
         Ok(_) => (atoms::error(), atoms::not_connected()).encode(env),
         Err(_) => (atoms::error(), atoms::badarg()).encode(env),
     }
+}
+
+/// The owner's answer to `{macula_client, {cookie, Source, Tag}}`: the
+/// cookie this node uses with `Source`, for an inbound e2e session.
+#[rustler::nif]
+fn client_cookie(client: ResourceArc<ClientRes>, tag: u64, cookie: Binary) -> rustler::Atom {
+    client.0.cookie(tag, cookie.as_slice());
+    atoms::ok()
 }
 
 #[rustler::nif]
@@ -238,6 +255,14 @@ fn tunnel_info(env: Env, tunnel: ResourceArc<TunnelRes>) -> Term {
                 atoms::outbound()
             } else {
                 atoms::inbound()
+            }
+            .encode(env),
+        ),
+        (
+            atoms::mode().encode(env),
+            match t.mode {
+                macula_relay_proto::Mode::E2e => atoms::e2e(),
+                macula_relay_proto::Mode::Stream => atoms::stream(),
             }
             .encode(env),
         ),

@@ -1,14 +1,43 @@
-//! One tokio runtime and one quinn client endpoint per address family, per VM.
+//! One tokio runtime and one quinn endpoint per address family, per VM.
+//! Each endpoint sits on one UDP socket ([`NodeSocket`]) that carries the
+//! node's relay connections and its e2e sessions; its accept loop hands
+//! each incoming e2e session to the session that was announced for it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::Duration;
 
+use macula_dist_relay::node_socket::NodeSocket;
 use tokio::runtime::Runtime;
 
+use crate::session::Inbound;
+
+/// A node's endpoint and the socket under it.
+pub type NodeEndpoint = (quinn::Endpoint, Arc<NodeSocket>);
+
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-static ENDPOINT_V4: OnceLock<Result<quinn::Endpoint, String>> = OnceLock::new();
-static ENDPOINT_V6: OnceLock<Result<quinn::Endpoint, String>> = OnceLock::new();
+static ENDPOINT_V4: OnceLock<Result<NodeEndpoint, String>> = OnceLock::new();
+static ENDPOINT_V6: OnceLock<Result<NodeEndpoint, String>> = OnceLock::new();
+/// Inbound e2e sessions announced by a relay and ready to be accepted, by
+/// the virtual address their datagrams come from.
+static INBOUND: OnceLock<Mutex<HashMap<SocketAddr, Inbound>>> = OnceLock::new();
+
+fn inbound() -> std::sync::MutexGuard<'static, HashMap<SocketAddr, Inbound>> {
+    INBOUND
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The next incoming connection from `vaddr` is this session's.
+pub fn expect_inbound(vaddr: SocketAddr, session: Inbound) {
+    inbound().insert(vaddr, session);
+}
+
+pub fn forget_inbound(vaddr: &SocketAddr) -> Option<Inbound> {
+    inbound().remove(vaddr)
+}
 static CLOSE_AT_EXIT: Once = Once::new();
 
 /// Worker threads: `MACULA_DIST_THREADS`, else 1. Every tunnel shares the
@@ -37,8 +66,8 @@ pub fn runtime() -> &'static Runtime {
     })
 }
 
-/// The client endpoint for `remote`'s address family, bound on first use.
-pub fn endpoint_for(remote: SocketAddr) -> Result<quinn::Endpoint, String> {
+/// The endpoint for `remote`'s address family, bound on first use.
+pub fn endpoint_for(remote: SocketAddr) -> Result<NodeEndpoint, String> {
     let (cell, bind): (_, SocketAddr) = if remote.is_ipv4() {
         (&ENDPOINT_V4, "0.0.0.0:0".parse().unwrap())
     } else {
@@ -51,11 +80,24 @@ pub fn endpoint_for(remote: SocketAddr) -> Result<quinn::Endpoint, String> {
     });
     cell.get_or_init(|| {
         let _guard = runtime().enter();
-        macula_dist_relay::tls::Transport::default()
-            .client_endpoint(bind)
-            .map_err(|e| format!("{e:#}"))
+        let (endpoint, socket) = macula_dist_relay::tls::Transport::default()
+            .node_endpoint(bind)
+            .map_err(|e| format!("{e:#}"))?;
+        runtime().spawn(accept_loop(endpoint.clone()));
+        Ok((endpoint, socket))
     })
     .clone()
+}
+
+/// Incoming connections are e2e sessions a relay announced, or refused:
+/// nobody else may open a QUIC connection to a node.
+async fn accept_loop(endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        match forget_inbound(&incoming.remote_address()) {
+            Some(session) => session.accept(incoming),
+            None => incoming.refuse(),
+        }
+    }
 }
 
 /// At VM exit (`halt`, `init:stop`): close every relay connection, so the
@@ -64,7 +106,7 @@ pub fn endpoint_for(remote: SocketAddr) -> Result<quinn::Endpoint, String> {
 extern "C" fn close_endpoints() {
     let mut open = 0;
     for cell in [&ENDPOINT_V4, &ENDPOINT_V6] {
-        if let Some(Ok(endpoint)) = cell.get() {
+        if let Some(Ok((endpoint, _))) = cell.get() {
             open += endpoint.open_connections();
             endpoint.close(0u32.into(), b"node exiting");
         }

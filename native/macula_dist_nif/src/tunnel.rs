@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use macula_relay_proto::TunnelId;
+use macula_relay_proto::{Mode, TunnelId};
 use quinn::{RecvStream, SendStream, VarInt};
 use rustler::{Encoder, Env, LocalPid, Monitor, NewBinary, OwnedEnv, Resource, ResourceArc, Term};
 use tokio::sync::{mpsc, Notify};
@@ -53,6 +53,7 @@ pub struct Tunnel {
     pub id: TunnelId,
     pub peer: String,
     pub outbound: bool,
+    pub mode: Mode,
     owner: Mutex<Option<(LocalPid, Option<Monitor>)>>,
     out: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
     queued: AtomicUsize,
@@ -100,6 +101,26 @@ pub struct Streams {
     pub send: SendStream,
     pub recv: RecvStream,
     pub early: Bytes,
+    /// An e2e session's own connection, closed with the tunnel; `None` for
+    /// a stream tunnel (its connection is the relay's, shared).
+    pub conn: Option<quinn::Connection>,
+}
+
+impl Streams {
+    pub fn mode(&self) -> Mode {
+        if self.conn.is_some() {
+            Mode::E2e
+        } else {
+            Mode::Stream
+        }
+    }
+
+    /// Drops a tunnel nobody will use.
+    pub fn discard(self) {
+        if let Some(conn) = self.conn {
+            conn.close(CLOSED_CODE, b"tunnel discarded");
+        }
+    }
 }
 
 /// Creates the tunnel and starts its reader and writer.
@@ -118,6 +139,7 @@ pub fn start(
         id,
         peer,
         outbound,
+        mode: streams.mode(),
         owner: Mutex::new(None),
         out: Mutex::new(Some(tx)),
         queued: AtomicUsize::new(0),
@@ -137,7 +159,7 @@ pub fn start(
     }
     let rt = runtime();
     rt.spawn(read_loop(res.clone(), streams.recv, streams.early));
-    rt.spawn(write_loop(res.clone(), streams.send, rx));
+    rt.spawn(write_loop(res.clone(), streams.send, rx, streams.conn));
     res
 }
 
@@ -361,7 +383,21 @@ fn deliver(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>, batch: &mut Vec<Byt
     });
 }
 
+/// Writes until the tunnel closes, then ends an e2e session's connection
+/// (once what was written is acknowledged, on a graceful close).
 async fn write_loop(
+    res: ResourceArc<TunnelRes>,
+    send: SendStream,
+    queue: mpsc::UnboundedReceiver<Bytes>,
+    conn: Option<quinn::Connection>,
+) {
+    write_all(res, send, queue).await;
+    if let Some(conn) = conn {
+        conn.close(CLOSED_CODE, b"tunnel closed");
+    }
+}
+
+async fn write_all(
     res: ResourceArc<TunnelRes>,
     mut send: SendStream,
     mut queue: mpsc::UnboundedReceiver<Bytes>,
@@ -379,8 +415,13 @@ async fn write_loop(
             got = queue.recv_many(&mut chunks, 64) => got,
         };
         if got == 0 {
-            // Closed gracefully: everything queued went out.
+            // Closed gracefully: everything queued went out; wait (bounded)
+            // until the peer has it all.
             let _ = send.finish();
+            tokio::select! {
+                _ = tunnel.abort_writing.cancelled() => {}
+                _ = send.stopped() => {}
+            }
             return;
         }
         let len: usize = chunks.iter().map(|c| c.len()).sum();

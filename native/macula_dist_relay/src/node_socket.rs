@@ -57,7 +57,15 @@ impl NodeSocket {
 
     /// Adds a session; quinn reaches it at the returned virtual address.
     pub fn add_session(&self, route: Route) -> SocketAddr {
+        self.add_session_then(route, |_| {})
+    }
+
+    /// Adds a session and calls `ready` with its virtual address before any
+    /// datagram that arrived early for it is handed to quinn (so whoever
+    /// accepts its connection knows of it first).
+    pub fn add_session_then(&self, route: Route, ready: impl FnOnce(SocketAddr)) -> SocketAddr {
         let (vaddr, held) = lock(&self.paths).add(route);
+        ready(vaddr);
         if !held.is_empty() {
             let mut pending = lock(&self.pending);
             for d in held {

@@ -134,6 +134,28 @@ impl<R, S> TunnelMatcher<R, S> {
         self.announce(tunnel, Expected::Outbound(id, request), now)
     }
 
+    /// The request the next `tun_ok`/`tun_err` answers (`None`: abandoned
+    /// or nothing pending).
+    pub fn front(&self) -> Option<&R> {
+        self.pending.front()?.1.as_ref()
+    }
+
+    /// An announced outbound tunnel could not be completed (an e2e session
+    /// whose handshake failed): its request fails with `reason`.
+    pub fn fail(&mut self, tunnel: &TunnelId, reason: String) -> Option<Matched<R, S>> {
+        match self.expected.remove(tunnel) {
+            Some((Expected::Outbound(_, Some(request)), _)) => {
+                Some(Matched::Failed { request, reason })
+            }
+            Some((Expected::Inbound(source), at)) => {
+                self.expected
+                    .insert(*tunnel, (Expected::Inbound(source), at));
+                None
+            }
+            _ => None,
+        }
+    }
+
     pub fn on_tunnel_error(&mut self, reason: String) -> Option<Matched<R, S>> {
         let (_, request) = self.pending.pop_front()?;
         Some(Matched::Failed {
@@ -503,5 +525,36 @@ mod tests {
     fn bad_prefix_is_an_error() {
         let mut p = PrefixReader::default();
         assert!(p.feed(&[b'Z'; 40]).is_err());
+    }
+
+    #[test]
+    fn a_failed_outbound_answers_its_request() {
+        let mut m: TunnelMatcher<u32, &str> = TunnelMatcher::new(8);
+        let now = Instant::now();
+        m.request(7);
+        assert_eq!(m.front(), Some(&7));
+        let t = TunnelId::from_bytes([3; 16]);
+        assert_eq!(m.on_tunnel_ok(t, now), None);
+        assert_eq!(m.front(), None);
+        assert_eq!(
+            m.fail(&t, "handshake".into()),
+            Some(Matched::Failed {
+                request: 7,
+                reason: "handshake".into()
+            })
+        );
+        assert_eq!(m.pending_count(), 0);
+        // An inbound announcement is not a request: nothing to fail.
+        let u = TunnelId::from_bytes([4; 16]);
+        assert_eq!(m.on_tunnel_notify(u, "a@h".into(), now), None);
+        assert_eq!(m.fail(&u, "x".into()), None);
+        assert_eq!(
+            m.on_stream(u, "s", now),
+            Some(Matched::Inbound {
+                source: "a@h".into(),
+                tunnel: u,
+                stream: "s"
+            })
+        );
     }
 }
