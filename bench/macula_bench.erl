@@ -13,11 +13,17 @@
 -export([echo/0, counter/3, checker/1]).
 
 -define(CARRIERS, carriers()).
+-define(SMALL_COUNT, 500000).
+-define(BULK_COUNT, 400).
 
-%% MACULA_BENCH_CARRIERS=macula,inet_tls picks some; all three by default.
+%% MACULA_BENCH_CARRIERS=macula_e2e,inet_tls picks some; all by default.
+%% macula_e2e: end-to-end sessions through the relay (the default mode);
+%% macula_stream: version 1 stream tunnels.
+-define(ALL_CARRIERS, [macula_e2e, macula_stream, inet_tcp, inet_tls]).
+
 carriers() ->
     case os:getenv("MACULA_BENCH_CARRIERS") of
-        false -> [macula, inet_tcp, inet_tls];
+        false -> ?ALL_CARRIERS;
         List -> [list_to_atom(C) || C <- string:lexemes(List, ",")]
     end.
 
@@ -71,13 +77,18 @@ tls_optfile(Tmp) ->
           {client, [{verify, verify_none}]}]])),
     OptFile.
 
-carrier_args(macula, #{url := Url, pin := Pin}) ->
-    ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", quoted(Url),
-     "-macula_dist", "pin_sha256", quoted(Pin)];
+carrier_args(macula_e2e, Env) ->
+    macula_args(Env) ++ ["-macula_dist", "tunnel", "e2e"];
+carrier_args(macula_stream, Env) ->
+    macula_args(Env) ++ ["-macula_dist", "tunnel", "stream"];
 carrier_args(inet_tcp, _) ->
     [];
 carrier_args(inet_tls, #{tls := OptFile}) ->
     ["-proto_dist", "inet_tls", "-ssl_dist_optfile", OptFile].
+
+macula_args(#{url := Url, pin := Pin}) ->
+    ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", quoted(Url),
+     "-macula_dist", "pin_sha256", quoted(Pin)].
 
 %% -macula_dist values are Erlang terms (as for -App Key Value): strings quoted.
 quoted(S) -> "\"" ++ S ++ "\"".
@@ -103,10 +114,13 @@ run_pair(Carrier, Rep, Env) ->
         Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 600000) end,
         {P50, P99} = Call(rtt),
         Small = Call(small),
+        Cpu0 = cpu_seconds(maps:get(relay_pid, Env)),
         Bulk = Call(bulk),
+        RelayCpu = (cpu_seconds(maps:get(relay_pid, Env)) - Cpu0) / (?BULK_COUNT * 1048576 / 1.0e9),
         Setup = Call(setup),
         Mem = memory(A, B, BN, Env#{carrier => Carrier}),
-        R = #{rtt_p50 => P50, rtt_p99 => P99, small => Small, bulk => Bulk, setup => Setup},
+        R = #{rtt_p50 => P50, rtt_p99 => P99, small => Small, bulk => Bulk, setup => Setup,
+              relay_cpu => RelayCpu},
         Result = maps:merge(R, Mem),
         io:format("  rep ~b ~-8s ~p~n", [Rep, Carrier, Result]),
         Result
@@ -128,9 +142,9 @@ memory(A, B, BN, #{carrier := Carrier, relay_pid := RelayPid}) ->
     os:cmd("kill -CONT " ++ BPid),
     Done = peer:call(A, ?MODULE, mem_finish, [], 120000),
     PeakA = lists:max([X || {X, _} <- Samples]) - RssA0,
-    PeakR = case Carrier of
-                macula -> lists:max([Y || {_, Y} <- Samples]) - RssR0;
-                _ -> 0
+    PeakR = case is_macula(Carrier) of
+                true -> lists:max([Y || {_, Y} <- Samples]) - RssR0;
+                false -> 0
             end,
     #{mem_a_mib => PeakA / 1024, mem_relay_mib => PeakR / 1024,
       mem_peak_rss_mib => {lists:max([X || {X, _} <- Samples]) div 1024,
@@ -168,8 +182,6 @@ percentile(Sorted, P) ->
 echo() ->
     receive {From, Msg} -> From ! {self(), Msg}, echo() end.
 
--define(SMALL_COUNT, 500000).
--define(BULK_COUNT, 400).
 
 %% One-way 100-byte messages; the receiver acks every 1000, the sender keeps
 %% at most 10 000 unacknowledged.
@@ -287,26 +299,39 @@ checker(Next, Problem) ->
             checker(Next, Problem)
     end.
 
+is_macula(Carrier) -> lists:member(Carrier, [macula_e2e, macula_stream]).
+
+%% CPU time (user + system) of an OS process so far, from /proc.
+cpu_seconds(OsPid) ->
+    {ok, Stat} = file:read_file("/proc/" ++ OsPid ++ "/stat"),
+    %% Fields after the command name (which may hold spaces).
+    [_, After] = binary:split(Stat, <<") ">>),
+    Fields = binary:split(After, <<" ">>, [global]),
+    Ticks = binary_to_integer(lists:nth(12, Fields)) + binary_to_integer(lists:nth(13, Fields)),
+    Ticks / 100.
+
 %% ---- report ----
 
 report(Runs) ->
     Metrics = [{rtt_p50, "rtt p50 (us)", low}, {rtt_p99, "rtt p99 (us)", low},
                {small, "small (msgs/s)", high}, {bulk, "bulk (MB/s)", high},
                {setup, "setup (ms)", low}, {mem_a_mib, "memory A (MiB)", low},
-               {mem_relay_mib, "memory relay (MiB)", low}],
+               {mem_relay_mib, "memory relay (MiB)", low},
+               {relay_cpu, "relay CPU (s/GB)", low}],
     Of = fun(Carrier, Key) -> [maps:get(Key, R) || {C, R} <- Runs, C =:= Carrier] end,
     Med = fun(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)) end,
-    io:format("~n~-20s ~-26s ~-26s ~-26s ~12s ~12s~n",
-              ["metric", "macula", "inet_tcp", "inet_tls", "macula/tcp", "macula/tls"]),
+    io:format("~n~-20s ~-24s ~-24s ~-24s ~-24s ~9s ~9s ~9s~n",
+              ["metric" | [atom_to_list(C) || C <- ?ALL_CARRIERS]]
+              ++ ["e2e/tcp", "e2e/tls", "strm/tls"]),
     lists:foreach(
       fun({Key, Label, _}) ->
               Cells = [case Of(C, Key) of
                            [] -> "-";
                            L -> lists:flatten(io_lib:format("~s [~s-~s]", [fmt(Med(L)), fmt(lists:min(L)), fmt(lists:max(L))]))
-                       end || C <- [macula, inet_tcp, inet_tls]],
-              [M, T, S] = [case Of(C, Key) of [] -> 0; L -> Med(L) end || C <- [macula, inet_tcp, inet_tls]],
-              io:format("~-20s ~-26s ~-26s ~-26s ~12s ~12s~n",
-                        [Label | Cells] ++ [ratio(M, T), ratio(M, S)])
+                       end || C <- ?ALL_CARRIERS],
+              [E, St, T, S] = [case Of(C, Key) of [] -> 0; L -> Med(L) end || C <- ?ALL_CARRIERS],
+              io:format("~-20s ~-24s ~-24s ~-24s ~-24s ~9s ~9s ~9s~n",
+                        [Label | Cells] ++ [ratio(E, T), ratio(E, S), ratio(St, S)])
       end, Metrics),
     io:format("~nmemory test (B stopped, A sending 1 MiB messages for 5 s), per repetition:~n"),
     [io:format("  ~-8s busy_dist_port events ~p, sender suspended ~p, sent while stopped ~p, "

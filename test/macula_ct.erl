@@ -2,7 +2,7 @@
 %% tunnel I/O, and peer nodes running -proto_dist macula.
 -module(macula_ct).
 
--export([start_relay/0, start_relay/1, raw_client/3, raw_client/4, request/2,
+-export([start_relay/0, start_relay/1, raw_client/3, raw_client/4, request/2, request/3,
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 %% Run on peer nodes.
@@ -18,21 +18,48 @@ start_relay(Opts) ->
 
 raw_client(Url, Pin, Node) -> raw_client(Url, Pin, Node, #{}).
 
+%% The cookie of every test node: peers boot with it, and raw clients key
+%% their e2e sessions with it.
+-define(COOKIE, <<"macula_ct_cookie">>).
+
 %% A second client in this VM, straight on the NIF (the gen_server is
-%% registered once per VM). The caller owns it.
+%% registered once per VM). Its owner is a process linked to the caller
+%% that answers the NIF's cookie requests and passes everything else on.
 raw_client(Url, Pin, Node, Extra) ->
     {ok, Opts} = macula_dist_config:client_opts(Url, Node, maps:merge(#{pin_sha256 => Pin}, Extra)),
-    {ok, Client} = macula_dist_nif:client_start(Opts),
+    Caller = self(),
+    Owner = spawn_link(fun() ->
+                               {ok, Client} = macula_dist_nif:client_start(Opts),
+                               Caller ! {raw_client, self(), Client},
+                               relay_owner(Caller, Client)
+                       end),
+    Client = receive {raw_client, Owner, C} -> C end,
     receive
         {macula_client, identified} -> {ok, Client};
         {macula_client, {connect_failed, Reason}} -> {error, Reason}
     after 15000 -> {error, timeout}
     end.
 
-%% A tunnel request from a raw client; the caller owns the tunnel.
+relay_owner(Caller, Client) ->
+    receive
+        {macula_client, {cookie, _Source, Tag}} ->
+            ok = macula_dist_nif:client_cookie(Client, Tag, ?COOKIE),
+            relay_owner(Caller, Client);
+        {macula_client, {Ended, _}} = Last when Ended =:= closed; Ended =:= connect_failed ->
+            Caller ! Last;
+        Other ->
+            Caller ! Other,
+            relay_owner(Caller, Client)
+    end.
+
+%% A tunnel request from a raw client (an e2e session when it runs them);
+%% the caller owns the tunnel.
 request(Client, Target) ->
+    request(Client, Target, ?COOKIE).
+
+request(Client, Target, Cookie) ->
     Tag = erlang:unique_integer([positive]),
-    ok = macula_dist_nif:client_request_tunnel(Client, Target, Tag),
+    ok = macula_dist_nif:client_request_tunnel(Client, Target, Tag, Cookie),
     receive {macula_tunnel_reply, Tag, Reply} -> Reply
     after 15000 -> {error, no_reply}
     end.

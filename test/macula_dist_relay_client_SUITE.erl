@@ -3,19 +3,34 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
+-export([all/0, groups/0, init_per_suite/1, end_per_suite/1, init_per_group/2, end_per_group/2,
+         init_per_testcase/2, end_per_testcase/2]).
 -export([identify_and_status/1, round_trip_8_mib_both_ways/1, inbound_accept_reaches_kernel/1,
          tunnel_errors/1, twenty_concurrent_tunnels_both_ways/1, wrong_token_refused/1,
          wrong_pin_refused/1, unknown_ca_refused/1, unreachable_and_bad_url/1,
          relay_stop_closes_tunnels/1, tunnel_owner_death_closes_it/1,
          close_tunnel_by_id/1, inbound_without_kernel_is_closed/1, ipv6_relay/1]).
 
+%% Every case runs with e2e sessions (the default) and with stream tunnels.
 all() ->
-    [identify_and_status, round_trip_8_mib_both_ways, inbound_accept_reaches_kernel,
-     tunnel_errors, twenty_concurrent_tunnels_both_ways, wrong_token_refused,
-     wrong_pin_refused, unknown_ca_refused, unreachable_and_bad_url,
-     tunnel_owner_death_closes_it, close_tunnel_by_id, inbound_without_kernel_is_closed, ipv6_relay,
-     relay_stop_closes_tunnels].
+    [{group, e2e}, {group, stream}].
+
+groups() ->
+    Cases = [identify_and_status, round_trip_8_mib_both_ways, inbound_accept_reaches_kernel,
+             tunnel_errors, twenty_concurrent_tunnels_both_ways, wrong_token_refused,
+             wrong_pin_refused, unknown_ca_refused, unreachable_and_bad_url,
+             tunnel_owner_death_closes_it, close_tunnel_by_id, inbound_without_kernel_is_closed,
+             ipv6_relay, relay_stop_closes_tunnels],
+    [{e2e, [], Cases}, {stream, [], Cases}].
+
+init_per_group(e2e, Config) ->
+    %% This test node is not distributed: the cookie is an option.
+    [{mode, e2e}, {opts, #{cookie => <<"macula_ct_cookie">>}} | Config];
+init_per_group(stream, Config) ->
+    [{mode, stream}, {opts, #{tunnel => stream}} | Config].
+
+end_per_group(_, _Config) ->
+    ok.
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -55,8 +70,12 @@ url(Config) -> maps:get(url, ?config(info, Config)).
 pin(Config) -> maps:get(fingerprint, ?config(info, Config)).
 
 client(Config, Node) ->
-    {ok, C} = macula_dist_relay_client:start_link(url(Config), Node, #{pin_sha256 => pin(Config)}),
+    Opts = maps:merge(?config(opts, Config), #{pin_sha256 => pin(Config)}),
+    {ok, C} = macula_dist_relay_client:start_link(url(Config), Node, Opts),
     C.
+
+raw(Config, Node) ->
+    macula_ct:raw_client(url(Config), pin(Config), Node, ?config(opts, Config)).
 
 %% ---- cases ----
 
@@ -68,11 +87,12 @@ identify_and_status(Config) ->
                    pending_tunnels := 0, active_tunnels := 0}, Status),
     ?assertEqual(url(Config), maps:get(relay_url, Status)),
     ?assert(maps:get(rtt_us, Status) > 0),
-    ?assert(maps:get(bytes_out, Status) > 0).
+    ?assert(maps:get(bytes_out, Status) > 0),
+    ?assertEqual(?config(mode, Config), maps:get(mode, Status)).
 
 round_trip_8_mib_both_ways(Config) ->
     C = client(Config, <<"a@h">>),
-    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, B} = raw(Config, <<"b@h">>),
     ok = macula_dist_nif:client_set_kernel(B, self(), self()),
     {ok, ConnRef, TA} = macula_dist_relay_client:request_tunnel(C, <<"b@h">>),
     ?assert(is_reference(ConnRef) andalso is_reference(TA)),
@@ -83,14 +103,15 @@ round_trip_8_mib_both_ways(Config) ->
     PB = macula_ct:run_exchange(TB, BtoA, byte_size(AtoB)),
     ?assert(macula_ct:await_exchange(PA) =:= BtoA),
     ?assert(macula_ct:await_exchange(PB) =:= AtoB),
-    #{recv_bytes := RB, send_bytes := SB} = macula_dist_nif:tunnel_info(TA),
+    #{recv_bytes := RB, send_bytes := SB, mode := Mode} = macula_dist_nif:tunnel_info(TA),
     ?assertEqual({8 bsl 20, 8 bsl 20}, {RB, SB}),
+    ?assertEqual(?config(mode, Config), Mode),
     macula_dist_nif:client_stop(B).
 
 inbound_accept_reaches_kernel(Config) ->
     C = client(Config, <<"a@h">>),
     %% A tunnel that arrives before any kernel is set waits for one.
-    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, B} = raw(Config, <<"b@h">>),
     Self = self(),
     spawn_link(fun() -> Self ! {requested, give_back(macula_ct:request(B, <<"a@h">>), Self)} end),
     {ok, _, TB} = receive {requested, R} -> R after 10000 -> error(no_tunnel) end,
@@ -122,7 +143,7 @@ tunnel_errors(Config) ->
 
 twenty_concurrent_tunnels_both_ways(Config) ->
     C = client(Config, <<"a@h">>),
-    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, B} = raw(Config, <<"b@h">>),
     Self = self(),
     ok = macula_dist_relay_client:set_kernel(C, Self),
     ok = macula_dist_nif:client_set_kernel(B, Self, Self),
@@ -198,7 +219,7 @@ unreachable_and_bad_url(_Config) ->
 
 tunnel_owner_death_closes_it(Config) ->
     C = client(Config, <<"a@h">>),
-    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, B} = raw(Config, <<"b@h">>),
     ok = macula_dist_nif:client_set_kernel(B, self(), self()),
     Self = self(),
     Owner = spawn(fun() ->
@@ -217,7 +238,7 @@ tunnel_owner_death_closes_it(Config) ->
 
 close_tunnel_by_id(Config) ->
     C = client(Config, <<"a@h">>),
-    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, B} = raw(Config, <<"b@h">>),
     ok = macula_dist_nif:client_set_kernel(B, self(), self()),
     {ok, _, TA} = macula_dist_relay_client:request_tunnel(C, <<"b@h">>),
     TB = receive {accept, _, T1, inet, macula} -> T1 after 10000 -> error(no_accept) end,
@@ -233,7 +254,7 @@ inbound_without_kernel_is_closed(Config) ->
     %% No set_kernel: the inbound tunnel waits a bounded time, then the
     %% client closes it and the requester hears so.
     C = client(Config, <<"a@h">>),
-    {ok, B} = macula_ct:raw_client(url(Config), pin(Config), <<"b@h">>),
+    {ok, B} = raw(Config, <<"b@h">>),
     {ok, _, TB} = macula_ct:request(B, <<"a@h">>),
     ?assertMatch(#{active_tunnels := 1, kernel_set := false}, macula_dist_relay_client:status(C)),
     ok = macula_dist_nif:tunnel_activate(TB, 1),
@@ -241,12 +262,13 @@ inbound_without_kernel_is_closed(Config) ->
     ?assertMatch(#{active_tunnels := 0}, macula_dist_relay_client:status(C)),
     macula_dist_nif:client_stop(B).
 
-ipv6_relay(_Config) ->
+ipv6_relay(Config) ->
     {Relay, #{url := Url, fingerprint := Pin}} = macula_ct:start_relay(#{ip => "::1"}),
     try
         ?assertMatch(<<"quic://[::1]:", _/binary>>, Url),
-        {ok, C} = macula_dist_relay_client:start_link(Url, <<"a@h">>, #{pin_sha256 => Pin}),
-        {ok, B} = macula_ct:raw_client(Url, Pin, <<"b@h">>),
+        Opts = ?config(opts, Config),
+        {ok, C} = macula_dist_relay_client:start_link(Url, <<"a@h">>, Opts#{pin_sha256 => Pin}),
+        {ok, B} = macula_ct:raw_client(Url, Pin, <<"b@h">>, Opts),
         ok = macula_dist_nif:client_set_kernel(B, self(), self()),
         {ok, _, TA} = macula_dist_relay_client:request_tunnel(C, <<"b@h">>),
         TB = receive {accept, _, T, inet, macula} -> T after 10000 -> error(no_accept) end,
@@ -261,11 +283,12 @@ ipv6_relay(_Config) ->
         macula_dist_relay:stop(Relay)
     end.
 
-relay_stop_closes_tunnels(_Config) ->
+relay_stop_closes_tunnels(Config) ->
     {Relay, #{url := Url, fingerprint := Pin}} = macula_ct:start_relay(),
     process_flag(trap_exit, true),
-    {ok, C} = macula_dist_relay_client:start_link(Url, <<"a@h">>, #{pin_sha256 => Pin}),
-    {ok, B} = macula_ct:raw_client(Url, Pin, <<"b@h">>),
+    Opts = ?config(opts, Config),
+    {ok, C} = macula_dist_relay_client:start_link(Url, <<"a@h">>, Opts#{pin_sha256 => Pin}),
+    {ok, B} = macula_ct:raw_client(Url, Pin, <<"b@h">>, Opts),
     ok = macula_dist_nif:client_set_kernel(B, self(), self()),
     {ok, _, TA} = macula_dist_relay_client:request_tunnel(C, <<"b@h">>),
     TB = receive {accept, _, T1, inet, macula} -> T1 after 10000 -> error(no_accept) end,

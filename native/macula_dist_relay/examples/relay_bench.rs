@@ -299,10 +299,7 @@ async fn node(relay: &Relay, name: &str) -> anyhow::Result<Node> {
     .await?;
     let mut decoder = FrameDecoder::default();
     anyhow::ensure!(
-        next_message(&mut recv, &mut decoder).await?
-            == Message::Identified {
-                version: Some(macula_relay_proto::PROTOCOL_VERSION)
-            }
+        next_message(&mut recv, &mut decoder).await? == Message::Identified { version: None }
     );
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let c = conn.clone();

@@ -345,8 +345,11 @@ impl Session {
         drop(state);
         info!(node, remote = %self.remote, ?version, "node identified");
         self.name = Some(node);
+        // A v1 client gets the v1 answer, unchanged; a v2 one learns that
+        // this relay offers e2e sessions.
+        let node_version = version.unwrap_or(1);
         self.reply(Message::Identified {
-            version: Some(PROTOCOL_VERSION),
+            version: (node_version >= 2).then_some(PROTOCOL_VERSION),
         });
         Ok(())
     }

@@ -228,7 +228,9 @@ pub fn server_config(
 /// How a client decides to trust the relay's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
-    /// The SHA-256 of the relay's certificate, in hex (any case, `:` allowed).
+    /// The SHA-256 of the relay's certificate, in hex (any case, `:`
+    /// allowed); several, separated by commas, accept any of them (relays
+    /// behind one name, or a certificate being rotated).
     Pin(String),
     /// A PEM file of CA certificates; the relay's name is checked too.
     CaFile(PathBuf),
@@ -251,12 +253,15 @@ pub fn client_config(trust: &Trust, transport: &Transport) -> anyhow::Result<qui
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::Pin(hex_pin) => {
-            let pin = parse_pin(hex_pin)?;
+        Trust::Pin(hex_pins) => {
+            let pins = hex_pins
+                .split(',')
+                .map(parse_pin)
+                .collect::<anyhow::Result<Vec<_>>>()?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Verifier {
-                    pin: Some(pin),
+                    pins: Some(pins),
                     provider: provider(),
                 }))
                 .with_no_client_auth()
@@ -264,7 +269,7 @@ pub fn client_config(trust: &Trust, transport: &Transport) -> anyhow::Result<qui
         Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Verifier {
-                pin: None,
+                pins: None,
                 provider: provider(),
             }))
             .with_no_client_auth(),
@@ -285,11 +290,11 @@ pub fn parse_pin(text: &str) -> anyhow::Result<[u8; 32]> {
         .map_err(|_| anyhow::anyhow!("pin_sha256 must be 32 bytes (64 hex characters)"))
 }
 
-/// Checks the relay's certificate against a pinned SHA-256 (or, without a
-/// pin, accepts any), and in both cases checks the handshake signatures.
+/// Checks the relay's certificate against pinned SHA-256s (or, without
+/// pins, accepts any), and in both cases checks the handshake signatures.
 #[derive(Debug)]
 struct Verifier {
-    pin: Option<[u8; 32]>,
+    pins: Option<Vec<[u8; 32]>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -302,8 +307,9 @@ impl ServerCertVerifier for Verifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.pin {
-            Some(pin) if Sha256::digest(end_entity.as_ref()).as_slice() != pin => Err(
+        let digest = Sha256::digest(end_entity.as_ref());
+        match &self.pins {
+            Some(pins) if !pins.iter().any(|p| digest.as_slice() == p) => Err(
                 rustls::Error::General("certificate does not match pin_sha256".into()),
             ),
             _ => Ok(ServerCertVerified::assertion()),
