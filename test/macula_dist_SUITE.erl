@@ -11,7 +11,7 @@
          full_mesh_of_five_in_order/1, restarted_peer_reachable_again/1,
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
          missing_relay_fails_boot/1, relay_restart_reconnects/1,
-         idle_connection_kept_by_ticks/1]).
+         idle_connection_kept_by_ticks/1, one_udp_port_per_node/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -25,7 +25,7 @@ groups() ->
              global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
              full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
              hidden_node, net_kernel_start_later, missing_relay_fails_boot,
-             relay_restart_reconnects, idle_connection_kept_by_ticks],
+             relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node],
     [{e2e, [], Cases}, {stream, [], Cases}].
 
 init_per_suite(Config) ->
@@ -256,3 +256,42 @@ wait_for(Fun, N) ->
         false -> timer:sleep(100), wait_for(Fun, N - 1);
         Value -> Value
     end.
+
+%% All of a node's relay traffic, control and data, goes through one UDP
+%% socket (one local port, one NAT mapping) to the relay's one port: each
+%% node process owns a single UDP socket, and in e2e mode the relay
+%% forwarded the session's datagrams without ever seeing them come from
+%% another address than the node's relay connection (no rebinding).
+one_udp_port_per_node(Config) ->
+    [{A, _}, {B, BN}] = peers(Config, [pa15, pb15]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, []])),
+    _ = call(A, macula_ct, big_exchange, [BN, 1 bsl 20]),
+    #{port := RelayPort} = ?config(info, Config),
+    [?assertMatch([_], udp_ports(call(P, os, getpid, []))) || P <- [A, B]],
+    %% The relay of this suite runs in this VM: one socket, its port.
+    ?assertEqual([RelayPort], udp_ports(os:getpid())),
+    Stats = macula_dist_relay:info(?config(relay, Config)),
+    ct:log("relay: ~p", [Stats]),
+    case ?config(mode, Config) of
+        e2e ->
+            ?assert(maps:get(forwarded_datagrams, Stats) > 0),
+            ?assertEqual(0, maps:get(rebinds, Stats));
+        stream ->
+            ok
+    end.
+
+%% Local ports of the UDP sockets an OS process holds (from /proc).
+udp_ports(OsPid) ->
+    Fds = filelib:wildcard("/proc/" ++ OsPid ++ "/fd/*"),
+    Inodes = [Inode || Fd <- Fds, {ok, "socket:[" ++ Rest} <- [file:read_link(Fd)],
+                       Inode <- [lists:droplast(Rest)]],
+    Table = lists:append([proc_lines("/proc/net/udp"), proc_lines("/proc/net/udp6")]),
+    lists:usort([list_to_integer(Port, 16)
+                 || [_, Local, _, _, _, _, _, _, _, Inode | _] <- Table,
+                    lists:member(Inode, Inodes),
+                    [_, Port] <- [string:split(Local, ":", trailing)]]).
+
+proc_lines(File) ->
+    {ok, Bin} = file:read_file(File),
+    [string:lexemes(L, " ") || L <- tl(string:split(binary_to_list(Bin), "\n", all)), L =/= ""].

@@ -46,8 +46,15 @@ sessions_without_the_cookie_make_no_atoms(Config) ->
     #{url := Url, fingerprint := Pin} = ?config(info, Config),
     TargetBin = atom_to_binary(Target),
     call(Peer, erlang, trace_pattern, [{macula_dist, do_accept, 5}, true, [call_count]]),
-    Before = call(Peer, erlang, system_info, [atom_count]),
     Self = self(),
+    %% A first refused session loads what refusing needs (the logger's
+    %% formatting, say): its atoms are made once, not per session.
+    %% (Measured: one refusal or two add 50 atoms at once, then none.)
+    {ok, Warm} = macula_ct:raw_client(Url, Pin, <<"intruder0@h">>),
+    [{error, _} = macula_ct:request(Warm, TargetBin, <<"not the cookie">>) || _ <- lists:seq(1, 10)],
+    macula_dist_nif:client_stop(Warm),
+    timer:sleep(1000),
+    Before = call(Peer, erlang, system_info, [atom_count]),
     Attackers = [spawn_link(fun() ->
                                     Name = iolist_to_binary(["intruder", integer_to_list(I), "@h"]),
                                     {ok, C} = macula_ct:raw_client(Url, Pin, Name),
@@ -66,10 +73,10 @@ sessions_without_the_cookie_make_no_atoms(Config) ->
     ?assert(After - Before =< 5),
     ?assertEqual({call_count, 0},
                  call(Peer, erlang, trace_info, [{macula_dist, do_accept, 5}, call_count])),
-    #{refused_sessions := Refused} = call(Peer, macula_dist_relay_client, status,
-                                          [macula_dist_relay_client:whereis_client()]),
+    Client = call(Peer, erlang, whereis, [macula_dist_relay_client]),
+    #{refused_sessions := Refused} = call(Peer, macula_dist_relay_client, status, [Client]),
     ct:pal("refused_sessions on the target: ~p", [Refused]),
-    ?assert(Refused >= 1000),
+    ?assert(Refused >= 1010),
     ?assertEqual([], call(Peer, erlang, nodes, [connected])).
 
 %% A client that knows the cookie opens a tunnel to the target and sends a

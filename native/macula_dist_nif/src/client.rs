@@ -23,7 +23,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::atoms;
-use crate::runtime::{endpoint_for, runtime, NodeEndpoint};
+use crate::runtime::{bind_endpoint, runtime, NodeEndpoint};
 use crate::session::{self, Path};
 use crate::tunnel::{self, Streams, TunnelRes};
 
@@ -92,6 +92,8 @@ pub struct Client {
     wants_e2e: bool,
     state: Mutex<State>,
     conn: OnceLock<quinn::Connection>,
+    /// This node's endpoint (its one UDP socket), once connected.
+    endpoint: OnceLock<NodeEndpoint>,
     /// Set once connected to a relay that offers e2e sessions.
     path: OnceLock<Path>,
     open_tunnels: Arc<AtomicUsize>,
@@ -222,6 +224,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
             sessions: HashMap::new(),
         }),
         conn: OnceLock::new(),
+        endpoint: OnceLock::new(),
         path: OnceLock::new(),
         open_tunnels: Arc::new(AtomicUsize::new(0)),
         refused_sessions: AtomicU64::new(0),
@@ -242,7 +245,7 @@ async fn run(
         _ = client.shutdown.cancelled() => return,
         r = timeout(connect_timeout, connect(&client, &opts, config)) => r.unwrap_or(Err(ConnectError::Timeout)),
     };
-    let (conn, send, recv, decoder, (endpoint, socket), relay_version) = match connected {
+    let (conn, send, recv, decoder, node_endpoint, relay_version) = match connected {
         Ok(parts) => parts,
         Err(e) => {
             client.lock().phase = Phase::Closed;
@@ -253,8 +256,9 @@ async fn run(
     let _ = client.conn.set(conn.clone());
     if client.wants_e2e && relay_version >= 2 {
         let _ = client.path.set(Path {
-            endpoint,
-            socket,
+            endpoint: node_endpoint.endpoint.clone(),
+            socket: node_endpoint.socket.clone(),
+            inbound: node_endpoint.inbound.clone(),
             relay: conn.remote_address(),
             transport,
         });
@@ -265,6 +269,7 @@ async fn run(
                 .into(),
         );
     }
+    let _ = client.endpoint.set(node_endpoint);
     let (control_tx, control_rx) = mpsc::channel(macula_dist_relay::CONTROL_QUEUE);
     {
         let mut state = client.lock();
@@ -303,7 +308,8 @@ async fn connect(
         .map_err(|e| ConnectError::Unreachable(format!("resolving {}: {e}", opts.host)))?
         .next()
         .ok_or_else(|| ConnectError::Unreachable(format!("{} has no address", opts.host)))?;
-    let (endpoint, socket) = endpoint_for(addr).map_err(ConnectError::Unreachable)?;
+    let node_endpoint = bind_endpoint(addr).map_err(ConnectError::Unreachable)?;
+    let endpoint = &node_endpoint.endpoint;
     let server_name = if opts.host.parse::<std::net::IpAddr>().is_ok() {
         "localhost"
     } else {
@@ -337,7 +343,7 @@ async fn connect(
             Ok(None) => continue,
             Ok(Some(Message::Identified { version })) if input.is_empty() => {
                 let version = version.unwrap_or(1);
-                return Ok((conn, send, recv, decoder, (endpoint, socket), version));
+                return Ok((conn, send, recv, decoder, node_endpoint, version));
             }
             Ok(Some(Message::IdentifyRefused { reason })) => {
                 return Err(ConnectError::Refused(reason))
@@ -402,7 +408,7 @@ async fn accept_streams(client: Arc<Client>, conn: quinn::Connection) {
     }
 }
 
-async fn read_prefix(
+pub(crate) async fn read_prefix(
     send: SendStream,
     mut recv: RecvStream,
 ) -> anyhow::Result<(TunnelId, Streams)> {
@@ -462,7 +468,11 @@ async fn housekeeping(client: Arc<Client>) {
                     t.0.id, t.0.peer
                 ),
             );
-            client.discard(t.0.id);
+            // An e2e session tells the relay itself once its connection
+            // has closed (see session::watch).
+            if t.0.mode == Mode::Stream {
+                client.discard(t.0.id);
+            }
             t.0.close(false);
         }
     }
@@ -740,8 +750,18 @@ impl Client {
         Ok(())
     }
 
+    /// Closes a tunnel by id. An e2e session's connection is closed (the
+    /// peer hears it end to end, and the relay is told once it has drained);
+    /// a stream tunnel is closed at the relay.
     pub fn close_tunnel(&self, tunnel: TunnelId) -> bool {
-        self.send_control(Message::TunnelClose { tunnel })
+        let session = self.lock().sessions.get(&tunnel).cloned();
+        match session {
+            Some(conn) => {
+                conn.close(0u32.into(), b"tunnel closed");
+                true
+            }
+            None => self.send_control(Message::TunnelClose { tunnel }),
+        }
     }
 
     /// Inbound tunnels go to `kernel` from now on, with `acceptor` as AcceptPid.

@@ -39,7 +39,7 @@ pub(crate) mod atoms {
         too_many_nodes, bad_name, bad_token, already_identified,
         identify_timeout, open_failed, stream_timeout,
         mode, e2e, stream, cookie, e2e_sessions, refused_sessions,
-        mode_unsupported, e2e_handshake_failed,
+        mode_unsupported, e2e_handshake_failed, sessions,
     }
 
     /// The atom for a reason the relay or client is known to send.

@@ -2,6 +2,7 @@
 //! `relay_stop/1`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use macula_dist_relay::{Config, Relay};
@@ -61,14 +62,30 @@ fn relay_start(env: Env, opts: RelayOpts) -> NifResult<Term> {
 
 #[rustler::nif]
 fn relay_info(env: Env, relay: ResourceArc<RelayRes>) -> Term {
-    let stats = relay
-        .relay
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(|r| r.stats());
-    let (nodes, tunnels) = stats.map(|s| (s.nodes, s.tunnels)).unwrap_or((0, 0));
-    let pairs: Vec<(Term, Term)> = vec![
+    let guard = relay.relay.lock().unwrap_or_else(|e| e.into_inner());
+    let stats = guard.as_ref().map(|r| r.stats());
+    let (nodes, tunnels, sessions) = stats
+        .map(|s| (s.nodes, s.tunnels, s.sessions))
+        .unwrap_or((0, 0, 0));
+    // The data plane's counters, by name.
+    let data: Vec<(&str, u64)> = match guard.as_ref() {
+        Some(r) => {
+            let d = r.data_stats();
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            vec![
+                ("forwarded_datagrams", load(&d.forwarded_datagrams)),
+                ("forwarded_bytes", load(&d.forwarded_bytes)),
+                ("dropped_unknown_session", load(&d.dropped_unknown_session)),
+                ("dropped_bad_bind", load(&d.dropped_bad_bind)),
+                ("dropped_malformed", load(&d.dropped_malformed)),
+                ("dropped_overload", load(&d.dropped_overload)),
+                ("rebinds", load(&d.rebinds)),
+            ]
+        }
+        None => vec![],
+    };
+    drop(guard);
+    let mut pairs: Vec<(Term, Term)> = vec![
         (
             atoms::address().encode(env),
             relay.addr.ip().to_string().encode(env),
@@ -80,7 +97,14 @@ fn relay_info(env: Env, relay: ResourceArc<RelayRes>) -> Term {
         ),
         (atoms::nodes().encode(env), nodes.encode(env)),
         (atoms::tunnels().encode(env), tunnels.encode(env)),
+        (atoms::sessions().encode(env), sessions.encode(env)),
     ];
+    for (name, value) in data {
+        // Atoms from this fixed list only.
+        if let Ok(key) = rustler::Atom::from_str(env, name) {
+            pairs.push((key.encode(env), value.encode(env)));
+        }
+    }
     Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
 }
 

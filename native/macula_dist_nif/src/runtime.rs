@@ -1,11 +1,12 @@
-//! One tokio runtime and one quinn endpoint per address family, per VM.
+//! One tokio runtime per VM, and one quinn endpoint per client (per node).
 //! Each endpoint sits on one UDP socket ([`NodeSocket`]) that carries the
-//! node's relay connections and its e2e sessions; its accept loop hands
-//! each incoming e2e session to the session that was announced for it.
+//! node's relay connection and its e2e sessions; its accept loop hands each
+//! incoming e2e session to the session that was announced for it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 use std::time::Duration;
 
 use macula_dist_relay::node_socket::NodeSocket;
@@ -13,31 +14,51 @@ use tokio::runtime::Runtime;
 
 use crate::session::Inbound;
 
-/// A node's endpoint and the socket under it.
-pub type NodeEndpoint = (quinn::Endpoint, Arc<NodeSocket>);
-
-static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-static ENDPOINT_V4: OnceLock<Result<NodeEndpoint, String>> = OnceLock::new();
-static ENDPOINT_V6: OnceLock<Result<NodeEndpoint, String>> = OnceLock::new();
 /// Inbound e2e sessions announced by a relay and ready to be accepted, by
 /// the virtual address their datagrams come from.
-static INBOUND: OnceLock<Mutex<HashMap<SocketAddr, Inbound>>> = OnceLock::new();
+#[derive(Clone, Default)]
+pub struct InboundTable(Arc<Mutex<HashMap<SocketAddr, Inbound>>>);
 
-fn inbound() -> std::sync::MutexGuard<'static, HashMap<SocketAddr, Inbound>> {
-    INBOUND
-        .get_or_init(Default::default)
+impl InboundTable {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Inbound>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next incoming connection from `vaddr` is this session's.
+    pub fn expect(&self, vaddr: SocketAddr, session: Inbound) {
+        self.lock().insert(vaddr, session);
+    }
+
+    pub fn forget(&self, vaddr: &SocketAddr) -> Option<Inbound> {
+        self.lock().remove(vaddr)
+    }
+}
+
+/// A node's endpoint, the socket under it, and its inbound sessions. It is
+/// closed when dropped (the client is done with it).
+pub struct NodeEndpoint {
+    pub endpoint: quinn::Endpoint,
+    pub socket: Arc<NodeSocket>,
+    pub inbound: InboundTable,
+    id: u64,
+}
+
+impl Drop for NodeEndpoint {
+    fn drop(&mut self) {
+        open_endpoints().remove(&self.id);
+        self.endpoint.close(0u32.into(), b"client stopped");
+    }
+}
+
+/// Every node endpoint, to close at VM exit.
+fn open_endpoints() -> MutexGuard<'static, HashMap<u64, quinn::Endpoint>> {
+    static OPEN: OnceLock<Mutex<HashMap<u64, quinn::Endpoint>>> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
 }
 
-/// The next incoming connection from `vaddr` is this session's.
-pub fn expect_inbound(vaddr: SocketAddr, session: Inbound) {
-    inbound().insert(vaddr, session);
-}
-
-pub fn forget_inbound(vaddr: &SocketAddr) -> Option<Inbound> {
-    inbound().remove(vaddr)
-}
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 static CLOSE_AT_EXIT: Once = Once::new();
 
 /// Worker threads: `MACULA_DIST_THREADS`, else 1. Every tunnel shares the
@@ -66,34 +87,40 @@ pub fn runtime() -> &'static Runtime {
     })
 }
 
-/// The endpoint for `remote`'s address family, bound on first use.
-pub fn endpoint_for(remote: SocketAddr) -> Result<NodeEndpoint, String> {
-    let (cell, bind): (_, SocketAddr) = if remote.is_ipv4() {
-        (&ENDPOINT_V4, "0.0.0.0:0".parse().unwrap())
+/// A new endpoint for a client that talks to `remote` (its address family).
+pub fn bind_endpoint(remote: SocketAddr) -> Result<NodeEndpoint, String> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    let bind: SocketAddr = if remote.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
-        (&ENDPOINT_V6, "[::]:0".parse().unwrap())
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     };
     CLOSE_AT_EXIT.call_once(|| {
         // SAFETY: registers a plain extern "C" function; glibc also runs it
         // if this library is unloaded, so it never outlives its code.
         unsafe { libc::atexit(close_endpoints) };
     });
-    cell.get_or_init(|| {
-        let _guard = runtime().enter();
-        let (endpoint, socket) = macula_dist_relay::tls::Transport::default()
-            .node_endpoint(bind)
-            .map_err(|e| format!("{e:#}"))?;
-        runtime().spawn(accept_loop(endpoint.clone()));
-        Ok((endpoint, socket))
+    let _guard = runtime().enter();
+    let (endpoint, socket) = macula_dist_relay::tls::Transport::default()
+        .node_endpoint(bind)
+        .map_err(|e| format!("{e:#}"))?;
+    let inbound = InboundTable::default();
+    runtime().spawn(accept_loop(endpoint.clone(), inbound.clone()));
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    open_endpoints().insert(id, endpoint.clone());
+    Ok(NodeEndpoint {
+        endpoint,
+        socket,
+        inbound,
+        id,
     })
-    .clone()
 }
 
 /// Incoming connections are e2e sessions a relay announced, or refused:
 /// nobody else may open a QUIC connection to a node.
-async fn accept_loop(endpoint: quinn::Endpoint) {
+async fn accept_loop(endpoint: quinn::Endpoint, inbound: InboundTable) {
     while let Some(incoming) = endpoint.accept().await {
-        match forget_inbound(&incoming.remote_address()) {
+        match inbound.forget(&incoming.remote_address()) {
             Some(session) => session.accept(incoming),
             None => incoming.refuse(),
         }
@@ -104,12 +131,11 @@ async fn accept_loop(endpoint: quinn::Endpoint) {
 /// relay hears it now and closes this node's tunnels, as a TCP peer would
 /// see a socket close. Without it the node's peers wait for a tick timeout.
 extern "C" fn close_endpoints() {
+    let endpoints: Vec<quinn::Endpoint> = open_endpoints().values().cloned().collect();
     let mut open = 0;
-    for cell in [&ENDPOINT_V4, &ENDPOINT_V6] {
-        if let Some(Ok((endpoint, _))) = cell.get() {
-            open += endpoint.open_connections();
-            endpoint.close(0u32.into(), b"node exiting");
-        }
+    for endpoint in &endpoints {
+        open += endpoint.open_connections();
+        endpoint.close(0u32.into(), b"node exiting");
     }
     if open > 0 {
         // The runtime's threads still run: give them a moment to send it.

@@ -19,12 +19,14 @@ use macula_relay_proto::{BindKey, TunnelId};
 use tokio::time::timeout;
 
 use crate::atoms;
-use crate::client::Client;
-use crate::runtime::{expect_inbound, forget_inbound, runtime};
+use crate::client::{read_prefix, Client};
+use crate::runtime::{runtime, InboundTable};
 use crate::tunnel::Streams;
 
 /// How long a session may take from announcement to its first stream.
 const SESSION_SETUP: Duration = Duration::from_secs(10);
+/// How long a closed session's route and relay entry outlive it.
+const SESSION_DRAIN: Duration = Duration::from_millis(500);
 /// Derived keys kept, at most (one per (cookie, node name) in use).
 const MAX_KEYS: usize = 256;
 
@@ -53,6 +55,7 @@ fn key(cookie: &[u8], node: &str) -> anyhow::Result<Arc<NodeIdentity>> {
 pub struct Path {
     pub endpoint: quinn::Endpoint,
     pub socket: Arc<NodeSocket>,
+    pub inbound: InboundTable,
     pub relay: SocketAddr,
     pub transport: macula_dist_relay::tls::Transport,
 }
@@ -87,7 +90,10 @@ pub fn connect(
                 .endpoint
                 .connect_with(config, vaddr, E2E_SERVER_NAME)?
                 .await?;
-            let (send, recv) = conn.open_bi().await?;
+            let (mut send, recv) = conn.open_bi().await?;
+            // The stream starts with the tunnel id, as a stream tunnel's
+            // does: the target sees the stream at once and checks the id.
+            send.write_all(&tunnel.to_hex()).await?;
             anyhow::Ok((conn, send, recv))
         })
         .await
@@ -136,8 +142,9 @@ pub fn expect(
     let route = path.route(&tunnel, bind);
     let weak = Arc::downgrade(client);
     let socket = path.socket.clone();
+    let inbound = path.inbound.clone();
     let vaddr = socket.add_session_then(route, |vaddr| {
-        expect_inbound(
+        path.inbound.clone().expect(
             vaddr,
             Inbound {
                 client: weak,
@@ -152,7 +159,7 @@ pub fn expect(
     // A session whose requester never comes is forgotten.
     runtime().spawn(async move {
         tokio::time::sleep(SESSION_SETUP).await;
-        if forget_inbound(&vaddr).is_some() {
+        if inbound.forget(&vaddr).is_some() {
             socket.remove_session(&vaddr);
         }
     });
@@ -170,14 +177,20 @@ impl Inbound {
             let accepted = timeout(SESSION_SETUP, async {
                 let conn = incoming.accept_with(self.config.clone())?.await?;
                 let (send, recv) = conn.accept_bi().await?;
-                anyhow::Ok((conn, send, recv))
+                let (tunnel, mut streams) = read_prefix(send, recv).await?;
+                anyhow::ensure!(
+                    tunnel == self.tunnel,
+                    "the session's stream names tunnel {tunnel}"
+                );
+                streams.conn = Some(conn.clone());
+                anyhow::Ok((conn, streams))
             })
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
             match accepted {
-                Ok((conn, send, recv)) => {
-                    watch(&client, &self.path, self.tunnel, self.vaddr, conn.clone());
-                    client.session_stream(self.tunnel, streams(conn, send, recv));
+                Ok((conn, streams)) => {
+                    watch(&client, &self.path, self.tunnel, self.vaddr, conn);
+                    client.session_stream(self.tunnel, streams);
                 }
                 Err(e) => {
                     // A peer without the cookie ends here: no byte of it
@@ -223,6 +236,10 @@ fn watch(
     let socket = path.socket.clone();
     runtime().spawn(async move {
         conn.closed().await;
+        // The connection's last packets (its CONNECTION_CLOSE) still go
+        // through the relay: tell it to forget the session only after they
+        // had time to get there.
+        tokio::time::sleep(SESSION_DRAIN).await;
         socket.remove_session(&vaddr);
         if let Some(client) = client.upgrade() {
             client.untrack_session(&tunnel);

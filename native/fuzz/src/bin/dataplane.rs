@@ -1,0 +1,4 @@
+//! AFL++ target: see macula_fuzz::dataplane.
+fn main() {
+    afl::fuzz!(|data: &[u8]| macula_fuzz::dataplane(data));
+}
