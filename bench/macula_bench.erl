@@ -52,7 +52,7 @@ root() ->
 
 start_relay(Root) ->
     Exe = filename:join(Root, "target/release/macula-dist-relay"),
-    Port = open_port({spawn, Exe ++ " --listen 127.0.0.1:0 2>/dev/null"},
+    Port = open_port({spawn, Exe ++ " --listen 127.0.0.1:0 --allow-anonymous --ephemeral 2>/dev/null"},
                      [{line, 256}, binary, use_stdio]),
     Pin = receive {Port, {data, {eol, Line}}} -> binary_to_list(Line) after 10000 -> error(relay) end,
     {os_pid, OsPid} = erlang:port_info(Port, os_pid),

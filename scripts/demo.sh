@@ -20,8 +20,10 @@ trap cleanup EXIT
 
 port=${MACULA_DIST_PORT:-$(erl -noshell -eval '{ok, S} = gen_udp:open(0, [{ip, {127,0,0,1}}]), {ok, P} = inet:port(S), io:format("~b", [P]), halt().')}
 echo "== starting the relay on 127.0.0.1:$port"
-./target/release/macula-dist-relay --listen "127.0.0.1:$port" \
-  --fingerprint-file "$work/fingerprint" >"$work/relay.out" 2>"$work/relay.log" &
+# A token only these nodes know, and the relay's identity in the work dir.
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/token"
+./target/release/macula-dist-relay --listen "127.0.0.1:$port" --token-file "$work/token" \
+  --state-dir "$work/relay-state" --fingerprint-file "$work/fingerprint" >"$work/relay.out" 2>"$work/relay.log" &
 relay_pid=$!
 for _ in $(seq 50); do [ -s "$work/fingerprint" ] && break; sleep 0.1; done
 pin=$(cat "$work/fingerprint")
@@ -30,7 +32,8 @@ echo "   certificate sha256: $pin"
 ebin=_build/default/lib/macula_dist/ebin
 node_args=(-noshell -pa "$ebin" -proto_dist macula -no_epmd -setcookie macula_demo
            -macula_dist relay "\"quic://127.0.0.1:$port\""
-           -macula_dist pin_sha256 "\"$pin\"")
+           -macula_dist pin_sha256 "\"$pin\""
+           -macula_dist token_file "\"$work/token\"")
 host=$(erl -noshell -eval 'io:put_chars(element(2, inet:gethostname())), halt().')
 
 echo "== starting bob@$host"

@@ -15,11 +15,14 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$root/target/release/macula-dist-relay" --listen "127.0.0.1:$port" --fingerprint-file "$work/pin" 2>"$work/relay.log" >/dev/null &
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/token"
+"$root/target/release/macula-dist-relay" --listen "127.0.0.1:$port" --fingerprint-file "$work/pin" \
+  --token-file "$work/token" --state-dir "$work/relay-state" 2>"$work/relay.log" >/dev/null &
 pids+=($!)
 for _ in $(seq 50); do [ -s "$work/pin" ] && break; sleep 0.1; done
 
 export MACULA_DIST_RELAY="quic://127.0.0.1:$port" MACULA_DIST_PIN_SHA256=$(cat "$work/pin")
+export MACULA_DIST_TOKEN_FILE="$work/token"
 export RELEASE_DISTRIBUTION=sname RELEASE_COOKIE=cluster_example
 host=$(hostname -s)
 bin=_build/prod/rel/cluster/bin/cluster

@@ -7,7 +7,7 @@ cargo build --release --quiet -p macula_dist_relay
 work=$(mktemp -d)
 printf 'interop-token' > "$work/token"
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-./target/release/macula-dist-relay --listen "127.0.0.1:$port" --token-file "$work/token" >/dev/null 2>"$work/relay.log" &
+./target/release/macula-dist-relay --listen "127.0.0.1:$port" --token-file "$work/token" --state-dir "$work/state" >/dev/null 2>"$work/relay.log" &
 relay=$!
 trap 'kill $relay 2>/dev/null; rm -rf "$work"' EXIT
 sleep 0.5

@@ -310,11 +310,9 @@ async fn connect(
         .ok_or_else(|| ConnectError::Unreachable(format!("{} has no address", opts.host)))?;
     let node_endpoint = bind_endpoint(addr).map_err(ConnectError::Unreachable)?;
     let endpoint = &node_endpoint.endpoint;
-    let server_name = if opts.host.parse::<std::net::IpAddr>().is_ok() {
-        "localhost"
-    } else {
-        opts.host.as_str()
-    };
+    // An IP-literal URL is checked against the certificate's IP SANs (in
+    // CA mode; a pin names one certificate whatever its names).
+    let server_name = opts.host.as_str();
     let conn = endpoint
         .connect_with(config, addr, server_name)
         .map_err(|e| ConnectError::Unreachable(e.to_string()))?

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use macula_relay_proto::sessions::SessionTable;
 
+pub use macula_relay_proto::admission::{AdmissionLimits, RetryPolicy};
 pub use macula_relay_proto::router::Limits;
 pub use server::{close_code, write_control, Stats, CONTROL_QUEUE};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,8 @@ pub struct Config {
     /// How long a connection may take to identify before it is closed.
     pub identify_timeout: Duration,
     pub transport: tls::Transport,
+    /// Caps on connections that have not identified, and QUIC Retry.
+    pub admission: AdmissionLimits,
 }
 
 impl Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             max_frame: macula_relay_proto::DEFAULT_MAX_FRAME,
             identify_timeout: Duration::from_secs(10),
             transport: tls::Transport::default(),
+            admission: AdmissionLimits::default(),
         }
     }
 }
@@ -102,7 +106,8 @@ impl Relay {
         if config.token.is_none() {
             warn!("no token configured: any node that reaches this relay may join");
         }
-        let server_config = tls::server_config(identity, &config.transport)?;
+        let mut server_config = tls::server_config(identity, &config.transport)?;
+        server_config.transport_config(Arc::new(config.transport.relay_quinn_config()?));
         let sessions = Arc::new(Mutex::new(SessionTable::default()));
         let (endpoint, socket) =
             config
@@ -116,6 +121,8 @@ impl Relay {
             config.max_frame,
             config.identify_timeout,
             sessions,
+            macula_relay_proto::admission::Admission::new(config.admission),
+            config.transport.connection_window(),
         ));
         let accept_loop = tokio::spawn(server::accept_loop(
             endpoint.clone(),

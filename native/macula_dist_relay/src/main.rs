@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use macula_dist_relay::{tls, Config, Limits, Relay};
+use macula_dist_relay::{tls, AdmissionLimits, Config, Limits, Relay, RetryPolicy};
 use tracing_subscriber::EnvFilter;
 
 /// QUIC relay for Erlang distribution: nodes identify to it, and it pairs
@@ -22,8 +22,9 @@ struct Args {
     #[arg(long, env = "MACULA_DIST_PORT")]
     port: Option<u16>,
 
-    /// PEM certificate chain. Without --cert/--key a self-signed certificate
-    /// is generated at start and its SHA-256 fingerprint printed.
+    /// PEM certificate chain. Without --cert/--key the relay uses the
+    /// self-signed certificate kept in --state-dir (made on first start),
+    /// and prints its SHA-256 fingerprint.
     #[arg(long, env = "MACULA_DIST_CERT", requires = "key")]
     cert: Option<PathBuf>,
 
@@ -35,10 +36,25 @@ struct Args {
     #[arg(long, env = "MACULA_DIST_FINGERPRINT_FILE")]
     fingerprint_file: Option<PathBuf>,
 
-    /// File holding the token nodes must present in identify. Without a
-    /// token (here or in MACULA_DIST_TOKEN) any node may join.
+    /// Where the relay keeps its identity (relay.crt, relay.key) when no
+    /// --cert/--key are given. Default: $STATE_DIRECTORY (systemd), else
+    /// $XDG_STATE_HOME/macula-dist-relay, else ~/.local/state/macula-dist-relay.
+    #[arg(long, env = "MACULA_DIST_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// A new self-signed certificate on every start, kept nowhere (pins
+    /// break at each restart: for tests).
+    #[arg(long, env = "MACULA_DIST_EPHEMERAL", conflicts_with = "state_dir")]
+    ephemeral: bool,
+
+    /// File holding the token nodes must present in identify.
     #[arg(long, env = "MACULA_DIST_TOKEN_FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
+
+    /// Run without any token: any node that reaches the relay may join.
+    /// Required when no token is given, so that is never an accident.
+    #[arg(long, env = "MACULA_DIST_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
 
     /// The token itself (prefer --token-file: arguments are visible in ps).
     #[arg(long, env = "MACULA_DIST_TOKEN", hide_env_values = true)]
@@ -72,18 +88,64 @@ struct Args {
     #[arg(long, env = "MACULA_DIST_KEEP_ALIVE", default_value_t = 5)]
     keep_alive: u64,
 
+    /// Connections that have not identified yet, at most (the rest are refused).
+    #[arg(long, env = "MACULA_DIST_MAX_UNIDENTIFIED", default_value_t = AdmissionLimits::default().max_unidentified)]
+    max_unidentified: usize,
+
+    /// Connections that have not identified yet from one IP address, at most.
+    #[arg(long, env = "MACULA_DIST_MAX_UNIDENTIFIED_PER_IP", default_value_t = AdmissionLimits::default().max_unidentified_per_ip)]
+    max_unidentified_per_ip: usize,
+
+    /// When to make clients prove their address with a QUIC Retry first:
+    /// never, under-load (half the unidentified slots taken), always.
+    #[arg(long, env = "MACULA_DIST_RETRY", default_value = "under-load", value_parser = parse_retry)]
+    retry: RetryPolicy,
+
     /// Worker threads (default: one per CPU).
     #[arg(long, env = "MACULA_DIST_THREADS")]
     threads: Option<usize>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn parse_retry(text: &str) -> Result<RetryPolicy, String> {
+    match text {
+        "never" => Ok(RetryPolicy::Never),
+        "under-load" => Ok(RetryPolicy::UnderLoad),
+        "always" => Ok(RetryPolicy::Always),
+        other => Err(format!("{other}: expected never, under-load or always")),
+    }
+}
+
+/// Where the relay's identity lives without --state-dir.
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("STATE_DIRECTORY") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = var("XDG_STATE_HOME") {
+        return Ok(PathBuf::from(dir).join("macula-dist-relay"));
+    }
+    let home = var("HOME").context("no --state-dir, and HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/state/macula-dist-relay"))
+}
+
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads.filter(|n| *n > 0) {
         runtime.worker_threads(n);
     }
-    runtime.enable_all().build()?.block_on(run(args))
+    let ran = runtime
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(args)));
+    match ran {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("macula-dist-relay: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -95,10 +157,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(port) = args.port {
         listen.set_port(port);
     }
-    let identity = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => Some(tls::Identity::from_pem_files(cert, key)?),
-        _ => None,
-    };
     let token = match (&args.token_file, args.token) {
         (Some(path), _) => Some(
             std::fs::read_to_string(path)
@@ -109,6 +167,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, token) => token,
     };
     anyhow::ensure!(token.as_deref() != Some(""), "the token is empty");
+    anyhow::ensure!(
+        token.is_some() || args.allow_anonymous,
+        "no token: give --token-file (or MACULA_DIST_TOKEN), or --allow-anonymous to let any node that reaches this relay join"
+    );
+    let names = vec!["localhost".into(), listen.ip().to_string()];
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(tls::Identity::from_pem_files(cert, key)?),
+        _ if args.ephemeral => None,
+        _ => {
+            let dir = match &args.state_dir {
+                Some(dir) => dir.clone(),
+                None => default_state_dir()?,
+            };
+            let identity = tls::Identity::persistent(&dir, names)?;
+            tracing::info!(dir = %dir.display(), "relay identity kept in the state directory");
+            Some(identity)
+        }
+    };
+
     let config = Config {
         listen,
         identity,
@@ -124,6 +201,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout),
             keep_alive: Duration::from_secs(args.keep_alive),
             ..tls::Transport::default()
+        },
+        admission: AdmissionLimits {
+            max_unidentified: args.max_unidentified,
+            max_unidentified_per_ip: args.max_unidentified_per_ip,
+            retry: args.retry,
         },
     };
     let relay = Relay::start(config).await?;

@@ -2,10 +2,12 @@
 //! through the routing table, open and hand tunnels to the forwarder.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use macula_relay_proto::admission::{Admission, Decision};
+use macula_relay_proto::ratelimit::LogLimiter;
 use macula_relay_proto::router::{ConnId, Limits, Router, Tunnel};
 use macula_relay_proto::sessions::SessionTable;
 use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
@@ -43,6 +45,8 @@ pub struct Stats {
     pub tunnels: usize,
     /// Of those, e2e sessions.
     pub sessions: usize,
+    /// Connections that have not identified (yet).
+    pub unidentified: usize,
 }
 
 pub(crate) struct Shared {
@@ -52,6 +56,45 @@ pub(crate) struct Shared {
     identify_timeout: Duration,
     /// The data plane's table; the relay socket reads it for every datagram.
     sessions: Arc<Mutex<SessionTable>>,
+    /// Connections that have not identified yet, capped.
+    admission: Mutex<Admission>,
+    /// Log lines about a peer's bad input, rate-limited.
+    bad_input_log: Mutex<LogLimiter>,
+    /// Connection receive window once a node has identified.
+    identified_window: u64,
+}
+
+/// Lines about bad input, at most this many per window.
+const BAD_INPUT_LOG_BURST: u32 = 20;
+const BAD_INPUT_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// A connection's slot among the unidentified ones; freed on identify or
+/// when the connection ends, whichever comes first.
+struct Unidentified {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for Unidentified {
+    fn drop(&mut self) {
+        lock(&self.shared.admission).release(self.ip);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Logs a warning about bad input unless too many were logged lately.
+macro_rules! warn_bad_input {
+    ($shared:expr, $($arg:tt)+) => {
+        if let Some(held) = lock(&$shared.bad_input_log).allow(std::time::Instant::now()) {
+            if held > 0 {
+                warn!(held, "log lines about bad input were held back (rate limit)");
+            }
+            warn!($($arg)+);
+        }
+    };
 }
 
 /// An identified node: its connection, its control queue, and the protocol
@@ -75,6 +118,8 @@ impl Shared {
         max_frame: usize,
         identify_timeout: Duration,
         sessions: Arc<Mutex<SessionTable>>,
+        admission: Admission,
+        identified_window: u64,
     ) -> Self {
         Shared {
             state: Mutex::new(State {
@@ -86,7 +131,14 @@ impl Shared {
             max_frame,
             identify_timeout,
             sessions,
+            admission: Mutex::new(admission),
+            bad_input_log: Mutex::new(LogLimiter::new(BAD_INPUT_LOG_BURST, BAD_INPUT_LOG_WINDOW)),
+            identified_window,
         }
+    }
+
+    pub(crate) fn unidentified(&self) -> usize {
+        lock(&self.admission).unidentified()
     }
 
     fn sessions(&self) -> MutexGuard<'_, SessionTable> {
@@ -104,6 +156,7 @@ impl Shared {
             nodes: state.router.node_count(),
             tunnels: state.router.tunnel_count(),
             sessions: self.sessions().len(),
+            unidentified: self.unidentified(),
         }
     }
 
@@ -166,10 +219,28 @@ pub(crate) async fn accept_loop(
                 None => return,
             },
         };
+        let remote = incoming.remote_address();
+        let decision =
+            lock(&shared.admission).decide(remote.ip(), incoming.remote_address_validated());
+        match decision {
+            Decision::Accept => {}
+            Decision::Retry => {
+                let _ = incoming.retry();
+                continue;
+            }
+            Decision::Refuse(reason) => {
+                warn_bad_input!(shared, %remote, reason = reason.as_str(), "connection refused");
+                incoming.refuse();
+                continue;
+            }
+        }
+        let slot = Unidentified {
+            shared: shared.clone(),
+            ip: remote.ip(),
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            if let Err(e) = serve(incoming, shared).await {
+            if let Err(e) = serve(incoming, shared, slot).await {
                 debug!(%remote, error = %e, "connection ended");
             }
         });
@@ -191,9 +262,15 @@ struct Session {
     remote: SocketAddr,
     control: mpsc::Sender<Message>,
     name: Option<String>,
+    /// Held until the node identifies.
+    slot: Option<Unidentified>,
 }
 
-async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) -> anyhow::Result<()> {
+async fn serve(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    slot: Unidentified,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + shared.identify_timeout;
     let remote = incoming.remote_address();
     let conn = timeout_at(deadline, incoming).await??;
@@ -213,6 +290,7 @@ async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) -> anyhow::Result
         remote,
         control,
         name: None,
+        slot: Some(slot),
     };
     let end = session.read_loop(&mut recv, deadline).await;
     session.leave();
@@ -255,7 +333,7 @@ impl Session {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        warn!(remote = %self.remote, node = ?self.name, error = %e, "bad control frame");
+                        warn_bad_input!(self.shared, remote = %self.remote, node = ?self.name, error = %e, "bad control frame");
                         self.reply(Message::ProtocolError {
                             reason: e.reason().into(),
                         });
@@ -301,7 +379,7 @@ impl Session {
                 Ok(())
             }
             other => {
-                warn!(remote = %self.remote, t = other.type_name(), "message only the relay sends");
+                warn_bad_input!(self.shared, remote = %self.remote, t = other.type_name(), "message only the relay sends");
                 self.reply(Message::ProtocolError {
                     reason: "unexpected_type".into(),
                 });
@@ -317,7 +395,7 @@ impl Session {
         version: Option<u64>,
     ) -> Result<(), End> {
         if !self.shared.token_matches(token.as_deref()) {
-            warn!(remote = %self.remote, node, "identify refused: bad_token");
+            warn_bad_input!(self.shared, remote = %self.remote, node, "identify refused: bad_token");
             return Err(self.refuse("bad_token", close_code::REFUSED));
         }
         let mut state = self.shared.lock();
@@ -325,7 +403,7 @@ impl Session {
             Ok(identified) => identified,
             Err(refusal) => {
                 drop(state);
-                warn!(remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
+                warn_bad_input!(self.shared, remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
                 return Err(self.refuse(refusal.as_str(), close_code::REFUSED));
             }
         };
@@ -345,6 +423,12 @@ impl Session {
         drop(state);
         info!(node, remote = %self.remote, ?version, "node identified");
         self.name = Some(node);
+        // An identified node carries tunnels: the full receive window, and
+        // its slot among the unidentified is free.
+        self.slot = None;
+        if let Ok(window) = VarInt::from_u64(self.shared.identified_window) {
+            self.conn.set_receive_window(window);
+        }
         // A v1 client gets the v1 answer, unchanged; a v2 one learns that
         // this relay offers e2e sessions.
         let node_version = version.unwrap_or(1);

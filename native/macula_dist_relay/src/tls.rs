@@ -53,10 +53,40 @@ impl Identity {
         })
     }
 
+    /// The relay's identity kept in `dir` (`relay.crt`, `relay.key`, PEM):
+    /// loaded when there, else made self-signed and written, so the
+    /// fingerprint nodes pin survives restarts.
+    pub fn persistent(dir: &Path, names: Vec<String>) -> anyhow::Result<Self> {
+        let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+        if cert.exists() && key.exists() {
+            return Self::from_pem_files(&cert, &key);
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let made = rcgen::generate_simple_self_signed(names)?;
+        write_private(&key, made.key_pair.serialize_pem().as_bytes())?;
+        std::fs::write(&cert, made.cert.pem())
+            .with_context(|| format!("writing {}", cert.display()))?;
+        Self::from_pem_files(&cert, &key)
+    }
+
     /// SHA-256 of the end-entity certificate, in lowercase hex.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.certs[0])
     }
+}
+
+/// Writes a file only its owner can read (a private key).
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
@@ -106,6 +136,22 @@ impl Transport {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
+        Ok(t)
+    }
+
+    /// Connection receive window: four streams' worth.
+    pub fn connection_window(&self) -> u64 {
+        self.stream_window as u64 * 4
+    }
+
+    /// The relay's side of node connections. A node opens one stream (its
+    /// control stream; the relay opens the tunnel streams), and until it
+    /// identifies it may not make the relay buffer more than
+    /// [`UNIDENTIFIED_WINDOW`]; identify raises the window.
+    pub fn relay_quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let mut t = self.quinn_config()?;
+        t.max_concurrent_bidi_streams(1u32.into())
+            .receive_window(UNIDENTIFIED_WINDOW.into());
         Ok(t)
     }
 
@@ -200,6 +246,9 @@ impl Transport {
         Ok((endpoint, socket))
     }
 }
+
+/// What an unidentified connection may make the relay buffer, at most.
+pub const UNIDENTIFIED_WINDOW: u32 = 256 * 1024;
 
 /// A node's endpoint needs a server config to see incoming connections at
 /// all; each is then accepted with its session's config or refused. This

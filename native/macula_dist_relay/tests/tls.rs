@@ -8,16 +8,26 @@ use macula_dist_relay::{tls, Config};
 use macula_relay_proto::Message;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
-#[tokio::test]
-async fn relay_certificate_from_pem_files_verified_by_ca() {
-    let dir = std::env::temp_dir().join(format!("macula-tls-{}", std::process::id()));
+/// A CA, and a relay certificate it signed for `names`, as PEM files in a
+/// fresh directory: (directory, CA file, certificate file, key file, leaf).
+fn ca_signed(
+    tag: &str,
+    names: Vec<String>,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    rcgen::Certificate,
+) {
+    let dir = std::env::temp_dir().join(format!("macula-tls-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(vec![]).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".into()])
+    let leaf = CertificateParams::new(names)
         .unwrap()
         .signed_by(&leaf_key, &ca, &ca_key)
         .unwrap();
@@ -29,7 +39,24 @@ async fn relay_certificate_from_pem_files_verified_by_ca() {
     std::fs::write(&ca_file, ca.pem()).unwrap();
     std::fs::write(&cert_file, leaf.pem()).unwrap();
     std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    (dir, ca_file, cert_file, key_file, leaf)
+}
 
+/// A client endpoint that trusts the CA in `ca_file`.
+fn trusting(ca_file: std::path::PathBuf) -> quinn::Endpoint {
+    let transport = tls::Transport::default();
+    let mut endpoint = transport
+        .client_endpoint("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    endpoint.set_default_client_config(
+        tls::client_config(&tls::Trust::CaFile(ca_file), &transport).unwrap(),
+    );
+    endpoint
+}
+
+#[tokio::test]
+async fn relay_certificate_from_pem_files_verified_by_ca() {
+    let (dir, ca_file, cert_file, key_file, leaf) = ca_signed("pem", vec!["localhost".into()]);
     let identity = tls::Identity::from_pem_files(&cert_file, &key_file).unwrap();
     let relay = relay_with(Config {
         identity: Some(identity),
@@ -38,13 +65,7 @@ async fn relay_certificate_from_pem_files_verified_by_ca() {
     .await;
     assert_eq!(relay.fingerprint(), tls::fingerprint(leaf.der()));
 
-    let transport = tls::Transport::default();
-    let mut endpoint = transport
-        .client_endpoint("127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    endpoint.set_default_client_config(
-        tls::client_config(&tls::Trust::CaFile(ca_file), &transport).unwrap(),
-    );
+    let endpoint = trusting(ca_file);
     // The CA is trusted and the name checked: "localhost" is in the certificate.
     let conn = endpoint
         .connect(relay.local_addr(), "localhost")
@@ -80,4 +101,28 @@ async fn relay_certificate_from_pem_files_verified_by_ca() {
     );
     relay.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A relay reached by an IP-literal URL is checked against the IP SANs of
+/// its certificate (the client used to check the name "localhost").
+#[tokio::test]
+async fn ip_literal_is_checked_against_ip_sans() {
+    for (tag, names, accepted) in [
+        ("dns-only", vec!["localhost".to_string()], false),
+        ("ip-san", vec!["127.0.0.1".to_string()], true),
+    ] {
+        let (dir, ca_file, cert_file, key_file, _) = ca_signed(tag, names);
+        let relay = relay_with(Config {
+            identity: Some(tls::Identity::from_pem_files(&cert_file, &key_file).unwrap()),
+            ..Config::loopback()
+        })
+        .await;
+        let connected = trusting(ca_file)
+            .connect(relay.local_addr(), "127.0.0.1")
+            .unwrap()
+            .await;
+        assert_eq!(connected.is_ok(), accepted, "{tag}: {connected:?}");
+        relay.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -8,15 +8,19 @@
 //! - [`dataplane`]: the header of e2e session datagrams, told from QUIC by their first byte.
 //! - [`sessions`]: the relay's e2e session table (who may send for a session, where it goes).
 //! - [`paths`]: the node's map between e2e sessions and the virtual addresses quinn sees.
+//! - [`admission`]: the relay's caps on unidentified connections, and when to send Retry.
+//! - [`ratelimit`]: rate limits for log lines about bad input.
 //!
 //! Everything here is plain data in, plain data out, so relay and client
 //! share one tested implementation and the async glue around it stays thin.
 
+pub mod admission;
 pub mod dataplane;
 pub mod frame;
 pub mod matcher;
 pub mod packet;
 pub mod paths;
+pub mod ratelimit;
 pub mod router;
 pub mod sessions;
 pub mod tunnel_id;
