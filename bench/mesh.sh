@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Scale check: one relay and N light BEAM nodes (-proto_dist macula), full-meshed.
+#
+#   bash bench/mesh.sh [--mode e2e|stream|both] [--connect ordered|all|seed] [--no-build] N [N ...]
+#
+#   N ...        node counts, one run each with a fresh relay (default: 10)
+#   --mode       -macula_dist tunnel: e2e (default), stream, or both (env MESH_MODE)
+#   --connect    ordered: node i connects to the nodes j > i (default)
+#                all:     every node connects to every other at once (both ends dial)
+#                seed:    every node connects to node 1; global's connect_all does the rest
+#                a comma list runs each (env MESH_CONNECT)
+#   --dial-par K each node dials at most K of its targets at once (0: all at once;
+#                env MESH_DIAL_PAR)
+#   --no-build   use the existing relay binary and NIF
+#
+# Env: MESH_TIMEOUT (s, default 120) per wait; MESH_START_PAR (default 4) nodes
+# booted at once; MESH_ERL_ARGS extra erl arguments for the nodes (e.g.
+# "-kernel prevent_overlapping_partitions false"); MESH_IDLE (s, default 10)
+# of idle mesh whose CPU is measured; MESH_QUIET_WAIT (s, default 300) to wait
+# for an idle machine before each run; MESH_KEEP=1 keeps the run directory
+# (relay and node logs).
+#
+# Prints, per run, the time from "all nodes up" to "every node has N-1 nodes()",
+# global:sync(), rpc:multicall over all nodes, relay and node RSS, CPU split, and
+# tunnels/sessions opened against links; a markdown table of all runs at the end.
+# Every process it starts (relay, controller VM, nodes) is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+modes=${MESH_MODE:-e2e}
+connects=${MESH_CONNECT:-ordered}
+build=1
+sizes=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --mode) modes=$2; shift 2 ;;
+        --mode=*) modes=${1#*=}; shift ;;
+        --connect) connects=$2; shift 2 ;;
+        --connect=*) connects=${1#*=}; shift ;;
+        --dial-par) export MESH_DIAL_PAR=$2; shift 2 ;;
+        --dial-par=*) export MESH_DIAL_PAR=${1#*=}; shift ;;
+        --no-build) build=0; shift ;;
+        -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | cut -c3-; exit 0 ;;
+        [0-9]*) sizes+=("$1"); shift ;;
+        *) echo "mesh.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ ${#sizes[@]} -gt 0 ] || sizes=(10)
+[ "$modes" = both ] && modes=e2e,stream
+for n in "${sizes[@]}"; do [ "$n" -ge 2 ] || { echo "mesh.sh: N must be >= 2" >&2; exit 2; }; done
+
+tmp=$(mktemp -d /tmp/macula_mesh.XXXXXX)
+relay_pid=""
+ctl_pid=""
+
+# Kill only what this script started: the controller, the relay, and the
+# nodes whose pids the controller recorded (checked against their command
+# line, which names this run's directory).
+kill_nodes() {
+    local f p
+    for f in "$tmp"/run*/pids; do
+        [ -f "$f" ] || continue
+        while read -r p; do
+            [ -n "$p" ] && grep -qs "$tmp" "/proc/$p/cmdline" && kill -9 "$p" 2>/dev/null || true
+        done <"$f"
+    done
+}
+stop_relay() {
+    if [ -n "$relay_pid" ]; then
+        kill "$relay_pid" 2>/dev/null || true
+        wait "$relay_pid" 2>/dev/null || true
+        relay_pid=""
+    fi
+}
+cleanup() {
+    set +e
+    if [ -n "$ctl_pid" ]; then kill "$ctl_pid" 2>/dev/null; wait "$ctl_pid" 2>/dev/null; fi
+    kill_nodes
+    stop_relay
+    if [ "${MESH_KEEP:-0}" = 1 ]; then echo "mesh.sh: kept $tmp"; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+if [ "$build" = 1 ]; then
+    cargo build --release --quiet -p macula_dist_relay
+    rebar3 compile >/dev/null
+fi
+mkdir -p bench/ebin
+erlc -o bench/ebin bench/macula_mesh.erl
+relay_bin=$root/target/release/macula-dist-relay
+
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/token"
+# A token, so the relay never needs --allow-anonymous. A throwaway identity
+# (--ephemeral) where the relay would otherwise keep one in a state dir. All
+# nodes come from 127.0.0.1, so the per-address limit of connections still
+# identifying (if the relay has one) must allow MESH_START_PAR at once.
+relay_args=(--listen 127.0.0.1:0 --token-file "$tmp/token")
+relay_help=$("$relay_bin" --help)
+grep -q -- '--ephemeral' <<<"$relay_help" && relay_args+=(--ephemeral)
+grep -q -- '--max-unidentified-per-ip' <<<"$relay_help" && relay_args+=(--max-unidentified-per-ip 1024)
+
+# Other work on the machine skews the times (the nodes fill both cores):
+# wait up to MESH_QUIET_WAIT seconds (default 300; 0: don't) for a moment
+# when the machine is nearly idle (under 20% of one core busy over 2 s).
+# Each run also reports the CPU that other processes used during the mesh.
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+wait_quiet() {
+    local waited=0 limit=${MESH_QUIET_WAIT:-300} hz a b
+    hz=$(getconf CLK_TCK)
+    while [ "$waited" -lt "$limit" ]; do
+        a=$(busy_ticks); sleep 2; b=$(busy_ticks)
+        [ $(( (b - a) * 100 / (2 * hz) )) -lt 20 ] && return 0
+        [ "$waited" = 0 ] && echo "mesh.sh: the machine is busy; waiting up to ${limit} s for it to calm down"
+        waited=$((waited + 2))
+    done
+    echo "mesh.sh: still busy; running anyway (see 'CPU s elsewhere')"
+}
+
+rows=()
+run=0
+for mode in ${modes//,/ }; do
+    for connect in ${connects//,/ }; do
+        for n in "${sizes[@]}"; do
+            run=$((run + 1))
+            dir=$tmp/run$run
+            mkdir -p "$dir"
+            wait_quiet
+            RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 "$relay_bin" "${relay_args[@]}" \
+                --fingerprint-file "$dir/fingerprint" >"$dir/relay.out" 2>"$dir/relay.log" &
+            relay_pid=$!
+            for _ in $(seq 100); do
+                grep -qs 'relay listening' "$dir/relay.log" && [ -s "$dir/fingerprint" ] && break
+                kill -0 "$relay_pid" 2>/dev/null || { cat "$dir/relay.log" >&2; exit 1; }
+                sleep 0.1
+            done
+            addr=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/relay.log" | grep -o 'local_addr=[0-9.:]*' | head -1)
+            addr=${addr#local_addr=}
+            [ -n "$addr" ] || { echo "mesh.sh: relay address not found" >&2; cat "$dir/relay.log" >&2; exit 1; }
+            pin=$(tr -d ' \n' <"$dir/fingerprint")
+            erl -noshell +S 2:2 -pa "$root/bench/ebin" -pa "$root/_build/default/lib/macula_dist/ebin" \
+                -eval 'macula_mesh:main()' \
+                -extra "$n" "$mode" "$connect" "$dir" "quic://$addr" "$pin" "$tmp/token" \
+                "$relay_pid" "$dir/relay.log" | tee "$dir/out" &
+            ctl_pid=$!
+            if wait "$ctl_pid"; then :; else echo "mesh.sh: run N=$n mode=$mode connect=$connect failed"; fi
+            ctl_pid=""
+            row=$(grep '^ROW|' "$dir/out" | sed 's/^ROW//' || true)
+            [ -n "$row" ] && rows+=("$row") || rows+=("| $mode | $connect | $n | FAILED |")
+            kill_nodes
+            stop_relay
+        done
+    done
+done
+
+echo
+echo "| mode | connect | N | boot s | mesh s | node p50 s | global sync s | multicall first / median ms | results | relay RSS (peak) MiB | node RSS median / max MiB | tunnel / e2e opened / links | nodeup / nodedown | overlap | CPU s relay / sched / NIF / other | CPU s elsewhere |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+for r in "${rows[@]}"; do echo "$r"; done
