@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use macula_relay_proto::router::Tunnel;
+use prometheus_client::metrics::counter::Counter;
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -21,8 +22,14 @@ pub(crate) async fn run(
     (target_send, target_recv): (SendStream, RecvStream),
     cancel: CancellationToken,
 ) {
-    let up = tokio::spawn(pipe(requester_recv, target_send, cancel.clone()));
-    let down = tokio::spawn(pipe(target_recv, requester_send, cancel.clone()));
+    let counted = shared.events.stream_bytes.clone();
+    let up = tokio::spawn(pipe(
+        requester_recv,
+        target_send,
+        cancel.clone(),
+        counted.clone(),
+    ));
+    let down = tokio::spawn(pipe(target_recv, requester_send, cancel.clone(), counted));
     let bytes_up = up.await.unwrap_or_default();
     let bytes_down = down.await.unwrap_or_default();
     shared.tunnel_ended(&tunnel.id);
@@ -46,7 +53,12 @@ enum Outcome {
 /// Copies `from` to `to` until one ends. A finish is passed on as a finish
 /// (half-close); a reset, a stop or a lost connection closes the whole tunnel.
 /// Returns the bytes forwarded.
-async fn pipe(mut from: RecvStream, mut to: SendStream, cancel: CancellationToken) -> u64 {
+async fn pipe(
+    mut from: RecvStream,
+    mut to: SendStream,
+    cancel: CancellationToken,
+    counted: Counter,
+) -> u64 {
     let mut bytes = 0u64;
     // Whatever quinn has buffered is taken and handed on at once: one wakeup
     // of the other connection per batch, not per received packet.
@@ -62,7 +74,9 @@ async fn pipe(mut from: RecvStream, mut to: SendStream, cancel: CancellationToke
             Ok(None) => break Outcome::Finished,
             Err(e) => break Outcome::Read(e),
         };
-        bytes += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
+        let read: u64 = chunks[..n].iter().map(|c| c.len() as u64).sum();
+        bytes += read;
+        counted.inc_by(read);
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break Outcome::Cancelled,

@@ -21,6 +21,7 @@
 pub mod e2e_node;
 mod forward;
 pub mod identity;
+pub mod metrics;
 pub mod node_socket;
 pub mod relay_socket;
 mod server;
@@ -53,6 +54,8 @@ pub struct Config {
     pub transport: tls::Transport,
     /// Caps on connections that have not identified, and QUIC Retry.
     pub admission: AdmissionLimits,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             identify_timeout: Duration::from_secs(10),
             transport: tls::Transport::default(),
             admission: AdmissionLimits::default(),
+            metrics: None,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct Relay {
     shutdown: CancellationToken,
     shared: Arc<server::Shared>,
     socket: Arc<relay_socket::RelaySocket>,
+    registry: Arc<prometheus_client::registry::Registry>,
+    metrics_addr: Option<SocketAddr>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
@@ -115,6 +121,7 @@ impl Relay {
                 .relay_endpoint(server_config, config.listen, sessions.clone())?;
         let local_addr = endpoint.local_addr()?;
         let shutdown = CancellationToken::new();
+        let events = Arc::new(metrics::Events::default());
         let shared = Arc::new(server::Shared::new(
             config.limits,
             config.token,
@@ -123,7 +130,18 @@ impl Relay {
             sessions,
             macula_relay_proto::admission::Admission::new(config.admission),
             config.transport.connection_window(),
+            events.clone(),
         ));
+        let registry = Arc::new(metrics::registry(&events, &shared, &socket));
+        let metrics_addr = match config.metrics {
+            Some(addr) => {
+                let listener = metrics::bind(addr).await?;
+                let bound = listener.local_addr()?;
+                tokio::spawn(metrics::serve(listener, registry.clone(), shutdown.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
         let accept_loop = tokio::spawn(server::accept_loop(
             endpoint.clone(),
             shared.clone(),
@@ -137,6 +155,8 @@ impl Relay {
             shutdown,
             shared,
             socket,
+            registry,
+            metrics_addr,
             accept_loop,
         })
     }
@@ -152,6 +172,16 @@ impl Relay {
 
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// The metrics, in Prometheus text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        metrics::text(&self.registry)
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Counters of the data plane (e2e session datagrams).

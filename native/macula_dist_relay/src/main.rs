@@ -101,6 +101,14 @@ struct Args {
     #[arg(long, env = "MACULA_DIST_RETRY", default_value = "under-load", value_parser = parse_retry)]
     retry: RetryPolicy,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9434).
+    #[arg(long, env = "MACULA_DIST_METRICS")]
+    metrics: Option<SocketAddr>,
+
+    /// Log format on stderr: text or json (one object per line).
+    #[arg(long, env = "MACULA_DIST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
     /// Worker threads (default: one per CPU).
     #[arg(long, env = "MACULA_DIST_THREADS")]
     threads: Option<usize>,
@@ -149,10 +157,14 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let mut listen = args.listen;
     if let Some(port) = args.port {
         listen.set_port(port);
@@ -207,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_unidentified_per_ip: args.max_unidentified_per_ip,
             retry: args.retry,
         },
+        metrics: args.metrics,
     };
     let relay = Relay::start(config).await?;
     // The fingerprint alone on stdout, for clients to pin (pin_sha256).

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::forward;
+use crate::metrics::{self, Events};
 
 /// QUIC application close codes the relay uses.
 pub mod close_code {
@@ -62,6 +63,7 @@ pub(crate) struct Shared {
     bad_input_log: Mutex<LogLimiter>,
     /// Connection receive window once a node has identified.
     identified_window: u64,
+    pub(crate) events: Arc<Events>,
 }
 
 /// Lines about bad input, at most this many per window.
@@ -120,6 +122,7 @@ impl Shared {
         sessions: Arc<Mutex<SessionTable>>,
         admission: Admission,
         identified_window: u64,
+        events: Arc<Events>,
     ) -> Self {
         Shared {
             state: Mutex::new(State {
@@ -134,6 +137,7 @@ impl Shared {
             admission: Mutex::new(admission),
             bad_input_log: Mutex::new(LogLimiter::new(BAD_INPUT_LOG_BURST, BAD_INPUT_LOG_WINDOW)),
             identified_window,
+            events,
         }
     }
 
@@ -229,6 +233,11 @@ pub(crate) async fn accept_loop(
                 continue;
             }
             Decision::Refuse(reason) => {
+                shared
+                    .events
+                    .connections_refused
+                    .get_or_create(&metrics::reason(reason.as_str()))
+                    .inc();
                 warn_bad_input!(shared, %remote, reason = reason.as_str(), "connection refused");
                 incoming.refuse();
                 continue;
@@ -396,6 +405,7 @@ impl Session {
     ) -> Result<(), End> {
         if !self.shared.token_matches(token.as_deref()) {
             warn_bad_input!(self.shared, remote = %self.remote, node, "identify refused: bad_token");
+            self.refused_count("bad_token");
             return Err(self.refuse("bad_token", close_code::REFUSED));
         }
         let mut state = self.shared.lock();
@@ -404,6 +414,7 @@ impl Session {
             Err(refusal) => {
                 drop(state);
                 warn_bad_input!(self.shared, remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
+                self.refused_count(refusal.as_str());
                 return Err(self.refuse(refusal.as_str(), close_code::REFUSED));
             }
         };
@@ -439,6 +450,7 @@ impl Session {
     }
 
     async fn request_tunnel(&mut self, target: String) {
+        let started = std::time::Instant::now();
         let id = TunnelId::random();
         let token = CancellationToken::new();
         let (tunnel, target_conn) = {
@@ -478,6 +490,7 @@ impl Session {
             }
         };
         info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
+        self.opened(Mode::Stream, started);
         self.reply(Message::TunnelOk {
             tunnel: id,
             bind: None,
@@ -503,6 +516,7 @@ impl Session {
     /// plane's table with a bind key for each side. The target hears of it
     /// first, so it knows the session before the requester's first datagram.
     fn request_session(&mut self, target: String) {
+        let started = std::time::Instant::now();
         let mut state = self.shared.lock();
         if let Some(node) = state
             .router
@@ -553,10 +567,30 @@ impl Session {
         );
         drop(state);
         info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
+        self.opened(Mode::E2e, started);
         self.reply(Message::TunnelOk {
             tunnel: id,
             bind: Some(requester_key),
         });
+    }
+
+    fn refused_count(&self, reason: &'static str) {
+        self.shared
+            .events
+            .identify_refused
+            .get_or_create(&metrics::reason(reason))
+            .inc();
+    }
+
+    /// A tunnel was granted `started` ago.
+    fn opened(&self, mode: Mode, started: std::time::Instant) {
+        let labels = metrics::mode(mode);
+        let events = &self.shared.events;
+        events.tunnels_opened.get_or_create(&labels).inc();
+        events
+            .tunnel_setup
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn reply(&self, msg: Message) {
