@@ -100,8 +100,8 @@ pub struct Relay {
 
 impl Relay {
     /// Binds and starts serving. Must be called inside a tokio runtime.
-    pub async fn start(config: Config) -> anyhow::Result<Relay> {
-        let identity = match config.identity {
+    pub async fn start(mut config: Config) -> anyhow::Result<Relay> {
+        let identity = match config.identity.take() {
             Some(identity) => identity,
             None => tls::Identity::self_signed(vec![
                 "localhost".into(),
@@ -122,16 +122,7 @@ impl Relay {
         let local_addr = endpoint.local_addr()?;
         let shutdown = CancellationToken::new();
         let events = Arc::new(metrics::Events::default());
-        let shared = Arc::new(server::Shared::new(
-            config.limits,
-            config.token,
-            config.max_frame,
-            config.identify_timeout,
-            sessions,
-            macula_relay_proto::admission::Admission::new(config.admission),
-            config.transport.connection_window(),
-            events.clone(),
-        ));
+        let shared = Arc::new(server::Shared::new(&config, sessions, events.clone()));
         let registry = Arc::new(metrics::registry(&events, &shared, &socket));
         let metrics_addr = match config.metrics {
             Some(addr) => {

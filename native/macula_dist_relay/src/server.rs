@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use macula_relay_proto::admission::{Admission, Decision};
 use macula_relay_proto::ratelimit::LogLimiter;
-use macula_relay_proto::router::{ConnId, Limits, Router, Tunnel};
+use macula_relay_proto::router::{ConnId, Router, Tunnel};
 use macula_relay_proto::sessions::SessionTable;
 use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream, VarInt};
@@ -114,29 +114,26 @@ struct State {
 }
 
 impl Shared {
+    /// The relay's shared state, from its configuration (`identity` and
+    /// `listen` are the endpoint's business).
     pub(crate) fn new(
-        limits: Limits,
-        token: Option<String>,
-        max_frame: usize,
-        identify_timeout: Duration,
+        config: &crate::Config,
         sessions: Arc<Mutex<SessionTable>>,
-        admission: Admission,
-        identified_window: u64,
         events: Arc<Events>,
     ) -> Self {
         Shared {
             state: Mutex::new(State {
-                router: Router::new(limits),
+                router: Router::new(config.limits.clone()),
                 nodes: HashMap::new(),
                 tunnels: HashMap::new(),
             }),
-            token,
-            max_frame,
-            identify_timeout,
+            token: config.token.clone(),
+            max_frame: config.max_frame,
+            identify_timeout: config.identify_timeout,
             sessions,
-            admission: Mutex::new(admission),
+            admission: Mutex::new(Admission::new(config.admission)),
             bad_input_log: Mutex::new(LogLimiter::new(BAD_INPUT_LOG_BURST, BAD_INPUT_LOG_WINDOW)),
-            identified_window,
+            identified_window: config.transport.connection_window(),
             events,
         }
     }
