@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test: Rust (cargo test), EUnit, Common Test and ExUnit.
+# Every test: Rust (cargo test), clippy, EUnit, dialyzer, Common Test,
+# ExUnit, and a short fuzz run of the relay protocol (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -7,11 +8,18 @@ bash scripts/deps.sh
 echo "== cargo test"
 cargo test --workspace --quiet 2>&1 | grep -v '^$'
 
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --manifest-path native/fuzz/Cargo.toml --target-dir target --all-targets --locked --quiet -- -D warnings
+
 echo "== relay interop (aioquic client)"
 bash test/interop/run.sh
 
 echo "== rebar3 eunit"
 rebar3 eunit
+
+echo "== rebar3 dialyzer"
+rebar3 dialyzer
 
 echo "== rebar3 ct"
 rebar3 ct
@@ -21,3 +29,6 @@ mix test
 
 echo "== Elixir release example (examples/cluster)"
 bash examples/cluster/run.sh
+
+echo "== fuzz (native/fuzz: AFL++ for ${FUZZ_SECONDS:-5} s per target)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-5}"

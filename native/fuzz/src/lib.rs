@@ -163,9 +163,13 @@ fn check_decoded(result: &Decoded) {
         }
         Err(e) => {
             let reason = e.reason();
-            assert!(
-                ["frame_too_large", "bad_frame", "unknown_type", "bad_message"].contains(&reason)
-            );
+            assert!([
+                "frame_too_large",
+                "bad_frame",
+                "unknown_type",
+                "bad_message"
+            ]
+            .contains(&reason));
             assert_eq!(
                 e.is_fatal(),
                 matches!(reason, "frame_too_large" | "bad_frame")
@@ -350,7 +354,9 @@ fn check_table(table: &SessionTable, model: &HashMap<SessionId, ModelSession>) {
     assert_eq!(table.is_empty(), model.is_empty());
     for (id, m) in model {
         assert_eq!(session_id(&m.tunnel), *id);
-        let s = table.get(&m.tunnel).expect("an open session is in the table");
+        let s = table
+            .get(&m.tunnel)
+            .expect("an open session is in the table");
         assert_eq!(s.tunnel, m.tunnel);
         for i in 0..2 {
             assert_eq!(s.sides[i].bind, m.keys[i]);
@@ -701,15 +707,27 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         .encode()
     };
     assert_eq!((refused(27).len(), refused(28).len()), (44, 45));
-    out.push(("frames", "limit".into(), [refused(27), refused(28)].concat()));
-    out.push(("frames", "garbage".into(), vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1]));
+    out.push((
+        "frames",
+        "limit".into(),
+        [refused(27), refused(28)].concat(),
+    ));
+    out.push((
+        "frames",
+        "garbage".into(),
+        vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1],
+    ));
 
     let inner = b"\x40quic".to_vec();
     let sid = session_id(&tunnel);
     let mut d = header(sid, &[7; 8]).to_vec();
     d.extend_from_slice(&inner);
     out.push(("dataplane", "session".into(), d));
-    out.push(("dataplane", "header-only".into(), header(sid, &[7; 8]).to_vec()));
+    out.push((
+        "dataplane",
+        "header-only".into(),
+        header(sid, &[7; 8]).to_vec(),
+    ));
     out.push(("dataplane", "quic-long".into(), vec![0xc0, 0, 0, 0, 1, 8]));
     out.push(("dataplane", "quic-short".into(), vec![0x41, 1, 2, 3]));
     out.push(("dataplane", "unknown-first-byte".into(), vec![0x02; 20]));
@@ -737,9 +755,9 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "sessions",
         "two-sessions".into(),
         vec![
-            0, 0, 1, 2, 0, 1, 3, 5, 2, 0, 0, 1, 1, 1, 2, 1, 1, 5, 1, 2, 2, 0x40, 3, 1, 1, 4, 0,
-            1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1, 5, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40,
+            0, 0, 1, 2, 0, 1, 3, 5, 2, 0, 0, 1, 1, 1, 2, 1, 1, 5, 1, 2, 2, 0x40, 3, 1, 1, 4, 0, 1,
+            2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 1, 5, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40,
         ],
     ));
 

@@ -45,7 +45,11 @@ fn committed_seeds_are_the_generated_ones() {
         .iter()
         .map(|(t, _)| files(&root.join(t)).len())
         .sum();
-    assert_eq!(committed, generated.len(), "seeds/ has files seeds() does not make");
+    assert_eq!(
+        committed,
+        generated.len(),
+        "seeds/ has files seeds() does not make"
+    );
 }
 
 #[test]
