@@ -42,11 +42,22 @@ pub struct Session {
 impl E2eNode {
     /// Joins the relay at `relay` (certificate pinned) as `name`.
     pub async fn join(relay: SocketAddr, pin: &str, name: &str) -> anyhow::Result<E2eNode> {
+        Self::join_keyed(relay, pin, name, None).await
+    }
+
+    /// Joins showing `key` to the relay (the name is then that key's).
+    pub async fn join_keyed(
+        relay: SocketAddr,
+        pin: &str,
+        name: &str,
+        key: Option<&NodeIdentity>,
+    ) -> anyhow::Result<E2eNode> {
         let transport = tls::Transport::default();
         let (mut endpoint, socket) = transport.node_endpoint("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(tls::client_config(
+        endpoint.set_default_client_config(tls::client_config_with_key(
             &tls::Trust::Pin(pin.into()),
             &transport,
+            key,
         )?);
         let relay_conn = endpoint.connect(relay, "localhost")?.await?;
         let (send, recv) = relay_conn.open_bi().await?;

@@ -32,7 +32,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use macula_relay_proto::router::KeyId;
 use macula_relay_proto::sessions::SessionTable;
+use std::collections::HashMap;
 
 pub use macula_relay_proto::admission::{AdmissionLimits, RetryPolicy};
 pub use macula_relay_proto::router::Limits;
@@ -56,6 +58,35 @@ pub struct Config {
     pub admission: AdmissionLimits,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics: Option<SocketAddr>,
+    /// When set, only these node names, each with its key id, may join.
+    pub nodes: Option<HashMap<String, KeyId>>,
+}
+
+/// Reads a nodes file: lines of `name key-id` (hex SHA-256 of the node's
+/// public key); blank lines and `#` comments are skipped.
+pub fn read_nodes_file(path: &std::path::Path) -> anyhow::Result<HashMap<String, KeyId>> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut nodes = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(key), None) = (words.next(), words.next(), words.next()) else {
+            anyhow::bail!("{}:{}: expected `name key-id`", path.display(), n + 1);
+        };
+        let key: KeyId = hex::decode(key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .with_context(|| {
+                format!("{}:{}: the key id is 64 hex digits", path.display(), n + 1)
+            })?;
+        nodes.insert(name.to_string(), key);
+    }
+    Ok(nodes)
 }
 
 impl Config {
@@ -80,6 +111,7 @@ impl Default for Config {
             transport: tls::Transport::default(),
             admission: AdmissionLimits::default(),
             metrics: None,
+            nodes: None,
         }
     }
 }

@@ -68,6 +68,16 @@ struct Args {
     #[arg(long, env = "MACULA_DIST_MAX_TUNNELS_PER_NODE", default_value_t = Limits::default().max_tunnels_per_node)]
     max_tunnels_per_node: usize,
 
+    /// Most tunnels one node may have open to one other node.
+    #[arg(long, env = "MACULA_DIST_MAX_TUNNELS_PER_PAIR", default_value_t = Limits::default().max_tunnels_per_pair)]
+    max_tunnels_per_pair: usize,
+
+    /// Only the nodes in this file may join: lines of `name key-id`, the
+    /// key id being the hex SHA-256 of the node's public key (its client
+    /// status shows it as `key_id`); `#` starts a comment.
+    #[arg(long, env = "MACULA_DIST_NODES_FILE")]
+    nodes_file: Option<PathBuf>,
+
     /// Longest node name accepted (bytes; letters, digits and _-.@[]: only).
     #[arg(long, env = "MACULA_DIST_MAX_NAME_LEN", default_value_t = Limits::default().max_name_len)]
     max_name_len: usize,
@@ -205,6 +215,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limits: Limits {
             max_nodes: args.max_nodes,
             max_tunnels_per_node: args.max_tunnels_per_node,
+            max_tunnels_per_pair: args.max_tunnels_per_pair,
             max_name_len: args.max_name_len,
         },
         max_frame: args.max_frame,
@@ -220,6 +231,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             retry: args.retry,
         },
         metrics: args.metrics,
+        nodes: match &args.nodes_file {
+            Some(path) => Some(macula_dist_relay::read_nodes_file(path)?),
+            None => None,
+        },
     };
     let relay = Relay::start(config).await?;
     // The fingerprint alone on stdout, for clients to pin (pin_sha256).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use macula_relay_proto::admission::{Admission, Decision};
 use macula_relay_proto::ratelimit::LogLimiter;
-use macula_relay_proto::router::{ConnId, Router, Tunnel};
+use macula_relay_proto::router::{Claim, ConnId, IdentifyRefusal, KeyId, Router, Tunnel};
 use macula_relay_proto::sessions::SessionTable;
 use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream, VarInt};
@@ -29,6 +29,44 @@ pub mod close_code {
     pub const REFUSED: u32 = 3;
     pub const IDENTIFY_TIMEOUT: u32 = 4;
     pub const CONTROL_BACKLOG: u32 = 5;
+}
+
+/// How long a name's holder gets to show it is alive when another
+/// connection claims the name.
+const HOLDER_PROBE: Duration = Duration::from_secs(1);
+
+/// The key a node showed (its client certificate), if any.
+fn node_key(conn: &quinn::Connection) -> Option<KeyId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::identity::key_id(certs.first()?)
+}
+
+/// Does the peer answer within `wait`? Something it must acknowledge is
+/// sent (a stream opened and reset at once: QUIC frames every version of
+/// the client ignores), and its next packet is awaited.
+async fn answers(conn: &quinn::Connection, wait: Duration) -> bool {
+    if conn.close_reason().is_some() {
+        return false;
+    }
+    let before = conn.stats().udp_rx.datagrams;
+    let probe = async {
+        if let Ok((mut send, _)) = conn.open_bi().await {
+            let _ = send.reset(VarInt::from_u32(0));
+        }
+        loop {
+            if conn.stats().udp_rx.datagrams > before {
+                return true;
+            }
+            if conn.close_reason().is_some() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    timeout(wait, probe).await.unwrap_or(false)
 }
 
 /// Control messages queued for one peer before it counts as not reading.
@@ -123,7 +161,13 @@ impl Shared {
     ) -> Self {
         Shared {
             state: Mutex::new(State {
-                router: Router::new(config.limits.clone()),
+                router: {
+                    let mut router = Router::new(config.limits.clone());
+                    if let Some(nodes) = &config.nodes {
+                        router.allow_only(nodes.clone());
+                    }
+                    router
+                },
                 nodes: HashMap::new(),
                 tunnels: HashMap::new(),
             }),
@@ -361,7 +405,7 @@ impl Session {
                 node,
                 token,
                 version,
-            } => self.identify(node, token, version),
+            } => self.identify(node, token, version).await,
             Message::TunnelRequest {
                 target,
                 mode: Mode::Stream,
@@ -394,7 +438,7 @@ impl Session {
         }
     }
 
-    fn identify(
+    async fn identify(
         &mut self,
         node: String,
         token: Option<String>,
@@ -402,21 +446,50 @@ impl Session {
     ) -> Result<(), End> {
         if !self.shared.token_matches(token.as_deref()) {
             warn_bad_input!(self.shared, remote = %self.remote, node, "identify refused: bad_token");
-            self.refused_count("bad_token");
-            return Err(self.refuse("bad_token", close_code::REFUSED));
+            return Err(self.refuse_identify("bad_token"));
         }
-        let mut state = self.shared.lock();
-        let identified = match state.router.identify(self.conn_id, &node) {
+        let key = node_key(&self.conn);
+        let claimed = self.shared.lock().router.claim(self.conn_id, &node, key);
+        let identified = match claimed {
+            Ok(Claim::Granted(identified)) => Ok(identified),
+            // The name is live with this key (a restart?) or with no key:
+            // replaced only if its holder no longer answers.
+            Ok(Claim::Contested { holder }) => {
+                let holder_conn = self
+                    .shared
+                    .lock()
+                    .nodes
+                    .get(&holder)
+                    .map(|n| n.conn.clone());
+                let alive = match holder_conn {
+                    Some(conn) => answers(&conn, HOLDER_PROBE).await,
+                    None => false,
+                };
+                if alive {
+                    info!(node, remote = %self.remote, "name is live elsewhere: refused");
+                    Err(IdentifyRefusal::NameTaken)
+                } else {
+                    self.shared
+                        .lock()
+                        .router
+                        .replace(self.conn_id, &node, key, holder)
+                }
+            }
+            Err(refusal) => Err(refusal),
+        };
+        let identified = match identified {
             Ok(identified) => identified,
             Err(refusal) => {
-                drop(state);
                 warn_bad_input!(self.shared, remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
-                self.refused_count(refusal.as_str());
-                return Err(self.refuse(refusal.as_str(), close_code::REFUSED));
+                return Err(self.refuse_identify(refusal.as_str()));
             }
         };
+        let mut state = self.shared.lock();
         if let Some(old) = identified.replaced.and_then(|old| state.nodes.remove(&old)) {
-            info!(node, "node re-identified: closing its older connection");
+            info!(
+                node,
+                "node re-identified: closing its older connection, which no longer answered"
+            );
             old.conn.close(close_code::REPLACED.into(), b"replaced");
         }
         state.cancel_tunnels(identified.closed, &self.shared.sessions);
@@ -428,8 +501,15 @@ impl Session {
                 version: version.unwrap_or(1),
             },
         );
+        // id_ok is queued before the lock is released: any tun_notify for
+        // this node (queued under the same lock) comes after it.
+        // A v1 client gets the v1 answer, unchanged; a v2 one learns that
+        // this relay offers e2e sessions.
+        self.reply(Message::Identified {
+            version: (version.unwrap_or(1) >= 2).then_some(PROTOCOL_VERSION),
+        });
         drop(state);
-        info!(node, remote = %self.remote, ?version, "node identified");
+        info!(node, remote = %self.remote, ?version, keyed = key.is_some(), "node identified");
         self.name = Some(node);
         // An identified node carries tunnels: the full receive window, and
         // its slot among the unidentified is free.
@@ -437,13 +517,12 @@ impl Session {
         if let Ok(window) = VarInt::from_u64(self.shared.identified_window) {
             self.conn.set_receive_window(window);
         }
-        // A v1 client gets the v1 answer, unchanged; a v2 one learns that
-        // this relay offers e2e sessions.
-        let node_version = version.unwrap_or(1);
-        self.reply(Message::Identified {
-            version: (node_version >= 2).then_some(PROTOCOL_VERSION),
-        });
         Ok(())
+    }
+
+    fn refuse_identify(&self, reason: &'static str) -> End {
+        self.refused_count(reason);
+        self.refuse(reason, close_code::REFUSED)
     }
 
     async fn request_tunnel(&mut self, target: String) {

@@ -262,9 +262,11 @@ pub fn server_config(
     identity: Identity,
     transport: &Transport,
 ) -> anyhow::Result<quinn::ServerConfig> {
+    // Nodes may show their key (a client certificate): a live name belongs
+    // to the key that holds it.
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(crate::identity::AnyNodeKey::new())
         .with_single_cert(identity.certs, identity.key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
@@ -288,6 +290,22 @@ pub enum Trust {
 }
 
 pub fn client_config(trust: &Trust, transport: &Transport) -> anyhow::Result<quinn::ClientConfig> {
+    client_config_with_key(trust, transport, None)
+}
+
+/// A node's config for its relay connection; with `key`, the node shows it
+/// as a client certificate, and its name at the relay belongs to that key.
+pub fn client_config_with_key(
+    trust: &Trust,
+    transport: &Transport,
+    key: Option<&crate::identity::NodeIdentity>,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let auth = |b: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>| -> anyhow::Result<rustls::ClientConfig> {
+        Ok(match key {
+            Some(id) => b.with_client_auth_cert(vec![id.cert.clone()], id.key())?,
+            None => b.with_no_client_auth(),
+        })
+    };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut tls = match trust {
@@ -300,28 +318,30 @@ pub fn client_config(trust: &Trust, transport: &Transport) -> anyhow::Result<qui
             if roots.is_empty() {
                 bail!("{} holds no certificate", path.display());
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            auth(builder.with_root_certificates(roots))?
         }
         Trust::Pin(hex_pins) => {
             let pins = hex_pins
                 .split(',')
                 .map(parse_pin)
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            auth(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Verifier {
+                        pins: Some(pins),
+                        provider: provider(),
+                    })),
+            )?
+        }
+        Trust::Insecure => auth(
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Verifier {
-                    pins: Some(pins),
+                    pins: None,
                     provider: provider(),
-                }))
-                .with_no_client_auth()
-        }
-        Trust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                pins: None,
-                provider: provider(),
-            }))
-            .with_no_client_auth(),
+                })),
+        )?,
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;

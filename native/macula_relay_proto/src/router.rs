@@ -1,6 +1,13 @@
 //! The relay's routing table: which connection speaks for which node name,
 //! and which tunnels join which two connections.
 //!
+//! A live name belongs to the key that holds it (a node's TLS client
+//! certificate at the relay): another key is refused (`name_taken`), a
+//! node without a key can never take a keyed node's name, and even the
+//! same key only replaces a holder that no longer answers (the glue checks
+//! with [`Claim::Contested`]): two live nodes with one name are two nodes,
+//! not a restart.
+//!
 //! The relay's async glue owns one `Router` behind a mutex, asks it what to
 //! do, and carries the answers out on sockets.
 
@@ -14,7 +21,10 @@ pub type ConnId = u64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_nodes: usize,
+    /// Tunnels one node may have asked for and still open.
     pub max_tunnels_per_node: usize,
+    /// Tunnels one node may have open to one other node.
+    pub max_tunnels_per_pair: usize,
     pub max_name_len: usize,
 }
 
@@ -23,6 +33,7 @@ impl Default for Limits {
         Limits {
             max_nodes: 10_000,
             max_tunnels_per_node: 1_000,
+            max_tunnels_per_pair: 64,
             max_name_len: 255,
         }
     }
@@ -34,6 +45,24 @@ pub enum IdentifyRefusal {
     BadName,
     TooManyNodes,
     AlreadyIdentified,
+    /// The name is live, and belongs to another key (or to a live node).
+    NameTaken,
+    /// A nodes file is in force, and this name and key are not in it.
+    NotAllowed,
+}
+
+/// A node's key: SHA-256 of its certificate's SubjectPublicKeyInfo.
+pub type KeyId = [u8; 32];
+
+/// What a claim on a name found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The name was free: it is the claimant's now.
+    Granted(Identified),
+    /// The name is held by `holder`, and the claimant may replace it only
+    /// if the holder no longer answers: check, then [`Router::replace`] or
+    /// refuse with `name_taken`.
+    Contested { holder: ConnId },
 }
 
 /// Why a tunnel request is refused (sent as `tun_err`'s `r`).
@@ -51,6 +80,8 @@ impl IdentifyRefusal {
             IdentifyRefusal::BadName => "bad_name",
             IdentifyRefusal::TooManyNodes => "too_many_nodes",
             IdentifyRefusal::AlreadyIdentified => "already_identified",
+            IdentifyRefusal::NameTaken => "name_taken",
+            IdentifyRefusal::NotAllowed => "not_allowed",
         }
     }
 }
@@ -104,7 +135,11 @@ pub struct Identified {
 #[derive(Debug, Default)]
 struct Conn {
     name: Option<String>,
+    key: Option<KeyId>,
+    /// Tunnels with this connection at either end.
     tunnels: HashSet<TunnelId>,
+    /// Of those, the ones it asked for.
+    outbound: usize,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +148,10 @@ pub struct Router {
     names: HashMap<String, ConnId>,
     conns: HashMap<ConnId, Conn>,
     tunnels: HashMap<TunnelId, Tunnel>,
+    /// Open tunnels by (requester, target).
+    pairs: HashMap<(ConnId, ConnId), usize>,
+    /// When set, only these names, each with its key, may identify.
+    allowed: Option<HashMap<String, KeyId>>,
 }
 
 impl Router {
@@ -121,6 +160,15 @@ impl Router {
             limits,
             ..Default::default()
         }
+    }
+
+    /// Closes the relay to every name and key but these (`--nodes-file`).
+    pub fn allow_only(&mut self, nodes: HashMap<String, KeyId>) {
+        self.allowed = Some(nodes);
+    }
+
+    pub fn key_of(&self, conn: ConnId) -> Option<KeyId> {
+        self.conns.get(&conn)?.key
     }
 
     pub fn node_count(&self) -> usize {
@@ -143,26 +191,82 @@ impl Router {
         self.tunnels.get(id)
     }
 
-    /// `conn` says it is `name`. The newest connection for a name wins: an
-    /// older one is forgotten with its tunnels, and the caller closes it.
-    pub fn identify(&mut self, conn: ConnId, name: &str) -> Result<Identified, IdentifyRefusal> {
+    /// `conn`, holding `key` (if any), says it is `name`.
+    pub fn claim(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        key: Option<KeyId>,
+    ) -> Result<Claim, IdentifyRefusal> {
         if !valid_node_name(name, self.limits.max_name_len) {
             return Err(IdentifyRefusal::BadName);
         }
         if self.name_of(conn).is_some() {
             return Err(IdentifyRefusal::AlreadyIdentified);
         }
-        let previous = self.names.get(name).copied();
-        if previous.is_none() && self.names.len() >= self.limits.max_nodes {
+        if let Some(allowed) = &self.allowed {
+            if key.is_none() || allowed.get(name) != key.as_ref() {
+                return Err(IdentifyRefusal::NotAllowed);
+            }
+        }
+        let Some(holder) = self.names.get(name).copied() else {
+            return self.take(conn, name, key).map(Claim::Granted);
+        };
+        match self.key_of(holder) {
+            Some(held) if Some(held) != key => Err(IdentifyRefusal::NameTaken),
+            _ => Ok(Claim::Contested { holder }),
+        }
+    }
+
+    /// After [`Claim::Contested`]: `holder` did not answer, so `conn`
+    /// takes the name; the holder is forgotten with its tunnels, and the
+    /// caller closes it. If the name changed hands meanwhile, claim again.
+    pub fn replace(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        key: Option<KeyId>,
+        holder: ConnId,
+    ) -> Result<Identified, IdentifyRefusal> {
+        match self.claim(conn, name, key)? {
+            Claim::Granted(identified) => Ok(identified),
+            Claim::Contested { holder: now } if now != holder => Err(IdentifyRefusal::NameTaken),
+            Claim::Contested { .. } => {
+                let closed = self.disconnect(holder);
+                let mut identified = self.take(conn, name, key)?;
+                identified.replaced = Some(holder);
+                identified.closed = closed;
+                Ok(identified)
+            }
+        }
+    }
+
+    fn take(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        key: Option<KeyId>,
+    ) -> Result<Identified, IdentifyRefusal> {
+        if self.names.len() >= self.limits.max_nodes {
             return Err(IdentifyRefusal::TooManyNodes);
         }
-        let closed = previous.map(|old| self.disconnect(old)).unwrap_or_default();
         self.names.insert(name.to_owned(), conn);
-        self.conns.entry(conn).or_default().name = Some(name.to_owned());
+        let c = self.conns.entry(conn).or_default();
+        c.name = Some(name.to_owned());
+        c.key = key;
         Ok(Identified {
-            replaced: previous,
-            closed,
+            replaced: None,
+            closed: vec![],
         })
+    }
+
+    /// A claim that replaces a contested holder without asking whether it
+    /// answers (tests, and the v1 behaviour "the newest wins").
+    pub fn identify(&mut self, conn: ConnId, name: &str) -> Result<Identified, IdentifyRefusal> {
+        match self.claim(conn, name, None)? {
+            Claim::Granted(identified) => Ok(identified),
+            Claim::Contested { holder } => self.replace(conn, name, None, holder),
+        }
     }
 
     /// `conn` asks for a tunnel to `target`, to be called `id`.
@@ -182,8 +286,12 @@ impl Router {
         let target_conn = self
             .conn_of(target)
             .ok_or(TunnelRefusal::TargetNotConnected)?;
-        let max = self.limits.max_tunnels_per_node;
-        if self.conns[&conn].tunnels.len() >= max || self.conns[&target_conn].tunnels.len() >= max {
+        // A node's own requests count against it, and what it asks of one
+        // target against that pair: nobody can use up another's quota.
+        let pair = self.pairs.get(&(conn, target_conn)).copied().unwrap_or(0);
+        if self.conns[&conn].outbound >= self.limits.max_tunnels_per_node
+            || pair >= self.limits.max_tunnels_per_pair
+        {
             return Err(TunnelRefusal::TooManyTunnels);
         }
         let tunnel = Tunnel {
@@ -196,6 +304,8 @@ impl Router {
         for end in [conn, target_conn] {
             self.conns.entry(end).or_default().tunnels.insert(id);
         }
+        self.conns.entry(conn).or_default().outbound += 1;
+        *self.pairs.entry((conn, target_conn)).or_default() += 1;
         self.tunnels.insert(id, tunnel.clone());
         Ok(tunnel)
     }
@@ -214,6 +324,16 @@ impl Router {
         for end in [tunnel.requester, tunnel.target] {
             if let Some(c) = self.conns.get_mut(&end) {
                 c.tunnels.remove(id);
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&tunnel.requester) {
+            c.outbound -= 1;
+        }
+        let pair = (tunnel.requester, tunnel.target);
+        if let Some(n) = self.pairs.get_mut(&pair) {
+            *n -= 1;
+            if *n == 0 {
+                self.pairs.remove(&pair);
             }
         }
         Some(tunnel)
@@ -283,23 +403,89 @@ mod tests {
         );
     }
 
+    /// A node fills its own quota and its quota with one target, never
+    /// the target's: the target can still open tunnels (the attack was
+    /// 1000 `tun_req` to a victim, which then could open none).
     #[test]
-    fn tunnel_limit_counts_both_ends() {
+    fn quotas_are_per_requester_and_per_pair() {
         let mut r = Router::new(Limits {
-            max_tunnels_per_node: 2,
+            max_tunnels_per_node: 3,
+            max_tunnels_per_pair: 2,
             ..Limits::default()
         });
         for (c, n) in [(1, "a@h"), (2, "b@h"), (3, "c@h")] {
             r.identify(c, n).unwrap();
         }
         r.request_tunnel(1, "b@h", id(1)).unwrap();
-        r.request_tunnel(3, "b@h", id(2)).unwrap();
+        r.request_tunnel(1, "b@h", id(2)).unwrap();
         assert_eq!(
             r.request_tunnel(1, "b@h", id(3)),
-            Err(TunnelRefusal::TooManyTunnels)
+            Err(TunnelRefusal::TooManyTunnels),
+            "pair quota"
         );
+        r.request_tunnel(1, "c@h", id(4)).unwrap();
+        assert_eq!(
+            r.request_tunnel(1, "c@h", id(5)),
+            Err(TunnelRefusal::TooManyTunnels),
+            "requester quota"
+        );
+        // The victim's own quota is untouched.
+        r.request_tunnel(2, "a@h", id(6)).unwrap();
+        r.request_tunnel(2, "c@h", id(7)).unwrap();
         r.remove_tunnel(&id(2));
-        assert!(r.request_tunnel(1, "b@h", id(3)).is_ok());
+        assert!(r.request_tunnel(1, "b@h", id(8)).is_ok());
+    }
+
+    fn key(n: u8) -> Option<KeyId> {
+        Some([n; 32])
+    }
+
+    #[test]
+    fn a_live_name_belongs_to_its_key() {
+        let mut r = Router::new(Limits::default());
+        assert!(matches!(r.claim(1, "a@h", key(1)), Ok(Claim::Granted(_))));
+        // Another key, or no key: refused, the holder keeps the name.
+        assert_eq!(r.claim(2, "a@h", key(2)), Err(IdentifyRefusal::NameTaken));
+        assert_eq!(r.claim(3, "a@h", None), Err(IdentifyRefusal::NameTaken));
+        // The same key: contested, replaced only once the holder is found dead.
+        assert_eq!(
+            r.claim(4, "a@h", key(1)),
+            Ok(Claim::Contested { holder: 1 })
+        );
+        assert_eq!(r.conn_of("a@h"), Some(1));
+        let out = r.replace(4, "a@h", key(1), 1).unwrap();
+        assert_eq!(out.replaced, Some(1));
+        assert_eq!(r.conn_of("a@h"), Some(4));
+        // A stale contest (the holder changed meanwhile) is refused.
+        assert_eq!(
+            r.claim(5, "a@h", key(1)),
+            Ok(Claim::Contested { holder: 4 })
+        );
+        assert_eq!(
+            r.replace(5, "a@h", key(1), 1),
+            Err(IdentifyRefusal::NameTaken)
+        );
+    }
+
+    #[test]
+    fn a_keyless_holder_is_contested_by_anyone() {
+        let mut r = Router::new(Limits::default());
+        assert!(matches!(r.claim(1, "a@h", None), Ok(Claim::Granted(_))));
+        assert_eq!(
+            r.claim(2, "a@h", key(1)),
+            Ok(Claim::Contested { holder: 1 })
+        );
+        assert_eq!(r.claim(3, "a@h", None), Ok(Claim::Contested { holder: 1 }));
+    }
+
+    #[test]
+    fn a_nodes_file_closes_the_relay_to_everyone_else() {
+        let mut r = Router::new(Limits::default());
+        r.allow_only(HashMap::from([("a@h".to_string(), [1; 32])]));
+        assert!(matches!(r.claim(1, "a@h", key(1)), Ok(Claim::Granted(_))));
+        assert_eq!(r.claim(2, "b@h", key(1)), Err(IdentifyRefusal::NotAllowed));
+        assert_eq!(r.claim(3, "a@h", key(2)), Err(IdentifyRefusal::NotAllowed));
+        assert_eq!(r.claim(4, "a@h", None), Err(IdentifyRefusal::NotAllowed));
     }
 
     #[test]

@@ -60,7 +60,11 @@ pub struct Node {
 impl Node {
     /// Connects and opens the control stream; does not identify.
     pub async fn raw(relay: &Relay) -> Node {
-        let conn = connect(relay).await;
+        Node::on(connect(relay).await).await
+    }
+
+    /// Opens the control stream on `conn`; does not identify.
+    pub async fn on(conn: Connection) -> Node {
         let (send, recv) = conn.open_bi().await.unwrap();
         let streams: Arc<(Mutex<HashMap<TunnelId, Tunnel>>, Notify)> = Default::default();
         let acceptor = streams.clone();
@@ -90,6 +94,22 @@ impl Node {
 
     pub async fn identify(relay: &Relay, name: &str) -> Node {
         Self::identify_with(relay, name, None).await
+    }
+
+    /// Identifies through another address (a proxy in front of the relay).
+    pub async fn identify_at(addr: SocketAddr, pin: &str, name: &str) -> Node {
+        let mut node = Node::on(connect_to(addr, pin).await).await;
+        node.send(Message::Identify {
+            node: name.into(),
+            token: None,
+            version: Some(1),
+        })
+        .await;
+        assert_eq!(
+            node.next().await,
+            Some(Message::Identified { version: None })
+        );
+        node
     }
 
     pub async fn identify_with(relay: &Relay, name: &str, token: Option<&str>) -> Node {
