@@ -77,7 +77,9 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
                                    tunnel_timeout => maps:get(tunnel_timeout, All),
                                    idle_timeout => maps:get(idle_timeout, All),
                                    keep_alive => maps:get(keep_alive, All),
-                                   mode => atom_to_binary(maps:get(tunnel, All))})
+                                   mode => atom_to_binary(maps:get(tunnel, All)),
+                                   key_file => text(maps:get(key_file, All, <<>>)),
+                                   relay_cookie => <<>>})
               end);
 client_opts(_Url, _Node, Opts) ->
     {error, {bad_options, Opts}}.
@@ -115,6 +117,7 @@ check_opts([{pin_sha256, V} | Rest]) when is_binary(V); is_list(V) ->
     end;
 check_opts([{verify, none} | Rest]) -> check_opts(Rest);
 check_opts([{tunnel, e2e} | Rest]) -> check_opts(Rest);
+check_opts([{key_file, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
 check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
@@ -180,6 +183,7 @@ boot_config() ->
                     {ca_cert, "MACULA_DIST_CA_CERT", string},
                     {verify, "MACULA_DIST_VERIFY", atom},
                     {tunnel, "MACULA_DIST_TUNNEL", atom},
+                    {key_file, "MACULA_DIST_KEY_FILE", string},
                     {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
                     {tunnel_timeout, "MACULA_DIST_TUNNEL_TIMEOUT", integer},
                     {idle_timeout, "MACULA_DIST_IDLE_TIMEOUT", integer},

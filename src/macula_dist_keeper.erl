@@ -35,6 +35,19 @@ watch(Parent, Client, Args) ->
         {'EXIT', Parent, Reason} ->
             stop_client(Client),
             exit(Reason);
+        {'EXIT', Client, {relay_closed, Why} = Reason} when is_binary(Why) ->
+            case binary:match(Why, <<"replaced">>) of
+                nomatch ->
+                    logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
+                    reconnect(Parent, Args, ?MIN_BACKOFF);
+                _ ->
+                    %% Another connection with this node's name and key took
+                    %% over (this one had stopped answering): taking the
+                    %% name back would split the node in two.
+                    logger:error("macula_dist: the relay gave this node's name to a newer "
+                                 "connection; not connecting again"),
+                    exit(normal)
+            end;
         {'EXIT', Client, Reason} ->
             logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
             reconnect(Parent, Args, ?MIN_BACKOFF)

@@ -29,7 +29,7 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
-                   idle_timeout, keep_alive, tunnel]).
+                   idle_timeout, keep_alive, tunnel, key_file]).
 
 -record(state, {client :: reference(), url :: binary(), node :: binary(),
                 tunnel_timeout :: pos_integer(),
@@ -47,9 +47,12 @@ start_link(RelayUrl, NodeName) ->
 start_link(RelayUrl, NodeName, Opts) when is_map(Opts) ->
     case macula_dist_config:client_opts(RelayUrl, NodeName, maps:merge(app_opts(), Opts)) of
         {ok, NifOpts} ->
+            %% The node shows the relay a key derived from its cookie (or
+            %% the key in key_file): its name is then that key's.
+            Cookie = maps:get(cookie, Opts, undefined),
+            Keyed = NifOpts#{relay_cookie => cookie(Cookie, NodeName)},
             gen_server:start_link({local, ?MODULE}, ?MODULE,
-                                  {url_text(RelayUrl), NifOpts, maps:get(cookie, Opts, undefined)},
-                                  []);
+                                  {url_text(RelayUrl), Keyed, Cookie}, []);
         {error, _} = Error ->
             Error
     end;
@@ -104,14 +107,18 @@ request(Nif, Target, Cookie, Timeout) ->
 cookie(Cookie, _Peer) when is_binary(Cookie) -> Cookie;
 cookie(Cookie, _Peer) when is_atom(Cookie), Cookie =/= undefined -> atom_to_binary(Cookie, utf8);
 cookie(undefined, Peer) ->
-    Own = try binary_to_existing_atom(Peer, utf8) of
-              Node -> erlang:get_cookie(Node)
-          catch error:badarg -> erlang:get_cookie()
+    %% auth answers before distribution is up (while net_kernel listens).
+    Own = try binary_to_existing_atom(text(Peer), utf8) of
+              Node -> auth:get_cookie(Node)
+          catch error:badarg -> auth:get_cookie()
           end,
     case Own of
         nocookie -> <<>>;
         _ -> atom_to_binary(Own, utf8)
     end.
+
+text(Name) when is_atom(Name) -> atom_to_binary(Name, utf8);
+text(Name) -> unicode:characters_to_binary(Name).
 
 -spec close_tunnel(pid(), binary()) -> ok.
 close_tunnel(Client, TunnelId) when is_binary(TunnelId) ->

@@ -11,7 +11,8 @@
          full_mesh_of_five_in_order/1, restarted_peer_reachable_again/1,
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
          missing_relay_fails_boot/1, relay_restart_reconnects/1,
-         idle_connection_kept_by_ticks/1, one_udp_port_per_node/1]).
+         idle_connection_kept_by_ticks/1, one_udp_port_per_node/1,
+         second_node_with_a_live_name_fails_to_boot/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -25,7 +26,8 @@ groups() ->
              global_across_three_nodes, pg_across_three_nodes, kill_9_detected_by_ticks,
              full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
              hidden_node, net_kernel_start_later, missing_relay_fails_boot,
-             relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node],
+             relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
+             second_node_with_a_live_name_fails_to_boot],
     [{e2e, [], Cases}, {stream, [], Cases}].
 
 init_per_suite(Config) ->
@@ -211,6 +213,24 @@ missing_relay_fails_boot(_Config) ->
     ?assertNotEqual(nomatch, string:find(Out, "no_relay_configured")),
     ?assertEqual(nomatch, string:find(Out, "exit=0")),
     ?assertEqual(nomatch, string:find(Out, "exit=124")).
+
+%% As with epmd: a second node started with a live node's name stops at
+%% boot with `name_taken', and the first node and its connections go on.
+second_node_with_a_live_name_fails_to_boot(Config) ->
+    [{A, AN}, {B, BN}] = peers(Config, [pa16, pb16]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    Args = macula_ct:peer_args(?config(info, Config), []),
+    Cmd = "timeout 60 " ++ os:find_executable("erl") ++ " -noshell -sname pa16 "
+        ++ lists:join(" ", [quote(A1) || A1 <- Args]) ++ " -eval 'halt(0)' 2>&1; echo exit=$?",
+    Out = os:cmd(lists:flatten(Cmd)),
+    ct:log("~ts", [Out]),
+    ?assertNotEqual(nomatch, string:find(Out, "name_taken")),
+    ?assertEqual(nomatch, string:find(Out, "exit=0")),
+    ?assertEqual([BN], call(A, erlang, nodes, [])),
+    ?assertEqual(AN, call(B, erpc, call, [AN, erlang, node, []])),
+    ?assertEqual(AN, call(A, erlang, node, [])).
+
+quote(Arg) -> "'" ++ Arg ++ "'".
 
 idle_connection_kept_by_ticks(Config) ->
     %% Idle for three tick times: ticks flow both ways and are counted, so

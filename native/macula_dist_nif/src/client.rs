@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use macula_dist_relay::identity::NodeIdentity;
 use macula_dist_relay::tls::{self, Trust};
 use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
 use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
@@ -53,6 +54,10 @@ pub struct ConnectOpts {
     pub keep_alive: u64,
     /// `"e2e"` (sessions end to end, when the relay offers them) or `"stream"`.
     pub mode: String,
+    /// The node's key at the relay: from this PEM file, else derived from
+    /// `relay_cookie` and the node name; both empty: no key (a v1 client).
+    pub key_file: String,
+    pub relay_cookie: String,
 }
 
 struct Request {
@@ -90,6 +95,8 @@ pub struct Client {
     tunnel_timeout: Duration,
     /// Asked for e2e sessions (`mode`); they run once the relay offers them.
     wants_e2e: bool,
+    /// The key this node shows the relay (SHA-256 of its public key).
+    key_id: Option<[u8; 32]>,
     state: Mutex<State>,
     conn: OnceLock<quinn::Connection>,
     /// This node's endpoint (its one UDP socket), once connected.
@@ -201,7 +208,19 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         keep_alive: Duration::from_millis(opts.keep_alive),
         ..tls::Transport::default()
     };
-    let config = tls::client_config(&trust, &transport).map_err(|e| format!("{e:#}"))?;
+    let key = if !opts.key_file.is_empty() {
+        Some(NodeIdentity::from_pem_file(opts.key_file.as_ref()).map_err(|e| format!("{e:#}"))?)
+    } else if !opts.relay_cookie.is_empty() {
+        Some(
+            NodeIdentity::derive(opts.relay_cookie.as_bytes(), &opts.node)
+                .map_err(|e| format!("{e:#}"))?,
+        )
+    } else {
+        None
+    };
+    let config = tls::client_config_with_key(&trust, &transport, key.as_ref())
+        .map_err(|e| format!("{e:#}"))?;
+    let key_id = key.map(|k| k.key_id());
     let wants_e2e = match opts.mode.as_str() {
         "e2e" => true,
         "stream" => false,
@@ -213,6 +232,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         node: opts.node.clone(),
         tunnel_timeout: Duration::from_millis(opts.tunnel_timeout),
         wants_e2e,
+        key_id,
         state: Mutex::new(State {
             phase: Phase::Connecting,
             matcher: TunnelMatcher::new(MAX_ORPHANS),
@@ -846,6 +866,17 @@ impl Client {
             (atoms::rtt_us().encode(env), rtt_us.encode(env)),
             (atoms::kernel_set().encode(env), kernel_set.encode(env)),
             (atoms::mode().encode(env), mode.encode(env)),
+            (
+                atoms::key_id().encode(env),
+                match self.key_id {
+                    Some(k) => k
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                        .encode(env),
+                    None => atoms::undefined().encode(env),
+                },
+            ),
             (atoms::e2e_sessions().encode(env), sessions.encode(env)),
             (
                 atoms::refused_sessions().encode(env),

@@ -39,7 +39,8 @@ pub(crate) mod atoms {
         too_many_nodes, bad_name, bad_token, already_identified,
         identify_timeout, open_failed, stream_timeout,
         mode, e2e, stream, cookie, e2e_sessions, refused_sessions,
-        mode_unsupported, e2e_handshake_failed, sessions,
+        mode_unsupported, e2e_handshake_failed, sessions, key_id, undefined,
+        name_taken, not_allowed,
     }
 
     /// The atom for a reason the relay or client is known to send.
@@ -58,6 +59,8 @@ pub(crate) mod atoms {
             "stream_timeout" => stream_timeout(),
             "relay_closed" => relay_closed(),
             "mode_unsupported" => mode_unsupported(),
+            "name_taken" => name_taken(),
+            "not_allowed" => not_allowed(),
             "e2e_handshake_failed" => e2e_handshake_failed(),
             _ => return None,
         })

@@ -72,6 +72,15 @@ impl NodeIdentity {
         })
     }
 
+    /// A node key from a PEM file (PKCS#8: Ed25519 or ECDSA P-256).
+    pub fn from_pem_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        match rustls_pemfile::private_key(&mut pem.as_slice())? {
+            Some(PrivateKeyDer::Pkcs8(der)) => Self::from_pkcs8(der.secret_pkcs8_der().to_vec()),
+            _ => anyhow::bail!("{} holds no PKCS#8 private key", path.display()),
+        }
+    }
+
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.pkcs8.clone().into())
     }
