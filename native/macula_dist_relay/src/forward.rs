@@ -67,6 +67,16 @@ async fn pipe(
         let read = tokio::select! {
             biased;
             _ = cancel.cancelled() => break Outcome::Cancelled,
+            // The far side stopped reading: the tunnel is over even if
+            // this side never sends again (its slot is freed now).
+            stopped = to.stopped() => break Outcome::Write(match stopped {
+                Ok(Some(code)) => WriteError::Stopped(code),
+                Ok(None) => WriteError::ClosedStream,
+                Err(e) => WriteError::ConnectionLost(match e {
+                    quinn::StoppedError::ConnectionLost(c) => c,
+                    quinn::StoppedError::ZeroRttRejected => quinn::ConnectionError::LocallyClosed,
+                }),
+            }),
             read = from.read_chunks(&mut chunks) => read,
         };
         let n = match read {

@@ -13,7 +13,7 @@ use macula_relay_proto::sessions::SessionTable;
 use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream, VarInt};
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -314,6 +314,8 @@ struct Session {
     name: Option<String>,
     /// Held until the node identifies.
     slot: Option<Unidentified>,
+    /// Answers to tunnel requests, in request order.
+    answers: mpsc::UnboundedSender<oneshot::Receiver<Message>>,
 }
 
 async fn serve(
@@ -333,6 +335,8 @@ async fn serve(
     };
     let (control, queue) = mpsc::channel(CONTROL_QUEUE);
     let writer = tokio::spawn(write_control(send, queue));
+    let (answers, ordered) = mpsc::unbounded_channel();
+    tokio::spawn(order_answers(ordered, control.clone(), conn.clone()));
     let mut session = Session {
         shared: shared.clone(),
         conn_id: conn.stable_id() as ConnId,
@@ -341,6 +345,7 @@ async fn serve(
         control,
         name: None,
         slot: Some(slot),
+        answers,
     };
     let end = session.read_loop(&mut recv, deadline).await;
     session.leave();
@@ -410,7 +415,7 @@ impl Session {
                 target,
                 mode: Mode::Stream,
             } => {
-                self.request_tunnel(target).await;
+                self.request_tunnel(target);
                 Ok(())
             }
             Message::TunnelRequest {
@@ -525,7 +530,11 @@ impl Session {
         self.refuse(reason, close_code::REFUSED)
     }
 
-    async fn request_tunnel(&mut self, target: String) {
+    /// A stream tunnel: the relay opens a stream to each side. That may
+    /// take long when a side is slow to grant streams, so it runs on its
+    /// own, and the answer takes its place in the ordered answers: other
+    /// requests on this control stream are not held up behind it.
+    fn request_tunnel(&mut self, target: String) {
         let started = std::time::Instant::now();
         let id = TunnelId::random();
         let token = CancellationToken::new();
@@ -536,7 +545,7 @@ impl Session {
                 Err(refusal) => {
                     drop(state);
                     debug!(from = ?self.name, target, reason = refusal.as_str(), "tunnel refused");
-                    return self.reply(Message::TunnelError {
+                    return self.answer(Message::TunnelError {
                         reason: refusal.as_str().into(),
                     });
                 }
@@ -545,47 +554,48 @@ impl Session {
             state.tunnels.insert(id, token.clone());
             (tunnel, target_conn)
         };
-        let opened = timeout(OPEN_TIMEOUT, async {
-            let requester_end = open_prefixed(&self.conn, id).await?;
-            let target_end = open_prefixed(&target_conn, id).await?;
-            anyhow::Ok((requester_end, target_end))
-        })
-        .await;
-        let (requester_end, target_end) = match opened {
-            Ok(Ok(ends)) => ends,
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timeout".into(),
-                };
-                warn!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, why, "tunnel streams could not be opened");
-                self.shared.tunnel_ended(&id);
-                return self.reply(Message::TunnelError {
-                    reason: "open_failed".into(),
-                });
-            }
-        };
-        info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
-        self.opened(Mode::Stream, started);
-        self.reply(Message::TunnelOk {
-            tunnel: id,
-            bind: None,
-        });
-        self.shared.lock().send_to(
-            tunnel.target,
-            Message::TunnelNotify {
+        let (answer, later) = oneshot::channel();
+        let _ = self.answers.send(later);
+        let shared = self.shared.clone();
+        let requester_conn = self.conn.clone();
+        tokio::spawn(async move {
+            let opened = timeout(OPEN_TIMEOUT, async {
+                let requester_end = open_prefixed(&requester_conn, id).await?;
+                let target_end = open_prefixed(&target_conn, id).await?;
+                anyhow::Ok((requester_end, target_end))
+            })
+            .await;
+            let (requester_end, target_end) = match opened {
+                Ok(Ok(ends)) => ends,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timeout".into(),
+                    };
+                    warn!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, why, "tunnel streams could not be opened");
+                    shared.tunnel_ended(&id);
+                    let _ = answer.send(Message::TunnelError {
+                        reason: "open_failed".into(),
+                    });
+                    return;
+                }
+            };
+            info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
+            opened_metrics(&shared, Mode::Stream, started);
+            let _ = answer.send(Message::TunnelOk {
                 tunnel: id,
-                source: tunnel.requester_name.clone(),
                 bind: None,
-            },
-        );
-        tokio::spawn(forward::run(
-            self.shared.clone(),
-            tunnel,
-            requester_end,
-            target_end,
-            token,
-        ));
+            });
+            shared.lock().send_to(
+                tunnel.target,
+                Message::TunnelNotify {
+                    tunnel: id,
+                    source: tunnel.requester_name.clone(),
+                    bind: None,
+                },
+            );
+            forward::run(shared, tunnel, requester_end, target_end, token).await;
+        });
     }
 
     /// An e2e session: no streams at the relay, only an entry in the data
@@ -601,7 +611,7 @@ impl Session {
         {
             if node.version < 2 {
                 drop(state);
-                return self.reply(Message::TunnelError {
+                return self.answer(Message::TunnelError {
                     reason: "mode_unsupported".into(),
                 });
             }
@@ -616,7 +626,7 @@ impl Session {
             Err(refusal) => {
                 drop(state);
                 debug!(from = ?self.name, target, reason = refusal.as_str(), "session refused");
-                return self.reply(Message::TunnelError {
+                return self.answer(Message::TunnelError {
                     reason: refusal.as_str().into(),
                 });
             }
@@ -629,7 +639,7 @@ impl Session {
         let Ok([requester_key, target_key]) = opened else {
             state.router.remove_tunnel(&id);
             drop(state);
-            return self.reply(Message::TunnelError {
+            return self.answer(Message::TunnelError {
                 reason: "open_failed".into(),
             });
         };
@@ -643,8 +653,8 @@ impl Session {
         );
         drop(state);
         info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
-        self.opened(Mode::E2e, started);
-        self.reply(Message::TunnelOk {
+        opened_metrics(&self.shared, Mode::E2e, started);
+        self.answer(Message::TunnelOk {
             tunnel: id,
             bind: Some(requester_key),
         });
@@ -658,15 +668,11 @@ impl Session {
             .inc();
     }
 
-    /// A tunnel was granted `started` ago.
-    fn opened(&self, mode: Mode, started: std::time::Instant) {
-        let labels = metrics::mode(mode);
-        let events = &self.shared.events;
-        events.tunnels_opened.get_or_create(&labels).inc();
-        events
-            .tunnel_setup
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+    /// Answers a tunnel request, in request order (see [`order_answers`]).
+    fn answer(&self, msg: Message) {
+        let (now, ready) = oneshot::channel();
+        let _ = now.send(msg);
+        let _ = self.answers.send(ready);
     }
 
     fn reply(&self, msg: Message) {
@@ -693,6 +699,33 @@ impl Session {
         drop(state);
         if let Some(node) = &self.name {
             info!(node, remote = %self.remote, tunnels, "node left");
+        }
+    }
+}
+
+/// A tunnel was granted `started` ago.
+fn opened_metrics(shared: &Shared, mode: Mode, started: std::time::Instant) {
+    let labels = metrics::mode(mode);
+    shared.events.tunnels_opened.get_or_create(&labels).inc();
+    shared
+        .events
+        .tunnel_setup
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Writes the answers to one node's tunnel requests in the order the
+/// requests came, each as soon as it and those before it are ready.
+async fn order_answers(
+    mut answers: mpsc::UnboundedReceiver<oneshot::Receiver<Message>>,
+    control: mpsc::Sender<Message>,
+    conn: quinn::Connection,
+) {
+    while let Some(next) = answers.recv().await {
+        let Ok(msg) = next.await else { continue };
+        if control.try_send(msg).is_err() {
+            conn.close(close_code::CONTROL_BACKLOG.into(), b"control_backlog");
+            return;
         }
     }
 }

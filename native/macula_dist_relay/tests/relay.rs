@@ -424,3 +424,70 @@ async fn relay_stop_reaches_the_nodes() {
     relay.stop().await;
     closed_with(&a, close_code::NORMAL).await;
 }
+
+/// A target that grants no streams stalls only its own tunnel: the
+/// relay goes on with the requester's next request at once (the second
+/// target is notified, and its stream opened, before the first request
+/// is answered), and the answers still come in request order.
+#[tokio::test]
+async fn a_stalled_target_does_not_hold_up_other_requests() {
+    let relay = relay().await;
+    let mut a = Node::identify(&relay, "a@host").await;
+    let stalled_transport = macula_dist_relay::tls::Transport {
+        max_streams: 0,
+        ..Default::default()
+    };
+    let stalled_conn =
+        connect_with(relay.local_addr(), relay.fingerprint(), &stalled_transport).await;
+    let _stalled = Node::identify_on(stalled_conn, "stalled@host").await;
+    let mut b = Node::identify(&relay, "b@host").await;
+    for target in ["stalled@host", "b@host"] {
+        a.send(Message::TunnelRequest {
+            target: target.into(),
+            mode: macula_relay_proto::Mode::Stream,
+        })
+        .await;
+    }
+    // b hears of its tunnel while the stalled one is still pending.
+    let (tunnel, source) = b.notified().await;
+    assert_eq!(source, "a@host");
+    let _b_end = b.stream(tunnel).await;
+    // ... and a has no answer yet: the stalled one comes first, after the
+    // relay gave up opening its stream (10 s).
+    assert!(
+        timeout(Duration::from_millis(500), a.next()).await.is_err(),
+        "an answer came before the stalled request's"
+    );
+    // The answers, in order: the stalled target's first.
+    assert_eq!(
+        a.next().await,
+        Some(Message::TunnelError {
+            reason: "open_failed".into()
+        })
+    );
+    assert_eq!(
+        a.next().await,
+        Some(Message::TunnelOk { tunnel, bind: None })
+    );
+    relay.stop().await;
+}
+
+/// When one side stops reading a tunnel (STOP_SENDING), the relay frees
+/// the tunnel's slot at once, even if the other side never sends again.
+#[tokio::test]
+async fn a_stopped_side_frees_the_tunnel() {
+    let relay = relay().await;
+    let mut a = Node::identify(&relay, "a@host").await;
+    let mut b = Node::identify(&relay, "b@host").await;
+    let (_, _a_end, (_b_send, mut b_recv)) = tunnel(&mut a, &mut b, "b@host").await;
+    assert_eq!(relay.stats().tunnels, 1);
+    b_recv.stop(0u32.into()).unwrap();
+    timeout(WAIT, async {
+        while relay.stats().tunnels != 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the tunnel is freed");
+    relay.stop().await;
+}

@@ -31,11 +31,14 @@ pub async fn connect(relay: &Relay) -> Connection {
 }
 
 pub async fn connect_to(addr: SocketAddr, pin: &str) -> Connection {
-    let mut endpoint = tls::Transport::default()
+    connect_with(addr, pin, &tls::Transport::default()).await
+}
+
+pub async fn connect_with(addr: SocketAddr, pin: &str, transport: &tls::Transport) -> Connection {
+    let mut endpoint = transport
         .client_endpoint("127.0.0.1:0".parse().unwrap())
         .unwrap();
-    let config =
-        tls::client_config(&tls::Trust::Pin(pin.into()), &tls::Transport::default()).unwrap();
+    let config = tls::client_config(&tls::Trust::Pin(pin.into()), transport).unwrap();
     endpoint.set_default_client_config(config);
     endpoint
         .connect(addr, "localhost")
@@ -98,7 +101,12 @@ impl Node {
 
     /// Identifies through another address (a proxy in front of the relay).
     pub async fn identify_at(addr: SocketAddr, pin: &str, name: &str) -> Node {
-        let mut node = Node::on(connect_to(addr, pin).await).await;
+        Self::identify_on(connect_to(addr, pin).await, name).await
+    }
+
+    /// Identifies on an open connection.
+    pub async fn identify_on(conn: Connection, name: &str) -> Node {
+        let mut node = Node::on(conn).await;
         node.send(Message::Identify {
             node: name.into(),
             token: None,
