@@ -228,20 +228,27 @@ start_node(I, #{root := Root, dir := Dir, url := Url, pin := Pin, token_file := 
             "-setcookie", ?COOKIE,
             "-pa", filename:join(Root, "_build/default/lib/macula_dist/ebin"),
             "-pa", filename:join(Root, "bench/ebin"),
-            "-proto_dist", "macula", "-no_epmd",
-            "-macula_dist", "relay", quoted(Url),
-            "-macula_dist", "pin_sha256", quoted(Pin),
-            "-macula_dist", "token_file", quoted(Token),
-            "-macula_dist", "tunnel", Mode,
             "-kernel", "logger",
             lists:flatten(io_lib:format("[{handler,default,logger_std_h,#{config=>#{file=>~p}}}]",
                                         [Log]))]
+        ++ carrier_args(Mode, Url, Pin, Token)
         ++ string:lexemes(os:getenv("MESH_ERL_ARGS", ""), " "),
     {ok, Peer, Node} = peer:start(#{name => Name, connection => standard_io,
                                     args => Args, wait_boot => 60000}),
     OsPid = peer:call(Peer, os, getpid, []),
     ok = file:write_file(PidFile, [OsPid, "\n"], [append]),
     {Peer, Node, OsPid}.
+
+%% tcp: plain inet_tcp_dist, for comparison (bench/mesh.sh runs a private
+%% epmd and sets ERL_EPMD_PORT); e2e and stream: -proto_dist macula.
+carrier_args("tcp", _Url, _Pin, _Token) ->
+    [];
+carrier_args(Mode, Url, Pin, Token) ->
+    ["-proto_dist", "macula", "-no_epmd",
+     "-macula_dist", "relay", quoted(Url),
+     "-macula_dist", "pin_sha256", quoted(Pin),
+     "-macula_dist", "token_file", quoted(Token),
+     "-macula_dist", "tunnel", Mode].
 
 quoted(S) -> "\"" ++ S ++ "\"".
 
@@ -321,7 +328,12 @@ pss_kib(OsPid) ->
     proc_kib("/proc/" ++ OsPid ++ "/smaps_rollup", "Pss").
 
 proc_kib(File, Key) ->
-    {ok, Bin} = file:read_file(File),
+    case file:read_file(File) of
+        {ok, Bin} -> proc_kib_(Bin, Key);
+        {error, _} -> 0
+    end.
+
+proc_kib_(Bin, Key) ->
     KeyB = list_to_binary(Key ++ ":"),
     [Line | _] = [L || L <- binary:split(Bin, <<"\n">>, [global]),
                        binary:longest_common_prefix([L, KeyB]) =:= byte_size(KeyB)],
@@ -388,7 +400,7 @@ thread(File) ->
 %% ---- logs ----
 
 relay_log_counts(File) ->
-    {ok, Bin} = file:read_file(File),
+    Bin = case file:read_file(File) of {ok, B} -> B; {error, _} -> <<>> end,
     Lines = binary:split(Bin, <<"\n">>, [global]),
     Count = fun(P) -> length([L || L <- Lines, binary:match(L, P) =/= nomatch]) end,
     {Count(<<"tunnel opened">>), Count(<<"e2e session opened">>), Count(<<"tunnel closed">>)}.
@@ -496,7 +508,10 @@ proc_kind(P) ->
     end.
 
 node_status() ->
-    macula_dist_relay_client:status(macula_dist_relay_client:whereis_client()).
+    case macula_dist_relay_client:whereis_client() of
+        undefined -> #{};
+        Client -> macula_dist_relay_client:status(Client)
+    end.
 
 %% Times of rpc:multicall(AllNodes, erlang, node, []) in ms: the first and
 %% the median of the rest; the results of the last call.

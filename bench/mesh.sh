@@ -4,7 +4,9 @@
 #   bash bench/mesh.sh [--mode e2e|stream|both] [--connect ordered|all|seed] [--no-build] N [N ...]
 #
 #   N ...        node counts, one run each with a fresh relay (default: 10)
-#   --mode       -macula_dist tunnel: e2e (default), stream, or both (env MESH_MODE)
+#   --mode       -macula_dist tunnel: e2e (default), stream, both (e2e,stream), or tcp
+#                (plain inet_tcp_dist with a private epmd, for comparison), or a
+#                comma list, or all (e2e,stream,tcp) (env MESH_MODE)
 #   --connect    ordered: node i connects to the nodes j > i (default)
 #                all:     every node connects to every other at once (both ends dial)
 #                seed:    every node connects to node 1; global's connect_all does the rest
@@ -48,6 +50,7 @@ while [ $# -gt 0 ]; do
 done
 [ ${#sizes[@]} -gt 0 ] || sizes=(10)
 [ "$modes" = both ] && modes=e2e,stream
+[ "$modes" = all ] && modes=e2e,stream,tcp
 for n in "${sizes[@]}"; do [ "$n" -ge 2 ] || { echo "mesh.sh: N must be >= 2" >&2; exit 2; }; done
 
 tmp=$(mktemp -d /tmp/macula_mesh.XXXXXX)
@@ -118,6 +121,14 @@ wait_quiet() {
     echo "mesh.sh: still busy; running anyway (see 'CPU s elsewhere')"
 }
 
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 20000))
+        ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
+    done
+}
+
 rows=()
 run=0
 for mode in ${modes//,/ }; do
@@ -127,22 +138,36 @@ for mode in ${modes//,/ }; do
             dir=$tmp/run$run
             mkdir -p "$dir"
             wait_quiet
-            RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 "$relay_bin" "${relay_args[@]}" \
-                --fingerprint-file "$dir/fingerprint" >"$dir/relay.out" 2>"$dir/relay.log" &
-            relay_pid=$!
-            for _ in $(seq 100); do
-                grep -qs 'relay listening' "$dir/relay.log" && [ -s "$dir/fingerprint" ] && break
-                kill -0 "$relay_pid" 2>/dev/null || { cat "$dir/relay.log" >&2; exit 1; }
-                sleep 0.1
-            done
-            addr=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/relay.log" | grep -o 'local_addr=[0-9.:]*' | head -1)
-            addr=${addr#local_addr=}
-            [ -n "$addr" ] || { echo "mesh.sh: relay address not found" >&2; cat "$dir/relay.log" >&2; exit 1; }
-            pin=$(tr -d ' \n' <"$dir/fingerprint")
+            epmd_port=""
+            if [ "$mode" = tcp ]; then
+                # Plain inet_tcp_dist for comparison: a private epmd (stopped
+                # like the relay), never the machine's own on port 4369.
+                epmd_port=$(free_port)
+                epmd -port "$epmd_port" >"$dir/epmd.log" 2>&1 &
+                relay_pid=$!
+                url=- pin=- relay_log=/dev/null ctl_relay=0
+                sleep 0.5
+            else
+                RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 "$relay_bin" "${relay_args[@]}" \
+                    --fingerprint-file "$dir/fingerprint" >"$dir/relay.out" 2>"$dir/relay.log" &
+                relay_pid=$!
+                for _ in $(seq 100); do
+                    grep -qs 'relay listening' "$dir/relay.log" && [ -s "$dir/fingerprint" ] && break
+                    kill -0 "$relay_pid" 2>/dev/null || { cat "$dir/relay.log" >&2; exit 1; }
+                    sleep 0.1
+                done
+                addr=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/relay.log" | grep -o 'local_addr=[0-9.:]*' | head -1)
+                addr=${addr#local_addr=}
+                [ -n "$addr" ] || { echo "mesh.sh: relay address not found" >&2; cat "$dir/relay.log" >&2; exit 1; }
+                url=quic://$addr
+                pin=$(tr -d ' \n' <"$dir/fingerprint")
+                relay_log=$dir/relay.log ctl_relay=$relay_pid
+            fi
+            ERL_EPMD_PORT=${epmd_port:-${ERL_EPMD_PORT:-4369}} \
             erl -noshell +S 2:2 -pa "$root/bench/ebin" -pa "$root/_build/default/lib/macula_dist/ebin" \
                 -eval 'macula_mesh:main()' \
-                -extra "$n" "$mode" "$connect" "$dir" "quic://$addr" "$pin" "$tmp/token" \
-                "$relay_pid" "$dir/relay.log" | tee "$dir/out" &
+                -extra "$n" "$mode" "$connect" "$dir" "$url" "$pin" "$tmp/token" \
+                "$ctl_relay" "$relay_log" > >(tee "$dir/out") &
             ctl_pid=$!
             if wait "$ctl_pid"; then :; else echo "mesh.sh: run N=$n mode=$mode connect=$connect failed"; fi
             ctl_pid=""
