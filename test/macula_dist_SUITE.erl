@@ -12,7 +12,7 @@
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
          missing_relay_fails_boot/1, relay_restart_reconnects/1,
          idle_connection_kept_by_ticks/1, one_udp_port_per_node/1,
-         second_node_with_a_live_name_fails_to_boot/1]).
+         second_node_with_a_live_name_fails_to_boot/1, kill_9_seen_with_default_ticktime/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -28,7 +28,7 @@ groups() ->
              hidden_node, net_kernel_start_later, missing_relay_fails_boot,
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot],
-    [{e2e, [], Cases}, {stream, [], Cases}].
+    [{e2e, [], Cases ++ [kill_9_seen_with_default_ticktime]}, {stream, [], Cases}].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -138,6 +138,20 @@ kill_9_detected_by_ticks(Config) ->
     os:cmd("kill -9 " ++ OsPid),
     %% dist_util's ticker notices the silence, as it does over TCP.
     Result = call(A, macula_ct, watch_result, [{macula_watch, 2 * TickTime * 1000}]),
+    ct:log("kill -9 seen as ~p", [Result]),
+    ?assertMatch({nodedown, noconnection, _Ms}, Result).
+
+%% e2e mode: with the default net_ticktime (60 s), a peer killed with
+%% kill -9 is noticed when its session falls silent (4 s without a packet,
+%% where keep-alives come every second), not at the tick timeout.
+kill_9_seen_with_default_ticktime(Config) ->
+    [{A, _}, {B, BN}] = peers(Config, [pa17, pb17]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assertEqual(60, call(A, net_kernel, get_net_ticktime, [])),
+    ok = call(A, macula_ct, watch, [BN, macula_watch]),
+    os:cmd("kill -9 " ++ call(B, os, getpid, [])),
+    %% Bound: well under the 60-75 s ticks would take.
+    Result = call(A, macula_ct, watch_result, [{macula_watch, 15000}]),
     ct:log("kill -9 seen as ~p", [Result]),
     ?assertMatch({nodedown, noconnection, _Ms}, Result).
 
