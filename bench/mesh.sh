@@ -11,8 +11,8 @@
 #                all:     every node connects to every other at once (both ends dial)
 #                seed:    every node connects to node 1; global's connect_all does the rest
 #                a comma list runs each (env MESH_CONNECT)
-#   --dial-par K each node dials at most K of its targets at once (0: all at once;
-#                env MESH_DIAL_PAR)
+#   --dial-par K each node dials at most K of its targets at once (default 8;
+#                0: all at once) (env MESH_DIAL_PAR)
 #   --no-build   use the existing relay binary and NIF
 #
 # Env: MESH_TIMEOUT (s, default 120) per wait; MESH_START_PAR (default 4) nodes
@@ -129,6 +129,7 @@ free_port() {
     done
 }
 
+echo "mesh.sh: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD -- native src 2>/dev/null || echo ' (+ uncommitted changes in native/ or src/)'), $(nproc) cores, sizes ${sizes[*]}, modes $modes, connect $connects"
 rows=()
 run=0
 for mode in ${modes//,/ }; do
