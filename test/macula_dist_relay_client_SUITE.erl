@@ -256,6 +256,9 @@ inbound_without_kernel_is_closed(Config) ->
     C = client(Config, <<"a@h">>),
     {ok, B} = raw(Config, <<"b@h">>),
     {ok, _, TB} = macula_ct:request(B, <<"a@h">>),
+    %% (An e2e session's target has its end once the stream's first bytes
+    %% came: maybe just after the requester has its own.)
+    wait_until(fun() -> maps:get(active_tunnels, macula_dist_relay_client:status(C)) =:= 1 end),
     ?assertMatch(#{active_tunnels := 1, kernel_set := false}, macula_dist_relay_client:status(C)),
     ok = macula_dist_nif:tunnel_activate(TB, 1),
     receive {macula_tunnel, TB, closed} -> ok after 20000 -> error(not_closed) end,

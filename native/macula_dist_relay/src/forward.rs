@@ -51,7 +51,8 @@ enum Outcome {
 }
 
 /// Copies `from` to `to` until one ends. A finish is passed on as a finish
-/// (half-close); a reset, a stop or a lost connection closes the whole tunnel.
+/// and a stop as a stop (each ends one direction); a reset or a lost
+/// connection closes the whole tunnel.
 /// Returns the bytes forwarded.
 async fn pipe(
     mut from: RecvStream,
@@ -63,20 +64,23 @@ async fn pipe(
     // Whatever quinn has buffered is taken and handed on at once: one wakeup
     // of the other connection per batch, not per received packet.
     let mut chunks: Vec<Bytes> = vec![Bytes::new(); BATCH];
+    // Only a real STOP_SENDING counts; the stream's other ends (finish,
+    // reset, connection loss) are seen by reads and writes.
+    let stopped = to.stopped();
+    let stop_sending = async move {
+        match stopped.await {
+            Ok(Some(code)) => code,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop_sending);
     let outcome = loop {
         let read = tokio::select! {
             biased;
             _ = cancel.cancelled() => break Outcome::Cancelled,
-            // The far side stopped reading: the tunnel is over even if
-            // this side never sends again (its slot is freed now).
-            stopped = to.stopped() => break Outcome::Write(match stopped {
-                Ok(Some(code)) => WriteError::Stopped(code),
-                Ok(None) => WriteError::ClosedStream,
-                Err(e) => WriteError::ConnectionLost(match e {
-                    quinn::StoppedError::ConnectionLost(c) => c,
-                    quinn::StoppedError::ZeroRttRejected => quinn::ConnectionError::LocallyClosed,
-                }),
-            }),
+            // The far side stopped reading (STOP_SENDING): the tunnel is
+            // over even if this side never sends again; its slot is freed.
+            code = &mut stop_sending => break Outcome::Write(WriteError::Stopped(code)),
             read = from.read_chunks(&mut chunks) => read,
         };
         let n = match read {
@@ -100,12 +104,15 @@ async fn pipe(
             let _ = to.finish();
             return bytes;
         }
+        // The receiver wants no more: tell the sender, and end this
+        // direction only (the other may still carry the last of a reply).
+        Outcome::Write(WriteError::Stopped(code)) => {
+            let _ = from.stop(code);
+            return bytes;
+        }
         Outcome::Cancelled => {}
         Outcome::Read(ReadError::Reset(code)) => {
             let _ = to.reset(code);
-        }
-        Outcome::Write(WriteError::Stopped(code)) => {
-            let _ = from.stop(code);
         }
         Outcome::Read(_) | Outcome::Write(_) => {}
     }

@@ -31,6 +31,14 @@ pub mod close_code {
     pub const CONTROL_BACKLOG: u32 = 5;
 }
 
+/// A new id for the routing table. Not quinn's `stable_id`: quinn reuses
+/// that once a connection is gone, and a late cleanup of the old one would
+/// then remove the new one's name and tunnels.
+fn next_conn_id() -> ConnId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How long a name's holder gets to show it is alive when another
 /// connection claims the name.
 const HOLDER_PROBE: Duration = Duration::from_secs(1);
@@ -339,7 +347,7 @@ async fn serve(
     tokio::spawn(order_answers(ordered, control.clone(), conn.clone()));
     let mut session = Session {
         shared: shared.clone(),
-        conn_id: conn.stable_id() as ConnId,
+        conn_id: next_conn_id(),
         conn: conn.clone(),
         remote,
         control,

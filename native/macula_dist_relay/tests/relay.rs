@@ -472,16 +472,21 @@ async fn a_stalled_target_does_not_hold_up_other_requests() {
     relay.stop().await;
 }
 
-/// When one side stops reading a tunnel (STOP_SENDING), the relay frees
-/// the tunnel's slot at once, even if the other side never sends again.
+/// A side that is done with a tunnel (it stops reading, STOP_SENDING, and
+/// finishes its own direction) frees the tunnel's slot at once, even if the
+/// other side never sends again. (Before, the relay noticed a stop only at
+/// its next write, so such a tunnel kept its slot.)
 #[tokio::test]
 async fn a_stopped_side_frees_the_tunnel() {
     let relay = relay().await;
     let mut a = Node::identify(&relay, "a@host").await;
     let mut b = Node::identify(&relay, "b@host").await;
-    let (_, _a_end, (_b_send, mut b_recv)) = tunnel(&mut a, &mut b, "b@host").await;
+    let (_, (_a_send, mut a_recv), (mut b_send, mut b_recv)) =
+        tunnel(&mut a, &mut b, "b@host").await;
     assert_eq!(relay.stats().tunnels, 1);
     b_recv.stop(0u32.into()).unwrap();
+    b_send.finish().unwrap();
+    assert_eq!(a_recv.read_to_end(1024).await.unwrap(), b"");
     timeout(WAIT, async {
         while relay.stats().tunnels != 0 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
