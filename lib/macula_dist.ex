@@ -36,6 +36,14 @@ defmodule MaculaDist do
   end
 
   @doc """
+  The other nodes on this node's relay (its auth domain), which it may
+  connect to; `[]` when the node does not run `-proto_dist macula`.
+  With `-macula_dist autoconnect true` the node connects to them by itself.
+  """
+  @spec relay_nodes() :: [node()]
+  def relay_nodes, do: :macula_dist.relay_nodes()
+
+  @doc """
   Parses a relay URL the way the node does: `quic://host:port`, `host:port`,
   `host` (port 4434) or `[::1]:4434`.
   """

@@ -20,7 +20,7 @@
 -module(macula_dist).
 
 -export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
-         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2]).
+         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2, relay_nodes/0]).
 -export([do_setup/6, do_accept/5, acceptor/1, controller/2, input_handler/3]).
 
 -include_lib("kernel/include/net_address.hrl").
@@ -51,6 +51,7 @@ listen(Name, Host) ->
         {ok, Urls, Opts} ->
             case ensure_client(Urls, Node, Opts) of
                 {ok, Client} ->
+                    maps:get(autoconnect, Opts, false) andalso macula_dist_sup:start_autoconnect(),
                     {ok, {Client, address(Host), creation()}};
                 {error, Reason} ->
                     logger:error("macula_dist: cannot join relay ~p as ~ts: ~p",
@@ -75,6 +76,19 @@ ensure_client(Url, Node, Opts) ->
             ok
     end,
     macula_dist_sup:start_client(Url, Node, Opts).
+
+%% @doc The other nodes on this node's relay, which it may connect to (as
+%% atoms: names the authenticated relay gives, like nodes() does).
+-spec relay_nodes() -> [node()].
+relay_nodes() ->
+    case macula_dist_relay_client:whereis_client() of
+        undefined -> [];
+        Client ->
+            case macula_dist_relay_client:relay_nodes(Client) of
+                {ok, Names} -> [binary_to_atom(N, utf8) || N <- Names];
+                {error, _} -> []
+            end
+    end.
 
 creation() ->
     rand:uniform((1 bsl 32) - 5) + 3.

@@ -118,6 +118,7 @@ check_opts([{pin_sha256, V} | Rest]) when is_binary(V); is_list(V) ->
 check_opts([{verify, none} | Rest]) -> check_opts(Rest);
 check_opts([{tunnel, e2e} | Rest]) -> check_opts(Rest);
 check_opts([{key_file, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{autoconnect, V} | Rest]) when is_boolean(V) -> check_opts(Rest);
 check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
 check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
@@ -184,6 +185,7 @@ boot_config() ->
                     {verify, "MACULA_DIST_VERIFY", atom},
                     {tunnel, "MACULA_DIST_TUNNEL", atom},
                     {key_file, "MACULA_DIST_KEY_FILE", string},
+                    {autoconnect, "MACULA_DIST_AUTOCONNECT", atom},
                     {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
                     {tunnel_timeout, "MACULA_DIST_TUNNEL_TIMEOUT", integer},
                     {idle_timeout, "MACULA_DIST_IDLE_TIMEOUT", integer},

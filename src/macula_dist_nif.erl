@@ -35,7 +35,7 @@
 
 -export([loaded/0]).
 -export([client_start/1, client_stop/1, client_request_tunnel/4, client_close_tunnel/2,
-         client_set_kernel/3, client_status/1, client_cookie/3]).
+         client_set_kernel/3, client_status/1, client_cookie/3, client_nodes/2]).
 -export([tunnel_send/3, tunnel_send_dirty/3, tunnel_set_owner/2, tunnel_set_packet/2,
          tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1]).
 -export([relay_start/1, relay_info/1, relay_stop/1, live_counts/0]).
@@ -85,6 +85,7 @@ client_start(Opts) -> not_loaded(?FUNCTION_NAME, [Opts]).
 client_stop(Client) -> not_loaded(?FUNCTION_NAME, [Client]).
 client_request_tunnel(Client, Target, Tag, Cookie) -> not_loaded(?FUNCTION_NAME, [Client, Target, Tag, Cookie]).
 client_cookie(Client, Tag, Cookie) -> not_loaded(?FUNCTION_NAME, [Client, Tag, Cookie]).
+client_nodes(Client, Tag) -> not_loaded(?FUNCTION_NAME, [Client, Tag]).
 client_close_tunnel(Client, TunnelId) -> not_loaded(?FUNCTION_NAME, [Client, TunnelId]).
 client_set_kernel(Client, Kernel, AcceptPid) -> not_loaded(?FUNCTION_NAME, [Client, Kernel, AcceptPid]).
 client_status(Client) -> not_loaded(?FUNCTION_NAME, [Client]).

@@ -25,7 +25,7 @@
 -behaviour(gen_server).
 
 -export([start_link/2, start_link/3, request_tunnel/2, close_tunnel/2, set_kernel/2,
-         status/1, whereis_client/0]).
+         status/1, whereis_client/0, relay_nodes/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
@@ -119,6 +119,26 @@ cookie(undefined, Peer) ->
 
 text(Name) when is_atom(Name) -> atom_to_binary(Name, utf8);
 text(Name) -> unicode:characters_to_binary(Name).
+
+%% @doc The other nodes identified on this node's relay (its auth domain):
+%% the nodes this node may reach there. `{error, unsupported}' from a
+%% version 1 relay.
+-spec relay_nodes(pid()) -> {ok, [binary()]} | {error, term()}.
+relay_nodes(Client) ->
+    case call(Client, handle) of
+        {ok, Nif, Timeout, _} ->
+            Tag = erlang:unique_integer([positive]),
+            case macula_dist_nif:client_nodes(Nif, Tag) of
+                ok ->
+                    receive {macula_nodes_reply, Tag, Reply} -> Reply
+                    after Timeout -> {error, timeout}
+                    end;
+                {error, _} = Error ->
+                    Error
+            end;
+        {error, _} = Error ->
+            Error
+    end.
 
 -spec close_tunnel(pid(), binary()) -> ok.
 close_tunnel(Client, TunnelId) when is_binary(TunnelId) ->

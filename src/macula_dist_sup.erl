@@ -5,7 +5,7 @@
 -module(macula_dist_sup).
 -behaviour(supervisor).
 
--export([start_link/0, start_client/3, stop_client/0]).
+-export([start_link/0, start_client/3, stop_client/0, start_autoconnect/0]).
 -export([init/1]).
 
 start_link() ->
@@ -24,6 +24,18 @@ start_client(Url, Node, Opts) ->
         {error, {already_started, Pid}} -> {ok, Pid};
         {error, {Reason, _Child}} -> {error, Reason};
         {error, _} = Error -> Error
+    end.
+
+%% `-macula_dist autoconnect true': connect to the relay's other nodes as
+%% they appear (as libcluster strategies do).
+start_autoconnect() ->
+    Spec = #{id => macula_dist_autoconnect,
+             start => {macula_dist_autoconnect, start_link, []},
+             restart => permanent, type => worker},
+    case supervisor:start_child(?MODULE, Spec) of
+        {ok, _} -> true;
+        {error, {already_started, _}} -> true;
+        {error, _} -> false
     end.
 
 stop_client() ->

@@ -12,7 +12,8 @@
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
          missing_relay_fails_boot/1, relay_restart_reconnects/1,
          idle_connection_kept_by_ticks/1, one_udp_port_per_node/1,
-         second_node_with_a_live_name_fails_to_boot/1, kill_9_seen_with_default_ticktime/1]).
+         second_node_with_a_live_name_fails_to_boot/1, kill_9_seen_with_default_ticktime/1,
+         relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -27,7 +28,8 @@ groups() ->
              full_mesh_of_five_in_order, restarted_peer_reachable_again, wrong_cookie_refused,
              hidden_node, net_kernel_start_later, missing_relay_fails_boot,
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
-             second_node_with_a_live_name_fails_to_boot],
+             second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
+             autoconnect_meshes_by_itself],
     [{e2e, [], Cases ++ [kill_9_seen_with_default_ticktime]}, {stream, [], Cases}].
 
 init_per_suite(Config) ->
@@ -245,6 +247,27 @@ second_node_with_a_live_name_fails_to_boot(Config) ->
     ?assertEqual(AN, call(A, erlang, node, [])).
 
 quote(Arg) -> "'" ++ Arg ++ "'".
+
+%% Discovery: the relay tells a node which other nodes it may reach there.
+relay_nodes_lists_the_others(Config) ->
+    [{A, AN}, {_, BN}, {_, CN}] = peers(Config, [pa18, pb18, pc18]),
+    Listed = call(A, macula_dist, relay_nodes, []),
+    ?assert(lists:member(BN, Listed) andalso lists:member(CN, Listed)),
+    ?assertNot(lists:member(AN, Listed)),
+    %% Nothing was connected to find them.
+    ?assertEqual([], call(A, erlang, nodes, [])).
+
+%% -macula_dist autoconnect true: nodes find each other on the relay and
+%% connect, with no ping from anyone.
+autoconnect_meshes_by_itself(Config) ->
+    Peers = peers(Config, [pa19, pb19, pc19], ["-macula_dist", "autoconnect", "true"]),
+    Nodes = [N || {_, N} <- Peers],
+    Meshed = fun() ->
+                     lists:all(fun({P, N}) ->
+                                       lists:sort(call(P, erlang, nodes, [])) =:= lists:sort(Nodes -- [N])
+                               end, Peers)
+             end,
+    ?assert(wait_for(fun() -> Meshed() orelse false end)).
 
 idle_connection_kept_by_ticks(Config) ->
     %% Idle for three tick times: ticks flow both ways and are counted, so

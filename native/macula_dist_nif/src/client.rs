@@ -87,6 +87,10 @@ struct State {
     /// Live e2e sessions' connections: they run through this client's
     /// relay, and end with it.
     sessions: HashMap<TunnelId, quinn::Connection>,
+    /// Callers waiting for `nodes_ok`, oldest first (answered in order).
+    nodes_waiters: VecDeque<(LocalPid, u64)>,
+    /// The relay's protocol version (from `id_ok`).
+    relay_version: u64,
 }
 
 pub struct Client {
@@ -242,6 +246,8 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
             cookie_waits: HashMap::new(),
             next_cookie_tag: 0,
             sessions: HashMap::new(),
+            nodes_waiters: VecDeque::new(),
+            relay_version: 0,
         }),
         conn: OnceLock::new(),
         endpoint: OnceLock::new(),
@@ -295,6 +301,7 @@ async fn run(
         let mut state = client.lock();
         state.phase = Phase::Connected;
         state.control = Some(control_tx);
+        state.relay_version = relay_version;
     }
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
@@ -541,6 +548,15 @@ impl Client {
                 matched
             }
             Message::TunnelError { reason } => state.matcher.on_tunnel_error(reason),
+            Message::Nodes { nodes } => {
+                if let Some((caller, tag)) = state.nodes_waiters.pop_front() {
+                    drop(state);
+                    let _ = OwnedEnv::new().send_and_clear(&caller, |env| {
+                        (atoms::macula_nodes_reply(), tag, (atoms::ok(), nodes)).encode(env)
+                    });
+                }
+                None
+            }
             Message::TunnelNotify {
                 tunnel,
                 source,
@@ -771,6 +787,24 @@ impl Client {
     /// Closes a tunnel by id. An e2e session's connection is closed (the
     /// peer hears it end to end, and the relay is told once it has drained);
     /// a stream tunnel is closed at the relay.
+    /// Asks the relay which nodes this node may reach there; the caller
+    /// hears `{macula_nodes_reply, Tag, {ok, [Name]}}`.
+    pub fn request_nodes(&self, caller: LocalPid, tag: u64) -> Result<(), rustler::Atom> {
+        let mut state = self.lock();
+        if state.relay_version < 2 {
+            return Err(atoms::unsupported());
+        }
+        let Some(tx) = state.control.clone() else {
+            return Err(atoms::not_connected());
+        };
+        // Queued and sent under one lock, so the FIFO matches the wire.
+        if tx.try_send(Message::NodesRequest).is_err() {
+            return Err(atoms::not_connected());
+        }
+        state.nodes_waiters.push_back((caller, tag));
+        Ok(())
+    }
+
     pub fn close_tunnel(&self, tunnel: TunnelId) -> bool {
         let session = self.lock().sessions.get(&tunnel).cloned();
         match session {

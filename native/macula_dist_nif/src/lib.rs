@@ -40,7 +40,7 @@ pub(crate) mod atoms {
         identify_timeout, open_failed, stream_timeout,
         mode, e2e, stream, cookie, e2e_sessions, refused_sessions,
         mode_unsupported, e2e_handshake_failed, sessions, key_id, undefined,
-        name_taken, not_allowed,
+        name_taken, not_allowed, macula_nodes_reply, unsupported,
     }
 
     /// The atom for a reason the relay or client is known to send.
@@ -147,6 +147,16 @@ fn client_close_tunnel<'a>(
 fn client_cookie(client: ResourceArc<ClientRes>, tag: u64, cookie: Binary) -> rustler::Atom {
     client.0.cookie(tag, cookie.as_slice());
     atoms::ok()
+}
+
+/// Asks which nodes this node may reach on its relay; the caller hears
+/// `{macula_nodes_reply, Tag, {ok, [Name]}}`.
+#[rustler::nif]
+fn client_nodes(env: Env, client: ResourceArc<ClientRes>, tag: u64) -> Term {
+    match client.0.request_nodes(env.pid(), tag) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(reason) => (atoms::error(), reason).encode(env),
+    }
 }
 
 #[rustler::nif]

@@ -433,6 +433,21 @@ impl Session {
                 self.request_session(target);
                 Ok(())
             }
+            Message::NodesRequest => {
+                let state = self.shared.lock();
+                let msg = if self.name.is_some() {
+                    Message::Nodes {
+                        nodes: state.router.other_names(self.conn_id),
+                    }
+                } else {
+                    Message::ProtocolError {
+                        reason: "not_identified".into(),
+                    }
+                };
+                drop(state);
+                self.reply(msg);
+                Ok(())
+            }
             Message::TunnelClose { tunnel } => {
                 let mut state = self.shared.lock();
                 if let Some(t) = state.router.close_tunnel(self.conn_id, &tunnel) {

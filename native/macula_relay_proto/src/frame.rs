@@ -46,6 +46,11 @@ pub enum Message {
     TunnelClose { tunnel: TunnelId },
     /// relay → node: `t: "err"`, `r`.
     ProtocolError { reason: String },
+    /// node → relay: `t: "nodes"`: which nodes may I reach here?
+    NodesRequest,
+    /// relay → node: `t: "nodes_ok"`, `nodes`: the other nodes identified
+    /// on this relay (its one auth domain: its token, its nodes file).
+    Nodes { nodes: Vec<String> },
 }
 
 /// How a tunnel carries distribution.
@@ -128,6 +133,8 @@ impl Message {
             Message::TunnelNotify { .. } => "tun_notify",
             Message::TunnelClose { .. } => "tun_close",
             Message::ProtocolError { .. } => "err",
+            Message::NodesRequest => "nodes",
+            Message::Nodes { .. } => "nodes_ok",
         }
     }
 
@@ -155,6 +162,11 @@ impl Message {
                     fields.push(("v", Value::from(*v)));
                 }
             }
+            Message::NodesRequest => {}
+            Message::Nodes { nodes } => fields.push((
+                "nodes",
+                Value::Array(nodes.iter().map(|n| text(n)).collect()),
+            )),
             Message::Identified { version } => {
                 if let Some(v) = version {
                     fields.push(("v", Value::from(*v)));
@@ -258,6 +270,10 @@ impl Message {
             "err" => Ok(Message::ProtocolError {
                 reason: map.text("err", "r")?,
             }),
+            "nodes" => Ok(Message::NodesRequest),
+            "nodes_ok" => Ok(Message::Nodes {
+                nodes: map.texts("nodes")?,
+            }),
             _ => Err(DecodeError::UnknownType(t)),
         }
     }
@@ -287,6 +303,25 @@ impl Fields {
     fn text(&self, msg: &'static str, key: &'static str) -> Result<String, DecodeError> {
         self.optional_text(key)?
             .ok_or(DecodeError::MissingKey { msg, key })
+    }
+
+    fn texts(&self, key: &'static str) -> Result<Vec<String>, DecodeError> {
+        match self.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    as_bytes(v)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .map(str::to_owned)
+                        .ok_or(DecodeError::WrongType { key })
+                })
+                .collect(),
+            Some(_) => Err(DecodeError::WrongType { key }),
+            None => Err(DecodeError::MissingKey {
+                msg: "nodes_ok",
+                key,
+            }),
+        }
     }
 
     fn optional_u64(&self, key: &'static str) -> Result<Option<u64>, DecodeError> {
@@ -485,6 +520,11 @@ mod tests {
             Message::TunnelClose { tunnel },
             Message::ProtocolError {
                 reason: "unknown_type".into(),
+            },
+            Message::NodesRequest,
+            Message::Nodes { nodes: vec![] },
+            Message::Nodes {
+                nodes: vec!["a@h".into(), "b@h".into()],
             },
         ]
     }
@@ -690,6 +730,8 @@ mod tests {
                 ),
                 tid.prop_map(|tunnel| Message::TunnelClose { tunnel }),
                 text().prop_map(|reason| Message::ProtocolError { reason }),
+                Just(Message::NodesRequest),
+                proptest::collection::vec(text(), 0..5).prop_map(|nodes| Message::Nodes { nodes }),
             ]
         }
 

@@ -171,6 +171,19 @@ impl Router {
         self.conns.get(&conn)?.key
     }
 
+    /// The names identified here, but `conn`'s own.
+    pub fn other_names(&self, conn: ConnId) -> Vec<String> {
+        let own = self.name_of(conn);
+        let mut names: Vec<String> = self
+            .names
+            .keys()
+            .filter(|n| Some(n.as_str()) != own)
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn node_count(&self) -> usize {
         self.names.len()
     }
