@@ -9,7 +9,8 @@
 # FUZZ_INSTALL=1 (or CI=true) installs cargo-afl when it is missing
 # (`cargo install cargo-afl`, about two minutes: it builds AFL++ too);
 # otherwise the AFL++ runs are skipped with a message. FUZZ_JOBS=N runs N
-# targets at once (default 1). Output: native/fuzz/out/<target>/. A crash
+# targets at once (default 1). Output: native/fuzz/out/<target>/ (or
+# $FUZZ_OUT/<target>/, for a long run beside test.sh's short ones). A crash
 # fails the script, printing the input and the panic; to keep it as a test,
 # copy it to native/fuzz/regressions/<target>/.
 set -euo pipefail
@@ -20,6 +21,7 @@ shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(frames dataplane sessions paths)
 jobs=${FUZZ_JOBS:-1}
+out=${FUZZ_OUT:-out}
 
 echo "-- fuzz harnesses as tests (seeds, regressions, proptest)"
 # In the root target dir, whose debug build of the dependencies they share.
@@ -54,14 +56,14 @@ export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINIT
 
 run() {
   local t=$1
-  rm -rf "out/$t"
-  mkdir -p out
+  rm -rf "${out:?}/$t"
+  mkdir -p "$out"
   # -V: stop after secs; the outer timeout only guards against a stuck run.
   timeout --kill-after=10 $((secs + 120)) \
-    cargo afl fuzz -i "seeds/$t" -o "out/$t" -V "$secs" -t 1000 -- "target/afl/release/$t" \
-    >"out/$t.log" 2>&1 || {
-      echo "afl-fuzz $t failed (exit $?); last lines of native/fuzz/out/$t.log:"
-      tail -20 "out/$t.log"
+    cargo afl fuzz -i "seeds/$t" -o "$out/$t" -V "$secs" -t 1000 -- "target/afl/release/$t" \
+    >"$out/$t.log" 2>&1 || {
+      echo "afl-fuzz $t failed (exit $?); last lines of $out/$t.log:"
+      tail -20 "$out/$t.log"
       return 1
     }
 }
@@ -81,10 +83,10 @@ while [ "$running" -gt 0 ]; do
   running=$((running - 1))
 done
 
-stat() { sed -n "s/^$2 *: //p" "out/$1/default/fuzzer_stats"; }
+stat() { sed -n "s/^$2 *: //p" "$out/$1/default/fuzzer_stats"; }
 for t in "${targets[@]}"; do
-  if [ ! -f "out/$t/default/fuzzer_stats" ]; then
-    echo "fuzz $t: no statistics (see native/fuzz/out/$t.log)"
+  if [ ! -f "$out/$t/default/fuzzer_stats" ]; then
+    echo "fuzz $t: no statistics (see $out/$t.log)"
     status=1
     continue
   fi
@@ -96,8 +98,8 @@ for t in "${targets[@]}"; do
   if [ "$crashes" != 0 ]; then
     status=1
     # The first few: the input, then the panic it gives.
-    for f in $(ls "out/$t/default/crashes"/id:* | head -3); do
-      echo "crash input native/fuzz/$f:"
+    for f in $(ls "$out/$t/default/crashes"/id:* | head -3); do
+      echo "crash input $f:"
       od -A d -t x1 "$f" | head -20
       ("target/afl/release/$t" <"$f" 2>&1 | grep -A3 panicked | head -8) 2>/dev/null || true
     done
