@@ -24,9 +24,11 @@ jobs=${FUZZ_JOBS:-1}
 out=${FUZZ_OUT:-out}
 
 echo "-- fuzz harnesses as tests (seeds, regressions, proptest)"
+# Not --locked: native/fuzz/Cargo.lock takes in a new dependency of
+# macula_relay_proto by itself.
 # In the root target dir, whose debug build of the dependencies they share.
 PROPTEST_CASES=${PROPTEST_CASES:-1000} \
-  cargo test --locked --quiet --target-dir ../../target 2>&1 | grep -v '^$'
+  cargo test --quiet --target-dir ../../target 2>&1 | grep -v '^$'
 
 if ! command -v cargo-afl >/dev/null; then
   if [ "${CI:-}" = true ] || [ "${FUZZ_INSTALL:-}" = 1 ]; then
@@ -48,7 +50,7 @@ fi
 echo "-- cargo afl build (targets: ${targets[*]})"
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
-cargo afl build --release --locked --quiet --features afl --target-dir target/afl "${bins[@]}"
+cargo afl build --release --quiet --features afl --target-dir target/afl "${bins[@]}"
 
 # No CPU governor, core_pattern or affinity to set up in a container or CI.
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_AFFINITY=1 \

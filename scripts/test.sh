@@ -10,7 +10,7 @@ cargo test --workspace --quiet 2>&1 | grep -v '^$'
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo clippy --manifest-path native/fuzz/Cargo.toml --target-dir target --all-targets --locked --quiet -- -D warnings
+cargo clippy --manifest-path native/fuzz/Cargo.toml --target-dir target --all-targets --quiet -- -D warnings
 
 echo "== relay interop (aioquic client)"
 bash test/interop/run.sh
