@@ -364,7 +364,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != 2 * N || !text.is_ascii() {
+    // Lowercase hex digits only, as tunnel ids (from_str_radix alone would
+    // take a '+' sign and uppercase).
+    if text.len() != 2 * N || !text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     let mut out = [0u8; N];
@@ -580,6 +582,14 @@ mod tests {
             .map(|(k, _)| k.as_str().unwrap().to_string())
             .collect();
         assert_eq!(keys, ["t", "tid", "src"]);
+    }
+
+    #[test]
+    fn bind_keys_are_strict_lowercase_hex() {
+        assert_eq!(unhex::<2>("0aff"), Some([0x0a, 0xff]));
+        for bad in ["+f+f", "0AFF", "0a f", "0af", "0affx"] {
+            assert_eq!(unhex::<2>(bad), None, "{bad}");
+        }
     }
 
     #[test]
