@@ -61,7 +61,10 @@ checked(Orig, Host, Port) ->
 %% them, each checked; see trust/2), `verify => none' (explicitly insecure),
 %% `connect_timeout', `tunnel_timeout', `idle_timeout', `keep_alive'
 %% (milliseconds), `tunnel' (`e2e', the default, or `stream'), `cookie'
-%% (the cookie that keys e2e sessions when distribution is not running).
+%% (the cookie that keys e2e sessions when distribution is not running),
+%% `key_file' (PEM: the node's key at the relay), `cluster_ca', `node_cert',
+%% `node_key' (PEM paths, all three: cluster-CA mode, where e2e sessions are
+%% authenticated by certificates the CA issued naming `macula://NODE').
 -spec client_opts(binary() | string() | [binary() | string()],
                   binary() | atom() | string(), map()) ->
           {ok, map()} | {error, term()}.
@@ -79,6 +82,9 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
                                    keep_alive => maps:get(keep_alive, All),
                                    mode => atom_to_binary(maps:get(tunnel, All)),
                                    key_file => text(maps:get(key_file, All, <<>>)),
+                                   cluster_ca => text(maps:get(cluster_ca, All, <<>>)),
+                                   node_cert => text(maps:get(node_cert, All, <<>>)),
+                                   node_key => text(maps:get(node_key, All, <<>>)),
                                    relay_cookie => <<>>})
               end);
 client_opts(_Url, _Node, Opts) ->
@@ -118,6 +124,9 @@ check_opts([{pin_sha256, V} | Rest]) when is_binary(V); is_list(V) ->
 check_opts([{verify, none} | Rest]) -> check_opts(Rest);
 check_opts([{tunnel, e2e} | Rest]) -> check_opts(Rest);
 check_opts([{key_file, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{cluster_ca, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{node_cert, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{node_key, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{autoconnect, V} | Rest]) when is_boolean(V) -> check_opts(Rest);
 check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
 check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
@@ -185,6 +194,9 @@ boot_config() ->
                     {verify, "MACULA_DIST_VERIFY", atom},
                     {tunnel, "MACULA_DIST_TUNNEL", atom},
                     {key_file, "MACULA_DIST_KEY_FILE", string},
+                    {cluster_ca, "MACULA_DIST_CLUSTER_CA", string},
+                    {node_cert, "MACULA_DIST_NODE_CERT", string},
+                    {node_key, "MACULA_DIST_NODE_KEY", string},
                     {autoconnect, "MACULA_DIST_AUTOCONNECT", atom},
                     {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
                     {tunnel_timeout, "MACULA_DIST_TUNNEL_TIMEOUT", integer},
@@ -209,7 +221,8 @@ boot_config(InitArgs, AppEnv, OsEnv) ->
             end
     end.
 
-%% The token file is read here; the CA file only checked (the NIF reads it).
+%% The token file is read here; the other files only checked (the NIF
+%% reads them), so a missing one is named at boot.
 with_files(Urls, #{token_file := File} = Opts) ->
     case prim_file:read_file(File) of
         {ok, Token} ->
@@ -217,13 +230,15 @@ with_files(Urls, #{token_file := File} = Opts) ->
         {error, Reason} ->
             {error, {token_file, File, Reason}}
     end;
-with_files(Urls, #{ca_cert := File} = Opts) ->
-    case prim_file:read_file(File) of
-        {ok, _} -> {ok, Urls, Opts};
-        {error, Reason} -> {error, {ca_cert, File, Reason}}
-    end;
 with_files(Urls, Opts) ->
-    {ok, Urls, Opts}.
+    Unreadable = [{Key, File, Reason}
+                  || Key <- [ca_cert, key_file, cluster_ca, node_cert, node_key],
+                     File <- [maps:get(Key, Opts, undefined)], File =/= undefined,
+                     {error, Reason} <- [prim_file:read_file(File)]],
+    case Unreadable of
+        [] -> {ok, Urls, Opts};
+        [First | _] -> {error, First}
+    end.
 
 lookup(Key, Var, Type, InitArgs, AppEnv, OsEnv) ->
     case proplists:get_value(atom_to_list(Key), InitArgs) of

@@ -13,11 +13,13 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type opts() :: #{ip => string() | binary(), port => 0..65535,
-                  token => string() | binary()}.
+                  token => string() | binary(),
+                  cert_file => file:filename(), key_file => file:filename()}.
 -export_type([opts/0]).
 
 %% @doc Starts an unlinked relay. Options: `ip' (default "127.0.0.1"),
-%% `port' (default 0: any free port), `token' (default none).
+%% `port' (default 0: any free port), `token' (default none), `cert_file' and
+%% `key_file' (PEM; default: a self-signed certificate made at start).
 -spec start(opts()) -> {ok, pid()} | {error, term()}.
 start(Opts) -> gen_server:start(?MODULE, Opts, []).
 
@@ -34,7 +36,9 @@ stop(Relay) -> gen_server:stop(Relay).
 init(Opts) when is_map(Opts) ->
     NifOpts = #{ip => text(maps:get(ip, Opts, "127.0.0.1")),
                 port => maps:get(port, Opts, 0),
-                token => text(maps:get(token, Opts, ""))},
+                token => text(maps:get(token, Opts, "")),
+                cert_file => text(maps:get(cert_file, Opts, "")),
+                key_file => text(maps:get(key_file, Opts, ""))},
     case macula_dist_nif:loaded() of
         ok ->
             case macula_dist_nif:relay_start(NifOpts) of

@@ -5,6 +5,7 @@
 -export([start_relay/0, start_relay/1, raw_client/3, raw_client/4, request/2, request/3,
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
+-export([make_ca/2, issue_cert/4]).
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1]).
@@ -120,6 +121,39 @@ send_some(Tunnel, Data) ->
     end.
 
 random_bytes(N) -> crypto:strong_rand_bytes(N).
+
+%% ---- certificates, made with openssl as the README shows ----
+
+%% A CA: Dir/Name.pem and its key Dir/Name.key.
+make_ca(Dir, Name) ->
+    Key = filename:join(Dir, Name ++ ".key"),
+    Pem = filename:join(Dir, Name ++ ".pem"),
+    openssl(["genpkey -algorithm ed25519 -out ", q(Key)]),
+    openssl(["req -x509 -new -key ", q(Key), " -subj /CN=", Name, " -days 30 -out ", q(Pem)]),
+    {Pem, Key}.
+
+%% A certificate issued by the CA {CaPem, CaKey} for a new P-256 key, with
+%% the subjectAltName San (openssl syntax: "URI:macula://a@h", "IP:127.0.0.1"):
+%% {Dir/Name.pem, Dir/Name.key}.
+issue_cert(Dir, Name, {CaPem, CaKey}, San) ->
+    [Key, Csr, Ext, Pem] = [filename:join(Dir, Name ++ Suffix)
+                            || Suffix <- [".key", ".csr", ".ext", ".pem"]],
+    ok = file:write_file(Ext, ["subjectAltName=", San, "\n"]),
+    openssl(["genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ", q(Key)]),
+    openssl(["req -new -key ", q(Key), " -subj /CN=", Name, " -out ", q(Csr)]),
+    openssl(["x509 -req -in ", q(Csr), " -CA ", q(CaPem), " -CAkey ", q(CaKey),
+             " -CAcreateserial -days 30 -extfile ", q(Ext), " -out ", q(Pem)]),
+    {Pem, Key}.
+
+openssl(Args) ->
+    Cmd = lists:flatten(["openssl ", Args]),
+    Out = os:cmd(Cmd ++ " 2>&1; echo exit=$?"),
+    case string:find(Out, "exit=0") of
+        nomatch -> error({openssl_failed, Cmd, Out});
+        _ -> ok
+    end.
+
+q(Path) -> "'" ++ Path ++ "'".
 
 %% ---- peers ----
 

@@ -12,7 +12,7 @@
          wrong_cookie_refused/1, hidden_node/1, net_kernel_start_later/1,
          missing_relay_fails_boot/1, relay_restart_reconnects/1,
          idle_connection_kept_by_ticks/1, one_udp_port_per_node/1,
-         second_node_with_a_live_name_fails_to_boot/1, kill_9_seen_with_default_ticktime/1,
+         second_node_with_a_live_name_fails_to_boot/1, cluster_ca_mode/1, kill_9_seen_with_default_ticktime/1,
          relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
@@ -30,7 +30,8 @@ groups() ->
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
              autoconnect_meshes_by_itself],
-    [{e2e, [], Cases ++ [kill_9_seen_with_default_ticktime]}, {stream, [], Cases}].
+    [{e2e, [], Cases ++ [kill_9_seen_with_default_ticktime, cluster_ca_mode]},
+     {stream, [], Cases}].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -250,6 +251,45 @@ second_node_with_a_live_name_fails_to_boot(Config) ->
     ?assertEqual(AN, call(A, erlang, node, [])).
 
 quote(Arg) -> "'" ++ Arg ++ "'".
+
+%% Cluster-CA mode: e2e sessions are authenticated by certificates that the
+%% cluster's CA issued naming `macula://NODE'. A certificate of another CA,
+%% or one of the right CA that names another node, is refused inside the
+%% handshake: the peer never reaches dist_util.
+cluster_ca_mode(Config) ->
+    Dir = ?config(priv_dir, Config),
+    {CaPem, _} = Ca = macula_ct:make_ca(Dir, "cluster_ca"),
+    OtherCa = macula_ct:make_ca(Dir, "other_ca"),
+    Flags = fun(Name, Issuer, Named) ->
+                    San = "URI:macula://" ++ atom_to_list(macula_ct:node_name(Named)),
+                    {Cert, Key} = macula_ct:issue_cert(Dir, atom_to_list(Name), Issuer, San),
+                    lists:append([["-macula_dist", K, "\"" ++ V ++ "\""]
+                                  || {K, V} <- [{"cluster_ca", CaPem}, {"node_cert", Cert},
+                                                {"node_key", Key}]])
+            end,
+    [{A, AN}] = peers(Config, [pa21], Flags(pa21, Ca, pa21)),
+    [{B, BN}] = peers(Config, [pb21], Flags(pb21, Ca, pb21)),
+    [{C, CN}] = peers(Config, [pc21], Flags(pc21, OtherCa, pc21)),
+    [{D, DN}] = peers(Config, [pd21], Flags(pd21, Ca, pa21)),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assertEqual(AN, call(B, erpc, call, [AN, erlang, node, []])),
+    Status = fun(P) -> call(P, macula_dist_relay_client, status,
+                            [call(P, erlang, whereis, [macula_dist_relay_client])])
+             end,
+    ?assertMatch(#{session_identity := cluster_ca, mode := e2e}, Status(A)),
+    %% Another CA's certificate, both ways.
+    ?assertEqual(pang, call(A, net_adm, ping, [CN])),
+    ?assertEqual(pang, call(C, net_adm, ping, [BN])),
+    %% The cluster CA's certificate for pa21, shown by pd21, both ways.
+    ?assertEqual(pang, call(B, net_adm, ping, [DN])),
+    ?assertEqual(pang, call(D, net_adm, ping, [BN])),
+    ?assertEqual([AN], call(B, erlang, nodes, [])),
+    ?assertEqual([], call(C, erlang, nodes, [connected])),
+    ?assertEqual([], call(D, erlang, nodes, [connected])),
+    %% Each refusal was counted by the NIF of the node that was dialled.
+    ?assertMatch(#{refused_sessions := N} when N >= 1, Status(B)),
+    ?assertMatch(#{refused_sessions := N} when N >= 1, Status(C)),
+    ?assertMatch(#{refused_sessions := N} when N >= 1, Status(D)).
 
 %% Discovery: the relay tells a node which other nodes it may reach there.
 relay_nodes_lists_the_others(Config) ->

@@ -2,16 +2,18 @@
 %% in vm.args or on the command line), where net_kernel listens before the
 %% file server runs: real peer nodes boot with them and ping each other.
 %%
-%% The embedded relay (macula_dist_relay:start/1) takes no certificate of
-%% ours (it makes a self-signed one), so `ca_cert' is checked for the early
-%% failure only; trust by certificate is covered by pin lists here.
+%% `ca_cert' is tried against a relay whose certificate a CA of the test
+%% issued (made with openssl, as the README shows), and `key_file' with a
+%% key of the test's own.
 -module(macula_dist_boot_SUITE).
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
+-include_lib("public_key/include/public_key.hrl").
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1, end_per_testcase/2]).
 -export([token_file_flag/1, bad_token_file_fails_boot/1, relay_and_pin_lists/1,
-         two_pins_one_matching/1, missing_ca_cert_fails_boot/1]).
+         two_pins_one_matching/1, missing_ca_cert_fails_boot/1, ca_cert_flag/1,
+         key_file_flag/1]).
 
 -define(TOKEN, "boot-suite-token").
 
@@ -19,16 +21,21 @@ suite() -> [{timetrap, {minutes, 2}}].
 
 all() ->
     [token_file_flag, bad_token_file_fails_boot, relay_and_pin_lists, two_pins_one_matching,
-     missing_ca_cert_fails_boot].
+     missing_ca_cert_fails_boot, ca_cert_flag, key_file_flag].
 
-%% One relay that wants a token (token_file cases) and one that does not.
+%% One relay that wants a token (token_file cases), one that does not, and
+%% one whose certificate a CA issued (ca_cert cases).
 init_per_suite(Config) ->
+    Dir = ?config(priv_dir, Config),
     {TokenRelay, TokenInfo} = macula_ct:start_relay(#{token => ?TOKEN}),
     {Relay, Info} = macula_ct:start_relay(),
-    TokenFile = filename:join(?config(priv_dir, Config), "token"),
+    TokenFile = filename:join(Dir, "token"),
     ok = file:write_file(TokenFile, <<?TOKEN "\n">>),
-    [{relays, [TokenRelay, Relay]}, {token_info, TokenInfo}, {info, Info},
-     {token_file, TokenFile} | Config].
+    {CaPem, _} = Ca = macula_ct:make_ca(Dir, "relay_ca"),
+    {Cert, Key} = macula_ct:issue_cert(Dir, "relay", Ca, "IP:127.0.0.1"),
+    {CaRelay, CaInfo} = macula_ct:start_relay(#{cert_file => Cert, key_file => Key}),
+    [{relays, [TokenRelay, Relay, CaRelay]}, {token_info, TokenInfo}, {info, Info},
+     {token_file, TokenFile}, {ca_info, CaInfo}, {ca_pem, CaPem} | Config].
 
 end_per_suite(Config) ->
     [macula_dist_relay:stop(R) || R <- ?config(relays, Config)],
@@ -122,3 +129,43 @@ missing_ca_cert_fails_boot(Config) ->
     Out = failed_boot(cz5, Info#{fingerprint := none}, ["-macula_dist", "ca_cert", quoted(Missing)]),
     ?assertNotEqual(nomatch, string:find(Out, "ca_cert")),
     ?assertNotEqual(nomatch, string:find(Out, "enoent")).
+
+%% -macula_dist ca_cert "<file>": the relay's certificate is checked against
+%% the CA (and its IP SAN against the URL); another CA's file stops the boot.
+ca_cert_flag(Config) ->
+    Info = ?config(ca_info, Config),
+    ping_pair(Info#{fingerprint := none}, [ca6, cb6],
+              ["-macula_dist", "ca_cert", quoted(?config(ca_pem, Config))]),
+    {Other, _} = macula_ct:make_ca(?config(priv_dir, Config), "not_the_relay_ca"),
+    Out = failed_boot(cz6, Info#{fingerprint := none}, ["-macula_dist", "ca_cert", quoted(Other)]),
+    ?assertNotEqual(nomatch, string:find(Out, "UnknownIssuer")).
+
+%% -macula_dist key_file "<file>": the node shows the relay that key, so
+%% the relay's name table holds the name under that key's id.
+key_file_flag(Config) ->
+    Dir = ?config(priv_dir, Config),
+    Ca = macula_ct:make_ca(Dir, "key_ca"),
+    Flags = fun(Name) ->
+                    {_, Key} = macula_ct:issue_cert(Dir, Name, Ca, "URI:macula://unused"),
+                    ["-macula_dist", "key_file", quoted(Key)]
+            end,
+    Info = ?config(info, Config),
+    [{A, AN}, {B, BN}] = [start_peer(N, Info, Flags(atom_to_list(N))) || N <- [ka7, kb7]],
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assertEqual(AN, call(B, erpc, call, [AN, erlang, node, []])),
+    Status = call(A, macula_dist_relay_client, status,
+                  [call(A, erlang, whereis, [macula_dist_relay_client])]),
+    ?assertEqual(key_id_of(filename:join(Dir, "ka7.key")), maps:get(key_id, Status)).
+
+%% The key id the relay gives a key: SHA-256 of its SubjectPublicKeyInfo.
+key_id_of(KeyFile) ->
+    {ok, Pem} = file:read_file(KeyFile),
+    [Entry] = public_key:pem_decode(Pem),
+    #'ECPrivateKey'{parameters = Params, publicKey = Pub} = public_key:pem_entry_decode(Entry),
+    Spki = public_key:der_encode('SubjectPublicKeyInfo',
+                                 #'SubjectPublicKeyInfo'{
+                                    algorithm = #'AlgorithmIdentifier'{
+                                                   algorithm = ?'id-ecPublicKey',
+                                                   parameters = public_key:der_encode('EcpkParameters', Params)},
+                                    subjectPublicKey = Pub}),
+    string:lowercase(binary:encode_hex(crypto:hash(sha256, Spki))).

@@ -159,3 +159,21 @@ ca_cert_checked_test() ->
     after
         file:delete(File)
     end.
+
+%% Every file-valued key is checked the same way: a missing file is named.
+key_files_checked_test() ->
+    [?assertEqual({error, {Key, "/nonexistent/f.pem", enoent}},
+                  boot([{"relay", "c"}, {atom_to_list(Key), "\"/nonexistent/f.pem\""}], [], []))
+     || Key <- [key_file, cluster_ca, node_cert, node_key]],
+    ?assertEqual({error, {node_key, "/nonexistent/k.pem", enoent}},
+                 boot([], [], [{"MACULA_DIST_RELAY", "c"},
+                               {"MACULA_DIST_NODE_KEY", "/nonexistent/k.pem"}])).
+
+%% Cluster-CA mode's files go to the NIF as paths.
+cluster_ca_opts_test() ->
+    {ok, Opts} = opts(#{verify => none, cluster_ca => "/ca.pem", node_cert => <<"/n.pem">>,
+                        node_key => "/n.key"}),
+    ?assertMatch(#{cluster_ca := <<"/ca.pem">>, node_cert := <<"/n.pem">>, node_key := <<"/n.key">>},
+                 Opts),
+    ?assertMatch({ok, #{cluster_ca := <<>>, node_cert := <<>>, node_key := <<>>}},
+                 opts(#{verify => none})).

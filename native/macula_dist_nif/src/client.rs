@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use macula_dist_relay::identity::NodeIdentity;
+use macula_dist_relay::identity::{Cluster, NodeIdentity};
 use macula_dist_relay::tls::{self, Trust};
 use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
 use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
@@ -58,6 +58,11 @@ pub struct ConnectOpts {
     /// `relay_cookie` and the node name; both empty: no key (a v1 client).
     pub key_file: String,
     pub relay_cookie: String,
+    /// Cluster-CA mode (all three, or none): the CA's PEM file, and this
+    /// node's certificate (naming it `macula://NODE`) and key.
+    pub cluster_ca: String,
+    pub node_cert: String,
+    pub node_key: String,
 }
 
 struct Request {
@@ -101,6 +106,8 @@ pub struct Client {
     wants_e2e: bool,
     /// The key this node shows the relay (SHA-256 of its public key).
     key_id: Option<[u8; 32]>,
+    /// Cluster-CA mode: sessions use this identity, not cookie keys.
+    pub cluster: Option<Arc<Cluster>>,
     state: Mutex<State>,
     conn: OnceLock<quinn::Connection>,
     /// This node's endpoint (its one UDP socket), once connected.
@@ -197,6 +204,22 @@ pub fn reason_term<'a>(env: Env<'a>, reason: &str) -> Term<'a> {
 }
 
 /// Starts connecting; the owner hears `identified` or `connect_failed`.
+/// Cluster-CA mode's files, read here (not by Erlang's file server).
+fn cluster(opts: &ConnectOpts) -> Result<Option<Cluster>, String> {
+    let files = [&opts.cluster_ca, &opts.node_cert, &opts.node_key];
+    match files.iter().filter(|f| !f.is_empty()).count() {
+        0 => Ok(None),
+        3 => Cluster::from_pem_files(
+            opts.cluster_ca.as_ref(),
+            opts.node_cert.as_ref(),
+            opts.node_key.as_ref(),
+        )
+        .map(Some)
+        .map_err(|e| format!("cluster CA mode: {e:#}")),
+        _ => Err("cluster CA mode needs all of cluster_ca, node_cert and node_key".into()),
+    }
+}
+
 pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> {
     let trust = if !opts.pin_sha256.is_empty() {
         Trust::Pin(opts.pin_sha256.clone())
@@ -212,17 +235,24 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         keep_alive: Duration::from_millis(opts.keep_alive),
         ..tls::Transport::default()
     };
+    let cluster = cluster(&opts)?.map(Arc::new);
+    // The key at the relay: key_file, else the cluster certificate's, else
+    // the one derived from the cookie.
     let key = if !opts.key_file.is_empty() {
-        Some(NodeIdentity::from_pem_file(opts.key_file.as_ref()).map_err(|e| format!("{e:#}"))?)
+        Some(Arc::new(
+            NodeIdentity::from_pem_file(opts.key_file.as_ref()).map_err(|e| format!("{e:#}"))?,
+        ))
+    } else if let Some(cluster) = &cluster {
+        Some(cluster.me.clone())
     } else if !opts.relay_cookie.is_empty() {
-        Some(
+        Some(Arc::new(
             NodeIdentity::derive(opts.relay_cookie.as_bytes(), &opts.node)
                 .map_err(|e| format!("{e:#}"))?,
-        )
+        ))
     } else {
         None
     };
-    let config = tls::client_config_with_key(&trust, &transport, key.as_ref())
+    let config = tls::client_config_with_key(&trust, &transport, key.as_deref())
         .map_err(|e| format!("{e:#}"))?;
     let key_id = key.map(|k| k.key_id());
     let wants_e2e = match opts.mode.as_str() {
@@ -237,6 +267,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         tunnel_timeout: Duration::from_millis(opts.tunnel_timeout),
         wants_e2e,
         key_id,
+        cluster,
         state: Mutex::new(State {
             phase: Phase::Connecting,
             matcher: TunnelMatcher::new(MAX_ORPHANS),
@@ -912,6 +943,14 @@ impl Client {
                 },
             ),
             (atoms::e2e_sessions().encode(env), sessions.encode(env)),
+            (
+                atoms::session_identity().encode(env),
+                match self.cluster {
+                    Some(_) => atoms::cluster_ca(),
+                    None => atoms::cookie(),
+                }
+                .encode(env),
+            ),
             (
                 atoms::refused_sessions().encode(env),
                 self.refused_sessions.load(Ordering::Relaxed).encode(env),

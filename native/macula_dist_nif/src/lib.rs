@@ -40,6 +40,7 @@ pub(crate) mod atoms {
         identify_timeout, open_failed, stream_timeout,
         mode, e2e, stream, cookie, e2e_sessions, refused_sessions,
         mode_unsupported, e2e_handshake_failed, sessions, key_id, undefined,
+        session_identity, cluster_ca,
         name_taken, not_allowed, macula_nodes_reply, unsupported,
     }
 

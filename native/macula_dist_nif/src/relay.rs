@@ -34,6 +34,10 @@ pub struct RelayOpts {
     port: u16,
     /// Empty: no token.
     token: String,
+    /// PEM files of the relay's certificate (chain) and key; both empty: a
+    /// self-signed certificate made at start.
+    cert_file: String,
+    key_file: String,
 }
 
 #[rustler::nif(schedule = "DirtyIo")]
@@ -42,12 +46,25 @@ fn relay_start(env: Env, opts: RelayOpts) -> NifResult<Term> {
         .ip
         .parse()
         .map_err(|_| rustler::Error::Term(Box::new(format!("bad ip {:?}", opts.ip))))?;
-    let config = Config {
-        listen: SocketAddr::new(ip, opts.port),
-        token: (!opts.token.is_empty()).then_some(opts.token),
-        ..Config::default()
+    let identity = match (opts.cert_file.is_empty(), opts.key_file.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => macula_dist_relay::tls::Identity::from_pem_files(
+            opts.cert_file.as_ref(),
+            opts.key_file.as_ref(),
+        )
+        .map(Some),
+        _ => Err(anyhow::anyhow!("cert_file and key_file go together")),
     };
-    match runtime().block_on(Relay::start(config)) {
+    let started = identity.and_then(|identity| {
+        let config = Config {
+            listen: SocketAddr::new(ip, opts.port),
+            token: (!opts.token.is_empty()).then_some(opts.token),
+            identity,
+            ..Config::default()
+        };
+        runtime().block_on(Relay::start(config))
+    });
+    match started {
         Ok(relay) => {
             let res = ResourceArc::new(RelayRes {
                 addr: relay.local_addr(),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use macula_dist_relay::identity::{self, NodeIdentity, E2E_SERVER_NAME};
+use macula_dist_relay::identity::{self, NodeIdentity, PeerCheck, E2E_SERVER_NAME};
 use macula_dist_relay::node_socket::NodeSocket;
 use macula_relay_proto::dataplane::session_id;
 use macula_relay_proto::paths::Route;
@@ -50,6 +50,22 @@ fn key(cookie: &[u8], node: &str) -> anyhow::Result<Arc<NodeIdentity>> {
     Ok(id)
 }
 
+/// This node's identity in a session with `peer`, and what `peer` must
+/// show: the cluster CA's, or the keys derived from the cookie.
+fn identities(
+    client: &Client,
+    cookie: &[u8],
+    peer: &str,
+) -> anyhow::Result<(Arc<NodeIdentity>, PeerCheck)> {
+    match &client.cluster {
+        Some(cluster) => Ok((cluster.me.clone(), cluster.check_of(peer))),
+        None => Ok((
+            key(cookie, client.node())?,
+            PeerCheck::Key(key(cookie, peer)?.spki.clone()),
+        )),
+    }
+}
+
 /// Where a client's sessions run: its endpoint's socket and its relay.
 #[derive(Clone)]
 pub struct Path {
@@ -83,8 +99,7 @@ pub fn connect(
     runtime().spawn(async move {
         let vaddr = path.socket.add_session(path.route(&tunnel, bind));
         let opened = timeout(SESSION_SETUP, async {
-            let me = key(&cookie, client.node())?;
-            let expected = key(&cookie, &target)?.spki.clone();
+            let (me, expected) = identities(&client, &cookie, &target)?;
             let config = identity::client_config(&me, expected, &path.transport)?;
             let conn = path
                 .endpoint
@@ -136,8 +151,7 @@ pub fn expect(
     bind: BindKey,
     cookie: &[u8],
 ) -> anyhow::Result<()> {
-    let me = key(cookie, client.node())?;
-    let expected = key(cookie, &source)?.spki.clone();
+    let (me, expected) = identities(client, cookie, &source)?;
     let config = Arc::new(identity::server_config(&me, expected, &path.transport)?);
     let route = path.route(&tunnel, bind);
     let weak = Arc::downgrade(client);

@@ -14,7 +14,7 @@ use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCO
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::time::timeout;
 
-use crate::identity::{self, NodeIdentity, E2E_SERVER_NAME};
+use crate::identity::{self, NodeIdentity, PeerCheck, E2E_SERVER_NAME};
 use crate::node_socket::NodeSocket;
 use crate::tls;
 
@@ -150,9 +150,9 @@ pub async fn session(
     let transport = tls::Transport::default();
     // Each side computes its own key and the key it expects of the other.
     let a_me = NodeIdentity::derive(a_cookie, &a.name)?;
-    let a_expects = NodeIdentity::derive(a_cookie, &b.name)?.spki;
+    let a_expects = PeerCheck::Key(NodeIdentity::derive(a_cookie, &b.name)?.spki);
     let b_me = NodeIdentity::derive(b_cookie, &b.name)?;
-    let b_expects = NodeIdentity::derive(b_cookie, &a.name)?.spki;
+    let b_expects = PeerCheck::Key(NodeIdentity::derive(b_cookie, &a.name)?.spki);
     let b_vaddr = b.route(&tunnel, b_bind);
     let a_vaddr = a.route(&tunnel, a_bind);
     let server_config = Arc::new(identity::server_config(&b_me, b_expects, &transport)?);

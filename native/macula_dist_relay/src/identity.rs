@@ -9,6 +9,11 @@
 //! This is Erlang's own trust model ("the cookie is membership"): a weak
 //! cookie is a weak key.
 //!
+//! The other mode is a cluster CA: each node holds a certificate issued by
+//! the cluster's CA with its node name in the SAN (a URI `macula://NAME`),
+//! and a peer must show a chain to that CA naming the node it dials or the
+//! node the relay announced. Trust then rests on the CA, not on the cookie.
+//!
 //! The check is made inside the TLS handshake (both sides send a
 //! certificate; its key must be the expected one and sign the handshake),
 //! so nothing reaches the distribution layer before it passes.
@@ -39,7 +44,10 @@ pub const E2E_SERVER_NAME: &str = "macula-node";
 /// A node's key and the self-signed certificate that carries it.
 #[derive(Debug)]
 pub struct NodeIdentity {
+    /// The certificate carrying the key (self-signed, or issued by a
+    /// cluster CA and followed by its intermediates).
     pub cert: CertificateDer<'static>,
+    pub intermediates: Vec<CertificateDer<'static>>,
     pkcs8: Vec<u8>,
     /// The DER SubjectPublicKeyInfo peers compare with.
     pub spki: Vec<u8>,
@@ -67,9 +75,47 @@ impl NodeIdentity {
         let cert = params.self_signed(&key_pair)?;
         Ok(NodeIdentity {
             cert: cert.der().clone(),
+            intermediates: Vec::new(),
             spki: key_pair.public_key_der(),
             pkcs8,
         })
+    }
+
+    /// A node key and the certificate chain issued for it (cluster-CA
+    /// mode), from PEM files: the first certificate is the node's.
+    pub fn from_pem_chain(
+        cert_path: &std::path::Path,
+        key_path: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let key = Self::from_pem_file(key_path)?;
+        let mut chain = read_pem_certs(cert_path)?.into_iter();
+        let cert = chain
+            .next()
+            .with_context(|| format!("{} holds no certificate", cert_path.display()))?;
+        let spki = webpki::EndEntityCert::try_from(&cert)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cert_path.display()))?
+            .subject_public_key_info()
+            .as_ref()
+            .to_vec();
+        anyhow::ensure!(
+            spki == key.spki,
+            "{} is not the certificate of the key in {}",
+            cert_path.display(),
+            key_path.display()
+        );
+        Ok(NodeIdentity {
+            cert,
+            intermediates: chain.collect(),
+            spki,
+            pkcs8: key.pkcs8,
+        })
+    }
+
+    /// The chain this node shows in a handshake.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        std::iter::once(self.cert.clone())
+            .chain(self.intermediates.iter().cloned())
+            .collect()
     }
 
     /// A node key from a PEM file (PKCS#8: Ed25519 or ECDSA P-256).
@@ -95,23 +141,138 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Accepts exactly one key: the one the peer node must hold.
+fn read_pem_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading certificates from {}", path.display()))
+}
+
+/// The cluster CA's certificates: a node's peers must show a chain to one.
+#[derive(Debug)]
+pub struct ClusterCa {
+    roots: Vec<rustls::pki_types::TrustAnchor<'static>>,
+}
+
+impl ClusterCa {
+    pub fn from_pem_file(path: &std::path::Path) -> anyhow::Result<Arc<Self>> {
+        let roots = read_pem_certs(path)?
+            .iter()
+            .map(|der| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|anchor| anchor.to_owned())
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", path.display());
+        Ok(Arc::new(ClusterCa { roots }))
+    }
+}
+
+/// A node's identity in cluster-CA mode: its CA-issued certificate and key,
+/// and the CA its peers' certificates must chain to.
+#[derive(Debug)]
+pub struct Cluster {
+    pub me: Arc<NodeIdentity>,
+    pub ca: Arc<ClusterCa>,
+}
+
+impl Cluster {
+    pub fn from_pem_files(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        Ok(Cluster {
+            me: Arc::new(NodeIdentity::from_pem_chain(cert, key)?),
+            ca: ClusterCa::from_pem_file(ca)?,
+        })
+    }
+
+    /// What a session with `node` requires of it.
+    pub fn check_of(&self, node: &str) -> PeerCheck {
+        PeerCheck::Named {
+            ca: self.ca.clone(),
+            node: node.to_string(),
+        }
+    }
+}
+
+/// The SAN that carries a node name in a cluster-CA certificate.
+pub fn node_name_uri(node: &str) -> String {
+    format!("macula://{node}")
+}
+
+/// Whether the certificate names `node` in its SAN (as `macula://NODE`).
+fn names_node(cert: &CertificateDer<'_>, node: &str) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let want = node_name_uri(node);
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|name| matches!(name, GeneralName::URI(uri) if *uri == want))
+}
+
+/// What a peer node must show.
+#[derive(Debug, Clone)]
+pub enum PeerCheck {
+    /// Exactly this key (SubjectPublicKeyInfo): the key derived for it.
+    Key(Vec<u8>),
+    /// A chain to the cluster CA, for a certificate that names this node.
+    Named { ca: Arc<ClusterCa>, node: String },
+}
+
 #[derive(Debug)]
 struct PeerKey {
-    spki: Vec<u8>,
+    check: PeerCheck,
     provider: Arc<CryptoProvider>,
 }
 
 impl PeerKey {
-    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
-        if cert.subject_public_key_info().as_ref() == self.spki.as_slice() {
-            Ok(())
-        } else {
-            Err(rustls::Error::General(
+        match &self.check {
+            PeerCheck::Key(spki) if cert.subject_public_key_info().as_ref() == spki.as_slice() => {
+                Ok(())
+            }
+            PeerCheck::Key(_) => Err(rustls::Error::General(
                 "peer key is not the key of the node it claims to be".into(),
-            ))
+            )),
+            PeerCheck::Named { ca, node } => {
+                cert.verify_for_usage(
+                    self.provider.signature_verification_algorithms.all,
+                    &ca.roots,
+                    intermediates,
+                    now,
+                    usage,
+                    None,
+                    None,
+                )
+                .map_err(|e| {
+                    rustls::Error::General(format!("peer certificate not from the cluster CA: {e}"))
+                })?;
+                if names_node(end_entity, node) {
+                    Ok(())
+                } else {
+                    Err(rustls::Error::General(format!(
+                        "peer certificate does not name {}",
+                        node_name_uri(node)
+                    )))
+                }
+            }
         }
     }
 
@@ -140,13 +301,18 @@ impl ServerCertVerifier for PeerKey {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity)
-            .map(|()| ServerCertVerified::assertion())
+        self.check(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )
+        .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -180,11 +346,16 @@ impl ClientCertVerifier for PeerKey {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity)
-            .map(|()| ClientCertVerified::assertion())
+        self.check(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )
+        .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -287,25 +458,25 @@ impl ClientCertVerifier for AnyNodeKey {
     }
 }
 
-fn peer_key(spki: Vec<u8>) -> Arc<PeerKey> {
+fn peer_key(check: PeerCheck) -> Arc<PeerKey> {
     Arc::new(PeerKey {
-        spki,
+        check,
         provider: provider(),
     })
 }
 
 /// The requester's side of a session: `me` as the client certificate, and
-/// only `peer_spki` accepted from the server.
+/// only a server that passes `peer`.
 pub fn client_config(
     me: &NodeIdentity,
-    peer_spki: Vec<u8>,
+    peer: PeerCheck,
     transport: &Transport,
 ) -> anyhow::Result<quinn::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(peer_key(peer_spki))
-        .with_client_auth_cert(vec![me.cert.clone()], me.key())?;
+        .with_custom_certificate_verifier(peer_key(peer))
+        .with_client_auth_cert(me.chain(), me.key())?;
     tls.alpn_protocols = vec![ALPN_E2E.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -314,16 +485,16 @@ pub fn client_config(
 }
 
 /// The target's side of a session: `me` as the server certificate, and a
-/// client certificate with `peer_spki` required.
+/// client certificate that passes `peer` required.
 pub fn server_config(
     me: &NodeIdentity,
-    peer_spki: Vec<u8>,
+    peer: PeerCheck,
     transport: &Transport,
 ) -> anyhow::Result<quinn::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(peer_key(peer_spki))
-        .with_single_cert(vec![me.cert.clone()], me.key())?;
+        .with_client_cert_verifier(peer_key(peer))
+        .with_single_cert(me.chain(), me.key())?;
     tls.alpn_protocols = vec![ALPN_E2E.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
@@ -347,16 +518,118 @@ mod tests {
         assert_ne!(a1.spki, a_other.spki);
     }
 
+    fn key_check(check: PeerCheck, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let check = PeerKey {
+            check,
+            provider: provider(),
+        };
+        let now = UnixTime::now();
+        check.check(cert, &[], now, webpki::KeyUsage::client_auth())?;
+        check.check(cert, &[], now, webpki::KeyUsage::server_auth())
+    }
+
     #[test]
     fn only_the_expected_key_passes() {
         let a = NodeIdentity::derive(b"cookie", "a@h").unwrap();
         let b = NodeIdentity::derive(b"cookie", "b@h").unwrap();
-        let check = PeerKey {
-            spki: a.spki.clone(),
-            provider: provider(),
+        let expect_a = PeerCheck::Key(a.spki.clone());
+        assert!(key_check(expect_a.clone(), &a.cert).is_ok());
+        assert!(key_check(expect_a.clone(), &b.cert).is_err());
+        assert!(key_check(expect_a, &CertificateDer::from(vec![1, 2, 3])).is_err());
+    }
+
+    struct TestCa {
+        cert: rcgen::Certificate,
+        key: rcgen::KeyPair,
+    }
+
+    impl TestCa {
+        fn new() -> Self {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).unwrap();
+            TestCa { cert, key }
+        }
+
+        fn trust(&self) -> Arc<ClusterCa> {
+            let anchor = webpki::anchor_from_trusted_cert(self.cert.der())
+                .unwrap()
+                .to_owned();
+            Arc::new(ClusterCa {
+                roots: vec![anchor],
+            })
+        }
+
+        fn issue(&self, san: &str) -> CertificateDer<'static> {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
+            params
+                .signed_by(&key, &self.cert, &self.key)
+                .unwrap()
+                .der()
+                .clone()
+        }
+    }
+
+    #[test]
+    fn cluster_ca_certificates_must_name_the_node() {
+        let ca = TestCa::new();
+        let expect_a = PeerCheck::Named {
+            ca: ca.trust(),
+            node: "a@h".into(),
         };
-        assert!(check.check(&a.cert).is_ok());
-        assert!(check.check(&b.cert).is_err());
-        assert!(check.check(&CertificateDer::from(vec![1, 2, 3])).is_err());
+        assert!(key_check(expect_a.clone(), &ca.issue("macula://a@h")).is_ok());
+        let err = key_check(expect_a.clone(), &ca.issue("macula://b@h")).unwrap_err();
+        assert!(
+            err.to_string().contains("does not name macula://a@h"),
+            "{err}"
+        );
+        // Near misses of the name are other names.
+        assert!(key_check(expect_a.clone(), &ca.issue("macula://a@h.x")).is_err());
+        assert!(key_check(expect_a.clone(), &ca.issue("a@h")).is_err());
+        // The right name from another CA, or self-signed, is refused.
+        let other = TestCa::new();
+        let err = key_check(expect_a.clone(), &other.issue("macula://a@h")).unwrap_err();
+        assert!(err.to_string().contains("not from the cluster CA"), "{err}");
+        let derived = NodeIdentity::derive(b"cookie", "a@h").unwrap();
+        assert!(key_check(expect_a, &derived.cert).is_err());
+    }
+
+    #[test]
+    fn a_chain_must_match_its_key() {
+        let dir = std::env::temp_dir().join(format!("macula-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = TestCa::new();
+        let node_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI("macula://a@h".try_into().unwrap())];
+        let node_cert = params.signed_by(&node_key, &ca.cert, &ca.key).unwrap();
+        let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        for (name, pem) in [
+            ("cert.pem", node_cert.pem()),
+            ("key.pem", node_key.serialize_pem()),
+            ("other.pem", other_key.serialize_pem()),
+            ("ca.pem", ca.cert.pem()),
+        ] {
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+        let me = NodeIdentity::from_pem_chain(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
+        let ca = ClusterCa::from_pem_file(&dir.join("ca.pem")).unwrap();
+        let check = PeerCheck::Named {
+            ca,
+            node: "a@h".into(),
+        };
+        assert!(key_check(check, &me.cert).is_ok());
+        let err = NodeIdentity::from_pem_chain(&dir.join("cert.pem"), &dir.join("other.pem"))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is not the certificate of the key"),
+            "{err}"
+        );
+        assert!(ClusterCa::from_pem_file(&dir.join("key.pem")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

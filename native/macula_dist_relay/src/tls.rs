@@ -314,7 +314,7 @@ pub fn client_config_with_key(
 ) -> anyhow::Result<quinn::ClientConfig> {
     let auth = |b: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>| -> anyhow::Result<rustls::ClientConfig> {
         Ok(match key {
-            Some(id) => b.with_client_auth_cert(vec![id.cert.clone()], id.key())?,
+            Some(id) => b.with_client_auth_cert(id.chain(), id.key())?,
             None => b.with_no_client_auth(),
         })
     };
