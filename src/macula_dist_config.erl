@@ -5,7 +5,7 @@
 
 -define(DEFAULT_PORT, 4434).
 -define(DEFAULTS, #{tunnel => e2e, connect_timeout => 10000, tunnel_timeout => 10000,
-                    idle_timeout => 30000, keep_alive => 5000}).
+                    idle_timeout => 4000, keep_alive => 1000}).
 
 default_port() -> ?DEFAULT_PORT.
 

@@ -615,6 +615,16 @@ impl Client {
                 self.tell_owner(|env| (atoms::cookie(), source.as_str(), tag).encode(env));
                 matched
             }
+            Message::TunnelClose { tunnel } => {
+                // The session's peer left the relay: it died or was cut
+                // off. Its connection ends now, not at the idle timeout.
+                let session = state.sessions.get(&tunnel).cloned();
+                drop(state);
+                if let Some(conn) = session {
+                    conn.close(0u32.into(), b"peer left the relay");
+                }
+                None
+            }
             Message::ProtocolError { reason } => {
                 drop(state);
                 self.log(

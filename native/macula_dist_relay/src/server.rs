@@ -233,7 +233,10 @@ impl Shared {
 
 impl State {
     /// Ends tunnels the router has forgotten: a stream tunnel's forwarder
-    /// stops, an e2e session leaves the data plane's table.
+    /// stops (which resets its streams at both ends), an e2e session leaves
+    /// the data plane's table and each side still here hears `tun_close`,
+    /// so a node learns at once that its peer left (died, was cut off, was
+    /// replaced) instead of waiting out the session's idle timeout.
     fn cancel_tunnels(&mut self, closed: Vec<Tunnel>, sessions: &Mutex<SessionTable>) {
         if closed.is_empty() {
             return;
@@ -243,7 +246,11 @@ impl State {
             if let Some(token) = self.tunnels.remove(&t.id) {
                 token.cancel();
             }
-            sessions.close(&t.id);
+            if sessions.close(&t.id).is_some() {
+                for side in [t.requester, t.target] {
+                    self.send_to(side, Message::TunnelClose { tunnel: t.id });
+                }
+            }
         }
     }
 

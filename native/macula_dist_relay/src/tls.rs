@@ -159,10 +159,8 @@ impl Transport {
     /// travel behind the relay's session header, so they are that much
     /// smaller; a node opens one stream per session.
     ///
-    /// A session's peer that vanishes (kill -9, a cut path) is noticed
-    /// after [`E2E_IDLE_TIMEOUT`] of silence, which keep-alives every
-    /// [`E2E_KEEP_ALIVE`] keep from happening while the peer lives (2 %
-    /// loss would have to eat four keep-alives in a row).
+    /// A session's peer that vanishes is noticed by the relay (see
+    /// [`E2E_IDLE_TIMEOUT`]), or else after that much silence.
     pub fn e2e_quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
         let mut t = self.quinn_config()?;
         t.max_concurrent_bidi_streams(4u32.into())
@@ -254,10 +252,15 @@ impl Transport {
     }
 }
 
-/// Silence after which an e2e session's peer counts as gone.
-pub const E2E_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-/// Keep-alive interval of e2e sessions.
-pub const E2E_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Silence after which an e2e session's peer counts as gone. A peer that
+/// dies is noticed sooner through the relay: its relay connection times
+/// out (nodes keep that one alive every second), and the relay tells the
+/// other side with `tun_close`. Per-session liveness would cost N² packets
+/// a second in an idle mesh; the relay's costs N.
+pub const E2E_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval of e2e sessions (the path's NAT mapping is the
+/// relay connection's, kept by its own keep-alives).
+pub const E2E_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// What an unidentified connection may make the relay buffer, at most.
 pub const UNIDENTIFIED_WINDOW: u32 = 256 * 1024;

@@ -81,6 +81,25 @@ async fn nodes_talk_end_to_end_through_the_relay() {
     drop((a.relay_conn, b.relay_conn));
 }
 
+/// A node whose relay connection ends (here: closed; a kill -9 is the same
+/// after the idle timeout) takes its sessions with it, and the other side
+/// hears `tun_close` for each at once: it need not wait out the session's
+/// own idle timeout to learn that its peer is gone.
+#[tokio::test]
+async fn the_other_side_hears_when_a_node_leaves() {
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let (a_end, _b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
+    let a_end = a_end.unwrap();
+    b.relay_conn.close(0u32.into(), b"gone");
+    assert_eq!(a.next().await.unwrap(), Message::TunnelClose { tunnel });
+    assert_eq!(relay.stats().sessions, 0);
+    // The e2e connection itself has not noticed yet: that is the node's
+    // job once it hears tun_close.
+    assert!(a_end.close_reason().is_none());
+}
+
 #[tokio::test]
 async fn a_wrong_cookie_fails_the_handshake_on_both_sides() {
     let relay = relay().await;

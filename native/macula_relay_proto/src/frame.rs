@@ -42,7 +42,8 @@ pub enum Message {
         source: String,
         bind: Option<BindKey>,
     },
-    /// node → relay: `t: "tun_close"`, `tid`.
+    /// node → relay: `t: "tun_close"`, `tid`. relay → node (version 2):
+    /// the e2e session's other side left the relay.
     TunnelClose { tunnel: TunnelId },
     /// relay → node: `t: "err"`, `r`.
     ProtocolError { reason: String },
