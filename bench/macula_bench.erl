@@ -270,11 +270,18 @@ mem_status() ->
     #{busy_events => Busy, suspended => Status =:= suspended,
       sent => proplists:get_value(sent, Dict, 0)}.
 
+%% {intact, N}, or why not: a connection that went down while B was
+%% stopped (it looked dead) is `connection_lost'.
 mem_finish() ->
-    {Sender, _, _} = persistent_term:get(macula_bench_mem),
+    {Sender, Checker, _} = persistent_term:get(macula_bench_mem),
     erlang:system_monitor(undefined),
+    Ref = erlang:monitor(process, Checker),
     Sender ! {stop, self()},
-    receive {checked, Result} -> Result after 110000 -> timeout end.
+    receive
+        {checked, Result} -> Result;
+        {'DOWN', Ref, process, _, noconnection} -> connection_lost
+    after 110000 -> timeout
+    end.
 
 %% ---- run on B ----
 

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
     // from its threads (two workers, as the relay binary has on 2 cores).
     let relay_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("relay-worker")
         .on_thread_start(|| {
             RELAY_THREADS
                 .lock()
@@ -66,8 +67,17 @@ async fn run(reps: usize, relay: &Relay) -> anyhow::Result<()> {
     let e2e = E2ePair::connect(relay).await?;
     // (path, MB/s, rtt µs, relay CPU seconds per GB)
     let mut results: Vec<(&str, f64, f64, f64)> = vec![];
+    // RELAY_BENCH_PATHS=e2e (comma-separated) runs only those, e.g. under perf.
+    let only = std::env::var("RELAY_BENCH_PATHS").ok();
+    let paths: Vec<&str> = PATHS
+        .into_iter()
+        .filter(|p| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *p))
+        })
+        .collect();
     for rep in 1..=reps {
-        for path in PATHS {
+        for &path in &paths {
             let stream = || async {
                 match path {
                     "direct" => direct.stream().await,
@@ -84,6 +94,9 @@ async fn run(reps: usize, relay: &Relay) -> anyhow::Result<()> {
             );
             results.push((path, mbps, rtt, cpu));
         }
+    }
+    if paths.len() < PATHS.len() {
+        return Ok(()); // no ratios without all three
     }
     let median = |path: &str, pick: fn(&(&str, f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = results.iter().filter(|r| r.0 == path).map(pick).collect();
