@@ -57,7 +57,7 @@ reconnect(Parent, {Url, Node, Opts} = Args, Backoff) ->
     receive
         {'EXIT', Parent, Reason} -> exit(Reason)
     after Backoff ->
-            case macula_dist_relay_client:start_link(Url, Node, Opts) of
+            case start_client(Url, Node, Opts) of
                 {ok, Client} ->
                     logger:notice("macula_dist: connected to relay ~p again", [Url]),
                     watch(Parent, Client, Args);
@@ -67,6 +67,16 @@ reconnect(Parent, {Url, Node, Opts} = Args, Backoff) ->
                     reconnect(Parent, Args, min(Backoff * 2, ?MAX_BACKOFF))
             end
     end.
+
+%% A connection attempt may take the whole connect_timeout (the relay is
+%% down or stopped). Meanwhile the keeper does not trap exits, so a
+%% shutdown (the node stopping) ends it at once, and the client that is
+%% still connecting with it, instead of waiting for the attempt.
+start_client(Url, Node, Opts) ->
+    process_flag(trap_exit, false),
+    Started = macula_dist_relay_client:start_link(Url, Node, Opts),
+    process_flag(trap_exit, true),
+    Started.
 
 stop_client(Client) ->
     unlink(Client),

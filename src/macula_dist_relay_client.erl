@@ -183,7 +183,11 @@ init({Url, #{node := Node, connect_timeout := ConnectTimeout,
                     {ok, #state{client = Client, url = Url, node = Node,
                                 tunnel_timeout = TunnelTimeout, cookie = Cookie}};
                 {macula_client, {connect_failed, Reason}} ->
-                    fail_init(Reason)
+                    fail_init(Reason);
+                {'EXIT', _Starter, Why} ->
+                    %% Whoever started this gave up (the node is stopping).
+                    macula_dist_nif:client_stop(Client),
+                    exit(Why)
             after ConnectTimeout + 5000 ->
                     macula_dist_nif:client_stop(Client),
                     fail_init(timeout)

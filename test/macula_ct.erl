@@ -8,7 +8,8 @@
 -export([make_ca/2, issue_cert/4]).
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
-         ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1]).
+         ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
+         checked_send/4, checked_receiver/2, checked_result/2]).
 
 start_relay() -> start_relay(#{}).
 
@@ -274,3 +275,43 @@ register_here(Name) ->
     Pid = spawn(timer, sleep, [infinity]),
     yes = global:register_name(Name, Pid),
     Pid.
+
+%% Sends Count messages of Size random bytes to the registered process Name
+%% on Node, each `{chk, Sender, Seq, Crc32, Payload}', Seq 1, 2, 3...
+checked_send(Node, Name, Count, Size) ->
+    Payload = crypto:strong_rand_bytes(Size),
+    Crc = erlang:crc32(Payload),
+    lists:foreach(fun(Seq) -> {Name, Node} ! {chk, node(), Seq, Crc, Payload} end,
+                  lists:seq(1, Count)),
+    ok.
+
+%% Registers a receiver for checked_send/4: every message must come once, in
+%% order, intact. It times the stream from its first message to its last.
+checked_receiver(Name, Count) ->
+    register(Name, spawn(fun() -> check_loop(Count, 0, 0, undefined) end)),
+    ok.
+
+check_loop(Left, Seq, Bytes, T0) when Left =:= 0 ->
+    Us = erlang:monotonic_time(microsecond) - T0,
+    receive {result, From} -> From ! {checked, {ok, Seq, Bytes, Us}} end;
+check_loop(Left, Seq, Bytes, T0) ->
+    receive
+        {chk, _From, Next, Crc, Payload} when Next =:= Seq + 1 ->
+            case erlang:crc32(Payload) of
+                Crc ->
+                    T = case T0 of undefined -> erlang:monotonic_time(microsecond); _ -> T0 end,
+                    check_loop(Left - 1, Next, Bytes + byte_size(Payload), T);
+                _ ->
+                    check_failed({altered, Next})
+            end;
+        {chk, _From, Other, _, _} ->
+            check_failed({out_of_order, Seq, Other})
+    end.
+
+check_failed(Reason) ->
+    receive {result, From} -> From ! {checked, {error, Reason}} end.
+
+%% {ok, Messages, Bytes, Microseconds} or {error, Why}, or `timeout'.
+checked_result(Name, Timeout) ->
+    whereis(Name) ! {result, self()},
+    receive {checked, Result} -> Result after Timeout -> timeout end.
