@@ -4,7 +4,8 @@
 -export([parse_url/1, client_opts/3, default_port/0, boot_config/0, boot_config/3]).
 
 -define(DEFAULT_PORT, 4434).
--define(DEFAULTS, #{tunnel => e2e, connect_timeout => 10000, tunnel_timeout => 10000,
+-define(DEFAULTS, #{tunnel => e2e, congestion => cubic,
+                    connect_timeout => 10000, tunnel_timeout => 10000,
                     idle_timeout => 4000, keep_alive => 1000}).
 
 default_port() -> ?DEFAULT_PORT.
@@ -62,6 +63,7 @@ checked(Orig, Host, Port) ->
 %% `connect_timeout', `tunnel_timeout', `idle_timeout', `keep_alive'
 %% (milliseconds), `tunnel' (`e2e', the default, or `stream'), `cookie'
 %% (the cookie that keys e2e sessions when distribution is not running),
+%% `congestion' (`cubic', the default, or `bbr'),
 %% `key_file' (PEM: the node's key at the relay), `cluster_ca', `node_cert',
 %% `node_key' (PEM paths, all three: cluster-CA mode, where e2e sessions are
 %% authenticated by certificates the CA issued naming `macula://NODE').
@@ -81,6 +83,7 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
                                    idle_timeout => maps:get(idle_timeout, All),
                                    keep_alive => maps:get(keep_alive, All),
                                    mode => atom_to_binary(maps:get(tunnel, All)),
+                                   congestion => atom_to_binary(maps:get(congestion, All)),
                                    key_file => text(maps:get(key_file, All, <<>>)),
                                    cluster_ca => text(maps:get(cluster_ca, All, <<>>)),
                                    node_cert => text(maps:get(node_cert, All, <<>>)),
@@ -129,6 +132,8 @@ check_opts([{node_cert, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(
 check_opts([{node_key, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{autoconnect, V} | Rest]) when is_boolean(V) -> check_opts(Rest);
 check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
+check_opts([{congestion, cubic} | Rest]) -> check_opts(Rest);
+check_opts([{congestion, bbr} | Rest]) -> check_opts(Rest);
 check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
 check_opts([{K, V} | Rest])
@@ -193,6 +198,7 @@ boot_config() ->
                     {ca_cert, "MACULA_DIST_CA_CERT", string},
                     {verify, "MACULA_DIST_VERIFY", atom},
                     {tunnel, "MACULA_DIST_TUNNEL", atom},
+                    {congestion, "MACULA_DIST_CONGESTION", atom},
                     {key_file, "MACULA_DIST_KEY_FILE", string},
                     {cluster_ca, "MACULA_DIST_CLUSTER_CA", string},
                     {node_cert, "MACULA_DIST_NODE_CERT", string},

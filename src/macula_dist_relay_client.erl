@@ -29,7 +29,7 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
-                   idle_timeout, keep_alive, tunnel, key_file, cluster_ca, node_cert,
+                   idle_timeout, keep_alive, tunnel, congestion, key_file, cluster_ca, node_cert,
                    node_key]).
 
 -record(state, {client :: reference(), url :: binary(), node :: binary(),

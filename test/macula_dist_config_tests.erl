@@ -177,3 +177,11 @@ cluster_ca_opts_test() ->
                  Opts),
     ?assertMatch({ok, #{cluster_ca := <<>>, node_cert := <<>>, node_key := <<>>}},
                  opts(#{verify => none})).
+
+congestion_test() ->
+    ?assertMatch({ok, #{congestion := <<"cubic">>}}, opts(#{verify => none})),
+    ?assertMatch({ok, #{congestion := <<"bbr">>}}, opts(#{verify => none, congestion => bbr})),
+    ?assertEqual({error, {bad_option, {congestion, reno}}},
+                 opts(#{verify => none, congestion => reno})),
+    ?assertMatch({ok, _, #{congestion := bbr}},
+                 boot([{"relay", "c"}, {"congestion", "bbr"}], [], [])).

@@ -54,6 +54,8 @@ pub struct ConnectOpts {
     pub keep_alive: u64,
     /// `"e2e"` (sessions end to end, when the relay offers them) or `"stream"`.
     pub mode: String,
+    /// `"cubic"` or `"bbr"`: the congestion controller of this node's connections.
+    pub congestion: String,
     /// The node's key at the relay: from this PEM file, else derived from
     /// `relay_cookie` and the node name; both empty: no key (a v1 client).
     pub key_file: String,
@@ -233,6 +235,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
     let transport = tls::Transport {
         idle_timeout: Duration::from_millis(opts.idle_timeout),
         keep_alive: Duration::from_millis(opts.keep_alive),
+        congestion: opts.congestion.parse().map_err(|e| format!("{e:#}"))?,
         ..tls::Transport::default()
     };
     let cluster = cluster(&opts)?.map(Arc::new);
