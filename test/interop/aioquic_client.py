@@ -1,7 +1,11 @@
 # A client of the relay written from DESIGN.md's wire protocol alone, on
 # another QUIC stack (aioquic, Python), against the relay binary.
 # usage: python3 aioquic_client.py PORT TOKEN
-import asyncio, ssl, struct, sys, msgpack
+import asyncio, datetime, os, ssl, struct, sys, tempfile, msgpack
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from aioquic.asyncio import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
@@ -83,7 +87,58 @@ async def main(port, token):
         d._quic.send_stream_data(0, b"\xff\xff\xff\xff"); d.transmit()
         check("4 GiB length", await d.next(), {"t": "err", "r": "frame_too_large"})
 
+def client_key(dir, name):
+    """A P-256 key and a self-signed certificate for it, as PEM files: the
+    node's own key, which it shows the relay in the QUIC handshake."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    paths = (os.path.join(dir, name + ".crt"), os.path.join(dir, name + ".key"))
+    with open(paths[0], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths
+
+def keyed(paths):
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=["macula-dist"], verify_mode=ssl.CERT_NONE)
+    cfg.load_cert_chain(*paths)
+    return cfg
+
+async def names_owned_by_keys(port, token):
+    """A live name belongs to the key that holds it: another key gets
+    name_taken and the holder keeps its connection; once the holder stops
+    answering, its own key takes the name back (a restart) and another key
+    still cannot."""
+    with tempfile.TemporaryDirectory() as dir:
+        k1, k2 = client_key(dir, "k1"), client_key(dir, "k2")
+        async with connect("127.0.0.1", port, configuration=keyed(k1), create_protocol=Node) as holder:
+            holder.send_ctl({"t": "id", "n": "k@py", "tok": token, "v": 2})
+            check("keyed identify", (await holder.next())["t"], "id_ok")
+            async with connect("127.0.0.1", port, configuration=keyed(k2), create_protocol=Node) as other:
+                other.send_ctl({"t": "id", "n": "k@py", "tok": token, "v": 2})
+                check("another key: live name refused", await other.next(), {"t": "id_err", "r": "name_taken"})
+            holder.send_ctl({"t": "tun_req", "target": "nobody@py"})
+            check("the holder keeps its connection", await holder.next(),
+                  {"t": "tun_err", "r": "target_not_connected"})
+            # The holder goes silent (no CONNECTION_CLOSE): as a node killed.
+            holder._transport.close()
+            holder.transmit = lambda: None
+            async with connect("127.0.0.1", port, configuration=keyed(k2), create_protocol=Node) as other:
+                other.send_ctl({"t": "id", "n": "k@py", "tok": token, "v": 2})
+                check("another key: a silent holder's name still refused", await other.next(),
+                      {"t": "id_err", "r": "name_taken"})
+            async with connect("127.0.0.1", port, configuration=keyed(k1), create_protocol=Node) as again:
+                again.send_ctl({"t": "id", "n": "k@py", "tok": token, "v": 2})
+                check("the same key replaces its silent connection", (await again.next())["t"], "id_ok")
+
 asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+asyncio.run(names_owned_by_keys(int(sys.argv[1]), sys.argv[2]))
 failed = results.count(False)
 print(f"interop: {len(results) - failed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
