@@ -111,6 +111,7 @@ def keyed(paths):
     return cfg
 
 async def names_owned_by_keys(port, token):
+    # (the holder's close on leaving its block sends nothing and waits for nothing)
     """A live name belongs to the key that holds it: another key gets
     name_taken and the holder keeps its connection; once the holder stops
     answering, its own key takes the name back (a restart) and another key
@@ -129,6 +130,7 @@ async def names_owned_by_keys(port, token):
             # The holder goes silent (no CONNECTION_CLOSE): as a node killed.
             holder._transport.close()
             holder.transmit = lambda: None
+            holder.wait_closed = lambda: asyncio.sleep(0)  # nothing more to wait for
             async with connect("127.0.0.1", port, configuration=keyed(k2), create_protocol=Node) as other:
                 other.send_ctl({"t": "id", "n": "k@py", "tok": token, "v": 2})
                 check("another key: a silent holder's name still refused", await other.next(),
