@@ -205,7 +205,6 @@ pub fn reason_term<'a>(env: Env<'a>, reason: &str) -> Term<'a> {
     }
 }
 
-/// Starts connecting; the owner hears `identified` or `connect_failed`.
 /// Cluster-CA mode's files, read here (not by Erlang's file server).
 fn cluster(opts: &ConnectOpts) -> Result<Option<Cluster>, String> {
     let files = [&opts.cluster_ca, &opts.node_cert, &opts.node_key];
@@ -222,6 +221,7 @@ fn cluster(opts: &ConnectOpts) -> Result<Option<Cluster>, String> {
     }
 }
 
+/// Starts connecting; the owner hears `identified` or `connect_failed`.
 pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> {
     let trust = if !opts.pin_sha256.is_empty() {
         Trust::Pin(opts.pin_sha256.clone())
