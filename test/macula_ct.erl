@@ -9,7 +9,7 @@
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
-         checked_send/4, checked_receiver/2, checked_result/2]).
+         checked_send/4, checked_send/5, checked_receiver/2, checked_result/2]).
 
 start_relay() -> start_relay(#{}).
 
@@ -279,9 +279,16 @@ register_here(Name) ->
 %% Sends Count messages of Size random bytes to the registered process Name
 %% on Node, each `{chk, Sender, Seq, Crc32, Payload}', Seq 1, 2, 3...
 checked_send(Node, Name, Count, Size) ->
+    checked_send(Node, Name, Count, Size, 0).
+
+%% The same, pausing PauseMs after each message (traffic that spans a fault).
+checked_send(Node, Name, Count, Size, PauseMs) ->
     Payload = crypto:strong_rand_bytes(Size),
     Crc = erlang:crc32(Payload),
-    lists:foreach(fun(Seq) -> {Name, Node} ! {chk, node(), Seq, Crc, Payload} end,
+    lists:foreach(fun(Seq) ->
+                          {Name, Node} ! {chk, node(), Seq, Crc, Payload},
+                          PauseMs > 0 andalso timer:sleep(PauseMs)
+                  end,
                   lists:seq(1, Count)),
     ok.
 

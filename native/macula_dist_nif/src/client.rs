@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use macula_dist_relay::identity::{Cluster, NodeIdentity};
 use macula_dist_relay::tls::{self, Trust};
 use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
+use macula_relay_proto::sessions::KEEP_WAIT;
 use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{ConnectionError, RecvStream, SendStream};
 use rustler::{Encoder, Env, LocalPid, Monitor, OwnedEnv, Resource, ResourceArc, Term};
@@ -24,6 +25,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::atoms;
+use crate::keep::{self, SessionEntry};
 use crate::runtime::{bind_endpoint, runtime, NodeEndpoint};
 use crate::session::{self, Path};
 use crate::tunnel::{self, Streams, TunnelRes};
@@ -91,9 +93,9 @@ struct State {
     /// Inbound e2e sessions waiting for the cookie of their source, by tag.
     cookie_waits: HashMap<u64, (TunnelId, String, BindKey, Instant)>,
     next_cookie_tag: u64,
-    /// Live e2e sessions' connections: they run through this client's
+    /// Live e2e sessions (connection, bind key, peer): they run through this client's
     /// relay, and end with it.
-    sessions: HashMap<TunnelId, quinn::Connection>,
+    sessions: HashMap<TunnelId, SessionEntry>,
     /// Callers waiting for `nodes_ok`, oldest first (answered in order).
     nodes_waiters: VecDeque<(LocalPid, u64)>,
     /// The relay's protocol version (from `id_ok`).
@@ -113,7 +115,7 @@ pub struct Client {
     state: Mutex<State>,
     conn: OnceLock<quinn::Connection>,
     /// This node's endpoint (its one UDP socket), once connected.
-    endpoint: OnceLock<NodeEndpoint>,
+    endpoint: OnceLock<Arc<NodeEndpoint>>,
     /// Set once connected to a relay that offers e2e sessions.
     path: OnceLock<Path>,
     open_tunnels: Arc<AtomicUsize>,
@@ -337,6 +339,7 @@ async fn run(
         state.control = Some(control_tx);
         state.relay_version = relay_version;
     }
+    client.claim_kept_sessions();
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
     rt.spawn(macula_dist_relay::write_control(send, control_rx));
@@ -355,7 +358,7 @@ type Connected = (
     SendStream,
     RecvStream,
     FrameDecoder,
-    NodeEndpoint,
+    Arc<NodeEndpoint>,
     u64,
 );
 
@@ -369,7 +372,13 @@ async fn connect(
         .map_err(|e| ConnectError::Unreachable(format!("resolving {}: {e}", opts.host)))?
         .next()
         .ok_or_else(|| ConnectError::Unreachable(format!("{} has no address", opts.host)))?;
-    let node_endpoint = bind_endpoint(addr).map_err(ConnectError::Unreachable)?;
+    // The node's sessions that outlived its last relay connection run on
+    // that client's endpoint: connect from it, so the relay sees the node
+    // at the same address.
+    let node_endpoint = match keep::endpoint(&client.node) {
+        Some(endpoint) => endpoint,
+        None => Arc::new(bind_endpoint(addr).map_err(ConnectError::Unreachable)?),
+    };
     let endpoint = &node_endpoint.endpoint;
     // An IP-literal URL is checked against the certificate's IP SANs (in
     // CA mode; a pin names one certificate whatever its names).
@@ -621,10 +630,15 @@ impl Client {
             Message::TunnelClose { tunnel } => {
                 // The session's peer left the relay: it died or was cut
                 // off. Its connection ends now, not at the idle timeout.
+                // Unless this client has just claimed it back: then the
+                // relay is closing what the peer's old relay connection
+                // held, and the peer is claiming it back too.
                 let session = state.sessions.get(&tunnel).cloned();
                 drop(state);
-                if let Some(conn) = session {
-                    conn.close(0u32.into(), b"peer left the relay");
+                match session {
+                    Some(s) if s.claimed_at.is_some_and(|t| t.elapsed() < KEEP_WAIT) => {}
+                    Some(s) => s.conn.close(0u32.into(), b"peer left the relay"),
+                    None => {}
                 }
                 None
             }
@@ -740,13 +754,64 @@ impl Client {
 
     /// Tracks a live session; `false` if the client is closed (the caller
     /// then closes it).
-    pub fn track_session(&self, tunnel: TunnelId, conn: &quinn::Connection) -> bool {
+    pub fn track_session(
+        &self,
+        tunnel: TunnelId,
+        conn: &quinn::Connection,
+        bind: BindKey,
+        peer: &str,
+    ) -> bool {
         let mut state = self.lock();
         if state.phase == Phase::Closed {
             return false;
         }
-        state.sessions.insert(tunnel, conn.clone());
+        let entry = SessionEntry {
+            conn: conn.clone(),
+            bind,
+            peer: peer.to_owned(),
+            claimed_at: None,
+        };
+        state.sessions.insert(tunnel, entry);
         true
+    }
+
+    /// Sessions of this node's previous relay connection: claim each back
+    /// at the relay, and track it as this client's.
+    fn claim_kept_sessions(self: &Arc<Self>) {
+        let kept = keep::take(&self.node);
+        if kept.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        let (Some(tx), true) = (state.control.clone(), self.path.get().is_some()) else {
+            drop(state);
+            for (_, s) in kept {
+                s.conn.close(0u32.into(), b"relay without e2e sessions");
+            }
+            return;
+        };
+        let now = Instant::now();
+        for (tunnel, mut s) in kept {
+            let claim = Message::SessionKeep {
+                tunnel,
+                bind: s.bind,
+                peer: s.peer.clone(),
+            };
+            if tx.try_send(claim).is_err() {
+                s.conn.close(0u32.into(), b"relay connection lost");
+                continue;
+            }
+            s.claimed_at = Some(now);
+            let conn = s.conn.clone();
+            state.sessions.insert(tunnel, s);
+            let client = Arc::downgrade(self);
+            runtime().spawn(async move {
+                conn.closed().await;
+                if let Some(client) = client.upgrade() {
+                    client.untrack_session(&tunnel);
+                }
+            });
+        }
     }
 
     pub fn untrack_session(&self, tunnel: &TunnelId) {
@@ -850,7 +915,7 @@ impl Client {
     }
 
     pub fn close_tunnel(&self, tunnel: TunnelId) -> bool {
-        let session = self.lock().sessions.get(&tunnel).cloned();
+        let session = self.lock().sessions.get(&tunnel).map(|s| s.conn.clone());
         match session {
             Some(conn) => {
                 conn.close(0u32.into(), b"tunnel closed");
@@ -891,10 +956,19 @@ impl Client {
             for (t, _) in state.waiting.drain(..) {
                 t.0.close(false);
             }
-            // Their relay is gone (a relay that comes back has forgotten
-            // them): their owners hear `closed`, as with stream tunnels.
-            for (_, conn) in state.sessions.drain() {
-                conn.close(0u32.into(), b"relay connection closed");
+            // The relay is lost, not this node: its sessions' connections
+            // go on, and wait for the node's next client to claim them back
+            // (see keep.rs). A client stopped closes them.
+            let sessions: Vec<_> = state.sessions.drain().collect();
+            match self.endpoint.get() {
+                Some(endpoint) if why != "stopped" => {
+                    keep::leave(&self.node, endpoint.clone(), sessions)
+                }
+                _ => {
+                    for (_, s) in sessions {
+                        s.conn.close(0u32.into(), b"relay connection closed");
+                    }
+                }
             }
             state.matcher.drain("relay_closed")
         };

@@ -7,6 +7,7 @@
 //! [`client`] and [`tunnel`].
 
 mod client;
+mod keep;
 mod relay;
 mod runtime;
 mod session;

@@ -115,7 +115,7 @@ pub fn connect(
         .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
         match opened {
             Ok((conn, send, recv)) => {
-                watch(&client, &path, tunnel, vaddr, conn.clone());
+                watch(&client, &path, tunnel, vaddr, conn.clone(), bind, &target);
                 client.session_stream(tunnel, streams(conn, send, recv));
             }
             Err(e) => {
@@ -136,6 +136,7 @@ pub struct Inbound {
     client: Weak<Client>,
     path: Path,
     tunnel: TunnelId,
+    bind: BindKey,
     source: String,
     vaddr: SocketAddr,
     config: Arc<quinn::ServerConfig>,
@@ -164,6 +165,7 @@ pub fn expect(
                 client: weak,
                 path,
                 tunnel,
+                bind,
                 source,
                 vaddr,
                 config,
@@ -203,7 +205,16 @@ impl Inbound {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
             match accepted {
                 Ok((conn, streams)) => {
-                    watch(&client, &self.path, self.tunnel, self.vaddr, conn);
+                    let bind = self.bind;
+                    watch(
+                        &client,
+                        &self.path,
+                        self.tunnel,
+                        self.vaddr,
+                        conn,
+                        bind,
+                        &self.source,
+                    );
                     client.session_stream(self.tunnel, streams);
                 }
                 Err(e) => {
@@ -242,8 +253,10 @@ fn watch(
     tunnel: TunnelId,
     vaddr: SocketAddr,
     conn: quinn::Connection,
+    bind: BindKey,
+    peer: &str,
 ) {
-    if !client.track_session(tunnel, &conn) {
+    if !client.track_session(tunnel, &conn, bind, peer) {
         conn.close(0u32.into(), b"relay connection closed");
     }
     let client = Arc::downgrade(client);

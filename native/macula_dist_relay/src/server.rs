@@ -9,7 +9,7 @@ use std::time::Duration;
 use macula_relay_proto::admission::{Admission, Decision};
 use macula_relay_proto::ratelimit::LogLimiter;
 use macula_relay_proto::router::{Claim, ConnId, IdentifyRefusal, KeyId, Router, Tunnel};
-use macula_relay_proto::sessions::SessionTable;
+use macula_relay_proto::sessions::{Kept, SessionTable};
 use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{RecvStream, SendStream, VarInt};
 use subtle::ConstantTimeEq;
@@ -237,7 +237,16 @@ impl State {
     /// the data plane's table and each side still here hears `tun_close`,
     /// so a node learns at once that its peer left (died, was cut off, was
     /// replaced) instead of waiting out the session's idle timeout.
-    fn cancel_tunnels(&mut self, closed: Vec<Tunnel>, sessions: &Mutex<SessionTable>) {
+    ///
+    /// `departed`: a side's relay connection ended (not a `tun_close`), so
+    /// the session is remembered for a while: if that side comes back (a
+    /// reconnect, not a death), both can claim it back with `sess_keep`.
+    fn cancel_tunnels(
+        &mut self,
+        closed: Vec<Tunnel>,
+        sessions: &Mutex<SessionTable>,
+        departed: bool,
+    ) {
         if closed.is_empty() {
             return;
         }
@@ -246,7 +255,12 @@ impl State {
             if let Some(token) = self.tunnels.remove(&t.id) {
                 token.cancel();
             }
-            if sessions.close(&t.id).is_some() {
+            if let Some(session) = sessions.close(&t.id) {
+                if departed {
+                    let present = [t.requester, t.target].map(|c| self.nodes.contains_key(&c));
+                    let names = [t.requester_name.clone(), t.target_name.clone()];
+                    sessions.remember(session, names, present, std::time::Instant::now());
+                }
                 for side in [t.requester, t.target] {
                     self.send_to(side, Message::TunnelClose { tunnel: t.id });
                 }
@@ -440,6 +454,10 @@ impl Session {
                 self.request_session(target);
                 Ok(())
             }
+            Message::SessionKeep { tunnel, bind, peer } => {
+                self.keep_session(tunnel, bind, peer);
+                Ok(())
+            }
             Message::NodesRequest => {
                 let state = self.shared.lock();
                 let msg = if self.name.is_some() {
@@ -459,7 +477,7 @@ impl Session {
                 let mut state = self.shared.lock();
                 if let Some(t) = state.router.close_tunnel(self.conn_id, &tunnel) {
                     debug!(tunnel = %t.id, by = ?self.name, "tun_close");
-                    state.cancel_tunnels(vec![t], &self.shared.sessions);
+                    state.cancel_tunnels(vec![t], &self.shared.sessions, false);
                 }
                 Ok(())
             }
@@ -527,7 +545,7 @@ impl Session {
             );
             old.conn.close(close_code::REPLACED.into(), b"replaced");
         }
-        state.cancel_tunnels(identified.closed, &self.shared.sessions);
+        state.cancel_tunnels(identified.closed, &self.shared.sessions, true);
         state.nodes.insert(
             self.conn_id,
             Node {
@@ -690,6 +708,52 @@ impl Session {
         });
     }
 
+    /// A session this node held through its previous relay connection (or
+    /// through this relay before a restart): it flows again once both
+    /// sides have claimed it, each with its own bind key.
+    fn keep_session(&mut self, tunnel: TunnelId, bind: macula_relay_proto::BindKey, peer: String) {
+        let Some(name) = self.name.clone() else {
+            return self.reply(Message::ProtocolError {
+                reason: "not_identified".into(),
+            });
+        };
+        let mut state = self.shared.lock();
+        let router = &state.router;
+        let kept = self.shared.sessions().keep(
+            tunnel,
+            bind,
+            self.conn.remote_address(),
+            &name,
+            &peer,
+            std::time::Instant::now(),
+            &|node| router.conn_of(node).is_some(),
+        );
+        match &kept {
+            Kept::Rebound => state.router.reattach(&tunnel, &name, self.conn_id),
+            Kept::Restored([a, b]) => {
+                match (state.router.conn_of(a), state.router.conn_of(b)) {
+                    (Some(ca), Some(cb)) => state.router.restore_tunnel(Tunnel {
+                        id: tunnel,
+                        requester: ca,
+                        requester_name: a.clone(),
+                        target: cb,
+                        target_name: b.clone(),
+                    }),
+                    // A side left again meanwhile: the session goes.
+                    _ => {
+                        self.shared.sessions().close(&tunnel);
+                    }
+                }
+            }
+            Kept::Waiting => {}
+            Kept::Refused => {
+                warn_bad_input!(self.shared, remote = %self.remote, node = name, "sess_keep refused")
+            }
+        }
+        drop(state);
+        info!(%tunnel, node = name, ?kept, "e2e session claimed back");
+    }
+
     fn refused_count(&self, reason: &'static str) {
         self.shared
             .events
@@ -725,7 +789,7 @@ impl Session {
         let closed = state.router.disconnect(self.conn_id);
         state.nodes.remove(&self.conn_id);
         let tunnels = closed.len();
-        state.cancel_tunnels(closed, &self.shared.sessions);
+        state.cancel_tunnels(closed, &self.shared.sessions, true);
         drop(state);
         if let Some(node) = &self.name {
             info!(node, remote = %self.remote, tunnels, "node left");

@@ -45,6 +45,15 @@ pub enum Message {
     /// node → relay: `t: "tun_close"`, `tid`. relay → node (version 2):
     /// the e2e session's other side left the relay.
     TunnelClose { tunnel: TunnelId },
+    /// node → relay (version 2), after `id_ok` on a new relay connection:
+    /// `t: "sess_keep"`, `tid`, `bind`, `peer`: an e2e session this node
+    /// still holds from its previous relay connection (the relay lost it,
+    /// or restarted). When both sides have claimed it, it flows again.
+    SessionKeep {
+        tunnel: TunnelId,
+        bind: BindKey,
+        peer: String,
+    },
     /// relay → node: `t: "err"`, `r`.
     ProtocolError { reason: String },
     /// node → relay: `t: "nodes"`: which nodes may I reach here?
@@ -133,6 +142,7 @@ impl Message {
             Message::TunnelError { .. } => "tun_err",
             Message::TunnelNotify { .. } => "tun_notify",
             Message::TunnelClose { .. } => "tun_close",
+            Message::SessionKeep { .. } => "sess_keep",
             Message::ProtocolError { .. } => "err",
             Message::NodesRequest => "nodes",
             Message::Nodes { .. } => "nodes_ok",
@@ -187,6 +197,11 @@ impl Message {
                 e2e(&mut fields, bind);
             }
             Message::TunnelClose { tunnel } => fields.push(("tid", tid(tunnel))),
+            Message::SessionKeep { tunnel, bind, peer } => {
+                fields.push(("tid", tid(tunnel)));
+                fields.push(("bind", Value::from(hex(bind))));
+                fields.push(("peer", text(peer)));
+            }
             Message::TunnelNotify {
                 tunnel,
                 source,
@@ -267,6 +282,17 @@ impl Message {
             }),
             "tun_close" => Ok(Message::TunnelClose {
                 tunnel: map.tunnel_id("tun_close")?,
+            }),
+            "sess_keep" => Ok(Message::SessionKeep {
+                tunnel: map.tunnel_id("sess_keep")?,
+                bind: map
+                    .optional_text("bind")?
+                    .ok_or(DecodeError::MissingKey {
+                        msg: "sess_keep",
+                        key: "bind",
+                    })
+                    .and_then(|t| unhex(&t).ok_or(DecodeError::BadValue { key: "bind" }))?,
+                peer: map.text("sess_keep", "peer")?,
             }),
             "err" => Ok(Message::ProtocolError {
                 reason: map.text("err", "r")?,
@@ -739,7 +765,11 @@ mod tests {
                         bind
                     }
                 ),
-                tid.prop_map(|tunnel| Message::TunnelClose { tunnel }),
+                tid.clone()
+                    .prop_map(|tunnel| Message::TunnelClose { tunnel }),
+                (tid, any::<[u8; 8]>(), text()).prop_map(|(tunnel, bind, peer)| {
+                    Message::SessionKeep { tunnel, bind, peer }
+                }),
                 text().prop_map(|reason| Message::ProtocolError { reason }),
                 Just(Message::NodesRequest),
                 proptest::collection::vec(text(), 0..5).prop_map(|nodes| Message::Nodes { nodes }),

@@ -314,13 +314,39 @@ impl Router {
             target: target_conn,
             target_name: target.to_owned(),
         };
-        for end in [conn, target_conn] {
-            self.conns.entry(end).or_default().tunnels.insert(id);
-        }
-        self.conns.entry(conn).or_default().outbound += 1;
-        *self.pairs.entry((conn, target_conn)).or_default() += 1;
-        self.tunnels.insert(id, tunnel.clone());
+        self.restore_tunnel(tunnel.clone());
         Ok(tunnel)
+    }
+
+    /// Enters a tunnel as it is (an e2e session its sides claimed back),
+    /// counted as if requested; an id already open is left alone.
+    pub fn restore_tunnel(&mut self, tunnel: Tunnel) {
+        if self.tunnels.contains_key(&tunnel.id) {
+            return;
+        }
+        for end in [tunnel.requester, tunnel.target] {
+            self.conns.entry(end).or_default().tunnels.insert(tunnel.id);
+        }
+        self.conns.entry(tunnel.requester).or_default().outbound += 1;
+        *self
+            .pairs
+            .entry((tunnel.requester, tunnel.target))
+            .or_default() += 1;
+        self.tunnels.insert(tunnel.id, tunnel);
+    }
+
+    /// The end of tunnel `id` held by node `name` moves to `conn` (its new
+    /// relay connection).
+    pub fn reattach(&mut self, id: &TunnelId, name: &str, conn: ConnId) {
+        if let Some(mut tunnel) = self.remove_tunnel(id) {
+            if tunnel.requester_name == name {
+                tunnel.requester = conn;
+            }
+            if tunnel.target_name == name {
+                tunnel.target = conn;
+            }
+            self.restore_tunnel(tunnel);
+        }
     }
 
     /// `conn` closes tunnel `id`; only one of its two ends may.
@@ -565,5 +591,21 @@ mod tests {
         for n in ["a\"b@h", "a/b", "a\0"] {
             assert!(!valid_node_name(n, 255), "{n}");
         }
+    }
+
+    #[test]
+    fn a_tunnel_end_moves_to_a_new_connection() {
+        let mut r = router_with(&[(1, "a@h"), (2, "b@h")]);
+        r.request_tunnel(1, "b@h", id(1)).unwrap();
+        r.identify(3, "c@h").unwrap();
+        r.reattach(&id(1), "b@h", 3);
+        let t = r.tunnel(&id(1)).unwrap().clone();
+        assert_eq!((t.requester, t.target), (1, 3));
+        assert_eq!(r.disconnect(2), vec![]);
+        assert_eq!(r.disconnect(3), vec![t.clone()]);
+        r.restore_tunnel(t);
+        assert_eq!(r.tunnel_count(), 1);
+        assert_eq!(r.close_tunnel(1, &id(1)).map(|t| t.id), Some(id(1)));
+        assert_eq!(r.tunnel_count(), 0);
     }
 }

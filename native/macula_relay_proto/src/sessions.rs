@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 
@@ -69,9 +70,52 @@ impl DropReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionIdTaken;
 
+/// How long a session that lost a side waits for its sides to claim it
+/// back (`sess_keep`): a node's reconnect, or a relay restart.
+pub const KEEP_WAIT: Duration = Duration::from_secs(10);
+/// Sessions waiting to be claimed back, at most.
+pub const MAX_WAITING: usize = 65_536;
+
+/// One side of a session waiting to be claimed back.
+#[derive(Debug, Clone)]
+struct WaitingSide {
+    bind: BindKey,
+    addr: SocketAddr,
+    name: String,
+    peer: String,
+    /// Claimed back with `sess_keep`.
+    claimed: bool,
+    /// Still connected when the other side left: it never lost the
+    /// session, and counts as claiming it while its node is connected.
+    stayed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Waiting {
+    tunnel: TunnelId,
+    sides: Vec<WaitingSide>,
+    since: Instant,
+}
+
+/// What a side's claim (`sess_keep`) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// The session is live: the claimant's side is now at its address.
+    Rebound,
+    /// Both sides have claimed it: it is live again, between these names.
+    Restored([String; 2]),
+    /// Waiting for the other side's claim.
+    Waiting,
+    /// Not this side's bind key or name, or too many sessions waiting.
+    Refused,
+}
+
 #[derive(Debug, Default)]
 pub struct SessionTable {
     sessions: HashMap<SessionId, Session>,
+    /// Sessions that lost a side (or that a restarted relay never knew),
+    /// by the claims of their sides so far.
+    waiting: HashMap<SessionId, Waiting>,
 }
 
 impl SessionTable {
@@ -102,20 +146,19 @@ impl SessionTable {
             return Err(SessionIdTaken);
         }
         let keys: [BindKey; 2] = [rand::random(), rand::random()];
-        let side = |bind, addr| Side {
+        self.insert(tunnel, [(keys[0], requester), (keys[1], target)]);
+        Ok(keys)
+    }
+
+    fn insert(&mut self, tunnel: TunnelId, sides: [(BindKey, SocketAddr); 2]) {
+        let sides = sides.map(|(bind, addr)| Side {
             bind,
             addr,
             datagrams: 0,
             bytes: 0,
-        };
-        self.sessions.insert(
-            id,
-            Session {
-                tunnel,
-                sides: [side(keys[0], requester), side(keys[1], target)],
-            },
-        );
-        Ok(keys)
+        });
+        self.sessions
+            .insert(session_id(&tunnel), Session { tunnel, sides });
     }
 
     pub fn close(&mut self, tunnel: &TunnelId) -> Option<Session> {
@@ -124,6 +167,136 @@ impl SessionTable {
             return None;
         }
         self.sessions.remove(&id)
+    }
+
+    /// Keeps a session closed because a side left, so that the sides can
+    /// claim it back for [`KEEP_WAIT`]: `names` are its sides' node names,
+    /// `present` says which sides are still connected (they count as
+    /// claiming it for as long as they stay connected).
+    pub fn remember(
+        &mut self,
+        session: Session,
+        names: [String; 2],
+        present: [bool; 2],
+        now: Instant,
+    ) {
+        self.expire(now);
+        if self.waiting.len() >= MAX_WAITING {
+            return;
+        }
+        let sides = (0..2)
+            .map(|i| WaitingSide {
+                bind: session.sides[i].bind,
+                addr: session.sides[i].addr,
+                name: names[i].clone(),
+                peer: names[1 - i].clone(),
+                claimed: false,
+                stayed: present[i],
+            })
+            .collect();
+        self.waiting.insert(
+            session_id(&session.tunnel),
+            Waiting {
+                tunnel: session.tunnel,
+                sides,
+                since: now,
+            },
+        );
+    }
+
+    /// Node `name`, now at `addr`, claims the session `tunnel` with `peer`
+    /// under its bind key. Only a side's own key and name pass: the session
+    /// id and the keys are secrets of the two nodes (and this relay).
+    /// `connected` tells whether a node is connected now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn keep(
+        &mut self,
+        tunnel: TunnelId,
+        bind: BindKey,
+        addr: SocketAddr,
+        name: &str,
+        peer: &str,
+        now: Instant,
+        connected: &dyn Fn(&str) -> bool,
+    ) -> Kept {
+        self.expire(now);
+        let id = session_id(&tunnel);
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if s.tunnel != tunnel {
+                return Kept::Refused;
+            }
+            return match s
+                .sides
+                .iter_mut()
+                .find(|side| bool::from(side.bind.ct_eq(&bind)))
+            {
+                Some(side) => {
+                    side.addr = addr;
+                    Kept::Rebound
+                }
+                None => Kept::Refused,
+            };
+        }
+        let claim = WaitingSide {
+            bind,
+            addr,
+            name: name.to_owned(),
+            peer: peer.to_owned(),
+            claimed: true,
+            stayed: false,
+        };
+        let Some(w) = self.waiting.get_mut(&id) else {
+            if self.waiting.len() >= MAX_WAITING {
+                return Kept::Refused;
+            }
+            self.waiting.insert(
+                id,
+                Waiting {
+                    tunnel,
+                    sides: vec![claim],
+                    since: now,
+                },
+            );
+            return Kept::Waiting;
+        };
+        if w.tunnel != tunnel {
+            return Kept::Refused;
+        }
+        let pairs_up = w.sides.len() == 1 && w.sides[0].peer == name && w.sides[0].name == peer;
+        match w
+            .sides
+            .iter()
+            .position(|side| bool::from(side.bind.ct_eq(&bind)))
+        {
+            Some(i) if w.sides[i].name == name => {
+                w.sides[i].addr = addr;
+                w.sides[i].claimed = true;
+            }
+            Some(_) => return Kept::Refused,
+            // The other side's first claim: it must name the same pair.
+            None if pairs_up => w.sides.push(claim),
+            None => return Kept::Refused,
+        }
+        let holds = |side: &WaitingSide| side.claimed || (side.stayed && connected(&side.name));
+        if w.sides.len() < 2 || !w.sides.iter().all(holds) {
+            return Kept::Waiting;
+        }
+        let Some(w) = self.waiting.remove(&id) else {
+            return Kept::Refused;
+        };
+        let [a, b] = [&w.sides[0], &w.sides[1]];
+        self.insert(tunnel, [(a.bind, a.addr), (b.bind, b.addr)]);
+        Kept::Restored([a.name.clone(), b.name.clone()])
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.waiting
+            .retain(|_, w| now.saturating_duration_since(w.since) < KEEP_WAIT);
+    }
+
+    /// Sessions waiting to be claimed back.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Decides where a session datagram of `len` bytes from `from` goes.
@@ -254,5 +427,122 @@ mod tests {
             Verdict::Drop(DropReason::UnknownSession)
         );
         assert!(t.is_empty());
+    }
+
+    fn keep(
+        t: &mut SessionTable,
+        tunnel: TunnelId,
+        bind: BindKey,
+        port: u16,
+        name: &str,
+        peer: &str,
+    ) -> Kept {
+        t.keep(
+            tunnel,
+            bind,
+            addr(port),
+            name,
+            peer,
+            Instant::now(),
+            &|_| true,
+        )
+    }
+
+    /// A node whose relay connection ended claims its session back, and
+    /// the other side (still here) counts as having claimed it.
+    #[test]
+    fn a_side_that_left_claims_its_session_back() {
+        let mut t = SessionTable::default();
+        let [a, b] = t.open(tid(1), addr(1), addr(2)).unwrap();
+        let s = t.close(&tid(1)).unwrap();
+        t.remember(s, ["a".into(), "b".into()], [false, true], Instant::now());
+        // A stranger with a made-up key, or b's key under another name: no.
+        assert_eq!(keep(&mut t, tid(1), [9; 8], 5, "a", "b"), Kept::Refused);
+        assert_eq!(keep(&mut t, tid(1), b, 5, "m", "a"), Kept::Refused);
+        assert_eq!(
+            keep(&mut t, tid(1), a, 3, "a", "b"),
+            Kept::Restored(["a".into(), "b".into()])
+        );
+        let sid = session_id(&tid(1));
+        assert_eq!(
+            t.route(sid, &b, addr(2), 10),
+            Verdict::Forward {
+                to: addr(3),
+                rebound: false
+            }
+        );
+        // Claimed while live: the side moves.
+        assert_eq!(keep(&mut t, tid(1), b, 4, "b", "a"), Kept::Rebound);
+        assert_eq!(
+            t.route(sid, &a, addr(3), 10),
+            Verdict::Forward {
+                to: addr(4),
+                rebound: false
+            }
+        );
+    }
+
+    /// A restarted relay knows nothing: the two sides' claims make the
+    /// session, and only claims that name each other pair up.
+    #[test]
+    fn a_restarted_relay_rebuilds_a_session_from_both_claims() {
+        let mut t = SessionTable::default();
+        let (a, b) = ([1; 8], [2; 8]);
+        assert_eq!(keep(&mut t, tid(7), a, 1, "a", "b"), Kept::Waiting);
+        assert_eq!(keep(&mut t, tid(7), b, 2, "m", "a"), Kept::Refused);
+        assert_eq!(keep(&mut t, tid(7), b, 2, "b", "x"), Kept::Refused);
+        assert_eq!(
+            keep(&mut t, tid(7), b, 2, "b", "a"),
+            Kept::Restored(["a".into(), "b".into()])
+        );
+        assert_eq!(t.waiting_count(), 0);
+        assert_eq!(
+            t.route(session_id(&tid(7)), &a, addr(1), 10),
+            Verdict::Forward {
+                to: addr(2),
+                rebound: false
+            }
+        );
+    }
+
+    #[test]
+    fn unclaimed_sessions_are_forgotten() {
+        let mut t = SessionTable::default();
+        let t0 = Instant::now();
+        let all = |_: &str| true;
+        assert_eq!(
+            t.keep(tid(7), [1; 8], addr(1), "a", "b", t0, &all),
+            Kept::Waiting
+        );
+        let later = t0 + KEEP_WAIT;
+        assert_eq!(
+            t.keep(tid(8), [1; 8], addr(1), "a", "b", later, &all),
+            Kept::Waiting
+        );
+        assert_eq!(t.waiting_count(), 1);
+        assert_eq!(
+            t.keep(tid(7), [2; 8], addr(2), "b", "a", later, &all),
+            Kept::Waiting
+        );
+    }
+
+    /// Both sides' relay connections ended (the relay stalled): the side
+    /// that had stayed when the first left has left too, so both must claim.
+    #[test]
+    fn a_side_that_stayed_but_left_too_must_claim() {
+        let mut t = SessionTable::default();
+        let [a, b] = t.open(tid(1), addr(1), addr(2)).unwrap();
+        let s = t.close(&tid(1)).unwrap();
+        t.remember(s, ["a".into(), "b".into()], [true, false], Instant::now());
+        let only_b = |n: &str| n == "b";
+        let now = Instant::now();
+        assert_eq!(
+            t.keep(tid(1), b, addr(4), "b", "a", now, &only_b),
+            Kept::Waiting
+        );
+        assert_eq!(
+            t.keep(tid(1), a, addr(3), "a", "b", now, &|_| true),
+            Kept::Restored(["a".into(), "b".into()])
+        );
     }
 }
