@@ -22,7 +22,7 @@ use macula_relay_proto::dataplane::{
     SESSION_DATAGRAM,
 };
 use macula_relay_proto::paths::{is_virtual, Paths, Route, EARLY_WAIT, MAX_EARLY};
-use macula_relay_proto::sessions::{DropReason, SessionIdTaken, SessionTable, Verdict};
+use macula_relay_proto::sessions::{DropReason, Kept, SessionIdTaken, SessionTable, Verdict};
 use macula_relay_proto::{BindKey, DecodeError, FrameDecoder, Message, TunnelId};
 
 /// Reads fuzz input as a sequence of small values; past the end it yields
@@ -371,14 +371,101 @@ fn check_table(table: &SessionTable, model: &HashMap<SessionId, ModelSession>) {
     }
 }
 
+/// Side names in claims (`sess_keep`).
+const SIDE_NAMES: [&str; 2] = ["a@h", "b@h"];
+
+/// A key as a claim may carry it: a side's own, or one bit off.
+fn claim_key(input: &mut Input, keys: &[BindKey; 2]) -> (usize, BindKey, bool) {
+    let pick = input.u8();
+    let side = (pick & 1) as usize;
+    let mut key = keys[side];
+    let flipped = pick & 0x80 != 0;
+    if flipped {
+        let bit = input.u8();
+        key[(bit as usize / 8) % 8] ^= 1 << (bit % 8);
+    }
+    (side, key, flipped)
+}
+
+/// A side of a live session claims it back (`sess_keep`) from an address:
+/// with its key it moves there, with any other it is refused.
+fn claim_live(input: &mut Input, table: &mut SessionTable, m: &mut ModelSession, now: Instant) {
+    let (side, key, flipped) = claim_key(input, &m.keys);
+    let from = test_addr(input.u8());
+    let name = SIDE_NAMES[side];
+    let kept = table.keep(
+        m.tunnel,
+        key,
+        from,
+        name,
+        SIDE_NAMES[1 - side],
+        now,
+        &|_| true,
+    );
+    if flipped {
+        assert_eq!(kept, Kept::Refused, "a claim with a wrong key");
+    } else {
+        assert_eq!(kept, Kept::Rebound);
+        m.addrs[side] = from;
+    }
+}
+
+/// A session is closed because a side left, remembered, and claimed back
+/// by claims from the input (right or wrong key, right or wrong name): it
+/// is live again exactly when each side has claimed it or stayed, with its
+/// own keys, at the claimed addresses, and a wrong claim changes nothing.
+fn close_and_claim(
+    input: &mut Input,
+    table: &mut SessionTable,
+    mut m: ModelSession,
+    now: Instant,
+) -> Option<ModelSession> {
+    let session = table.close(&m.tunnel).expect("a live session closes");
+    let stayed = [input.u8() & 1 == 1, false];
+    let names = SIDE_NAMES.map(String::from);
+    table.remember(session, names, stayed, now);
+    let mut claimed = [false; 2];
+    for _ in 0..3 {
+        let (side, key, flipped) = claim_key(input, &m.keys);
+        let wrong_name = input.u8() & 0x40 != 0;
+        let name = if wrong_name { "m@h" } else { SIDE_NAMES[side] };
+        let from = test_addr(input.u8());
+        let kept = table.keep(
+            m.tunnel,
+            key,
+            from,
+            name,
+            SIDE_NAMES[1 - side],
+            now,
+            &|_| true,
+        );
+        if flipped || wrong_name {
+            assert_eq!(kept, Kept::Refused, "a wrong claim");
+            continue;
+        }
+        claimed[side] = true;
+        m.addrs[side] = from;
+        if (0..2).all(|i| claimed[i] || stayed[i]) {
+            assert_eq!(kept, Kept::Restored(SIDE_NAMES.map(String::from)));
+            m.datagrams = [0; 2];
+            m.bytes = [0; 2];
+            return Some(m);
+        }
+        assert_eq!(kept, Kept::Waiting);
+    }
+    None
+}
+
 /// The relay's session table fed arbitrary operations: open (with the bind
-/// exchange of both keys through `tun_ok`/`tun_notify`), close, and
-/// datagrams with a side's key (maybe one bit off, maybe of another or a
-/// closed session), with any session id and key, or as raw bytes, from any
-/// address. Invariants: no panic; a datagram is forwarded only when its key
-/// is a side's key, always to the other side's current address; the sender's
+/// exchange of both keys through `tun_ok`/`tun_notify`), close, datagrams
+/// with a side's key (maybe one bit off, maybe of another or a closed
+/// session), with any session id and key, or as raw bytes, from any
+/// address, and claims (`sess_keep`) of live and of closed sessions.
+/// Invariants: no panic; a datagram is forwarded only when its key is a
+/// side's key, always to the other side's current address; the sender's
 /// side moves to the address it came from; everything else is dropped for
-/// the right reason; the table matches the model after every step.
+/// the right reason; only a side's own key and name claim a session back;
+/// the table matches the model after every step.
 pub fn sessions(data: &[u8]) {
     let mut input = Input::new(data);
     let mut table = SessionTable::default();
@@ -386,9 +473,10 @@ pub fn sessions(data: &[u8]) {
     // Every session ever opened, closed ones too: (session id, keys).
     let mut opened: Vec<(SessionId, [BindKey; 2])> = vec![];
     let mut steps = 0;
+    let now = Instant::now();
     while !input.done() && steps < 4096 {
         steps += 1;
-        match input.u8() % 6 {
+        match input.u8() % 8 {
             0 => {
                 let tunnel = test_tunnel(&mut input);
                 let (a, b) = (test_addr(input.u8()), test_addr(input.u8()));
@@ -451,6 +539,19 @@ pub fn sessions(data: &[u8]) {
                 let mut datagram = header(id, &key).to_vec();
                 datagram.push(0x40);
                 relay_datagram(&mut table, &mut model, &datagram, from);
+            }
+            6 | 7 if !opened.is_empty() => {
+                let (id, _) = opened[input.u8() as usize % opened.len()];
+                if let Some(m) = model.get_mut(&id) {
+                    if input.u8() & 1 == 0 {
+                        claim_live(&mut input, &mut table, m, now);
+                    } else {
+                        let m = model.remove(&id).expect("just found");
+                        if let Some(m) = close_and_claim(&mut input, &mut table, m, now) {
+                            model.insert(id, m);
+                        }
+                    }
+                }
             }
             _ => {
                 // Raw bytes, as they come off the socket.
