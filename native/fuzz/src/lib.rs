@@ -387,21 +387,29 @@ fn claim_key(input: &mut Input, keys: &[BindKey; 2]) -> (usize, BindKey, bool) {
     (side, key, flipped)
 }
 
+/// `name`, as side `side` (naming the other side as its peer), claims
+/// `tunnel` with `key` from `from`; every node counts as connected.
+fn claim(
+    table: &mut SessionTable,
+    tunnel: TunnelId,
+    key: BindKey,
+    from: SocketAddr,
+    name: &str,
+    side: usize,
+    now: Instant,
+) -> Kept {
+    table.keep(tunnel, key, from, name, SIDE_NAMES[1 - side], now, &|_| {
+        true
+    })
+}
+
 /// A side of a live session claims it back (`sess_keep`) from an address:
 /// with its key it moves there, with any other it is refused.
 fn claim_live(input: &mut Input, table: &mut SessionTable, m: &mut ModelSession, now: Instant) {
     let (side, key, flipped) = claim_key(input, &m.keys);
     let from = test_addr(input.u8());
     let name = SIDE_NAMES[side];
-    let kept = table.keep(
-        m.tunnel,
-        key,
-        from,
-        name,
-        SIDE_NAMES[1 - side],
-        now,
-        &|_| true,
-    );
+    let kept = claim(table, m.tunnel, key, from, name, side, now);
     if flipped {
         assert_eq!(kept, Kept::Refused, "a claim with a wrong key");
     } else {
@@ -430,15 +438,7 @@ fn close_and_claim(
         let wrong_name = input.u8() & 0x40 != 0;
         let name = if wrong_name { "m@h" } else { SIDE_NAMES[side] };
         let from = test_addr(input.u8());
-        let kept = table.keep(
-            m.tunnel,
-            key,
-            from,
-            name,
-            SIDE_NAMES[1 - side],
-            now,
-            &|_| true,
-        );
+        let kept = claim(table, m.tunnel, key, from, name, side, now);
         if flipped || wrong_name {
             assert_eq!(kept, Kept::Refused, "a wrong claim");
             continue;
