@@ -961,7 +961,7 @@ impl Client {
             // (see keep.rs). A client stopped closes them.
             let sessions: Vec<_> = state.sessions.drain().collect();
             match self.endpoint.get() {
-                Some(endpoint) if why != "stopped" => {
+                Some(endpoint) if !self.shutdown.is_cancelled() => {
                     keep::leave(&self.node, endpoint.clone(), sessions)
                 }
                 _ => {

@@ -75,6 +75,9 @@ pub struct SessionIdTaken;
 pub const KEEP_WAIT: Duration = Duration::from_secs(10);
 /// Sessions waiting to be claimed back, at most.
 pub const MAX_WAITING: usize = 65_536;
+/// Of those, first claimed by one node (a restarted relay knows nothing, so
+/// anyone identified can make up claims: they must not crowd out others').
+pub const MAX_WAITING_PER_NODE: usize = 1024;
 
 /// One side of a session waiting to be claimed back.
 #[derive(Debug, Clone)]
@@ -95,6 +98,8 @@ struct Waiting {
     tunnel: TunnelId,
     sides: Vec<WaitingSide>,
     since: Instant,
+    /// The node whose claim made this entry (none: remembered on a departure).
+    opened_by: Option<String>,
 }
 
 /// What a side's claim (`sess_keep`) did.
@@ -116,6 +121,8 @@ pub struct SessionTable {
     /// Sessions that lost a side (or that a restarted relay never knew),
     /// by the claims of their sides so far.
     waiting: HashMap<SessionId, Waiting>,
+    /// Waiting entries each node's claim made.
+    waiting_by: HashMap<String, usize>,
 }
 
 impl SessionTable {
@@ -194,14 +201,18 @@ impl SessionTable {
                 stayed: present[i],
             })
             .collect();
-        self.waiting.insert(
+        let replaced = self.waiting.insert(
             session_id(&session.tunnel),
             Waiting {
                 tunnel: session.tunnel,
                 sides,
                 since: now,
+                opened_by: None,
             },
         );
+        if let Some(old) = replaced {
+            self.forget_opener(&old);
+        }
     }
 
     /// Node `name`, now at `addr`, claims the session `tunnel` with `peer`
@@ -246,15 +257,18 @@ impl SessionTable {
             stayed: false,
         };
         let Some(w) = self.waiting.get_mut(&id) else {
-            if self.waiting.len() >= MAX_WAITING {
+            let by = self.waiting_by.entry(name.to_owned()).or_default();
+            if self.waiting.len() >= MAX_WAITING || *by >= MAX_WAITING_PER_NODE {
                 return Kept::Refused;
             }
+            *by += 1;
             self.waiting.insert(
                 id,
                 Waiting {
                     tunnel,
                     sides: vec![claim],
                     since: now,
+                    opened_by: Some(name.to_owned()),
                 },
             );
             return Kept::Waiting;
@@ -284,14 +298,35 @@ impl SessionTable {
         let Some(w) = self.waiting.remove(&id) else {
             return Kept::Refused;
         };
+        self.forget_opener(&w);
         let [a, b] = [&w.sides[0], &w.sides[1]];
         self.insert(tunnel, [(a.bind, a.addr), (b.bind, b.addr)]);
         Kept::Restored([a.name.clone(), b.name.clone()])
     }
 
     fn expire(&mut self, now: Instant) {
-        self.waiting
-            .retain(|_, w| now.saturating_duration_since(w.since) < KEEP_WAIT);
+        let expired: Vec<SessionId> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.since) >= KEEP_WAIT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(w) = self.waiting.remove(&id) {
+                self.forget_opener(&w);
+            }
+        }
+    }
+
+    fn forget_opener(&mut self, w: &Waiting) {
+        if let Some(name) = &w.opened_by {
+            if let Some(n) = self.waiting_by.get_mut(name) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting_by.remove(name);
+                }
+            }
+        }
     }
 
     /// Sessions waiting to be claimed back.
@@ -544,5 +579,52 @@ mod tests {
             t.keep(tid(1), a, addr(3), "a", "b", now, &|_| true),
             Kept::Restored(["a".into(), "b".into()])
         );
+    }
+
+    /// Anyone identified can make up claims a restarted relay cannot check:
+    /// one node's flood of them stops at its own cap, and another node's
+    /// real claims still pair up.
+    #[test]
+    fn made_up_claims_cannot_crowd_out_real_ones() {
+        let mut t = SessionTable::default();
+        let now = Instant::now();
+        let all = |_: &str| true;
+        let made_up = |n: usize| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&(n as u64 + 1000).to_be_bytes());
+            TunnelId::from_bytes(b)
+        };
+        for n in 0..MAX_WAITING_PER_NODE {
+            assert_eq!(
+                t.keep(made_up(n), [1; 8], addr(1), "m", "x", now, &all),
+                Kept::Waiting
+            );
+        }
+        let over = t.keep(
+            made_up(MAX_WAITING_PER_NODE),
+            [1; 8],
+            addr(1),
+            "m",
+            "x",
+            now,
+            &all,
+        );
+        assert_eq!(over, Kept::Refused);
+        assert_eq!(t.waiting_count(), MAX_WAITING_PER_NODE);
+        assert_eq!(
+            t.keep(tid(1), [2; 8], addr(2), "a", "b", now, &all),
+            Kept::Waiting
+        );
+        assert_eq!(
+            t.keep(tid(1), [3; 8], addr(3), "b", "a", now, &all),
+            Kept::Restored(["a".into(), "b".into()])
+        );
+        // Once they expire, the flooder's quota is free again.
+        let later = now + KEEP_WAIT;
+        assert_eq!(
+            t.keep(made_up(0), [1; 8], addr(1), "m", "x", later, &all),
+            Kept::Waiting
+        );
+        assert_eq!(t.waiting_count(), 1);
     }
 }
