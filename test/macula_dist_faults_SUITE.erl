@@ -99,6 +99,18 @@ peer(Name, Relay, Extra) ->
 
 call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 120000).
 
+%% Two peers on Relay (A's through RelayForA), connected to each other.
+connected_pair(Relay, RelayForA, [NameA, NameB], Extra) ->
+    {A, AN} = peer(NameA, RelayForA, Extra),
+    {B, BN} = peer(NameB, Relay, Extra),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    {{A, AN}, {B, BN}}.
+
+%% Calls Fun every SleepMs until it returns true, at most Tries times.
+retry(_Fun, 0, _SleepMs) -> false;
+retry(Fun, Tries, SleepMs) ->
+    Fun() orelse begin timer:sleep(SleepMs), retry(Fun, Tries - 1, SleepMs) end.
+
 os_pid(Peer) -> call(Peer, os, getpid, []).
 
 rss_kib(OsPid) ->
@@ -140,9 +152,7 @@ lossy_link_delivers_everything(Config) ->
                   ProxyPort = start_impair(Config, RelayPort, ImpairArgs),
                   Proxied = Relay#{url := iolist_to_binary(io_lib:format("quic://127.0.0.1:~b", [ProxyPort]))},
                   Flags = ["-macula_dist", "congestion", Congestion],
-                  {A, AN} = peer(NA, Proxied, Flags),
-                  {B, BN} = peer(NB, Relay, Flags),
-                  ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+                  {{A, AN}, {B, BN}} = connected_pair(Relay, Proxied, [NA, NB], Flags),
                   ok = call(A, macula_ct, watch, [BN, macula_lossy_watch]),
                   Results = checked_both_ways(A, AN, B, BN, Count, 64 * 1024),
                   ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_lossy_watch, 100}])),
@@ -169,22 +179,14 @@ relay_killed_and_restarted(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "relay_restart"),
     Port = free_udp_port(),
     #{os_pid := Pid} = Relay = start_relay(Config, Dir, Port),
-    {A, _} = peer(pa2, Relay, []),
-    {B, BN} = peer(pb2, Relay, []),
-    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    {{A, _}, {B, BN}} = connected_pair(Relay, Relay, [pa2, pb2], []),
     ok = call(A, macula_ct, watch, [BN, macula_restart_watch]),
     os:cmd("kill -9 " ++ Pid),
     timer:sleep(1000),
     #{fingerprint := Fp} = start_relay(Config, Dir, Port),
     ?assertEqual(maps:get(fingerprint, Relay), Fp),
     T0 = erlang:monotonic_time(millisecond),
-    Pong = fun Retry(0) -> pang;
-               Retry(N) -> case call(A, net_adm, ping, [BN]) of
-                               pong -> pong;
-                               pang -> timer:sleep(200), Retry(N - 1)
-                           end
-           end(150),
-    ?assertEqual(pong, Pong),
+    ?assert(retry(fun() -> call(A, net_adm, ping, [BN]) =:= pong end, 150, 200)),
     ct:pal("relay killed and restarted: first working ping ~b ms after the restart",
            [erlang:monotonic_time(millisecond) - T0]),
     ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, []])),
@@ -198,9 +200,7 @@ relay_killed_and_restarted(Config) ->
 relay_stopped_5s(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "relay_stop"),
     #{os_pid := RelayPid} = Relay = start_relay(Config, Dir, free_udp_port()),
-    {A, AN} = peer(pa5, Relay, []),
-    {B, BN} = peer(pb5, Relay, []),
-    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    {{A, AN}, {B, BN}} = connected_pair(Relay, Relay, [pa5, pb5], []),
     ok = call(A, macula_ct, watch, [BN, macula_stop_watch]),
     Self = self(),
     %% About 10 s of traffic: 500 messages of 16 KiB each way, 20 ms apart.
@@ -224,9 +224,7 @@ relay_stopped_5s(Config) ->
 stopped_receiver_bounds_memory(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "relay_mem"),
     #{os_pid := RelayPid} = Relay = start_relay(Config, Dir, free_udp_port()),
-    {A, _} = peer(pa3, Relay, []),
-    {B, BN} = peer(pb3, Relay, []),
-    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    {{A, _}, {B, BN}} = connected_pair(Relay, Relay, [pa3, pb3], []),
     APid = os_pid(A),
     BPid = os_pid(B),
     ok = call(B, macula_ct, checked_receiver, [macula_chk, 1000000]),
@@ -257,12 +255,7 @@ sigterm_with_relay_stopped(Config) ->
     timer:sleep(6000),
     T0 = erlang:monotonic_time(millisecond),
     os:cmd("kill -TERM " ++ APid),
-    Gone = fun Wait(0) -> false;
-               Wait(N) -> case alive(APid) of
-                              true -> timer:sleep(50), Wait(N - 1);
-                              false -> true
-                          end
-           end(200),
+    Gone = retry(fun() -> not alive(APid) end, 200, 50),
     Ms = erlang:monotonic_time(millisecond) - T0,
     os:cmd("kill -CONT " ++ RelayPid),
     ct:pal("SIGTERM with the relay stopped: the node exited after ~b ms", [Ms]),
