@@ -36,6 +36,14 @@ defmodule MaculaDist do
   end
 
   @doc """
+  Every relay connection of this node, in the order of its relays (empty
+  when the node does not run `-proto_dist macula`). Each status's
+  `:sessions` names the peers whose e2e session that relay carries now.
+  """
+  @spec relays() :: [map()]
+  def relays, do: :macula_dist.status()
+
+  @doc """
   The other nodes on this node's relay (its auth domain), which it may
   connect to; `[]` when the node does not run `-proto_dist macula`.
   With `-macula_dist autoconnect true` the node connects to them by itself.

@@ -20,7 +20,8 @@
 -module(macula_dist).
 
 -export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
-         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2, relay_nodes/0]).
+         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2, relay_nodes/0,
+         status/0]).
 -export([do_setup/6, do_accept/5, acceptor/1, controller/2, input_handler/3]).
 
 -include_lib("kernel/include/net_address.hrl").
@@ -77,18 +78,22 @@ ensure_client(Url, Node, Opts) ->
     end,
     macula_dist_sup:start_client(Url, Node, Opts).
 
-%% @doc The other nodes on this node's relay, which it may connect to (as
-%% atoms: names the authenticated relay gives, like nodes() does).
+%% @doc The other nodes on this node's relays, which it may connect to (as
+%% atoms: names the authenticated relays give, like nodes() does).
 -spec relay_nodes() -> [node()].
 relay_nodes() ->
-    case macula_dist_relay_client:whereis_client() of
-        undefined -> [];
-        Client ->
-            case macula_dist_relay_client:relay_nodes(Client) of
-                {ok, Names} -> [binary_to_atom(N, utf8) || N <- Names];
-                {error, _} -> []
-            end
-    end.
+    Names = [N || Client <- macula_dist_relay_client:clients(),
+                  {ok, Ns} <- [macula_dist_relay_client:relay_nodes(Client)], N <- Ns],
+    [binary_to_atom(N, utf8) || N <- lists:usort(Names)].
+
+%% @doc Every relay client's status, in the node's relay order. Each shows
+%% its relay (`relay_url', `connection', `rtt_us', ...) and the e2e
+%% sessions it carries now (`sessions': `#{peer, id, rtt_us}'), so the
+%% relay a connection uses is the one whose `sessions' name its peer.
+-spec status() -> [map()].
+status() ->
+    [S || Client <- macula_dist_relay_client:clients(),
+          S <- [catch macula_dist_relay_client:status(Client)], is_map(S)].
 
 creation() ->
     rand:uniform((1 bsl 32) - 5) + 3.
@@ -100,30 +105,37 @@ address() ->
 address(Host) ->
     #net_address{address = relay, host = Host, protocol = macula, family = inet}.
 
-%% net_kernel links to the acceptor. It watches the client: if the client
-%% goes (the relay connection ended), the acceptor exits, net_kernel calls
-%% accept/1 again, and the new acceptor waits for the keeper's next client
-%% and hands it the kernel.
+%% net_kernel links to the acceptor. It hands the kernel to every relay
+%% client: those running now, and each new one (a keeper's reconnect), which
+%% announces itself with `{macula_client_up, Client}' once identified.
 accept(_Client) ->
     spawn_opt(?MODULE, acceptor, [self()], [link, {priority, max}]).
 
 acceptor(Kernel) ->
-    case macula_dist_relay_client:whereis_client() of
-        Client when is_pid(Client) ->
-            Ref = monitor(process, Client),
-            try macula_dist_relay_client:set_kernel(Client, Kernel) of
-                ok -> receive {'DOWN', Ref, process, Client, Reason} -> exit({relay_client_down, Reason}) end
-            catch exit:_ ->
-                    demonitor(Ref, [flush]),
-                    retry_acceptor(Kernel)
-            end;
-        undefined ->
-            retry_acceptor(Kernel)
+    register_acceptor(50),
+    [hand_kernel(Client, Kernel) || Client <- macula_dist_relay_client:clients()],
+    accept_loop(Kernel).
+
+accept_loop(Kernel) ->
+    receive
+        {macula_client_up, Client} ->
+            hand_kernel(Client, Kernel),
+            accept_loop(Kernel)
     end.
 
-retry_acceptor(Kernel) ->
-    timer:sleep(100),
-    acceptor(Kernel).
+%% The acceptor of a net_kernel that just stopped may still hold the name.
+register_acceptor(Tries) ->
+    try register(macula_dist_acceptor, self())
+    catch error:badarg when Tries > 0 ->
+            timer:sleep(20),
+            register_acceptor(Tries - 1)
+    end.
+
+%% A client that stopped meanwhile is skipped: its successor announces itself.
+hand_kernel(Client, Kernel) ->
+    try macula_dist_relay_client:set_kernel(Client, Kernel)
+    catch exit:_ -> ok
+    end.
 
 close(_Client) ->
     macula_dist_sup:stop_client().
@@ -151,9 +163,9 @@ setup(Node, Type, MyNode, LongOrShortNames, SetupTime) ->
 
 do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
-    case is_node_name(Node) andalso macula_dist_relay_client:whereis_client() of
-        Client when is_pid(Client) ->
-            case macula_dist_relay_client:request_tunnel(Client, atom_to_binary(Node, utf8)) of
+    case is_node_name(Node) andalso macula_dist_relay_client:clients() of
+        [_ | _] = Clients ->
+            case request_tunnel(Clients, atom_to_binary(Node, utf8), []) of
                 {ok, _ConnRef, Tunnel} ->
                     Ctrl = start_controller(Tunnel, undefined),
                     HSData = (hs_data(Ctrl, Tunnel))#hs_data{
@@ -166,8 +178,27 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
             end;
         false ->
             ?shutdown2(Node, bad_node_name);
-        undefined ->
+        [] ->
             ?shutdown2(Node, no_relay_client)
+    end.
+
+%% Through the node's relays in order: the first that has the target gives
+%% the tunnel. None has it: `no_relay_in_common', logged (net_kernel sends
+%% no nodedown for a connection that never came up). Else the first
+%% relay's error.
+request_tunnel([Client | Rest], Target, Errors) ->
+    case macula_dist_relay_client:request_tunnel(Client, Target) of
+        {ok, _, _} = Ok -> Ok;
+        {error, _} = Error -> request_tunnel(Rest, Target, [Error | Errors])
+    end;
+request_tunnel([], Target, Errors) ->
+    case lists:usort(Errors) of
+        [{error, {tunnel_error, target_not_connected}}] ->
+            logger:warning("macula_dist: no relay in common with ~ts: it is on none of the "
+                           "~b relay(s) this node is on", [Target, length(Errors)]),
+            {error, no_relay_in_common};
+        _ ->
+            lists:last(Errors)
     end.
 
 accept_connection(_AcceptPid, Tunnel, MyNode, Allowed, SetupTime) ->

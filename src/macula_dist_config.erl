@@ -6,7 +6,7 @@
 -define(DEFAULT_PORT, 4434).
 -define(DEFAULTS, #{tunnel => e2e, congestion => cubic,
                     connect_timeout => 10000, tunnel_timeout => 10000,
-                    idle_timeout => 4000, keep_alive => 1000}).
+                    idle_timeout => 2000, keep_alive => 500}).
 
 default_port() -> ?DEFAULT_PORT.
 

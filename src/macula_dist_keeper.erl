@@ -1,7 +1,10 @@
-%% @doc Keeps the node's relay client running under -proto_dist macula.
+%% @doc Keeps one of the node's relay clients running under -proto_dist
+%% macula (one keeper per relay; the client is registered as `Name').
 %%
 %% The first connection is made while `macula_dist:listen/2' waits, so a
-%% wrong relay or configuration fails the boot with its reason. After that,
+%% wrong relay or configuration fails the boot with its reason. A node with
+%% several relays boots with those that answer (`optional'): a keeper whose
+%% relay did not answer reports why and keeps trying. After that,
 %% when the relay connection ends (the client stops with `{relay_closed, _}'),
 %% the keeper connects again, with backoff, for as long as it takes: a relay
 %% outage costs the node its connections, never the node itself (net_kernel's
@@ -9,22 +12,29 @@
 %% down with it).
 -module(macula_dist_keeper).
 
--export([start_link/3]).
--export([init/4]).
+-export([start_link/5]).
+-export([init/6]).
 
 -define(MIN_BACKOFF, 100).
 -define(MAX_BACKOFF, 5000).
 
--spec start_link(string() | binary() | [string() | binary()], binary(), map()) -> {ok, pid()} | {error, term()}.
-start_link(Url, Node, Opts) ->
-    proc_lib:start_link(?MODULE, init, [self(), Url, Node, Opts]).
+%% Returns `{ok, Pid, connected}', or, `optional', `{ok, Pid, {error, Why}}'
+%% while it keeps trying.
+-spec start_link(atom(), string() | binary(), binary(), map(), required | optional) ->
+          {ok, pid(), connected | {error, term()}} | {error, term()}.
+start_link(Name, Url, Node, Opts, Mode) ->
+    proc_lib:start_link(?MODULE, init, [self(), Name, Url, Node, Opts, Mode]).
 
-init(Parent, Url, Node, Opts) ->
+init(Parent, Name, Url, Node, Opts, Mode) ->
     process_flag(trap_exit, true),
-    case macula_dist_relay_client:start_link(Url, Node, Opts) of
+    Args = {Name, Url, Node, Opts},
+    case macula_dist_relay_client:start_link(Name, Url, Node, Opts) of
         {ok, Client} ->
-            proc_lib:init_ack(Parent, {ok, self()}),
-            watch(Parent, Client, {Url, Node, Opts});
+            proc_lib:init_ack(Parent, {ok, self(), connected}),
+            watch(Parent, Client, Args);
+        {error, Reason} when Mode =:= optional ->
+            proc_lib:init_ack(Parent, {ok, self(), {error, Reason}}),
+            reconnect(Parent, Args, ?MIN_BACKOFF);
         {error, Reason} ->
             proc_lib:init_ack(Parent, {error, Reason}),
             exit(normal)
@@ -53,11 +63,11 @@ watch(Parent, Client, Args) ->
             reconnect(Parent, Args, ?MIN_BACKOFF)
     end.
 
-reconnect(Parent, {Url, Node, Opts} = Args, Backoff) ->
+reconnect(Parent, {Name, Url, Node, Opts} = Args, Backoff) ->
     receive
         {'EXIT', Parent, Reason} -> exit(Reason)
     after Backoff ->
-            case start_client(Url, Node, Opts) of
+            case start_client(Name, Url, Node, Opts) of
                 {ok, Client} ->
                     logger:notice("macula_dist: connected to relay ~p again", [Url]),
                     watch(Parent, Client, Args);
@@ -72,9 +82,9 @@ reconnect(Parent, {Url, Node, Opts} = Args, Backoff) ->
 %% down or stopped). Meanwhile the keeper does not trap exits, so a
 %% shutdown (the node stopping) ends it at once, and the client that is
 %% still connecting with it, instead of waiting for the attempt.
-start_client(Url, Node, Opts) ->
+start_client(Name, Url, Node, Opts) ->
     process_flag(trap_exit, false),
-    Started = macula_dist_relay_client:start_link(Url, Node, Opts),
+    Started = macula_dist_relay_client:start_link(Name, Url, Node, Opts),
     process_flag(trap_exit, true),
     Started.
 

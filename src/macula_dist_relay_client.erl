@@ -24,8 +24,8 @@
 -module(macula_dist_relay_client).
 -behaviour(gen_server).
 
--export([start_link/2, start_link/3, request_tunnel/2, close_tunnel/2, set_kernel/2,
-         status/1, whereis_client/0, relay_nodes/1]).
+-export([start_link/2, start_link/3, start_link/4, request_tunnel/2, close_tunnel/2,
+         set_kernel/2, status/1, whereis_client/0, clients/0, client_name/1, relay_nodes/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
@@ -45,20 +45,33 @@ start_link(RelayUrl, NodeName) ->
 %% makes sense: a node connects to exactly one dist relay for its cluster
 %% traffic.
 -spec start_link(binary() | string() | [binary() | string()], binary(), map()) -> {ok, pid()} | {error, term()}.
-start_link(RelayUrl, NodeName, Opts) when is_map(Opts) ->
+start_link(RelayUrl, NodeName, Opts) ->
+    start_link(?MODULE, RelayUrl, NodeName, Opts).
+
+%% @doc As `start_link/3', registered as `Name': a node with several relays
+%% runs one client per relay (see `client_name/1').
+-spec start_link(atom(), binary() | string() | [binary() | string()], binary(), map()) ->
+          {ok, pid()} | {error, term()}.
+start_link(Name, RelayUrl, NodeName, Opts) when is_atom(Name), is_map(Opts) ->
     case macula_dist_config:client_opts(RelayUrl, NodeName, maps:merge(app_opts(), Opts)) of
         {ok, NifOpts} ->
             %% The node shows the relay a key derived from its cookie (or
             %% the key in key_file): its name is then that key's.
             Cookie = maps:get(cookie, Opts, undefined),
             Keyed = NifOpts#{relay_cookie => cookie(Cookie, NodeName)},
-            gen_server:start_link({local, ?MODULE}, ?MODULE,
+            gen_server:start_link({local, Name}, ?MODULE,
                                   {url_text(RelayUrl), Keyed, Cookie}, []);
         {error, _} = Error ->
             Error
     end;
-start_link(_RelayUrl, _NodeName, Opts) ->
+start_link(_Name, _RelayUrl, _NodeName, Opts) ->
     {error, {bad_options, Opts}}.
+
+%% @doc The registered name of the client for the node's `N'th relay.
+-spec client_name(pos_integer()) -> atom().
+client_name(1) -> ?MODULE;
+client_name(N) when is_integer(N), N > 1 ->
+    list_to_atom("macula_dist_relay_client_" ++ integer_to_list(N)).
 
 url_text([First | _]) when is_list(First); is_binary(First) -> url_text(First);
 url_text(Url) -> unicode:characters_to_binary(Url).
@@ -159,10 +172,20 @@ set_kernel(Client, Kernel) when is_pid(Kernel) ->
 status(Client) ->
     gen_server:call(Client, status).
 
-%% @doc Locate the registered client, if any.
+%% @doc Locate the registered client, if any: with several relays, the
+%% client of the first relay that has one now.
 -spec whereis_client() -> pid() | undefined.
 whereis_client() ->
-    whereis(?MODULE).
+    case clients() of
+        [Client | _] -> Client;
+        [] -> undefined
+    end.
+
+%% @doc The node's running relay clients, in the order of its relays.
+-spec clients() -> [pid()].
+clients() ->
+    Names = persistent_term:get({macula_dist, relay_clients}, [?MODULE]),
+    [Pid || Name <- Names, Pid <- [whereis(Name)], is_pid(Pid)].
 
 call(Client, Request) ->
     try gen_server:call(Client, Request)
@@ -180,6 +203,9 @@ init({Url, #{node := Node, connect_timeout := ConnectTimeout,
         {ok, Client} ->
             receive
                 {macula_client, identified} ->
+                    %% Distribution's acceptor hands every new client the kernel.
+                    _ = [A ! {macula_client_up, self()} || A <- [whereis(macula_dist_acceptor)],
+                                                           is_pid(A)],
                     {ok, #state{client = Client, url = Url, node = Node,
                                 tunnel_timeout = TunnelTimeout, cookie = Cookie}};
                 {macula_client, {connect_failed, Reason}} ->

@@ -11,19 +11,51 @@
 start_link() ->
     supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 
-%% The client runs under a keeper that connects again whenever the relay
-%% connection ends (and net_kernel's acceptor hands it the kernel again).
+%% One client per relay, each under a keeper that connects again whenever
+%% its relay connection ends (and net_kernel's acceptor hands each new
+%% client the kernel). One relay: it must answer now. Several: the node
+%% starts with those that answer, unless one refuses it (its name is
+%% taken there, say), and the keepers of the others keep trying.
 -spec start_client(binary() | string() | [binary() | string()], binary(), map()) -> {ok, pid()} | {error, term()}.
-start_client(Url, Node, Opts) ->
-    Spec = #{id => macula_dist_keeper,
-             start => {macula_dist_keeper, start_link, [Url, Node, Opts]},
+start_client(Urls, Node, Opts) ->
+    stop_client(),
+    List = urls(Urls),
+    Mode = case List of [_] -> required; _ -> optional end,
+    Names = [macula_dist_relay_client:client_name(I) || I <- lists:seq(1, length(List))],
+    persistent_term:put({macula_dist, relay_clients}, Names),
+    Started = [start_keeper(I, Name, Url, Node, Opts, Mode)
+               || {I, Name, Url} <- lists:zip3(lists:seq(1, length(List)), Names, List)],
+    case booted(List, Started) of
+        {ok, _} = Ok -> Ok;
+        {error, _} = Error -> stop_client(), Error
+    end.
+
+urls([First | _] = Urls) when is_list(First); is_binary(First) -> Urls;
+urls(Url) -> [Url].
+
+start_keeper(I, Name, Url, Node, Opts, Mode) ->
+    Spec = #{id => {macula_dist_keeper, I},
+             start => {macula_dist_keeper, start_link, [Name, Url, Node, Opts, Mode]},
              restart => transient, shutdown => 10000, type => worker},
-    _ = supervisor:delete_child(?MODULE, macula_dist_keeper),
     case supervisor:start_child(?MODULE, Spec) of
-        {ok, Pid} -> {ok, Pid};
-        {error, {already_started, Pid}} -> {ok, Pid};
+        {ok, Pid, connected} -> {ok, Pid};
+        {ok, Pid, {error, Reason}} -> {waiting, Pid, Reason};
         {error, {Reason, _Child}} -> {error, Reason};
         {error, _} = Error -> Error
+    end.
+
+%% The node is up when one relay took it and none refused it.
+booted(Urls, Started) ->
+    Failed = [{Url, Why} || {Url, {W, _, Why}} <- lists:zip(Urls, Started), W =:= waiting]
+        ++ [{Url, Why} || {Url, {error, Why}} <- lists:zip(Urls, Started)],
+    Refused = [Why || {_, {refused, _} = Why} <- Failed],
+    Up = [Pid || {ok, Pid} <- Started],
+    [logger:warning("macula_dist: relay ~ts not joined yet (~p); trying again in the background",
+                    [Url, Why]) || Up =/= [], Refused =:= [], {Url, Why} <- Failed],
+    case {Up, Refused, Failed} of
+        {[First | _], [], _} -> {ok, First};
+        {_, [Why | _], _} -> {error, Why};
+        {[], [], [{_, Why} | _]} -> {error, Why}
     end.
 
 %% `-macula_dist autoconnect true': connect to the relay's other nodes as
@@ -39,8 +71,11 @@ start_autoconnect() ->
     end.
 
 stop_client() ->
-    _ = supervisor:terminate_child(?MODULE, macula_dist_keeper),
-    _ = supervisor:delete_child(?MODULE, macula_dist_keeper),
+    Keepers = [Id || {{macula_dist_keeper, _} = Id, _, _, _} <- supervisor:which_children(?MODULE)],
+    [begin
+         _ = supervisor:terminate_child(?MODULE, Id),
+         _ = supervisor:delete_child(?MODULE, Id)
+     end || Id <- Keepers],
     ok.
 
 init([]) ->

@@ -9,7 +9,10 @@
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
-         checked_send/4, checked_send/5, checked_receiver/2, checked_result/2]).
+         checked_send/4, checked_send/5, checked_receiver/2, checked_result/2,
+         capture_log/0, logged/1]).
+%% logger handler callback (capture_log/0).
+-export([log/2]).
 
 start_relay() -> start_relay(#{}).
 
@@ -166,11 +169,12 @@ node_name(Name) -> list_to_atom(atom_to_list(Name) ++ "@" ++ host()).
 
 %% Command-line arguments for a node that joins the relay (pinning its
 %% certificate unless the fingerprint is `none').
+%% `url' and `fingerprint' may be lists: a node on several relays.
 peer_args(#{url := Url, fingerprint := Pin} = Info, Extra) ->
     Paths = lists:append([["-pa", D] || D <- code:get_path(), is_project_path(D)]),
     Trust = case Pin of
                 none -> [];
-                _ -> ["-macula_dist", "pin_sha256", "\"" ++ binary_to_list(Pin) ++ "\""]
+                _ -> ["-macula_dist", "pin_sha256", term_arg(Pin)]
             end,
     %% `tunnel' in Info: the mode (e2e or stream) to ask for.
     Mode = case Info of
@@ -178,8 +182,13 @@ peer_args(#{url := Url, fingerprint := Pin} = Info, Extra) ->
                _ -> []
            end,
     ["-proto_dist", "macula", "-no_epmd",
-     "-macula_dist", "relay", "\"" ++ binary_to_list(Url) ++ "\"",
+     "-macula_dist", "relay", term_arg(Url),
      "-setcookie", "macula_ct_cookie"] ++ Trust ++ Mode ++ Paths ++ Extra.
+
+%% A binary, or a list of them, as an Erlang string term for -macula_dist.
+term_arg(Bin) when is_binary(Bin) -> "\"" ++ binary_to_list(Bin) ++ "\"";
+term_arg(List) when is_list(List) ->
+    lists:flatten(["[", lists:join(",", [term_arg(B) || B <- List]), "]"]).
 
 is_project_path(Dir) ->
     string:find(Dir, "_build") =/= nomatch.
@@ -322,3 +331,31 @@ check_failed(Reason) ->
 checked_result(Name, Timeout) ->
     whereis(Name) ! {result, self()},
     receive {checked, Result} -> Result after Timeout -> timeout end.
+
+%% Keeps this node's log messages from now on, for logged/1.
+capture_log() ->
+    Keeper = spawn(fun() -> log_keeper([]) end),
+    true = register(macula_ct_log, Keeper),
+    logger:add_handler(macula_ct_log, ?MODULE, #{}).
+
+log(#{msg := Msg}, _Config) ->
+    Text = case Msg of
+               {string, S} -> S;
+               {report, R} -> io_lib:format("~p", [R]);
+               {Format, Args} -> io_lib:format(Format, Args)
+           end,
+    catch macula_ct_log ! {log, unicode:characters_to_binary(Text)},
+    ok.
+
+log_keeper(Logs) ->
+    receive
+        {log, Text} -> log_keeper([Text | Logs]);
+        {get, From} -> From ! {logs, lists:reverse(Logs)}, log_keeper(Logs)
+    end.
+
+%% The kept log messages that contain Part.
+logged(Part) ->
+    macula_ct_log ! {get, self()},
+    receive {logs, Logs} -> [L || L <- Logs, binary:match(L, Part) =/= nomatch]
+    after 5000 -> error(no_log_keeper)
+    end.

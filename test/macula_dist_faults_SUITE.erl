@@ -7,8 +7,8 @@
 %%
 %% E2e sessions outlive their relay connection: when the relay stops
 %% answering or restarts, the nodes connect again and claim their sessions
-%% back, and the connections between them carry on. What needs several
-%% relays (a session moving to another) is not here yet.
+%% back, and the connections between them carry on. Nodes on several
+%% relays move a session to another relay when its own dies.
 -module(macula_dist_faults_SUITE).
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
@@ -16,14 +16,15 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
          end_per_testcase/2]).
 -export([lossy_link_delivers_everything/1, relay_killed_and_restarted/1, relay_stopped_5s/1,
-         stopped_receiver_bounds_memory/1, sigterm_with_relay_stopped/1]).
+         stopped_receiver_bounds_memory/1, sigterm_with_relay_stopped/1,
+         one_of_two_relays_killed/1, no_relay_in_common/1]).
 
 suite() -> [{timetrap, {minutes, 4}}].
 
 all() ->
     [lossy_link_delivers_everything, relay_killed_and_restarted, relay_stopped_5s,
-     stopped_receiver_bounds_memory,
-     sigterm_with_relay_stopped].
+     stopped_receiver_bounds_memory, sigterm_with_relay_stopped, one_of_two_relays_killed,
+     no_relay_in_common].
 
 init_per_suite(Config) ->
     Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
@@ -261,3 +262,61 @@ sigterm_with_relay_stopped(Config) ->
     ct:pal("SIGTERM with the relay stopped: the node exited after ~b ms", [Ms]),
     ?assert(Gone),
     ?assert(Ms =< 2000).
+
+%% The relay list of a node on all of Relays (each pinned).
+on_relays(Relays) ->
+    #{url => [U || #{url := U} <- Relays], fingerprint => [F || #{fingerprint := F} <- Relays]}.
+
+%% The relay (its URL) whose client carries Peer's session, per status.
+relay_of(P, Peer) ->
+    Name = atom_to_binary(Peer, utf8),
+    [Url || #{relay_url := Url, sessions := Ss} <- call(P, macula_dist, status, []),
+            #{peer := N} <- Ss, N =:= Name].
+
+%% Two nodes on the same two relays, checked traffic both ways; the relay
+%% that carries their session (the first, in both lists) is killed (kill
+%% -9) mid-transfer. The session moves to the other relay: no nodedown,
+%% everything arrives once, in order, intact. The stall (kill to a working
+%% call) is logged.
+one_of_two_relays_killed(Config) ->
+    Dir = ?config(priv_dir, Config),
+    #{os_pid := Pid1, url := Url1} = R1 = start_relay(Config, filename:join(Dir, "r1"), free_udp_port()),
+    #{url := Url2} = R2 = start_relay(Config, filename:join(Dir, "r2"), free_udp_port()),
+    Both = on_relays([R1, R2]),
+    {{A, AN}, {B, BN}} = connected_pair(Both, Both, [pa6, pb6], []),
+    ?assertMatch([#{relay_url := Url1, connection := connected},
+                  #{relay_url := Url2, connection := connected}], call(A, macula_dist, status, [])),
+    ?assertEqual([Url1], relay_of(A, BN)),
+    ok = call(A, macula_ct, watch, [BN, macula_failover_watch]),
+    Self = self(),
+    %% About 10 s of traffic: 500 messages of 16 KiB each way, 20 ms apart.
+    Traffic = spawn_link(fun() -> Self ! {traffic, checked_both_ways(A, AN, B, BN, 500, 16 * 1024, 20)} end),
+    timer:sleep(1500),
+    T0 = erlang:monotonic_time(millisecond),
+    os:cmd("kill -9 " ++ Pid1),
+    ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, [], 30000])),
+    Stall = erlang:monotonic_time(millisecond) - T0,
+    Results = receive {traffic, R} -> R after 90000 -> error({no_traffic_result, Traffic}) end,
+    ct:pal("one of two relays killed mid-transfer: first call through the other relay "
+           "answered ~b ms after the kill; checked traffic: ~p", [Stall, Results]),
+    [?assertMatch({ok, 500, _, _}, R) || R <- Results],
+    ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_failover_watch, 100}])),
+    ?assertEqual([BN], call(A, erlang, nodes, [])),
+    ?assertEqual([Url2], relay_of(A, BN)),
+    ?assertEqual([Url2], relay_of(B, AN)).
+
+%% A node on relay 1 and a node on relay 2 cannot reach each other: the
+%% connection fails with no_relay_in_common, and the node says so in its
+%% log; a node on both relays reaches each of them.
+no_relay_in_common(Config) ->
+    Dir = ?config(priv_dir, Config),
+    R1 = start_relay(Config, filename:join(Dir, "c1"), free_udp_port()),
+    R2 = start_relay(Config, filename:join(Dir, "c2"), free_udp_port()),
+    {A, _} = peer(pa7, R1, []),
+    {_, BN} = peer(pb7, R2, []),
+    {C, _} = peer(pc7, on_relays([R1, R2]), []),
+    ok = call(A, macula_ct, capture_log, []),
+    ?assertEqual(pang, call(A, net_adm, ping, [BN])),
+    ?assertMatch([_ | _], call(A, macula_ct, logged, [<<"no relay in common with pb7@">>])),
+    ?assertEqual(pong, call(C, net_adm, ping, [BN])),
+    ?assertEqual(pong, call(C, net_adm, ping, [call(A, erlang, node, [])])).

@@ -41,6 +41,8 @@ defmodule MaculaDistTest do
         assert {:ok, %{connection: :connected, active_tunnels: 1}} =
                  :peer.call(a, MaculaDist, :status, [])
 
+        assert [%{connection: :connected}] = :peer.call(a, MaculaDist, :relays, [])
+
         :ok = :peer.call(a, TestPeer, :watch, [b_node])
         :peer.stop(b)
         assert :peer.call(a, TestPeer, :watch_result, [], 60_000) == :nodedown

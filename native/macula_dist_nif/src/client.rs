@@ -292,6 +292,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         refused_sessions: AtomicU64::new(0),
         shutdown: CancellationToken::new(),
     });
+    keep::join(&opts.node, &client);
     runtime().spawn(run(client.clone(), opts, config, transport));
     Ok(client)
 }
@@ -372,13 +373,10 @@ async fn connect(
         .map_err(|e| ConnectError::Unreachable(format!("resolving {}: {e}", opts.host)))?
         .next()
         .ok_or_else(|| ConnectError::Unreachable(format!("{} has no address", opts.host)))?;
-    // The node's sessions that outlived its last relay connection run on
-    // that client's endpoint: connect from it, so the relay sees the node
-    // at the same address.
-    let node_endpoint = match keep::endpoint(&client.node) {
-        Some(endpoint) => endpoint,
-        None => Arc::new(bind_endpoint(addr).map_err(ConnectError::Unreachable)?),
-    };
+    // All of the node's clients connect from one endpoint: its sessions
+    // outlive a relay connection, and move between relays, on its socket.
+    let node_endpoint = keep::endpoint(&client.node, addr.is_ipv6(), || bind_endpoint(addr))
+        .map_err(ConnectError::Unreachable)?;
     let endpoint = &node_endpoint.endpoint;
     // An IP-literal URL is checked against the certificate's IP SANs (in
     // CA mode; a pin names one certificate whatever its names).
@@ -775,47 +773,55 @@ impl Client {
         true
     }
 
-    /// Sessions of this node's previous relay connection: claim each back
-    /// at the relay, and track it as this client's.
+    /// Sessions that waited for a client of this node (its relays were
+    /// all lost): claim them at this one's relay.
     fn claim_kept_sessions(self: &Arc<Self>) {
         let kept = keep::take(&self.node);
         if kept.is_empty() {
             return;
         }
-        let mut state = self.lock();
-        let (Some(tx), true) = (state.control.clone(), self.path.get().is_some()) else {
-            drop(state);
-            for (_, s) in kept {
+        if let Err(unclaimed) = self.adopt(kept) {
+            for (_, s) in unclaimed {
                 s.conn.close(0u32.into(), b"relay without e2e sessions");
             }
-            return;
+        }
+    }
+
+    /// Takes sessions another relay connection of this node carried: each
+    /// is claimed at this client's relay (`sess_keep`) and routed there.
+    /// Gives them back if this client cannot carry e2e sessions now.
+    pub fn adopt(&self, sessions: keep::Sessions) -> Result<(), keep::Sessions> {
+        let mut state = self.lock();
+        let (Some(tx), Some(path), Phase::Connected) =
+            (state.control.clone(), self.path.get(), state.phase)
+        else {
+            return Err(sessions);
         };
         let now = Instant::now();
-        for (tunnel, mut s) in kept {
+        for (tunnel, mut s) in sessions {
             let claim = Message::SessionKeep {
                 tunnel,
                 bind: s.bind,
                 peer: s.peer.clone(),
             };
             if tx.try_send(claim).is_err() {
-                s.conn.close(0u32.into(), b"relay connection lost");
+                s.conn.close(0u32.into(), b"relay control queue full");
                 continue;
             }
+            path.socket.reroute(&s.conn.remote_address(), path.relay);
             s.claimed_at = Some(now);
-            let conn = s.conn.clone();
             state.sessions.insert(tunnel, s);
-            let client = Arc::downgrade(self);
-            runtime().spawn(async move {
-                conn.closed().await;
-                if let Some(client) = client.upgrade() {
-                    client.untrack_session(&tunnel);
-                }
-            });
         }
+        Ok(())
     }
 
-    pub fn untrack_session(&self, tunnel: &TunnelId) {
-        self.lock().sessions.remove(tunnel);
+    /// Forgets a session; true if this client held it.
+    pub fn untrack_session(&self, tunnel: &TunnelId) -> bool {
+        self.lock().sessions.remove(tunnel).is_some()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.lock().phase == Phase::Connected
     }
 
     /// An outbound e2e session could not be made.
@@ -947,31 +953,32 @@ impl Client {
         }
     }
 
-    /// The relay connection is gone: every request fails, every tunnel closes.
+    /// The relay connection is gone: every request fails, every stream
+    /// tunnel closes, and e2e sessions move to another relay.
     fn closed(&self, why: &str) {
-        let drained = {
+        let (drained, sessions) = {
             let mut state = self.lock();
             state.phase = Phase::Closed;
             state.control = None;
             for (t, _) in state.waiting.drain(..) {
                 t.0.close(false);
             }
-            // The relay is lost, not this node: its sessions' connections
-            // go on, and wait for the node's next client to claim them back
-            // (see keep.rs). A client stopped closes them.
             let sessions: Vec<_> = state.sessions.drain().collect();
-            match self.endpoint.get() {
-                Some(endpoint) if !self.shutdown.is_cancelled() => {
-                    keep::leave(&self.node, endpoint.clone(), sessions)
-                }
-                _ => {
-                    for (_, s) in sessions {
-                        s.conn.close(0u32.into(), b"relay connection closed");
-                    }
+            (state.matcher.drain("relay_closed"), sessions)
+        };
+        // The relay is lost, not this node: its sessions' connections go
+        // on, through another relay of the node's or its next client (see
+        // keep.rs). A client stopped closes them.
+        match self.endpoint.get() {
+            Some(endpoint) if !self.shutdown.is_cancelled() => {
+                keep::leave(self, endpoint.clone(), sessions)
+            }
+            _ => {
+                for (_, s) in sessions {
+                    s.conn.close(0u32.into(), b"relay connection closed");
                 }
             }
-            state.matcher.drain("relay_closed")
-        };
+        }
         for m in drained {
             if let Matched::Failed { request, .. } = m {
                 reply(&request, |env| {
@@ -992,9 +999,25 @@ impl Client {
         let connected = state.phase == Phase::Connected;
         let pending = state.matcher.pending_count();
         let kernel_set = state.kernel.is_some();
+        // The e2e sessions this relay carries now, by peer.
+        let peers: Vec<Term> = state
+            .sessions
+            .iter()
+            .map(|(tunnel, s)| {
+                let pairs = [
+                    (atoms::peer().encode(env), s.peer.as_str().encode(env)),
+                    (atoms::id().encode(env), tunnel.to_string().encode(env)),
+                    (
+                        atoms::rtt_us().encode(env),
+                        (s.conn.rtt().as_micros() as u64).encode(env),
+                    ),
+                ];
+                Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+            })
+            .collect();
         drop(state);
         let (mode, sessions) = match self.path.get() {
-            Some(path) => (atoms::e2e(), path.socket.session_count()),
+            Some(_) => (atoms::e2e(), peers.len()),
             None => (atoms::stream(), 0),
         };
         let (rtt_us, bytes_in, bytes_out) = match self.conn.get() {
@@ -1030,6 +1053,7 @@ impl Client {
                 },
             ),
             (atoms::e2e_sessions().encode(env), sessions.encode(env)),
+            (atoms::sessions().encode(env), peers.encode(env)),
             (
                 atoms::session_identity().encode(env),
                 match self.cluster {

@@ -20,6 +20,7 @@ use tokio::time::timeout;
 
 use crate::atoms;
 use crate::client::{read_prefix, Client};
+use crate::keep;
 use crate::runtime::{runtime, InboundTable};
 use crate::tunnel::Streams;
 
@@ -259,7 +260,7 @@ fn watch(
     if !client.track_session(tunnel, &conn, bind, peer) {
         conn.close(0u32.into(), b"relay connection closed");
     }
-    let client = Arc::downgrade(client);
+    let node = client.node().to_owned();
     let socket = path.socket.clone();
     runtime().spawn(async move {
         conn.closed().await;
@@ -268,9 +269,8 @@ fn watch(
         // had time to get there.
         tokio::time::sleep(SESSION_DRAIN).await;
         socket.remove_session(&vaddr);
-        if let Some(client) = client.upgrade() {
-            client.untrack_session(&tunnel);
-            client.discard(tunnel);
-        }
+        // The client holding it now: the one that opened it, or another
+        // that took it over when that one's relay went.
+        keep::session_closed(&node, &tunnel);
     });
 }

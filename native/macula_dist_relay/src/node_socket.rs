@@ -90,6 +90,12 @@ impl NodeSocket {
         lock(&self.paths).remove(vaddr)
     }
 
+    /// Sends a session through another relay from now on (see
+    /// [`Paths::reroute`]); false if the session is gone.
+    pub fn reroute(&self, vaddr: &SocketAddr, relay: SocketAddr) -> bool {
+        lock(&self.paths).reroute(vaddr, relay)
+    }
+
     pub fn route(&self, vaddr: &SocketAddr) -> Option<Route> {
         lock(&self.paths).route(vaddr).copied()
     }

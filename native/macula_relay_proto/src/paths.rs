@@ -105,6 +105,22 @@ impl Paths {
         self.routes.get(vaddr)
     }
 
+    /// Moves a session to another relay (failover): its virtual address,
+    /// and so its QUIC connection, stay the same. False if it is gone.
+    pub fn reroute(&mut self, vaddr: &SocketAddr, relay: SocketAddr) -> bool {
+        let Some(route) = self.routes.get_mut(vaddr) else {
+            return false;
+        };
+        let old = (route.relay, route.session);
+        route.relay = relay;
+        let new = (relay, route.session);
+        if self.inbound.get(&old) == Some(vaddr) {
+            self.inbound.remove(&old);
+        }
+        self.inbound.insert(new, *vaddr);
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }
@@ -173,6 +189,20 @@ mod tests {
             assert_eq!(p.inbound(relay(), 1), None);
             assert_eq!(p.len(), 1);
         }
+    }
+
+    #[test]
+    fn a_rerouted_session_keeps_its_address_and_hears_only_its_new_relay() {
+        let other = SocketAddr::from(([127, 0, 0, 2], 4434));
+        let mut p = Paths::new(false);
+        let (v1, _) = p.add(route(1));
+        assert!(p.reroute(&v1, other));
+        assert_eq!(p.route(&v1).map(|r| r.relay), Some(other));
+        assert_eq!(p.inbound(other, 1), Some(v1));
+        assert_eq!(p.inbound(relay(), 1), None);
+        assert_eq!(p.remove(&v1).map(|r| r.relay), Some(other));
+        assert_eq!(p.inbound(other, 1), None);
+        assert!(!p.reroute(&v1, relay()));
     }
 
     #[test]
