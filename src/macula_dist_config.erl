@@ -4,7 +4,7 @@
 -export([parse_url/1, client_opts/3, default_port/0, boot_config/0, boot_config/3]).
 
 -define(DEFAULT_PORT, 4434).
--define(DEFAULTS, #{tunnel => e2e, congestion => cubic,
+-define(DEFAULTS, #{tunnel => e2e, congestion => cubic, direct => true,
                     connect_timeout => 10000, tunnel_timeout => 10000,
                     idle_timeout => 2000, keep_alive => 500}).
 
@@ -88,6 +88,8 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
                                    cluster_ca => text(maps:get(cluster_ca, All, <<>>)),
                                    node_cert => text(maps:get(node_cert, All, <<>>)),
                                    node_key => text(maps:get(node_key, All, <<>>)),
+                                   direct => maps:get(direct, All),
+                                   advertise => advertise(maps:get(advertise, All, [])),
                                    relay_cookie => <<>>})
               end);
 client_opts(_Url, _Node, Opts) ->
@@ -131,6 +133,12 @@ check_opts([{cluster_ca, V} | Rest]) when is_binary(V); is_list(V) -> check_opts
 check_opts([{node_cert, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{node_key, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{autoconnect, V} | Rest]) when is_boolean(V) -> check_opts(Rest);
+check_opts([{direct, V} | Rest]) when is_boolean(V) -> check_opts(Rest);
+check_opts([{advertise, V} | Rest]) when is_binary(V); is_list(V) ->
+    case [A || A <- pins(V), not is_address(A)] of
+        [] -> check_opts(Rest);
+        [Bad | _] -> {error, {bad_option, {advertise, Bad}}}
+    end;
 check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, cubic} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, bbr} | Rest]) -> check_opts(Rest);
@@ -160,6 +168,17 @@ is_pin(Pin) when is_binary(Pin) ->
                   binary_to_list(Hex));
 is_pin(_) ->
     false.
+
+%% An `ip:port' (IPv6 in brackets) to advertise for direct paths.
+is_address(A) ->
+    case parse_url(A) of
+        {ok, {Host, _Port}} -> element(1, inet:parse_address(Host)) =:= ok;
+        {error, _} -> false
+    end.
+
+%% Advertised addresses go to the NIF as one comma-separated binary.
+advertise([]) -> <<>>;
+advertise(V) -> iolist_to_binary(lists:join(<<",">>, [text(A) || A <- pins(V)])).
 
 %% The relay is verified unless the user says otherwise, explicitly.
 trust(#{pin_sha256 := Pin}, Nif) ->
@@ -204,6 +223,8 @@ boot_config() ->
                     {node_cert, "MACULA_DIST_NODE_CERT", string},
                     {node_key, "MACULA_DIST_NODE_KEY", string},
                     {autoconnect, "MACULA_DIST_AUTOCONNECT", atom},
+                    {direct, "MACULA_DIST_DIRECT", atom},
+                    {advertise, "MACULA_DIST_ADVERTISE", list},
                     {connect_timeout, "MACULA_DIST_CONNECT_TIMEOUT", integer},
                     {tunnel_timeout, "MACULA_DIST_TUNNEL_TIMEOUT", integer},
                     {idle_timeout, "MACULA_DIST_IDLE_TIMEOUT", integer},

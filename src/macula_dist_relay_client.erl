@@ -30,7 +30,7 @@
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
                    idle_timeout, keep_alive, tunnel, congestion, key_file, cluster_ca, node_cert,
-                   node_key]).
+                   node_key, direct, advertise]).
 
 -record(state, {client :: reference(), url :: binary(), node :: binary(),
                 tunnel_timeout :: pos_integer(),

@@ -13,7 +13,8 @@
          missing_relay_fails_boot/1, relay_restart_reconnects/1,
          idle_connection_kept_by_ticks/1, one_udp_port_per_node/1,
          second_node_with_a_live_name_fails_to_boot/1, cluster_ca_mode/1, kill_9_seen_with_default_ticktime/1,
-         relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1]).
+         relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1,
+         direct_path_on_loopback/1, direct_false_stays_relayed/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -30,7 +31,7 @@ groups() ->
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
              autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime],
-    [{e2e, [], Cases ++ [cluster_ca_mode]},
+    [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed]},
      {stream, [], Cases}].
 
 init_per_suite(Config) ->
@@ -396,3 +397,37 @@ udp_ports(OsPid) ->
 proc_lines(File) ->
     {ok, Bin} = file:read_file(File),
     [string:lexemes(L, " ") || L <- tl(string:split(binary_to_list(Bin), "\n", all)), L =/= ""].
+
+%% The paths of P's sessions with Peer, from macula_dist:status/0.
+session_paths(P, Peer) ->
+    Name = atom_to_binary(Peer, utf8),
+    [Path || #{sessions := Ss} <- call(P, macula_dist, status, []),
+             #{peer := N, path := Path} <- Ss, N =:= Name].
+
+%% On loopback the relay sees each node at 127.0.0.1:Port and tells the
+%% other (`cand`): their probes are answered and the session goes direct,
+%% under the same QUIC connection. Status shows the address; traffic both
+%% ways goes on with no nodedown.
+direct_path_on_loopback(Config) ->
+    [{A, AN}, {B, BN}] = peers(Config, [pa22, pb22]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ok = call(A, macula_ct, watch, [BN, macula_direct_watch]),
+    IsDirect = fun(P, Peer) -> case session_paths(P, Peer) of
+                                   [{direct, <<"127.0.0.1:", _/binary>>}] -> true;
+                                   _ -> false
+                               end
+               end,
+    ?assert(wait_for(fun() -> IsDirect(A, BN) andalso IsDirect(B, AN) end, 50)),
+    {ok, _} = call(A, macula_ct, big_exchange, [BN, 8 * 1024 * 1024]),
+    ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_direct_watch, 100}])),
+    ?assert(IsDirect(A, BN)).
+
+%% `-macula_dist direct false': the session stays on the relay.
+direct_false_stays_relayed(Config) ->
+    Off = ["-macula_dist", "direct", "false"],
+    [{A, _}] = peers(Config, [pa23], Off),
+    [{B, BN}] = peers(Config, [pb23], Off),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    timer:sleep(1000),
+    ?assertEqual([relay], session_paths(A, BN)),
+    _ = B.

@@ -93,8 +93,10 @@ start_impair(Config, Upstream, Args) ->
     timer:sleep(300),
     Port.
 
+%% Sessions stay on their relays here (`direct false`): on loopback they
+%% would go direct, around the relays and the proxy these cases test.
 peer(Name, Relay, Extra) ->
-    {Peer, Node} = macula_ct:start_peer(Name, Relay, Extra),
+    {Peer, Node} = macula_ct:start_peer(Name, Relay, ["-macula_dist", "direct", "false" | Extra]),
     put(peers, [Peer | get(peers)]),
     {Peer, Node}.
 

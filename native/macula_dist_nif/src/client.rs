@@ -67,6 +67,11 @@ pub struct ConnectOpts {
     pub cluster_ca: String,
     pub node_cert: String,
     pub node_key: String,
+    /// Look for direct paths for e2e sessions.
+    pub direct: bool,
+    /// Addresses (`ip:port`, comma-separated) to offer as direct-path
+    /// candidates besides the local ones (a port forward's, say).
+    pub advertise: String,
 }
 
 struct Request {
@@ -100,7 +105,12 @@ struct State {
     nodes_waiters: VecDeque<(LocalPid, u64)>,
     /// The relay's protocol version (from `id_ok`).
     relay_version: u64,
+    /// Peers' direct-path candidates (`cand`) for sessions not up yet.
+    candidates: HashMap<TunnelId, Vec<std::net::SocketAddr>>,
 }
+
+/// Candidates kept for sessions not up yet, at most.
+const MAX_PENDING_CANDIDATES: usize = 1024;
 
 pub struct Client {
     owner: LocalPid,
@@ -108,6 +118,9 @@ pub struct Client {
     tunnel_timeout: Duration,
     /// Asked for e2e sessions (`mode`); they run once the relay offers them.
     wants_e2e: bool,
+    /// Looks for direct paths (`direct`), offering these addresses too.
+    direct: bool,
+    advertise: Vec<std::net::SocketAddr>,
     /// The key this node shows the relay (SHA-256 of its public key).
     key_id: Option<[u8; 32]>,
     /// Cluster-CA mode: sessions use this identity, not cookie keys.
@@ -265,12 +278,24 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         "stream" => false,
         other => return Err(format!("unknown tunnel mode {other:?}")),
     };
+    let advertise = opts
+        .advertise
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse()
+                .map_err(|_| format!("advertise: {a:?} is not an ip:port address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     crate::LIVE_CLIENTS.fetch_add(1, Ordering::Relaxed);
     let client = Arc::new(Client {
         owner,
         node: opts.node.clone(),
         tunnel_timeout: Duration::from_millis(opts.tunnel_timeout),
         wants_e2e,
+        direct: opts.direct,
+        advertise,
         key_id,
         cluster,
         state: Mutex::new(State {
@@ -284,6 +309,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
             sessions: HashMap::new(),
             nodes_waiters: VecDeque::new(),
             relay_version: 0,
+            candidates: HashMap::new(),
         }),
         conn: OnceLock::new(),
         endpoint: OnceLock::new(),
@@ -341,6 +367,7 @@ async fn run(
         state.relay_version = relay_version;
     }
     client.claim_kept_sessions();
+    client.offer_candidates();
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
     rt.spawn(macula_dist_relay::write_control(send, control_rx));
@@ -640,6 +667,20 @@ impl Client {
                 }
                 None
             }
+            Message::Candidates {
+                tunnel: Some(tunnel),
+                addrs,
+            } => {
+                if self.direct {
+                    if state.candidates.len() >= MAX_PENDING_CANDIDATES {
+                        state.candidates.clear();
+                    }
+                    state.candidates.insert(tunnel, addrs);
+                    drop(state);
+                    self.start_direct(tunnel);
+                }
+                None
+            }
             Message::ProtocolError { reason } => {
                 drop(state);
                 self.log(
@@ -758,19 +799,116 @@ impl Client {
         conn: &quinn::Connection,
         bind: BindKey,
         peer: &str,
+        requester: bool,
     ) -> bool {
-        let mut state = self.lock();
-        if state.phase == Phase::Closed {
-            return false;
+        {
+            let mut state = self.lock();
+            if state.phase == Phase::Closed {
+                return false;
+            }
+            let entry = SessionEntry {
+                conn: conn.clone(),
+                bind,
+                peer: peer.to_owned(),
+                claimed_at: None,
+                requester,
+            };
+            state.sessions.insert(tunnel, entry);
         }
-        let entry = SessionEntry {
-            conn: conn.clone(),
-            bind,
-            peer: peer.to_owned(),
-            claimed_at: None,
-        };
-        state.sessions.insert(tunnel, entry);
+        self.start_direct(tunnel);
         true
+    }
+
+    /// Tells the relay where else this node may be reached (its local
+    /// addresses on its socket's port, and `advertise`), for its peers'
+    /// direct paths.
+    fn offer_candidates(&self) {
+        let (true, Some(path)) = (self.direct, self.path.get()) else {
+            return;
+        };
+        let Ok(local) = quinn::AsyncUdpSocket::local_addr(path.socket.as_ref()) else {
+            return;
+        };
+        // A relay on loopback serves nodes on this host: the address it sees
+        // is the one to use, and no other interface is probed.
+        let interfaces = match path.relay.ip().is_loopback() {
+            true => vec![],
+            false => if_addrs::get_if_addrs().unwrap_or_default(),
+        };
+        let mut addrs: Vec<std::net::SocketAddr> = interfaces
+            .into_iter()
+            .map(|i| i.ip())
+            .filter(|ip| !ip.is_loopback() && ip.is_ipv4() == local.is_ipv4())
+            .filter(
+                |ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80),
+            )
+            .map(|ip| std::net::SocketAddr::new(ip, local.port()))
+            .collect();
+        addrs.extend(self.advertise.iter().copied());
+        addrs.truncate(macula_relay_proto::frame::MAX_CANDIDATES);
+        self.send_control(Message::Candidates {
+            tunnel: None,
+            addrs,
+        });
+    }
+
+    /// Starts looking for a direct path for a session once it is up and
+    /// its peer's candidates are known (whichever comes last calls).
+    fn start_direct(&self, tunnel: TunnelId) {
+        let (Some(path), true) = (self.path.get(), self.direct) else {
+            return;
+        };
+        let (entry, addrs) = {
+            let mut state = self.lock();
+            if !state.sessions.contains_key(&tunnel) || !state.candidates.contains_key(&tunnel) {
+                return;
+            }
+            let addrs = state.candidates.remove(&tunnel).unwrap_or_default();
+            (state.sessions[&tunnel].clone(), addrs)
+        };
+        // A secret only the two nodes have: exported from their session's
+        // TLS, bound to the session.
+        let mut secret = [0u8; 32];
+        if entry
+            .conn
+            .export_keying_material(&mut secret, b"macula direct path v1", tunnel.as_bytes())
+            .is_err()
+        {
+            return;
+        }
+        let vaddr = entry.conn.remote_address();
+        let node = self.node.clone();
+        let on_path: macula_dist_relay::node_socket::OnPath = Arc::new(move |event| {
+            keep::session_path(&node, &tunnel, event);
+        });
+        if path
+            .socket
+            .start_direct(vaddr, &secret, entry.requester, on_path)
+        {
+            path.socket.add_candidates(&vaddr, &addrs);
+        }
+    }
+
+    /// A session's path changed: the relay counts it, the owner logs it.
+    pub fn session_path(&self, tunnel: &TunnelId, event: macula_relay_proto::direct::Event) {
+        use macula_relay_proto::direct::Event;
+        let peer = self.lock().sessions.get(tunnel).map(|s| s.peer.clone());
+        let peer = peer.unwrap_or_default();
+        self.send_control(Message::SessionPath {
+            tunnel: *tunnel,
+            direct: matches!(event, Event::Direct(_)),
+        });
+        let text = match event {
+            Event::Direct(addr) => format!("e2e session with {peer} went direct, to {addr}"),
+            Event::Relay => {
+                format!("e2e session with {peer}: direct path lost, back through the relay")
+            }
+        };
+        self.log(atoms::info(), text);
+    }
+
+    pub fn holds_session(&self, tunnel: &TunnelId) -> bool {
+        self.lock().sessions.contains_key(tunnel)
     }
 
     /// Sessions that waited for a client of this node (its relays were
@@ -1004,6 +1142,14 @@ impl Client {
             .sessions
             .iter()
             .map(|(tunnel, s)| {
+                let direct = self
+                    .path
+                    .get()
+                    .and_then(|p| p.socket.direct_of(&s.conn.remote_address()));
+                let path = match direct {
+                    Some(addr) => (atoms::direct(), addr.to_string()).encode(env),
+                    None => atoms::relay().encode(env),
+                };
                 let pairs = [
                     (atoms::peer().encode(env), s.peer.as_str().encode(env)),
                     (atoms::id().encode(env), tunnel.to_string().encode(env)),
@@ -1011,6 +1157,7 @@ impl Client {
                         atoms::rtt_us().encode(env),
                         (s.conn.rtt().as_micros() as u64).encode(env),
                     ),
+                    (atoms::path().encode(env), path),
                 ];
                 Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
             })

@@ -28,6 +28,8 @@ pub struct SessionEntry {
     pub peer: String,
     /// When a client claimed it at its relay (`None`: opened there).
     pub claimed_at: Option<std::time::Instant>,
+    /// This node asked for the session (it is its requester).
+    pub requester: bool,
 }
 
 pub type Sessions = Vec<(TunnelId, SessionEntry)>;
@@ -53,6 +55,14 @@ fn nodes() -> MutexGuard<'static, HashMap<String, Node>> {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
+}
+
+/// `node`'s live clients, in the order they were started.
+fn clients_of(node: &str) -> Vec<Arc<Client>> {
+    nodes()
+        .get(node)
+        .map(|n| n.clients.iter().filter_map(Weak::upgrade).collect())
+        .unwrap_or_default()
 }
 
 /// A new client of `node`.
@@ -84,11 +94,7 @@ pub fn endpoint(
 /// The node's other clients that are connected now, in the order they
 /// were started (the node's relay order).
 fn connected_siblings(node: &str, except: &Client) -> Vec<Arc<Client>> {
-    let clients: Vec<Arc<Client>> = nodes()
-        .get(node)
-        .map(|n| n.clients.iter().filter_map(Weak::upgrade).collect())
-        .unwrap_or_default();
-    clients
+    clients_of(node)
         .into_iter()
         .filter(|c| !std::ptr::eq(c.as_ref(), except) && c.is_connected())
         .collect()
@@ -162,13 +168,20 @@ pub fn take(node: &str) -> Sessions {
 /// A session's connection ended: whichever client of the node holds it
 /// now forgets it, and tells its relay.
 pub fn session_closed(node: &str, tunnel: &TunnelId) {
-    let clients: Vec<Arc<Client>> = nodes()
-        .get(node)
-        .map(|n| n.clients.iter().filter_map(Weak::upgrade).collect())
-        .unwrap_or_default();
-    for client in clients {
+    for client in clients_of(node) {
         if client.untrack_session(tunnel) {
             client.discard(*tunnel);
         }
+    }
+}
+
+/// A session's path changed (direct, or back through a relay): whichever
+/// client holds it now tells its relay.
+pub fn session_path(node: &str, tunnel: &TunnelId, event: macula_relay_proto::direct::Event) {
+    if let Some(client) = clients_of(node)
+        .into_iter()
+        .find(|c| c.holds_session(tunnel))
+    {
+        client.session_path(tunnel, event);
     }
 }

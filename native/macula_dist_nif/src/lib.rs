@@ -43,6 +43,7 @@ pub(crate) mod atoms {
         mode_unsupported, e2e_handshake_failed, sessions, key_id, undefined,
         session_identity, cluster_ca,
         name_taken, not_allowed, macula_nodes_reply, unsupported,
+        direct, relay, path, info,
     }
 
     /// The atom for a reason the relay or client is known to send.

@@ -116,7 +116,7 @@ pub fn connect(
         .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
         match opened {
             Ok((conn, send, recv)) => {
-                watch(&client, &path, tunnel, vaddr, conn.clone(), bind, &target);
+                watch(&client, &path, tunnel, conn.clone(), bind, &target, true);
                 client.session_stream(tunnel, streams(conn, send, recv));
             }
             Err(e) => {
@@ -211,10 +211,10 @@ impl Inbound {
                         &client,
                         &self.path,
                         self.tunnel,
-                        self.vaddr,
                         conn,
                         bind,
                         &self.source,
+                        false,
                     );
                     client.session_stream(self.tunnel, streams);
                 }
@@ -252,12 +252,14 @@ fn watch(
     client: &Arc<Client>,
     path: &Path,
     tunnel: TunnelId,
-    vaddr: SocketAddr,
     conn: quinn::Connection,
     bind: BindKey,
     peer: &str,
+    requester: bool,
 ) {
-    if !client.track_session(tunnel, &conn, bind, peer) {
+    // The session's virtual address: where quinn sees its peer.
+    let vaddr = conn.remote_address();
+    if !client.track_session(tunnel, &conn, bind, peer, requester) {
         conn.close(0u32.into(), b"relay connection closed");
     }
     let node = client.node().to_owned();

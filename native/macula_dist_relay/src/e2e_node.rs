@@ -30,6 +30,8 @@ pub struct E2eNode {
     recv: RecvStream,
     decoder: FrameDecoder,
     queued: Vec<Message>,
+    /// The peer candidates the relay sent (`cand`), by session.
+    pub candidates: std::collections::HashMap<TunnelId, Vec<SocketAddr>>,
 }
 
 /// The two ends of a session, as each side's handshake ended.
@@ -71,6 +73,7 @@ impl E2eNode {
             recv,
             decoder: FrameDecoder::default(),
             queued: vec![],
+            candidates: Default::default(),
         };
         node.send(Message::Identify {
             node: name.into(),
@@ -90,11 +93,21 @@ impl E2eNode {
         Ok(self.send.write_all(&msg.encode()).await?)
     }
 
-    /// The next control message.
+    /// The next control message (a session's `cand` is kept aside, in
+    /// `candidates`).
     pub async fn next(&mut self) -> anyhow::Result<Message> {
         loop {
             if !self.queued.is_empty() {
-                return Ok(self.queued.remove(0));
+                match self.queued.remove(0) {
+                    Message::Candidates {
+                        tunnel: Some(t),
+                        addrs,
+                    } => {
+                        self.candidates.insert(t, addrs);
+                        continue;
+                    }
+                    other => return Ok(other),
+                }
             }
             let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
                 .await

@@ -36,6 +36,8 @@ pub struct Events {
     pub connections_refused: Family<Labels, Counter>,
     /// Bytes stream tunnels forwarded (both directions).
     pub stream_bytes: Counter,
+    /// E2e session sides that went direct, or back through a relay, by path.
+    pub session_paths: Family<Labels, Counter>,
 }
 
 impl Default for Events {
@@ -51,6 +53,7 @@ impl Default for Events {
             identify_refused: Family::default(),
             connections_refused: Family::default(),
             stream_bytes: Counter::default(),
+            session_paths: Family::default(),
         }
     }
 }
@@ -174,6 +177,11 @@ pub(crate) fn registry(
         "stream_bytes",
         "Bytes forwarded by stream tunnels.",
         events.stream_bytes.clone(),
+    );
+    r.register(
+        "session_paths",
+        "E2e session sides that went direct (path=direct) or back through a relay (path=relay).",
+        events.session_paths.clone(),
     );
     r.register_collector(Box::new(State {
         shared: Arc::downgrade(shared),

@@ -5,20 +5,27 @@
 //! session header and go to the relay, incoming session datagrams lose it
 //! and appear to come from the virtual address. Control and data share the
 //! socket, so one NAT mapping carries both.
+//!
+//! A session may also go direct ([`DirectPath`]): the socket sends and
+//! answers its probes, and once a probe is answered sends its datagrams
+//! straight to the peer's address, under the same virtual address.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use macula_relay_proto::dataplane::{self, Datagram, HEADER_LEN};
+use macula_relay_proto::dataplane::{self, Datagram, SessionId, HEADER_LEN, NO_BIND};
+use macula_relay_proto::direct::{self, DirectPath, Event, Probe};
 use macula_relay_proto::paths::{is_virtual, Paths, Route};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::Notify;
 
 use crate::udp::{compact_slots, segments, UdpIo, Writable};
 
@@ -34,6 +41,29 @@ pub struct NodeSocket {
     pending: Mutex<Pending>,
     /// quinn's receive waker, to wake it when held datagrams are released.
     waker: Mutex<Option<Waker>>,
+    /// Sessions looking for, or on, a direct path.
+    directs: Mutex<HashMap<SessionId, Direct>>,
+    /// Wakes the task that runs the direct paths' timers.
+    direct_timer: Arc<Notify>,
+    direct_task: std::sync::Once,
+}
+
+/// Told when a session's path changes.
+pub type OnPath = Arc<dyn Fn(Event) + Send + Sync>;
+
+struct Direct {
+    vaddr: SocketAddr,
+    path: DirectPath,
+    on_path: OnPath,
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct")
+            .field("vaddr", &self.vaddr)
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 thread_local! {
@@ -52,7 +82,133 @@ impl NodeSocket {
             paths: Mutex::new(Paths::new(ipv6)),
             pending: Mutex::new(VecDeque::new()),
             waker: Mutex::new(None),
+            directs: Mutex::new(HashMap::new()),
+            direct_timer: Arc::new(Notify::new()),
+            direct_task: std::sync::Once::new(),
         })
+    }
+
+    /// Starts looking for a direct path for the session at `vaddr`, with a
+    /// secret both nodes hold (see [`DirectPath`]). Call from a tokio
+    /// runtime: the first session starts the task that runs the timers.
+    pub fn start_direct(
+        self: &Arc<Self>,
+        vaddr: SocketAddr,
+        secret: &[u8],
+        requester: bool,
+        on_path: OnPath,
+    ) -> bool {
+        let Some(route) = self.route(&vaddr) else {
+            return false;
+        };
+        let path = DirectPath::new(route.session, secret, requester, Instant::now());
+        lock(&self.directs).insert(
+            route.session,
+            Direct {
+                vaddr,
+                path,
+                on_path,
+            },
+        );
+        self.direct_task.call_once(|| {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(run_direct(Arc::downgrade(self), self.direct_timer.clone()));
+            }
+        });
+        self.direct_timer.notify_one();
+        true
+    }
+
+    /// The peer's candidate addresses for the session at `vaddr`.
+    pub fn add_candidates(&self, vaddr: &SocketAddr, addrs: &[SocketAddr]) {
+        let Some(route) = self.route(vaddr) else {
+            return;
+        };
+        if let Some(d) = lock(&self.directs).get_mut(&route.session) {
+            d.path.add_candidates(addrs, Instant::now());
+        }
+        self.direct_timer.notify_one();
+    }
+
+    /// The session's direct address, when it has one.
+    pub fn direct_of(&self, vaddr: &SocketAddr) -> Option<SocketAddr> {
+        lock(&self.paths).destination(vaddr).and_then(|(_, d)| d)
+    }
+
+    /// Runs the direct paths' timers; returns when to run them next (none:
+    /// no session looks for a path).
+    fn poll_directs(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut out: Vec<Probe> = vec![];
+        let mut changes = vec![];
+        let next = {
+            let mut directs = lock(&self.directs);
+            for d in directs.values_mut() {
+                if let Some(e) = d.path.poll(now, &mut out) {
+                    changes.push((d.vaddr, e));
+                }
+            }
+            directs.values().map(|d| d.path.next_timeout()).min()
+        };
+        for (to, probe) in out {
+            self.send_probe(to, &probe);
+        }
+        for (vaddr, e) in changes {
+            self.change_path(vaddr, e);
+        }
+        next
+    }
+
+    fn send_probe(&self, to: SocketAddr, probe: &[u8]) {
+        // A probe that cannot go now is one of many.
+        let _ = self.udp.try_send(&Transmit {
+            destination: to,
+            ecn: None,
+            contents: probe,
+            segment_size: None,
+            src_ip: None,
+        });
+    }
+
+    fn change_path(&self, vaddr: SocketAddr, event: Event) {
+        let direct = match event {
+            Event::Direct(addr) => Some(addr),
+            Event::Relay => None,
+        };
+        let Some(route) = self.route(&vaddr) else {
+            return;
+        };
+        lock(&self.paths).set_direct(&vaddr, direct);
+        let on_path = lock(&self.directs)
+            .get(&route.session)
+            .map(|d| d.on_path.clone());
+        if let Some(on_path) = on_path {
+            on_path(event);
+        }
+    }
+
+    /// Probe datagrams received (after the receive lock is let go).
+    fn on_probes(&self, probes: Vec<(SocketAddr, Vec<u8>)>) {
+        let now = Instant::now();
+        for (from, d) in probes {
+            let Some(session) = direct::probe_session(&d) else {
+                continue;
+            };
+            let (answer, event, vaddr) = match lock(&self.directs).get_mut(&session) {
+                Some(entry) => {
+                    let (a, e) = entry.path.on_datagram(from, &d, now);
+                    (a, e, entry.vaddr)
+                }
+                None => continue,
+            };
+            if let Some((to, answer)) = answer {
+                self.send_probe(to, &answer);
+                self.direct_timer.notify_one();
+            }
+            if let Some(e) = event {
+                self.change_path(vaddr, e);
+            }
+        }
     }
 
     /// Adds a session; quinn reaches it at the returned virtual address.
@@ -87,7 +243,9 @@ impl NodeSocket {
     }
 
     pub fn remove_session(&self, vaddr: &SocketAddr) -> Option<Route> {
-        lock(&self.paths).remove(vaddr)
+        let route = lock(&self.paths).remove(vaddr)?;
+        lock(&self.directs).remove(&route.session);
+        Some(route)
     }
 
     /// Sends a session through another relay from now on (see
@@ -104,8 +262,18 @@ impl NodeSocket {
         lock(&self.paths).len()
     }
 
-    fn send_session(&self, route: Route, transmit: &Transmit) -> io::Result<()> {
-        let header = dataplane::header(route.session, &route.bind);
+    fn send_session(
+        &self,
+        route: Route,
+        direct: Option<SocketAddr>,
+        transmit: &Transmit,
+    ) -> io::Result<()> {
+        // Straight to the peer, the bind key (the relay's secret) stays out.
+        let (destination, bind) = match direct {
+            Some(addr) => (addr, NO_BIND),
+            None => (route.relay, route.bind),
+        };
+        let header = dataplane::header(route.session, &bind);
         let stride = transmit.segment_size.unwrap_or(transmit.contents.len());
         SCRATCH.with(|scratch| {
             let mut buf = scratch.borrow_mut();
@@ -115,7 +283,7 @@ impl NodeSocket {
                 buf.extend_from_slice(datagram);
             }
             self.udp.try_send(&Transmit {
-                destination: route.relay,
+                destination,
                 ecn: transmit.ecn,
                 contents: &buf,
                 segment_size: transmit.segment_size.map(|s| s + HEADER_LEN),
@@ -146,7 +314,12 @@ impl NodeSocket {
     /// header and take their session's virtual address. A slot keeps its
     /// first run of datagrams of one origin; later runs of another origin
     /// go to the pending queue. Returns the bytes left in the slot.
-    fn demux(&self, buf: &mut [u8], meta: &mut RecvMeta) -> usize {
+    fn demux(
+        &self,
+        buf: &mut [u8],
+        meta: &mut RecvMeta,
+        probes: &mut Vec<(SocketAddr, Vec<u8>)>,
+    ) -> usize {
         let stride = if meta.stride == 0 {
             meta.len
         } else {
@@ -158,6 +331,10 @@ impl NodeSocket {
         let mut spill: Vec<(RecvMeta, Vec<u8>)> = vec![];
         let now = Instant::now();
         for (off, len) in segments(meta.len, stride) {
+            if direct::probe_session(&buf[off..off + len]).is_some() {
+                probes.push((meta.addr, buf[off..off + len].to_vec()));
+                continue;
+            }
             let (origin, inner) = match dataplane::classify(&buf[off..off + len]) {
                 Datagram::Quic => (meta.addr, off..off + len),
                 Datagram::Invalid => continue,
@@ -217,8 +394,9 @@ impl AsyncUdpSocket for NodeSocket {
         if !is_virtual(&transmit.destination) {
             return self.udp.try_send(transmit);
         }
-        match self.route(&transmit.destination) {
-            Some(route) => self.send_session(route, transmit),
+        let destination = lock(&self.paths).destination(&transmit.destination);
+        match destination {
+            Some((route, direct)) => self.send_session(route, direct, transmit),
             // A closed session: drop, as a network would.
             None => Ok(()),
         }
@@ -245,9 +423,13 @@ impl AsyncUdpSocket for NodeSocket {
                 Poll::Ready(Ok(n)) => n,
                 other => return other,
             };
+            let mut probes = vec![];
             for i in 0..n {
                 let len = meta[i].len;
-                meta[i].len = self.demux(&mut bufs[i][..len], &mut meta[i]);
+                meta[i].len = self.demux(&mut bufs[i][..len], &mut meta[i], &mut probes);
+            }
+            if !probes.is_empty() {
+                self.on_probes(probes);
             }
             let kept = compact_slots(bufs, meta, n);
             if kept > 0 {
@@ -270,5 +452,22 @@ impl AsyncUdpSocket for NodeSocket {
 
     fn max_receive_segments(&self) -> usize {
         self.udp.max_receive_segments()
+    }
+}
+
+/// Runs the direct paths' timers while the socket lives.
+async fn run_direct(socket: Weak<NodeSocket>, wake: Arc<Notify>) {
+    loop {
+        let next = match socket.upgrade() {
+            Some(s) => s.poll_directs(),
+            None => return,
+        };
+        let wait = next
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = wake.notified() => {}
+        }
     }
 }

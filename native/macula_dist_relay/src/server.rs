@@ -151,6 +151,20 @@ struct Node {
     conn: quinn::Connection,
     control: mpsc::Sender<Message>,
     version: u64,
+    /// Where else it may be reached (its `cand`), for direct paths.
+    candidates: Vec<std::net::SocketAddr>,
+}
+
+impl Node {
+    /// A peer's candidates for this node: the address this relay sees it
+    /// at (as STUN would tell), then the ones it announced.
+    fn candidates(&self) -> Vec<std::net::SocketAddr> {
+        let seen = self.conn.remote_address();
+        let mut all = vec![seen];
+        all.extend(self.candidates.iter().filter(|a| **a != seen));
+        all.truncate(macula_relay_proto::frame::MAX_CANDIDATES);
+        all
+    }
 }
 
 struct State {
@@ -458,6 +472,29 @@ impl Session {
                 self.keep_session(tunnel, bind, peer);
                 Ok(())
             }
+            Message::Candidates {
+                tunnel: None,
+                addrs,
+            } => {
+                if let Some(node) = self.shared.lock().nodes.get_mut(&self.conn_id) {
+                    node.candidates = addrs;
+                }
+                Ok(())
+            }
+            Message::SessionPath { tunnel, direct } => {
+                // Counted only for a live session of this node's.
+                let live = self.shared.lock().router.is_side(&tunnel, self.conn_id);
+                if live {
+                    let path = if direct { "direct" } else { "relay" };
+                    info!(%tunnel, node = ?self.name, path, "e2e session path");
+                    self.shared
+                        .events
+                        .session_paths
+                        .get_or_create(&vec![("path", path)])
+                        .inc();
+                }
+                Ok(())
+            }
             Message::NodesRequest => {
                 let state = self.shared.lock();
                 let msg = if self.name.is_some() {
@@ -552,6 +589,7 @@ impl Session {
                 conn: self.conn.clone(),
                 control: self.control.clone(),
                 version: version.unwrap_or(1),
+                candidates: vec![],
             },
         );
         // id_ok is queued before the lock is released: any tun_notify for
@@ -680,6 +718,12 @@ impl Session {
             }
         };
         let target_addr = state.nodes[&tunnel.target].conn.remote_address();
+        let target_candidates = state.nodes[&tunnel.target].candidates();
+        let requester_candidates = state
+            .nodes
+            .get(&self.conn_id)
+            .map(Node::candidates)
+            .unwrap_or_default();
         let opened = self
             .shared
             .sessions()
@@ -699,12 +743,23 @@ impl Session {
                 bind: Some(target_key),
             },
         );
+        state.send_to(
+            tunnel.target,
+            Message::Candidates {
+                tunnel: Some(id),
+                addrs: requester_candidates,
+            },
+        );
         drop(state);
         info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
         opened_metrics(&self.shared, Mode::E2e, started);
         self.answer(Message::TunnelOk {
             tunnel: id,
             bind: Some(requester_key),
+        });
+        self.answer(Message::Candidates {
+            tunnel: Some(id),
+            addrs: target_candidates,
         });
     }
 

@@ -1,6 +1,8 @@
 //! Control-stream frames: a 4-byte big-endian length, then a MessagePack map
 //! whose keys and values are strings (binaries are accepted on decode).
 
+use std::net::SocketAddr;
+
 use rmpv::Value;
 
 use crate::tunnel_id::TunnelId;
@@ -61,7 +63,24 @@ pub enum Message {
     /// relay → node: `t: "nodes_ok"`, `nodes`: the other nodes identified
     /// on this relay (its one auth domain: its token, its nodes file).
     Nodes { nodes: Vec<String> },
+    /// Direct-path candidates (version 2), `t: "cand"`, `addrs` (at most
+    /// [`MAX_CANDIDATES`] `"ip:port"` strings). node → relay, without `tid`:
+    /// the addresses this node may be reached at besides the one the relay
+    /// sees (its local ones, one it advertises). relay → node, with the
+    /// `tid` of an e2e session, after its `tun_ok`/`tun_notify`: the peer's,
+    /// the address the relay sees it at first.
+    Candidates {
+        tunnel: Option<TunnelId>,
+        addrs: Vec<SocketAddr>,
+    },
+    /// node → relay (version 2): `t: "sess_path"`, `tid`, `direct`: the
+    /// session went direct (true) or back through the relay (false); the
+    /// relay counts it.
+    SessionPath { tunnel: TunnelId, direct: bool },
 }
+
+/// Candidates in one `cand` message, at most.
+pub const MAX_CANDIDATES: usize = 16;
 
 /// How a tunnel carries distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,6 +165,8 @@ impl Message {
             Message::ProtocolError { .. } => "err",
             Message::NodesRequest => "nodes",
             Message::Nodes { .. } => "nodes_ok",
+            Message::Candidates { .. } => "cand",
+            Message::SessionPath { .. } => "sess_path",
         }
     }
 
@@ -174,6 +195,19 @@ impl Message {
                 }
             }
             Message::NodesRequest => {}
+            Message::Candidates { tunnel, addrs } => {
+                if let Some(t) = tunnel {
+                    fields.push(("tid", tid(t)));
+                }
+                fields.push((
+                    "addrs",
+                    Value::Array(addrs.iter().map(|a| Value::from(a.to_string())).collect()),
+                ));
+            }
+            Message::SessionPath { tunnel, direct } => {
+                fields.push(("tid", tid(tunnel)));
+                fields.push(("direct", Value::from(*direct)));
+            }
             Message::Nodes { nodes } => fields.push((
                 "nodes",
                 Value::Array(nodes.iter().map(|n| text(n)).collect()),
@@ -300,6 +334,36 @@ impl Message {
             "nodes" => Ok(Message::NodesRequest),
             "nodes_ok" => Ok(Message::Nodes {
                 nodes: map.texts("nodes")?,
+            }),
+            "cand" => {
+                let key = "addrs";
+                let texts = map.texts(key)?;
+                if texts.len() > MAX_CANDIDATES {
+                    return Err(DecodeError::BadValue { key });
+                }
+                Ok(Message::Candidates {
+                    tunnel: match map.get("tid") {
+                        Some(_) => Some(map.tunnel_id("cand")?),
+                        None => None,
+                    },
+                    addrs: texts
+                        .iter()
+                        .map(|t| t.parse().map_err(|_| DecodeError::BadValue { key }))
+                        .collect::<Result<_, _>>()?,
+                })
+            }
+            "sess_path" => Ok(Message::SessionPath {
+                tunnel: map.tunnel_id("sess_path")?,
+                direct: match map.get("direct") {
+                    Some(Value::Boolean(b)) => *b,
+                    Some(_) => return Err(DecodeError::WrongType { key: "direct" }),
+                    None => {
+                        return Err(DecodeError::MissingKey {
+                            msg: "sess_path",
+                            key: "direct",
+                        })
+                    }
+                },
             }),
             _ => Err(DecodeError::UnknownType(t)),
         }
@@ -555,7 +619,39 @@ mod tests {
             Message::Nodes {
                 nodes: vec!["a@h".into(), "b@h".into()],
             },
+            Message::Candidates {
+                tunnel: None,
+                addrs: vec!["10.0.0.1:4000".parse().unwrap(), "[::1]:5".parse().unwrap()],
+            },
+            Message::Candidates {
+                tunnel: Some(tunnel),
+                addrs: vec![],
+            },
+            Message::SessionPath {
+                tunnel,
+                direct: true,
+            },
         ]
+    }
+
+    #[test]
+    fn candidates_must_be_addresses_and_few() {
+        let frame = |addrs: Vec<Value>| {
+            let map = Value::Map(vec![
+                (Value::from("t"), Value::from("cand")),
+                (Value::from("addrs"), Value::Array(addrs)),
+            ]);
+            let mut body = vec![];
+            rmpv::encode::write_value(&mut body, &map).unwrap();
+            Message::decode_body(&body)
+        };
+        assert_eq!(
+            frame(vec![Value::from("not an address")]),
+            Err(DecodeError::BadValue { key: "addrs" })
+        );
+        let many = vec![Value::from("10.0.0.1:1"); MAX_CANDIDATES + 1];
+        assert_eq!(frame(many), Err(DecodeError::BadValue { key: "addrs" }));
+        assert!(frame(vec![Value::from("10.0.0.1:1"); MAX_CANDIDATES]).is_ok());
     }
 
     fn decode_all(bytes: &[u8]) -> Vec<Result<Message, DecodeError>> {
@@ -767,12 +863,23 @@ mod tests {
                 ),
                 tid.clone()
                     .prop_map(|tunnel| Message::TunnelClose { tunnel }),
-                (tid, any::<[u8; 8]>(), text()).prop_map(|(tunnel, bind, peer)| {
+                (tid.clone(), any::<[u8; 8]>(), text()).prop_map(|(tunnel, bind, peer)| {
                     Message::SessionKeep { tunnel, bind, peer }
                 }),
                 text().prop_map(|reason| Message::ProtocolError { reason }),
                 Just(Message::NodesRequest),
                 proptest::collection::vec(text(), 0..5).prop_map(|nodes| Message::Nodes { nodes }),
+                (
+                    proptest::option::of(tid.clone()),
+                    proptest::collection::vec(
+                        (any::<std::net::IpAddr>(), any::<u16>())
+                            .prop_map(|(ip, port)| SocketAddr::new(ip, port)),
+                        0..MAX_CANDIDATES
+                    )
+                )
+                    .prop_map(|(tunnel, addrs)| Message::Candidates { tunnel, addrs }),
+                (tid.clone(), any::<bool>())
+                    .prop_map(|(tunnel, direct)| Message::SessionPath { tunnel, direct }),
             ]
         }
 

@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod dataplane;
+pub mod direct;
 pub mod frame;
 pub mod matcher;
 pub mod packet;

@@ -37,6 +37,8 @@ pub struct Paths {
     next: u64,
     routes: HashMap<SocketAddr, Route>,
     inbound: HashMap<(SocketAddr, SessionId), SocketAddr>,
+    /// Sessions on a direct path: where their datagrams go instead.
+    direct: HashMap<SocketAddr, SocketAddr>,
     early: Vec<(SocketAddr, SessionId, Vec<u8>, Instant)>,
 }
 
@@ -56,6 +58,7 @@ impl Paths {
             next: 0,
             routes: HashMap::new(),
             inbound: HashMap::new(),
+            direct: HashMap::new(),
             early: Vec::new(),
         }
     }
@@ -98,7 +101,36 @@ impl Paths {
     pub fn remove(&mut self, vaddr: &SocketAddr) -> Option<Route> {
         let route = self.routes.remove(vaddr)?;
         self.inbound.remove(&(route.relay, route.session));
+        self.direct.remove(vaddr);
+        // Direct addresses it was heard from (few sessions ever have one).
+        self.inbound.retain(|_, v| v != vaddr);
         Some(route)
+    }
+
+    /// Sends a session's datagrams straight to `direct` (its peer's address,
+    /// which answered a probe), or through its relay again (`None`). Its
+    /// datagrams are taken from either. False if the session is gone.
+    pub fn set_direct(&mut self, vaddr: &SocketAddr, direct: Option<SocketAddr>) -> bool {
+        let Some(route) = self.routes.get(vaddr) else {
+            return false;
+        };
+        match direct {
+            Some(addr) => {
+                self.inbound.insert((addr, route.session), *vaddr);
+                self.direct.insert(*vaddr, addr);
+            }
+            None => {
+                self.direct.remove(vaddr);
+            }
+        }
+        true
+    }
+
+    /// Where a session's datagrams go: its route, and its direct address
+    /// when it has one.
+    pub fn destination(&self, vaddr: &SocketAddr) -> Option<(Route, Option<SocketAddr>)> {
+        let route = self.routes.get(vaddr)?;
+        Some((*route, self.direct.get(vaddr).copied()))
     }
 
     pub fn route(&self, vaddr: &SocketAddr) -> Option<&Route> {
@@ -203,6 +235,26 @@ mod tests {
         assert_eq!(p.remove(&v1).map(|r| r.relay), Some(other));
         assert_eq!(p.inbound(other, 1), None);
         assert!(!p.reroute(&v1, relay()));
+    }
+
+    #[test]
+    fn a_direct_session_sends_to_its_peer_and_hears_both_paths() {
+        let peer = SocketAddr::from(([10, 0, 0, 2], 5000));
+        let mut p = Paths::new(false);
+        let (v, _) = p.add(route(3));
+        assert_eq!(p.destination(&v), Some((route(3), None)));
+        assert!(p.set_direct(&v, Some(peer)));
+        assert_eq!(p.destination(&v), Some((route(3), Some(peer))));
+        assert_eq!(p.inbound(peer, 3), Some(v));
+        assert_eq!(p.inbound(relay(), 3), Some(v));
+        // Back to the relay: late direct datagrams are still taken.
+        assert!(p.set_direct(&v, None));
+        assert_eq!(p.destination(&v), Some((route(3), None)));
+        assert_eq!(p.inbound(peer, 3), Some(v));
+        assert!(p.set_direct(&v, Some(peer)));
+        p.remove(&v);
+        assert_eq!(p.inbound(peer, 3), None);
+        assert!(!p.set_direct(&v, Some(peer)));
     }
 
     #[test]

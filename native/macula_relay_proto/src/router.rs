@@ -196,6 +196,13 @@ impl Router {
         self.conns.get(&conn)?.name.as_deref()
     }
 
+    /// True when `conn` is a side of the open tunnel `id`.
+    pub fn is_side(&self, id: &TunnelId, conn: ConnId) -> bool {
+        self.tunnels
+            .get(id)
+            .is_some_and(|t| t.requester == conn || t.target == conn)
+    }
+
     pub fn conn_of(&self, name: &str) -> Option<ConnId> {
         self.names.get(name).copied()
     }

@@ -1,0 +1,440 @@
+//! Direct paths for e2e sessions, sans IO: the two nodes of a session
+//! probe each other's candidate addresses (the address the relay saw, and
+//! the ones each node announced) at the same time, which also opens the
+//! usual NAT mappings. The first address that answers carries the
+//! session's datagrams from then on; the QUIC connection between the nodes
+//! stays the same (its virtual address does not change, see `paths`).
+//! While direct, the path is probed on; when it stops answering the session
+//! goes back to its relay, and probing starts again later, with backoff.
+//!
+//! ```text
+//! 0        1                 9        10       11                19                 35
+//! +--------+-----------------+--------+--------+-----------------+------------------+
+//! | 0x02   | session id (BE) | kind   | sender | nonce           | tag (16 bytes)   |
+//! +--------+-----------------+--------+--------+-----------------+------------------+
+//! ```
+//!
+//! `kind` is 0 (probe) or 1 (answer), `sender` 0 (the session's requester)
+//! or 1 (its target). The tag is HMAC-SHA256 over the bytes before it,
+//! keyed with a secret both nodes export from their QUIC connection's TLS
+//! session (RFC 5705 exporter): nobody else can make a probe or an answer,
+//! so nobody else can move a session to an address. A path is taken only
+//! on an answer that comes from the address its probe went to and names
+//! that probe's nonce; `sender` keeps a node from taking its own probes,
+//! reflected back, for its peer's.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ring::hmac;
+use subtle::ConstantTimeEq;
+
+use crate::dataplane::SessionId;
+
+/// First byte of a probe datagram.
+pub const PROBE_DATAGRAM: u8 = 0x02;
+pub const PROBE_LEN: usize = 35;
+const TAG_LEN: usize = 16;
+
+/// How often each candidate is probed while looking for a path.
+pub const PROBE_EVERY: Duration = Duration::from_millis(100);
+/// How long a round of probing lasts before it rests.
+pub const PROBE_FOR: Duration = Duration::from_secs(2);
+/// The first rest after a round that found nothing; it doubles up to
+/// [`MAX_REST`].
+pub const FIRST_REST: Duration = Duration::from_secs(5);
+pub const MAX_REST: Duration = Duration::from_secs(60);
+/// How often a direct path is probed while in use.
+pub const KEEP_EVERY: Duration = Duration::from_millis(200);
+/// A direct path without an answer for this long is given up.
+pub const LOST_AFTER: Duration = Duration::from_millis(800);
+/// Candidates kept per session, at most.
+pub const MAX_CANDIDATES: usize = 16;
+/// Probes remembered (awaiting their answer), at most.
+const MAX_SENT: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The session's datagrams go to this address now.
+    Direct(SocketAddr),
+    /// The direct path stopped answering: back through the relay.
+    Relay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Probing {
+        until: Instant,
+    },
+    Direct {
+        addr: SocketAddr,
+        last_answer: Instant,
+    },
+    Resting {
+        until: Instant,
+    },
+}
+
+pub type Probe = (SocketAddr, [u8; PROBE_LEN]);
+
+#[derive(Debug)]
+pub struct DirectPath {
+    session: SessionId,
+    key: hmac::Key,
+    /// 0: this node requested the session; 1: it is the target.
+    me: u8,
+    candidates: Vec<SocketAddr>,
+    sent: VecDeque<(u64, SocketAddr)>,
+    state: State,
+    next_probe: Instant,
+    rest: Duration,
+    directs: u64,
+}
+
+/// The session a probe datagram is for, if it is one.
+pub fn probe_session(datagram: &[u8]) -> Option<SessionId> {
+    if datagram.len() != PROBE_LEN || datagram[0] != PROBE_DATAGRAM {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&datagram[1..9]);
+    Some(SessionId::from_be_bytes(id))
+}
+
+impl DirectPath {
+    /// `secret`: exported from the session's TLS; `requester`: this node
+    /// asked for the session.
+    pub fn new(session: SessionId, secret: &[u8], requester: bool, now: Instant) -> Self {
+        DirectPath {
+            session,
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            me: if requester { 0 } else { 1 },
+            candidates: vec![],
+            sent: VecDeque::new(),
+            state: State::Probing {
+                until: now + PROBE_FOR,
+            },
+            next_probe: now,
+            rest: FIRST_REST,
+            directs: 0,
+        }
+    }
+
+    /// The address the session's datagrams go to, when direct.
+    pub fn direct(&self) -> Option<SocketAddr> {
+        match self.state {
+            State::Direct { addr, .. } => Some(addr),
+            _ => None,
+        }
+    }
+
+    /// How many times this session went direct.
+    pub fn directs(&self) -> u64 {
+        self.directs
+    }
+
+    /// Adds the peer's candidates; a new one ends a rest (it may work).
+    pub fn add_candidates(&mut self, addrs: &[SocketAddr], now: Instant) {
+        let mut added = false;
+        for a in addrs {
+            if !self.candidates.contains(a) && self.candidates.len() < MAX_CANDIDATES {
+                self.candidates.push(*a);
+                added = true;
+            }
+        }
+        if added && matches!(self.state, State::Resting { .. }) {
+            self.start_probing(now);
+        }
+    }
+
+    fn start_probing(&mut self, now: Instant) {
+        self.state = State::Probing {
+            until: now + PROBE_FOR,
+        };
+        self.next_probe = now;
+    }
+
+    /// When [`poll`](Self::poll) has something to do next.
+    pub fn next_timeout(&self) -> Instant {
+        match self.state {
+            State::Probing { until } => self.next_probe.min(until),
+            State::Direct { last_answer, .. } => self.next_probe.min(last_answer + LOST_AFTER),
+            State::Resting { until } => until,
+        }
+    }
+
+    /// Runs the timers: probes to send (into `out`), and a change of path.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<Probe>) -> Option<Event> {
+        let mut event = None;
+        match self.state {
+            State::Probing { until } if now >= until => {
+                self.state = State::Resting {
+                    until: now + self.rest,
+                };
+                self.rest = (self.rest * 2).min(MAX_REST);
+                return None;
+            }
+            State::Direct { last_answer, .. } if now >= last_answer + LOST_AFTER => {
+                self.state = State::Resting {
+                    until: now + FIRST_REST,
+                };
+                event = Some(Event::Relay);
+            }
+            State::Resting { until } if now >= until => self.start_probing(now),
+            _ => {}
+        }
+        if now < self.next_probe {
+            return event;
+        }
+        match self.state {
+            State::Probing { .. } => {
+                for i in 0..self.candidates.len() {
+                    let to = self.candidates[i];
+                    out.push((to, self.probe(to, now)));
+                }
+                self.next_probe = now + PROBE_EVERY;
+            }
+            State::Direct { addr, .. } => {
+                out.push((addr, self.probe(addr, now)));
+                self.next_probe = now + KEEP_EVERY;
+            }
+            State::Resting { .. } => {}
+        }
+        event
+    }
+
+    fn probe(&mut self, to: SocketAddr, _now: Instant) -> [u8; PROBE_LEN] {
+        let nonce: u64 = rand::random();
+        if self.sent.len() >= MAX_SENT {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((nonce, to));
+        self.datagram(0, nonce)
+    }
+
+    fn datagram(&self, kind: u8, nonce: u64) -> [u8; PROBE_LEN] {
+        let mut d = [0u8; PROBE_LEN];
+        d[0] = PROBE_DATAGRAM;
+        d[1..9].copy_from_slice(&self.session.to_be_bytes());
+        d[9] = kind;
+        d[10] = self.me;
+        d[11..19].copy_from_slice(&nonce.to_be_bytes());
+        let tag = hmac::sign(&self.key, &d[..PROBE_LEN - TAG_LEN]);
+        d[PROBE_LEN - TAG_LEN..].copy_from_slice(&tag.as_ref()[..TAG_LEN]);
+        d
+    }
+
+    fn verify(&self, d: &[u8]) -> bool {
+        // A truncated tag: recomputed, and compared in constant time.
+        let tag = hmac::sign(&self.key, &d[..PROBE_LEN - TAG_LEN]);
+        bool::from(tag.as_ref()[..TAG_LEN].ct_eq(&d[PROBE_LEN - TAG_LEN..]))
+    }
+
+    /// A probe datagram from `from`: the answer to send back (for a probe),
+    /// and a change of path (for an answer to one of ours). Anything not
+    /// made by the session's peer is ignored.
+    pub fn on_datagram(
+        &mut self,
+        from: SocketAddr,
+        d: &[u8],
+        now: Instant,
+    ) -> (Option<Probe>, Option<Event>) {
+        if probe_session(d) != Some(self.session) || d[10] != 1 - self.me || !self.verify(d) {
+            return (None, None);
+        }
+        let mut nonce = [0u8; 8];
+        nonce.copy_from_slice(&d[11..19]);
+        let nonce = u64::from_be_bytes(nonce);
+        match d[9] {
+            0 => {
+                // The peer reaches us from `from`: probe it back (it is
+                // where its NAT mapping is), and answer.
+                if !self.candidates.contains(&from) {
+                    self.add_candidates(&[from], now);
+                }
+                (Some((from, self.datagram(1, nonce))), None)
+            }
+            1 => {
+                if !self.sent.iter().any(|&(n, to)| n == nonce && to == from) {
+                    return (None, None);
+                }
+                match self.state {
+                    State::Direct { addr, .. } if addr == from => {
+                        self.state = State::Direct {
+                            addr,
+                            last_answer: now,
+                        };
+                        (None, None)
+                    }
+                    State::Direct { .. } => (None, None),
+                    _ => {
+                        self.state = State::Direct {
+                            addr: from,
+                            last_answer: now,
+                        };
+                        self.next_probe = now + KEEP_EVERY;
+                        self.rest = FIRST_REST;
+                        self.directs += 1;
+                        (None, Some(Event::Direct(from)))
+                    }
+                }
+            }
+            _ => (None, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    /// The requester (at addr 1) and the target (at addr 2) of session 7.
+    fn pair(now: Instant) -> (DirectPath, DirectPath) {
+        let mut a = DirectPath::new(7, b"secret", true, now);
+        let mut b = DirectPath::new(7, b"secret", false, now);
+        a.add_candidates(&[addr(2)], now);
+        b.add_candidates(&[addr(1)], now);
+        (a, b)
+    }
+
+    /// Delivers `probes` sent from `from`, as far as `reachable` lets them.
+    fn deliver(
+        to: &mut DirectPath,
+        from: SocketAddr,
+        probes: Vec<Probe>,
+        now: Instant,
+    ) -> (Vec<Probe>, Vec<Event>) {
+        let mut replies = vec![];
+        let mut events = vec![];
+        for (_, d) in probes {
+            let (r, e) = to.on_datagram(from, &d, now);
+            replies.extend(r);
+            events.extend(e);
+        }
+        (replies, events)
+    }
+
+    #[test]
+    fn both_sides_go_direct_on_the_first_answer() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let mut out = vec![];
+        assert_eq!(a.poll(now, &mut out), None);
+        assert_eq!(out.len(), 1);
+        let (answers, events) = deliver(&mut b, addr(1), out, now);
+        assert!(events.is_empty());
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].0, addr(1));
+        let (_, events) = deliver(&mut a, addr(2), answers, now);
+        assert_eq!(events, vec![Event::Direct(addr(2))]);
+        assert_eq!(a.direct(), Some(addr(2)));
+        // B goes direct on its own probes' answers.
+        let mut out = vec![];
+        b.poll(now, &mut out);
+        let (answers, _) = deliver(&mut a, addr(2), out, now);
+        let (_, events) = deliver(&mut b, addr(1), answers, now);
+        assert_eq!(events, vec![Event::Direct(addr(1))]);
+    }
+
+    #[test]
+    fn forged_reflected_and_misrouted_answers_move_nothing() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let mut out = vec![];
+        a.poll(now, &mut out);
+        // A's own probe reflected back to it.
+        assert_eq!(a.on_datagram(addr(2), &out[0].1, now), (None, None));
+        // Another key (a third party that saw the session id).
+        let mut mallory = DirectPath::new(7, b"guess", false, now);
+        let (answer, _) = mallory.on_datagram(addr(1), &out[0].1, now);
+        assert!(answer.is_none());
+        let forged = mallory.datagram(1, 1);
+        assert_eq!(a.on_datagram(addr(9), &forged, now), (None, None));
+        // A real answer, but from an address the probe did not go to.
+        let (answers, _) = deliver(&mut b, addr(1), out, now);
+        assert_eq!(a.on_datagram(addr(9), &answers[0].1, now), (None, None));
+        // A flipped bit.
+        let mut bent = answers[0].1;
+        bent[12] ^= 1;
+        assert_eq!(a.on_datagram(addr(2), &bent, now), (None, None));
+        assert_eq!(a.direct(), None);
+        // Garbage of every length.
+        for len in 0..64 {
+            assert_eq!(a.on_datagram(addr(2), &vec![2u8; len], now), (None, None));
+        }
+    }
+
+    #[test]
+    fn a_silent_path_falls_back_then_probing_rests_and_retries() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let mut out = vec![];
+        a.poll(now, &mut out);
+        let (answers, _) = deliver(&mut b, addr(1), out, now);
+        deliver(&mut a, addr(2), answers, now);
+        assert_eq!(a.direct(), Some(addr(2)));
+        // Keep-alive probes go out; no answer comes.
+        let mut t = now;
+        let mut event = None;
+        while event.is_none() {
+            t = a.next_timeout();
+            let mut out = vec![];
+            event = a.poll(t, &mut out);
+        }
+        assert_eq!(event, Some(Event::Relay));
+        assert!(t.duration_since(now) <= LOST_AFTER + KEEP_EVERY);
+        assert_eq!(a.direct(), None);
+        // It rests, then probes again.
+        assert_eq!(a.next_timeout(), t + FIRST_REST);
+        let mut out = vec![];
+        a.poll(t + FIRST_REST, &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn an_unanswered_round_rests_longer_each_time() {
+        let now = Instant::now();
+        let (mut a, _) = pair(now);
+        let mut t = now;
+        let mut rests = vec![];
+        let mut probes = 0;
+        while rests.len() < 4 {
+            let mut out = vec![];
+            let before = matches!(a.state, State::Probing { .. });
+            a.poll(t, &mut out);
+            probes += out.len();
+            if before {
+                if let State::Resting { until } = a.state {
+                    rests.push(until - t);
+                }
+            }
+            t = a.next_timeout();
+        }
+        assert_eq!(
+            rests,
+            vec![FIRST_REST, FIRST_REST * 2, FIRST_REST * 4, FIRST_REST * 8]
+        );
+        // About PROBE_FOR / PROBE_EVERY probes per round, one candidate.
+        assert!(probes <= 4 * (PROBE_FOR.as_millis() / PROBE_EVERY.as_millis() + 1) as usize);
+    }
+
+    #[test]
+    fn candidates_are_bounded_and_a_new_one_ends_a_rest() {
+        let now = Instant::now();
+        let mut a = DirectPath::new(1, b"k", true, now);
+        let many: Vec<SocketAddr> = (0..100).map(addr).collect();
+        a.add_candidates(&many, now);
+        assert_eq!(a.candidates.len(), MAX_CANDIDATES);
+        let mut b = DirectPath::new(2, b"k", true, now);
+        let mut out = vec![];
+        b.poll(now + PROBE_FOR, &mut out);
+        assert!(matches!(b.state, State::Resting { .. }));
+        b.add_candidates(&[addr(5)], now + PROBE_FOR);
+        assert!(matches!(b.state, State::Probing { .. }));
+    }
+}
