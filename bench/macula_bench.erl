@@ -17,9 +17,11 @@
 -define(BULK_COUNT, 400).
 
 %% MACULA_BENCH_CARRIERS=macula_e2e,inet_tls picks some; all by default.
-%% macula_e2e: end-to-end sessions through the relay (the default mode);
+%% macula_direct: an end-to-end session upgraded to a direct path (the
+%% default on a network where the nodes reach each other, as here);
+%% macula_e2e: end-to-end sessions kept on the relay (`direct false');
 %% macula_stream: version 1 stream tunnels.
--define(ALL_CARRIERS, [macula_e2e, macula_stream, inet_tcp, inet_tls]).
+-define(ALL_CARRIERS, [macula_direct, macula_e2e, macula_stream, inet_tcp, inet_tls]).
 
 carriers() ->
     case os:getenv("MACULA_BENCH_CARRIERS") of
@@ -77,8 +79,10 @@ tls_optfile(Tmp) ->
           {client, [{verify, verify_none}]}]])),
     OptFile.
 
+carrier_args(macula_direct, Env) ->
+    macula_args(Env) ++ ["-macula_dist", "tunnel", "e2e", "-macula_dist", "direct", "true"];
 carrier_args(macula_e2e, Env) ->
-    macula_args(Env) ++ ["-macula_dist", "tunnel", "e2e"];
+    macula_args(Env) ++ ["-macula_dist", "tunnel", "e2e", "-macula_dist", "direct", "false"];
 carrier_args(macula_stream, Env) ->
     macula_args(Env) ++ ["-macula_dist", "tunnel", "stream"];
 carrier_args(inet_tcp, _) ->
@@ -86,9 +90,12 @@ carrier_args(inet_tcp, _) ->
 carrier_args(inet_tls, #{tls := OptFile}) ->
     ["-proto_dist", "inet_tls", "-ssl_dist_optfile", OptFile].
 
+%% The relay connection's idle timeout is raised from 2 s to 10 s here: the
+%% memory test stops B for 5 s to measure back-pressure, and with the
+%% default B would be declared dead (and the connection lost) after 2 s.
 macula_args(#{url := Url, pin := Pin}) ->
     ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", quoted(Url),
-     "-macula_dist", "pin_sha256", quoted(Pin)].
+     "-macula_dist", "pin_sha256", quoted(Pin), "-macula_dist", "idle_timeout", "10000"].
 
 %% -macula_dist values are Erlang terms (as for -App Key Value): strings quoted.
 quoted(S) -> "\"" ++ S ++ "\"".
@@ -111,6 +118,7 @@ run_pair(Carrier, Rep, Env) ->
     {B, BN} = start_node(list_to_atom("bench_b" ++ Suffix), 1, Carrier, Env),
     try
         pong = peer:call(A, net_adm, ping, [BN]),
+        Carrier =:= macula_direct andalso wait_direct(A, BN, 100),
         Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 600000) end,
         {P50, P99} = Call(rtt),
         Small = Call(small),
@@ -306,7 +314,18 @@ checker(Next, Problem) ->
             checker(Next, Problem)
     end.
 
-is_macula(Carrier) -> lists:member(Carrier, [macula_e2e, macula_stream]).
+is_macula(Carrier) -> lists:member(Carrier, [macula_direct, macula_e2e, macula_stream]).
+
+%% Waits (100 ms steps) until A's session with BN is on a direct path.
+wait_direct(_A, BN, 0) -> error({no_direct_path, BN});
+wait_direct(A, BN, N) ->
+    Name = atom_to_binary(BN, utf8),
+    Paths = [P || #{sessions := Ss} <- peer:call(A, macula_dist, status, []),
+                  #{peer := Peer, path := P} <- Ss, Peer =:= Name],
+    case Paths of
+        [{direct, _}] -> true;
+        _ -> timer:sleep(100), wait_direct(A, BN, N - 1)
+    end.
 
 %% CPU time (user + system) of an OS process so far, from /proc.
 cpu_seconds(OsPid) ->
@@ -327,18 +346,19 @@ report(Runs) ->
                {relay_cpu, "relay CPU (s/GB)", low}],
     Of = fun(Carrier, Key) -> [maps:get(Key, R) || {C, R} <- Runs, C =:= Carrier] end,
     Med = fun(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)) end,
-    io:format("~n~-20s ~-24s ~-24s ~-24s ~-24s ~9s ~9s ~9s~n",
-              ["metric" | [atom_to_list(C) || C <- ?ALL_CARRIERS]]
-              ++ ["e2e/tcp", "e2e/tls", "strm/tls"]),
+    Row = "~-20s" ++ lists:append(lists:duplicate(length(?ALL_CARRIERS), " ~-24s"))
+        ++ " ~11s ~11s ~9s ~9s ~9s~n",
+    io:format("~n" ++ Row, ["metric" | [atom_to_list(C) || C <- ?ALL_CARRIERS]]
+              ++ ["direct/tcp", "direct/tls", "e2e/tcp", "e2e/tls", "strm/tls"]),
     lists:foreach(
       fun({Key, Label, _}) ->
               Cells = [case Of(C, Key) of
                            [] -> "-";
                            L -> lists:flatten(io_lib:format("~s [~s-~s]", [fmt(Med(L)), fmt(lists:min(L)), fmt(lists:max(L))]))
                        end || C <- ?ALL_CARRIERS],
-              [E, St, T, S] = [case Of(C, Key) of [] -> 0; L -> Med(L) end || C <- ?ALL_CARRIERS],
-              io:format("~-20s ~-24s ~-24s ~-24s ~-24s ~9s ~9s ~9s~n",
-                        [Label | Cells] ++ [ratio(E, T), ratio(E, S), ratio(St, S)])
+              [D, E, St, T, S] = [case Of(C, Key) of [] -> 0; L -> Med(L) end || C <- ?ALL_CARRIERS],
+              io:format(Row, [Label | Cells] ++ [ratio(D, T), ratio(D, S), ratio(E, T),
+                                                 ratio(E, S), ratio(St, S)])
       end, Metrics),
     io:format("~nmemory test (B stopped, A sending 1 MiB messages for 5 s), per repetition:~n"),
     [io:format("  ~-8s busy_dist_port events ~p, sender suspended ~p, sent while stopped ~p, "

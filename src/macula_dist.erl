@@ -241,10 +241,11 @@ hs_data(Ctrl, Tunnel) ->
              mf_setopts = fun(_C, _Opts) -> {error, enotsup} end,
              mf_getopts = fun(_C, Opts) -> getopts_tunnel(Tunnel, Opts) end}.
 
-%% `net_kernel:getopts(Node, [mode, peer, tunnel_id])': how the connection runs.
+%% `net_kernel:getopts(Node, [mode, peer, tunnel_id, path])': how the
+%% connection runs; `path' is `relay' or `{direct, "ip:port"}'.
 getopts_tunnel(Tunnel, Opts) ->
     Info = macula_dist_nif:tunnel_info(Tunnel),
-    Keys = #{mode => mode, peer => peer, tunnel_id => id},
+    Keys = #{mode => mode, peer => peer, tunnel_id => id, path => path},
     {ok, [{Opt, maps:get(Key, Info)} || Opt <- Opts, {ok, Key} <- [maps:find(Opt, Keys)]]}.
 
 node_address(Node) ->

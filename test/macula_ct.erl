@@ -6,6 +6,7 @@
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
+-export([spawn_os/2, wait_for_file/2, checked_both_ways/7]).
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
@@ -359,3 +360,36 @@ logged(Part) ->
     receive {logs, Logs} -> [L || L <- Logs, binary:match(L, Part) =/= nomatch]
     after 5000 -> error(no_log_keeper)
     end.
+
+%% ---- for suites that run OS processes and checked traffic ----
+
+%% Starts an OS process in the background, its output in Log; its OS pid,
+%% also kept in the test process's `os_pids' (to kill at the end).
+spawn_os(Cmd, Log) ->
+    Pid = string:trim(os:cmd(Cmd ++ " >>'" ++ Log ++ "' 2>&1 & echo $!")),
+    put(os_pids, [Pid | get(os_pids)]),
+    Pid.
+
+%% The contents of File once it holds a fingerprint (64 hex characters),
+%% polling every 100 ms, Tries times.
+wait_for_file(File, 0) -> error({no_file, File});
+wait_for_file(File, Tries) ->
+    case file:read_file(File) of
+        {ok, <<_:64/binary, _/binary>> = Bin} -> string:trim(Bin);
+        _ -> timer:sleep(100), wait_for_file(File, Tries - 1)
+    end.
+
+%% Checked traffic both ways between peers A and B: Count messages of Size
+%% (PauseMs after each). The receivers' results, B's first.
+checked_both_ways(A, AN, B, BN, Count, Size, PauseMs) ->
+    Call = fun(P, F, Args) -> peer:call(P, ?MODULE, F, Args, 120000) end,
+    ok = Call(A, checked_receiver, [macula_chk, Count]),
+    ok = Call(B, checked_receiver, [macula_chk, Count]),
+    Self = self(),
+    [spawn_link(fun() ->
+                        Self ! {sent, From, Call(From, checked_send,
+                                                 [To, macula_chk, Count, Size, PauseMs])}
+                end)
+     || {From, To} <- [{A, BN}, {B, AN}]],
+    [receive {sent, P, ok} -> ok after 120000 -> error({send_timeout, P}) end || P <- [A, B]],
+    [Call(P, checked_result, [macula_chk, 120000]) || P <- [B, A]].

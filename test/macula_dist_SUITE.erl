@@ -338,11 +338,22 @@ relay_restart_reconnects(Config) ->
     [{A, AN}, {B, BN}] = [Start(N) || N <- [pa12, pb12]],
     put(peers, [A, B | get_peers()]),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
-    macula_dist_relay:stop(Relay),
-    %% The connection is gone, the nodes are not.
-    ?assertEqual([], wait_for(fun() -> call(A, erlang, nodes, []) =:= [] andalso [] end)),
-    ?assertEqual(AN, call(A, erlang, node, [])),
-    ?assertEqual(pang, call(A, net_adm, ping, [BN])),
+    case Mode of
+        stream ->
+            macula_dist_relay:stop(Relay),
+            %% The connection is gone, the nodes are not.
+            ?assertEqual([], wait_for(fun() -> call(A, erlang, nodes, []) =:= [] andalso [] end)),
+            ?assertEqual(AN, call(A, erlang, node, [])),
+            ?assertEqual(pang, call(A, net_adm, ping, [BN]));
+        e2e ->
+            %% On loopback the session goes direct: it needs no relay, and
+            %% outlives this one (past the 10 s a session waits for one).
+            ?assertEqual(true, wait_for(fun() -> session_paths(A, BN) =/= [relay] end)),
+            macula_dist_relay:stop(Relay),
+            timer:sleep(12000),
+            ?assertEqual([BN], call(A, erlang, nodes, [])),
+            ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, []]))
+    end,
     {Relay2, _} = macula_ct:start_relay(#{port => Port}),
     try
         ?assertEqual(pong, wait_for(fun() -> call(A, net_adm, ping, [BN]) =:= pong andalso pong end)),
@@ -420,7 +431,10 @@ direct_path_on_loopback(Config) ->
     ?assert(wait_for(fun() -> IsDirect(A, BN) andalso IsDirect(B, AN) end, 50)),
     {ok, _} = call(A, macula_ct, big_exchange, [BN, 8 * 1024 * 1024]),
     ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_direct_watch, 100}])),
-    ?assert(IsDirect(A, BN)).
+    ?assert(IsDirect(A, BN)),
+    %% The connection's own info says so too.
+    ?assertMatch({ok, [{path, {direct, <<"127.0.0.1:", _/binary>>}}]},
+                 call(A, net_kernel, getopts, [BN, [path]])).
 
 %% `-macula_dist direct false': the session stays on the relay.
 direct_false_stays_relayed(Config) ->
@@ -430,4 +444,5 @@ direct_false_stays_relayed(Config) ->
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
     timer:sleep(1000),
     ?assertEqual([relay], session_paths(A, BN)),
+    ?assertEqual({ok, [{path, relay}]}, call(A, net_kernel, getopts, [BN, [path]])),
     _ = B.

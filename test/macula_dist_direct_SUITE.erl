@@ -118,11 +118,6 @@ open_route() ->
 
 %% ---- relay, peers, metrics ----
 
-spawn_os(Cmd, Log) ->
-    Pid = string:trim(os:cmd(Cmd ++ " >>'" ++ Log ++ "' 2>&1 & echo $!")),
-    put(os_pids, [Pid | get(os_pids)]),
-    Pid.
-
 start_relay(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "relay"),
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
@@ -133,16 +128,9 @@ start_relay(Config) ->
                                       "--state-dir '~ts' --allow-anonymous "
                                       "--fingerprint-file '~ts' --metrics ~ts:9434",
                                       [?config(relay_bin, Config), Addr, Dir, FpFile, Addr])),
-    _ = spawn_os(Cmd, filename:join(Dir, "relay.log")),
-    Fp = wait_for_file(FpFile, 100),
+    _ = macula_ct:spawn_os(Cmd, filename:join(Dir, "relay.log")),
+    Fp = macula_ct:wait_for_file(FpFile, 100),
     #{url => iolist_to_binary(["quic://", Addr, ":4434"]), fingerprint => Fp}.
-
-wait_for_file(File, 0) -> error({no_file, File});
-wait_for_file(File, N) ->
-    case file:read_file(File) of
-        {ok, <<_:64/binary, _/binary>> = Bin} -> string:trim(Bin);
-        _ -> timer:sleep(100), wait_for_file(File, N - 1)
-    end.
 
 %% A BEAM node inside namespace Ns.
 peer(Name, Ns, Relay) ->
@@ -206,16 +194,7 @@ connected_pair(Config) ->
     {{A, AN}, {B, BN}}.
 
 checked(A, AN, B, BN, Count, Size, PauseMs) ->
-    ok = call(A, macula_ct, checked_receiver, [macula_chk, Count]),
-    ok = call(B, macula_ct, checked_receiver, [macula_chk, Count]),
-    Self = self(),
-    [spawn_link(fun() ->
-                        Self ! {sent, From, call(From, macula_ct, checked_send,
-                                                 [To, macula_chk, Count, Size, PauseMs])}
-                end)
-     || {From, To} <- [{A, BN}, {B, AN}]],
-    [receive {sent, P, ok} -> ok after 120000 -> error({send_timeout, P}) end || P <- [A, B]],
-    [call(P, macula_ct, checked_result, [macula_chk, 120000]) || P <- [B, A]].
+    macula_ct:checked_both_ways(A, AN, B, BN, Count, Size, PauseMs).
 
 %% ---- cases ----
 

@@ -56,12 +56,6 @@ free_udp_port() ->
     ok = gen_udp:close(S),
     Port.
 
-%% Starts an OS process in the background, its output in Log; its OS pid.
-spawn_os(Cmd, Log) ->
-    Pid = string:trim(os:cmd(Cmd ++ " >>'" ++ Log ++ "' 2>&1 & echo $!")),
-    put(os_pids, [Pid | get(os_pids)]),
-    Pid.
-
 %% The relay binary on 127.0.0.1:Port, its identity kept in Dir (so a
 %% restart keeps the certificate that nodes pin). #{os_pid, url, fingerprint}.
 start_relay(Config, Dir, Port) ->
@@ -71,17 +65,10 @@ start_relay(Config, Dir, Port) ->
     Cmd = lists:flatten(io_lib:format("exec '~ts' --listen 127.0.0.1:~b --state-dir '~ts' "
                                       "--allow-anonymous --fingerprint-file '~ts'",
                                       [?config(relay_bin, Config), Port, Dir, FpFile])),
-    Pid = spawn_os(Cmd, filename:join(Dir, "relay.log")),
-    Fp = wait_for_file(FpFile, 100),
+    Pid = macula_ct:spawn_os(Cmd, filename:join(Dir, "relay.log")),
+    Fp = macula_ct:wait_for_file(FpFile, 100),
     #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://127.0.0.1:~b", [Port])),
       fingerprint => Fp}.
-
-wait_for_file(File, 0) -> error({no_file, File});
-wait_for_file(File, N) ->
-    case file:read_file(File) of
-        {ok, <<_:64/binary, _/binary>> = Bin} -> string:trim(Bin);
-        _ -> timer:sleep(100), wait_for_file(File, N - 1)
-    end.
 
 %% macula-impair between nodes and the relay at Upstream; its listen port.
 start_impair(Config, Upstream, Args) ->
@@ -89,7 +76,7 @@ start_impair(Config, Upstream, Args) ->
     Port = free_udp_port(),
     Cmd = lists:flatten(io_lib:format("exec '~ts' --listen 127.0.0.1:~b --upstream 127.0.0.1:~b ~ts",
                                       [?config(impair_bin, Config), Port, Upstream, Args])),
-    _ = spawn_os(Cmd, Log),
+    _ = macula_ct:spawn_os(Cmd, Log),
     timer:sleep(300),
     Port.
 
@@ -124,22 +111,12 @@ rss_kib(OsPid) ->
 
 alive(OsPid) -> os:cmd("kill -0 " ++ OsPid ++ " 2>/dev/null && echo yes") =:= "yes\n".
 
-%% Checked traffic both ways between two peers: Count messages of Size
-%% (with PauseMs after each).
+%% Checked traffic both ways between two peers: Count messages of Size.
 checked_both_ways(A, AN, B, BN, Count, Size) ->
     checked_both_ways(A, AN, B, BN, Count, Size, 0).
 
 checked_both_ways(A, AN, B, BN, Count, Size, PauseMs) ->
-    ok = call(A, macula_ct, checked_receiver, [macula_chk, Count]),
-    ok = call(B, macula_ct, checked_receiver, [macula_chk, Count]),
-    Self = self(),
-    [spawn_link(fun() ->
-                        Self ! {sent, From, call(From, macula_ct, checked_send,
-                                                 [To, macula_chk, Count, Size, PauseMs])}
-                end)
-     || {From, To} <- [{A, BN}, {B, AN}]],
-    [receive {sent, P, ok} -> ok after 120000 -> error({send_timeout, P}) end || P <- [A, B]],
-    [call(P, macula_ct, checked_result, [macula_chk, 120000]) || P <- [B, A]].
+    macula_ct:checked_both_ways(A, AN, B, BN, Count, Size, PauseMs).
 
 %% ---- cases ----
 

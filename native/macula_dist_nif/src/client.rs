@@ -520,6 +520,7 @@ pub(crate) async fn read_prefix(
                     recv,
                     early,
                     conn: None,
+                    socket: None,
                 },
             ));
         }
@@ -657,13 +658,21 @@ impl Client {
                 // off. Its connection ends now, not at the idle timeout.
                 // Unless this client has just claimed it back: then the
                 // relay is closing what the peer's old relay connection
-                // held, and the peer is claiming it back too.
-                let session = state.sessions.get(&tunnel).cloned();
+                // held, and the peer is claiming it back too. Or unless
+                // the session is on a direct path that still answers: it
+                // ends when that path does (see session_path).
+                let direct = self.path.get().and_then(|p| {
+                    let s = state.sessions.get(&tunnel)?;
+                    p.socket.direct_of(&s.conn.remote_address())
+                });
+                let s = state.sessions.get_mut(&tunnel)?;
+                s.peer_left = true;
+                let s = s.clone();
                 drop(state);
-                match session {
-                    Some(s) if s.claimed_at.is_some_and(|t| t.elapsed() < KEEP_WAIT) => {}
-                    Some(s) => s.conn.close(0u32.into(), b"peer left the relay"),
-                    None => {}
+                match (s.claimed_at, direct) {
+                    (Some(t), _) if t.elapsed() < KEEP_WAIT => {}
+                    (_, Some(_)) => {}
+                    _ => s.conn.close(0u32.into(), b"peer left the relay"),
                 }
                 None
             }
@@ -812,6 +821,7 @@ impl Client {
                 peer: peer.to_owned(),
                 claimed_at: None,
                 requester,
+                peer_left: false,
             };
             state.sessions.insert(tunnel, entry);
         }
@@ -892,8 +902,16 @@ impl Client {
     /// A session's path changed: the relay counts it, the owner logs it.
     pub fn session_path(&self, tunnel: &TunnelId, event: macula_relay_proto::direct::Event) {
         use macula_relay_proto::direct::Event;
-        let peer = self.lock().sessions.get(tunnel).map(|s| s.peer.clone());
-        let peer = peer.unwrap_or_default();
+        let Some(session) = self.lock().sessions.get(tunnel).cloned() else {
+            return;
+        };
+        let peer = session.peer;
+        // The peer left the relay, and now its direct path is silent too.
+        if event == Event::Relay && session.peer_left {
+            session
+                .conn
+                .close(0u32.into(), b"peer left the relay and the direct path");
+        }
         self.send_control(Message::SessionPath {
             tunnel: *tunnel,
             direct: matches!(event, Event::Direct(_)),

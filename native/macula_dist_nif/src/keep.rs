@@ -30,13 +30,16 @@ pub struct SessionEntry {
     pub claimed_at: Option<std::time::Instant>,
     /// This node asked for the session (it is its requester).
     pub requester: bool,
+    /// The relay said the peer left it (`tun_close`) while the session was
+    /// on a direct path: it ends if that path goes silent.
+    pub peer_left: bool,
 }
 
 pub type Sessions = Vec<(TunnelId, SessionEntry)>;
 
 struct Waiting {
     /// Held so the socket the sessions run on stays open meanwhile.
-    _endpoint: Arc<NodeEndpoint>,
+    endpoint: Arc<NodeEndpoint>,
     sessions: Sessions,
     generation: u64,
 }
@@ -129,7 +132,7 @@ fn wait(node: &str, endpoint: Arc<NodeEndpoint>, sessions: Sessions) {
             all.append(&mut p.sessions);
         }
         entry.waiting = Some(Waiting {
-            _endpoint: endpoint,
+            endpoint,
             sessions: all,
             generation,
         });
@@ -148,8 +151,27 @@ fn wait(node: &str, endpoint: Arc<NodeEndpoint>, sessions: Sessions) {
                 _ => None,
             }
         };
-        for (_, s) in expired.into_iter().flat_map(|w| w.sessions) {
+        let Some(expired) = expired else {
+            return;
+        };
+        // Sessions on a direct path need no relay meanwhile: they wait on.
+        let (direct, relayed): (Sessions, Sessions) =
+            expired.sessions.into_iter().partition(|(_, s)| {
+                expired
+                    .endpoint
+                    .socket
+                    .direct_of(&s.conn.remote_address())
+                    .is_some()
+            });
+        for (_, s) in relayed {
             s.conn.close(0u32.into(), b"relay connection lost");
+        }
+        let live: Sessions = direct
+            .into_iter()
+            .filter(|(_, s)| s.conn.close_reason().is_none())
+            .collect();
+        if !live.is_empty() {
+            wait(&node, expired.endpoint, live);
         }
     });
 }

@@ -282,6 +282,13 @@ fn tunnel_info(env: Env, tunnel: ResourceArc<TunnelRes>) -> Term {
             }
             .encode(env),
         ),
+        (
+            atoms::path().encode(env),
+            match t.direct() {
+                Some(addr) => (atoms::direct(), addr.to_string()).encode(env),
+                None => atoms::relay().encode(env),
+            },
+        ),
         (atoms::closed().encode(env), t.is_closed().encode(env)),
         (
             atoms::recv_bytes().encode(env),

@@ -117,7 +117,7 @@ pub fn connect(
         match opened {
             Ok((conn, send, recv)) => {
                 watch(&client, &path, tunnel, conn.clone(), bind, &target, true);
-                client.session_stream(tunnel, streams(conn, send, recv));
+                client.session_stream(tunnel, streams(conn, send, recv, &path.socket));
             }
             Err(e) => {
                 path.socket.remove_session(&vaddr);
@@ -200,6 +200,7 @@ impl Inbound {
                     "the session's stream names tunnel {tunnel}"
                 );
                 streams.conn = Some(conn.clone());
+                streams.socket = Some(self.path.socket.clone());
                 anyhow::Ok((conn, streams))
             })
             .await
@@ -237,8 +238,14 @@ impl Inbound {
     }
 }
 
-fn streams(conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Streams {
+fn streams(
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    socket: &Arc<NodeSocket>,
+) -> Streams {
     Streams {
+        socket: Some(socket.clone()),
         send,
         recv,
         early: Bytes::new(),

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use macula_dist_relay::node_socket::NodeSocket;
 use macula_relay_proto::{Mode, TunnelId};
 use quinn::{RecvStream, SendStream, VarInt};
 use rustler::{Encoder, Env, LocalPid, Monitor, NewBinary, OwnedEnv, Resource, ResourceArc, Term};
@@ -69,6 +70,16 @@ pub struct Tunnel {
     pub counters: Counters,
     /// The client's count of open tunnels, for status.
     open_count: Arc<AtomicUsize>,
+    /// An e2e session's socket and virtual address: where its path is.
+    pub route: Option<(Arc<NodeSocket>, std::net::SocketAddr)>,
+}
+
+impl Tunnel {
+    /// An e2e session's direct address, when it has gone direct.
+    pub fn direct(&self) -> Option<std::net::SocketAddr> {
+        let (socket, vaddr) = self.route.as_ref()?;
+        socket.direct_of(vaddr)
+    }
 }
 
 pub struct TunnelRes(pub Arc<Tunnel>);
@@ -104,6 +115,8 @@ pub struct Streams {
     /// An e2e session's own connection, closed with the tunnel; `None` for
     /// a stream tunnel (its connection is the relay's, shared).
     pub conn: Option<quinn::Connection>,
+    /// An e2e session's socket (which knows its path).
+    pub socket: Option<Arc<NodeSocket>>,
 }
 
 impl Streams {
@@ -140,6 +153,10 @@ pub fn start(
         peer,
         outbound,
         mode: streams.mode(),
+        route: streams
+            .socket
+            .clone()
+            .zip(streams.conn.as_ref().map(|c| c.remote_address())),
         owner: Mutex::new(None),
         out: Mutex::new(Some(tx)),
         queued: AtomicUsize::new(0),

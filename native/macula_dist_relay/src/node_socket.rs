@@ -202,6 +202,9 @@ impl NodeSocket {
                 None => continue,
             };
             if let Some((to, answer)) = answer {
+                // A valid probe: the peer is at `from`, and may send the
+                // session's datagrams from there before this side goes direct.
+                lock(&self.paths).accept_from(&vaddr, from);
                 self.send_probe(to, &answer);
                 self.direct_timer.notify_one();
             }

@@ -126,6 +126,16 @@ impl Paths {
         true
     }
 
+    /// Takes the session's datagrams from `addr` too: its peer proved to
+    /// be there (a valid probe), and may go direct before this side does.
+    pub fn accept_from(&mut self, vaddr: &SocketAddr, addr: SocketAddr) -> bool {
+        let Some(route) = self.routes.get(vaddr) else {
+            return false;
+        };
+        self.inbound.insert((addr, route.session), *vaddr);
+        true
+    }
+
     /// Where a session's datagrams go: its route, and its direct address
     /// when it has one.
     pub fn destination(&self, vaddr: &SocketAddr) -> Option<(Route, Option<SocketAddr>)> {
@@ -252,7 +262,11 @@ mod tests {
         assert_eq!(p.destination(&v), Some((route(3), None)));
         assert_eq!(p.inbound(peer, 3), Some(v));
         assert!(p.set_direct(&v, Some(peer)));
+        let other = SocketAddr::from(([10, 0, 0, 3], 5000));
+        assert!(p.accept_from(&v, other));
+        assert_eq!(p.inbound(other, 3), Some(v));
         p.remove(&v);
+        assert_eq!(p.inbound(other, 3), None);
         assert_eq!(p.inbound(peer, 3), None);
         assert!(!p.set_direct(&v, Some(peer)));
     }
