@@ -235,6 +235,26 @@ pub fn dataplane(data: &[u8]) {
         other => other,
     };
     assert_eq!(classify(&cleared), expected);
+    // As a probe (direct paths): only a datagram of the probe's length and
+    // type names a session, and none made without the key moves anything.
+    let session = macula_relay_proto::direct::probe_session(data);
+    assert_eq!(
+        session.is_some(),
+        data.len() == macula_relay_proto::direct::PROBE_LEN
+            && data[0] == macula_relay_proto::direct::PROBE_DATAGRAM
+    );
+    let now = Instant::now();
+    let from = std::net::SocketAddr::from(([10, 0, 0, 1], 4000));
+    for requester in [true, false] {
+        let mut path = macula_relay_proto::direct::DirectPath::new(
+            session.unwrap_or(7),
+            b"the session's exported secret",
+            requester,
+            now,
+        );
+        assert_eq!(path.on_datagram(from, data, now), (None, None));
+        assert_eq!(path.direct(), None);
+    }
     if data.len() >= 16 {
         let t = TunnelId::from_bytes(data[..16].try_into().unwrap());
         assert_eq!(
