@@ -88,7 +88,7 @@ relay_nodes() ->
 
 %% @doc Every relay client's status, in the node's relay order. Each shows
 %% its relay (`relay_url', `connection', `rtt_us', ...) and the e2e
-%% sessions it carries now (`sessions': `#{peer, id, rtt_us}'), so the
+%% sessions it carries now (`sessions': `#{peer, id, rtt_us, path}'), so the
 %% relay a connection uses is the one whose `sessions' name its peer.
 -spec status() -> [map()].
 status() ->

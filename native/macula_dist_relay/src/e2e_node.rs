@@ -120,6 +120,31 @@ impl E2eNode {
         }
     }
 
+    /// The peer's candidates the relay sent for `tunnel` (`cand`, right
+    /// after `tun_ok` / `tun_notify`).
+    pub async fn peer_candidates(&mut self, tunnel: &TunnelId) -> anyhow::Result<Vec<SocketAddr>> {
+        loop {
+            if let Some(c) = self.candidates.get(tunnel) {
+                return Ok(c.clone());
+            }
+            if let Some(i) = self.queued.iter().position(
+                |m| matches!(m, Message::Candidates { tunnel: Some(t), .. } if t == tunnel),
+            ) {
+                if let Message::Candidates { addrs, .. } = self.queued.remove(i) {
+                    return Ok(addrs);
+                }
+            }
+            let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
+                .await
+                .context("cand in time")??
+                .context("control stream ended")?;
+            let mut input = &chunk.bytes[..];
+            while let Some(m) = self.decoder.decode(&mut input)? {
+                self.queued.push(m);
+            }
+        }
+    }
+
     /// Routes a session through this node's socket; quinn reaches it at
     /// the returned address.
     pub fn route(&self, tunnel: &TunnelId, bind: BindKey) -> SocketAddr {

@@ -85,6 +85,60 @@ async fn nodes_talk_end_to_end_through_the_relay() {
 /// after the idle timeout) takes its sessions with it, and the other side
 /// hears `tun_close` for each at once: it need not wait out the session's
 /// own idle timeout to learn that its peer is gone.
+/// Both ends start looking for a direct path with the secret their TLS
+/// session exports, and the candidates the relay sent each.
+async fn go_direct(
+    a: &mut E2eNode,
+    b: &mut E2eNode,
+    a_end: &Connection,
+    b_end: &Connection,
+    tunnel: &TunnelId,
+) {
+    for (node, end, requester) in [(a, a_end, true), (b, b_end, false)] {
+        let mut secret = [0u8; 32];
+        end.export_keying_material(&mut secret, b"macula direct path v1", tunnel.as_bytes())
+            .unwrap();
+        let addrs = node.peer_candidates(tunnel).await.unwrap();
+        let vaddr = end.remote_address();
+        assert!(node
+            .socket
+            .start_direct(vaddr, &secret, requester, std::sync::Arc::new(|_| {})));
+        node.socket.add_candidates(&vaddr, &addrs);
+    }
+}
+
+#[tokio::test]
+async fn a_session_goes_direct_and_the_relay_forwards_no_more_of_it() {
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
+    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    go_direct(&mut a, &mut b, &a_end, &b_end, &tunnel).await;
+    timeout(WAIT, async {
+        while a.socket.direct_of(&a_end.remote_address()).is_none()
+            || b.socket.direct_of(&b_end.remote_address()).is_none()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let forwarded = || {
+        relay
+            .data_stats()
+            .forwarded_datagrams
+            .load(Ordering::Relaxed)
+    };
+    let before = forwarded();
+    let data = random_bytes(4 << 20);
+    assert!(transfer(&a_end, &b_end, &data).await == data);
+    assert!(transfer(&b_end, &a_end, &data).await == data);
+    // The same connection carried it, and none of it went through the relay.
+    assert_eq!(forwarded(), before);
+    assert!(a_end.close_reason().is_none() && b_end.close_reason().is_none());
+}
+
 #[tokio::test]
 async fn the_other_side_hears_when_a_node_leaves() {
     let relay = relay().await;
