@@ -109,15 +109,21 @@ impl E2eNode {
                     other => return Ok(other),
                 }
             }
-            let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
-                .await
-                .context("control message in time")??
-                .context("control stream ended")?;
-            let mut input = &chunk.bytes[..];
-            while let Some(m) = self.decoder.decode(&mut input)? {
-                self.queued.push(m);
-            }
+            self.read_more().await?;
         }
+    }
+
+    /// Reads the next chunk of the control stream into `queued`.
+    async fn read_more(&mut self) -> anyhow::Result<()> {
+        let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
+            .await
+            .context("control message in time")??
+            .context("control stream ended")?;
+        let mut input = &chunk.bytes[..];
+        while let Some(m) = self.decoder.decode(&mut input)? {
+            self.queued.push(m);
+        }
+        Ok(())
     }
 
     /// The peer's candidates the relay sent for `tunnel` (`cand`, right
@@ -134,14 +140,7 @@ impl E2eNode {
                     return Ok(addrs);
                 }
             }
-            let chunk = timeout(WAIT, self.recv.read_chunk(65536, true))
-                .await
-                .context("cand in time")??
-                .context("control stream ended")?;
-            let mut input = &chunk.bytes[..];
-            while let Some(m) = self.decoder.decode(&mut input)? {
-                self.queued.push(m);
-            }
+            self.read_more().await?;
         }
     }
 
