@@ -185,3 +185,18 @@ congestion_test() ->
                  opts(#{verify => none, congestion => reno})),
     ?assertMatch({ok, _, #{congestion := bbr}},
                  boot([{"relay", "c"}, {"congestion", "bbr"}], [], [])).
+
+direct_and_advertise_test() ->
+    ?assertMatch({ok, #{direct := true, advertise := <<>>}}, opts(#{verify => none})),
+    ?assertMatch({ok, #{direct := false}}, opts(#{verify => none, direct => false})),
+    ?assertEqual({error, {bad_option, {direct, yes}}}, opts(#{verify => none, direct => yes})),
+    ?assertMatch({ok, #{advertise := <<"203.0.113.7:4500">>}},
+                 opts(#{verify => none, advertise => "203.0.113.7:4500"})),
+    ?assertMatch({ok, #{advertise := <<"203.0.113.7:4500,[2001:db8::1]:4500">>}},
+                 opts(#{verify => none, advertise => ["203.0.113.7:4500", <<"[2001:db8::1]:4500">>]})),
+    %% An address, not a host name.
+    ?assertEqual({error, {bad_option, {advertise, "relay.example.com:4500"}}},
+                 opts(#{verify => none, advertise => "relay.example.com:4500"})),
+    ?assertMatch({ok, _, #{direct := false, advertise := ["203.0.113.7:4500"]}},
+                 boot([{"relay", "c"}, {"direct", "false"}], [],
+                      [{"MACULA_DIST_ADVERTISE", "203.0.113.7:4500"}])).
