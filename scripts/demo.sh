@@ -50,6 +50,16 @@ io:format("nodes() on alice: ~p~n", [nodes()]),
 io:format("rpc:call(bob, erlang, system_info, [otp_release]): ~p~n", [rpc:call(Bob, erlang, system_info, [otp_release])]),
 {ok, Info} = net_kernel:node_info(Bob),
 io:format("carrier: ~p~n", [proplists:get_value(address, Info)]),
+%% The session starts on the relay and moves to a direct path once a probe
+%% is answered (here, on one machine, at once).
+Path = fun Path(0) -> net_kernel:getopts(Bob, [path]);
+           Path(N) -> case net_kernel:getopts(Bob, [path]) of
+                          {ok, [{path, {direct, _}}]} = P -> P;
+                          _ -> timer:sleep(100), Path(N - 1)
+                      end
+       end,
+{ok, [{path, P}]} = Path(20),
+io:format("path: ~p~n", [P]),
 Bin = crypto:strong_rand_bytes(1 bsl 20),
 Sink = spawn(Bob, fun F() -> receive {From, done} -> From ! done; _ -> F() end end),
 N = 256,
