@@ -836,6 +836,9 @@ impl Client {
         let (true, Some(path)) = (self.direct, self.path.get()) else {
             return;
         };
+        if self.lock().relay_version < macula_relay_proto::DIRECT_VERSION {
+            return;
+        }
         let Ok(local) = quinn::AsyncUdpSocket::local_addr(path.socket.as_ref()) else {
             return;
         };
@@ -912,10 +915,12 @@ impl Client {
                 .conn
                 .close(0u32.into(), b"peer left the relay and the direct path");
         }
-        self.send_control(Message::SessionPath {
-            tunnel: *tunnel,
-            direct: matches!(event, Event::Direct(_)),
-        });
+        if self.lock().relay_version >= macula_relay_proto::DIRECT_VERSION {
+            self.send_control(Message::SessionPath {
+                tunnel: *tunnel,
+                direct: matches!(event, Event::Direct(_)),
+            });
+        }
         let text = match event {
             Event::Direct(addr) => format!("e2e session with {peer} went direct, to {addr}"),
             Event::Relay => {

@@ -718,6 +718,16 @@ impl Session {
             }
         };
         let target_addr = state.nodes[&tunnel.target].conn.remote_address();
+        // Direct-path candidates, each side the other's, for nodes that
+        // speak version 3 (a version 2 node does not know `cand`).
+        let direct = |c: &ConnId| {
+            state
+                .nodes
+                .get(c)
+                .filter(|n| n.version >= macula_relay_proto::DIRECT_VERSION)
+                .is_some()
+        };
+        let both_direct = direct(&tunnel.target) && direct(&self.conn_id);
         let target_candidates = state.nodes[&tunnel.target].candidates();
         let requester_candidates = state
             .nodes
@@ -743,13 +753,15 @@ impl Session {
                 bind: Some(target_key),
             },
         );
-        state.send_to(
-            tunnel.target,
-            Message::Candidates {
-                tunnel: Some(id),
-                addrs: requester_candidates,
-            },
-        );
+        if both_direct {
+            state.send_to(
+                tunnel.target,
+                Message::Candidates {
+                    tunnel: Some(id),
+                    addrs: requester_candidates,
+                },
+            );
+        }
         drop(state);
         info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
         opened_metrics(&self.shared, Mode::E2e, started);
@@ -757,10 +769,12 @@ impl Session {
             tunnel: id,
             bind: Some(requester_key),
         });
-        self.answer(Message::Candidates {
-            tunnel: Some(id),
-            addrs: target_candidates,
-        });
+        if both_direct {
+            self.answer(Message::Candidates {
+                tunnel: Some(id),
+                addrs: target_candidates,
+            });
+        }
     }
 
     /// A session this node held through its previous relay connection (or

@@ -36,5 +36,8 @@ pub const ALPN_E2E: &[u8] = b"macula-dist-e2e";
 /// The relay's default UDP port.
 pub const DEFAULT_PORT: u16 = 4434;
 /// The protocol version this crate speaks (sent as `v` in identify and
-/// `id_ok`): 2 adds end-to-end sessions; 1 is stream tunnels only.
-pub const PROTOCOL_VERSION: u64 = 2;
+/// `id_ok`): 3 adds direct-path candidates (`cand`, `sess_path`); 2 adds
+/// end-to-end sessions; 1 is stream tunnels only.
+pub const PROTOCOL_VERSION: u64 = 3;
+/// The first version that exchanges direct-path candidates.
+pub const DIRECT_VERSION: u64 = 3;
