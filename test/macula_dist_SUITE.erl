@@ -157,8 +157,9 @@ kill_9_seen_with_default_ticktime(Config) ->
     ?assertEqual(60, call(A, net_kernel, get_net_ticktime, [])),
     ok = call(A, macula_ct, watch, [BN, macula_watch]),
     os:cmd("kill -9 " ++ call(B, os, getpid, [])),
-    %% Within 5 s (the relay connection's 4 s idle timeout, then the relay's
-    %% tun_close or stream reset), not the 60-75 s ticks would take.
+    %% Within 5 s (the relay connection's 2 s idle timeout, then the relay's
+    %% tun_close or stream reset; on a direct path, then the path's probes
+    %% going unanswered), not the 60-75 s ticks would take.
     Result = call(A, macula_ct, watch_result, [{macula_watch, 5000}]),
     ct:log("kill -9 seen as ~p", [Result]),
     ?assertMatch({nodedown, noconnection, _Ms}, Result).

@@ -669,9 +669,10 @@ impl Client {
                 s.peer_left = true;
                 let s = s.clone();
                 drop(state);
-                match (s.claimed_at, direct) {
-                    (Some(t), _) if t.elapsed() < KEEP_WAIT => {}
-                    (_, Some(_)) => {}
+                match (s.claimed_at, direct, self.path.get()) {
+                    (Some(t), _, _) if t.elapsed() < KEEP_WAIT => {}
+                    // Ask the direct path now: a dead peer stops answering.
+                    (_, Some(_), Some(p)) => p.socket.check_direct(&s.conn.remote_address()),
                     _ => s.conn.close(0u32.into(), b"peer left the relay"),
                 }
                 None

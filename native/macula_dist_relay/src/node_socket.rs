@@ -148,7 +148,7 @@ impl NodeSocket {
                     changes.push((d.vaddr, e));
                 }
             }
-            directs.values().map(|d| d.path.next_timeout()).min()
+            directs.values().map(|d| d.path.next_timeout(now)).min()
         };
         for (to, probe) in out {
             self.send_probe(to, &probe);
@@ -157,6 +157,26 @@ impl NodeSocket {
             self.change_path(vaddr, e);
         }
         next
+    }
+
+    /// Probes the direct path of the session at `vaddr` at once and often
+    /// (as when it sends): its peer is said to be gone (the relay lost it),
+    /// and the path will tell within about a second.
+    pub fn check_direct(&self, vaddr: &SocketAddr) {
+        if let Some(route) = self.route(vaddr) {
+            self.note_sent(route.session);
+        }
+    }
+
+    /// A direct session sends: an idle one wakes the timers, which probe
+    /// its path at once.
+    fn note_sent(&self, session: SessionId) {
+        let woke = lock(&self.directs)
+            .get_mut(&session)
+            .is_some_and(|d| d.path.sent(Instant::now()));
+        if woke {
+            self.direct_timer.notify_one();
+        }
     }
 
     fn send_probe(&self, to: SocketAddr, probe: &[u8]) {
@@ -399,7 +419,12 @@ impl AsyncUdpSocket for NodeSocket {
         }
         let destination = lock(&self.paths).destination(&transmit.destination);
         match destination {
-            Some((route, direct)) => self.send_session(route, direct, transmit),
+            Some((route, direct)) => {
+                if direct.is_some() {
+                    self.note_sent(route.session);
+                }
+                self.send_session(route, direct, transmit)
+            }
             // A closed session: drop, as a network would.
             None => Ok(()),
         }

@@ -6,6 +6,10 @@
 //! stays the same (its virtual address does not change, see `paths`).
 //! While direct, the path is probed on; when it stops answering the session
 //! goes back to its relay, and probing starts again later, with backoff.
+//! A session that sends nothing for a while is idle: its path is probed
+//! every few seconds only (enough for NAT mappings), and once it sends
+//! again it is probed at once and often, so a dead path under traffic is
+//! left within about a second while an idle mesh costs little.
 //!
 //! ```text
 //! 0        1                 9        10       11                19                 35
@@ -47,8 +51,14 @@ pub const FIRST_REST: Duration = Duration::from_secs(5);
 pub const MAX_REST: Duration = Duration::from_secs(60);
 /// How often a direct path is probed while in use.
 pub const KEEP_EVERY: Duration = Duration::from_millis(200);
-/// A direct path without an answer for this long is given up.
+/// A direct path in use without an answer for this long is given up.
 pub const LOST_AFTER: Duration = Duration::from_millis(800);
+/// A session that sent nothing for this long is idle.
+pub const IDLE_AFTER: Duration = Duration::from_secs(2);
+/// How often an idle session's direct path is probed.
+pub const IDLE_KEEP_EVERY: Duration = Duration::from_secs(5);
+/// An idle session's direct path without an answer for this long is given up.
+pub const IDLE_LOST_AFTER: Duration = Duration::from_secs(15);
 /// Candidates kept per session, at most.
 pub const MAX_CANDIDATES: usize = 16;
 /// Probes remembered (awaiting their answer), at most.
@@ -67,9 +77,13 @@ enum State {
     Probing {
         until: Instant,
     },
+    /// `since`: when the path was taken or the session last became
+    /// active; a path in use is given up [`LOST_AFTER`] after the later of
+    /// it and the last answer.
     Direct {
         addr: SocketAddr,
         last_answer: Instant,
+        since: Instant,
     },
     Resting {
         until: Instant,
@@ -90,6 +104,8 @@ pub struct DirectPath {
     next_probe: Instant,
     rest: Duration,
     directs: u64,
+    /// When the session last sent a datagram (see [`DirectPath::sent`]).
+    last_sent: Option<Instant>,
 }
 
 /// The session a probe datagram is for, if it is one.
@@ -118,6 +134,36 @@ impl DirectPath {
             next_probe: now,
             rest: FIRST_REST,
             directs: 0,
+            last_sent: None,
+        }
+    }
+
+    fn active(&self, now: Instant) -> bool {
+        self.last_sent
+            .is_some_and(|t| now.saturating_duration_since(t) < IDLE_AFTER)
+    }
+
+    /// The session sent a datagram. True when it was idle on a direct path
+    /// until now: run [`poll`](Self::poll) at once (it probes the path).
+    pub fn sent(&mut self, now: Instant) -> bool {
+        let woke = !self.active(now);
+        self.last_sent = Some(now);
+        match (&mut self.state, woke) {
+            (State::Direct { since, .. }, true) => {
+                *since = now;
+                self.next_probe = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When a direct path with these timestamps counts as lost.
+    fn lost_at(&self, last_answer: Instant, since: Instant, now: Instant) -> Instant {
+        if self.active(now) {
+            last_answer.max(since) + LOST_AFTER
+        } else {
+            last_answer + IDLE_LOST_AFTER
         }
     }
 
@@ -155,11 +201,14 @@ impl DirectPath {
         self.next_probe = now;
     }
 
-    /// When [`poll`](Self::poll) has something to do next.
-    pub fn next_timeout(&self) -> Instant {
+    /// When [`poll`](Self::poll) has something to do next, as of `now`
+    /// (a session that turns idle meanwhile only makes it early).
+    pub fn next_timeout(&self, now: Instant) -> Instant {
         match self.state {
             State::Probing { until } => self.next_probe.min(until),
-            State::Direct { last_answer, .. } => self.next_probe.min(last_answer + LOST_AFTER),
+            State::Direct {
+                last_answer, since, ..
+            } => self.next_probe.min(self.lost_at(last_answer, since, now)),
             State::Resting { until } => until,
         }
     }
@@ -175,7 +224,9 @@ impl DirectPath {
                 self.rest = (self.rest * 2).min(MAX_REST);
                 return None;
             }
-            State::Direct { last_answer, .. } if now >= last_answer + LOST_AFTER => {
+            State::Direct {
+                last_answer, since, ..
+            } if now >= self.lost_at(last_answer, since, now) => {
                 self.state = State::Resting {
                     until: now + FIRST_REST,
                 };
@@ -197,7 +248,11 @@ impl DirectPath {
             }
             State::Direct { addr, .. } => {
                 out.push((addr, self.probe(addr, now)));
-                self.next_probe = now + KEEP_EVERY;
+                let every = match self.active(now) {
+                    true => KEEP_EVERY,
+                    false => IDLE_KEEP_EVERY,
+                };
+                self.next_probe = now + every;
             }
             State::Resting { .. } => {}
         }
@@ -260,10 +315,11 @@ impl DirectPath {
                     return (None, None);
                 }
                 match self.state {
-                    State::Direct { addr, .. } if addr == from => {
+                    State::Direct { addr, since, .. } if addr == from => {
                         self.state = State::Direct {
                             addr,
                             last_answer: now,
+                            since,
                         };
                         (None, None)
                     }
@@ -272,6 +328,7 @@ impl DirectPath {
                         self.state = State::Direct {
                             addr: from,
                             last_answer: now,
+                            since: now,
                         };
                         self.next_probe = now + KEEP_EVERY;
                         self.rest = FIRST_REST;
@@ -378,11 +435,13 @@ mod tests {
         let (answers, _) = deliver(&mut b, addr(1), out, now);
         deliver(&mut a, addr(2), answers, now);
         assert_eq!(a.direct(), Some(addr(2)));
-        // Keep-alive probes go out; no answer comes.
+        // The session sends all along; keep-alive probes go out, no answer
+        // comes.
         let mut t = now;
         let mut event = None;
         while event.is_none() {
-            t = a.next_timeout();
+            a.sent(t);
+            t = a.next_timeout(t);
             let mut out = vec![];
             event = a.poll(t, &mut out);
         }
@@ -390,10 +449,89 @@ mod tests {
         assert!(t.duration_since(now) <= LOST_AFTER + KEEP_EVERY);
         assert_eq!(a.direct(), None);
         // It rests, then probes again.
-        assert_eq!(a.next_timeout(), t + FIRST_REST);
+        assert_eq!(a.next_timeout(t), t + FIRST_REST);
         let mut out = vec![];
         a.poll(t + FIRST_REST, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    /// Runs `a`'s timers from `from` to `to`, answering its probes when
+    /// `answered`; the probes it sent and the first change of path.
+    fn run(
+        a: &mut DirectPath,
+        b: &mut DirectPath,
+        from: Instant,
+        to: Instant,
+        answered: bool,
+    ) -> (usize, Option<(Instant, Event)>) {
+        let mut t = from;
+        let mut probes = 0;
+        while t < to {
+            let mut out = vec![];
+            if let Some(e) = a.poll(t, &mut out) {
+                return (probes, Some((t, e)));
+            }
+            probes += out.len();
+            if answered {
+                let (answers, _) = deliver(b, addr(1), out, t);
+                if let Some(e) = deliver(a, addr(2), answers, t).1.first() {
+                    return (probes, Some((t, *e)));
+                }
+            }
+            t = a.next_timeout(t).max(t + Duration::from_millis(1));
+        }
+        (probes, None)
+    }
+
+    #[test]
+    fn an_idle_session_probes_seldom_and_a_busy_one_notices_a_dead_path_at_once() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let (_, change) = run(&mut a, &mut b, now, now + Duration::from_millis(10), true);
+        assert_eq!(change.map(|(_, e)| e), Some(Event::Direct(addr(2))));
+        // Idle for a minute, answered: about one probe per IDLE_KEEP_EVERY.
+        let later = now + Duration::from_secs(60);
+        let (probes, change) = run(&mut a, &mut b, now + Duration::from_millis(10), later, true);
+        assert_eq!(change, None);
+        assert!(
+            probes <= (60 / IDLE_KEEP_EVERY.as_secs() + 2) as usize,
+            "{probes}"
+        );
+        // It sends again, on a path that went dead while it was idle: probed
+        // at once, given up within LOST_AFTER (not IDLE_LOST_AFTER).
+        assert!(a.sent(later));
+        assert_eq!(a.next_timeout(later), later);
+        let mut t = later;
+        let event = loop {
+            a.sent(t);
+            if let Some(e) = a.poll(t, &mut vec![]) {
+                break e;
+            }
+            t = a.next_timeout(t).max(t + Duration::from_millis(1));
+        };
+        assert_eq!(event, Event::Relay);
+        assert!(t.duration_since(later) <= LOST_AFTER + KEEP_EVERY);
+    }
+
+    #[test]
+    fn a_session_that_wakes_on_a_live_path_keeps_it() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        run(&mut a, &mut b, now, now + Duration::from_millis(10), true);
+        let later = now + Duration::from_secs(4);
+        run(&mut a, &mut b, now + Duration::from_millis(10), later, true);
+        // Its last answer is seconds old, but the path answers at once.
+        assert!(a.sent(later));
+        let mut t = later;
+        while t < later + Duration::from_secs(3) {
+            a.sent(t);
+            let mut out = vec![];
+            assert_eq!(a.poll(t, &mut out), None);
+            let (answers, _) = deliver(&mut b, addr(1), out, t);
+            deliver(&mut a, addr(2), answers, t);
+            t = a.next_timeout(t).max(t + Duration::from_millis(1));
+        }
+        assert_eq!(a.direct(), Some(addr(2)));
     }
 
     #[test]
@@ -413,7 +551,7 @@ mod tests {
                     rests.push(until - t);
                 }
             }
-            t = a.next_timeout();
+            t = a.next_timeout(t);
         }
         assert_eq!(
             rests,
