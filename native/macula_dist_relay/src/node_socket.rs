@@ -281,10 +281,6 @@ impl NodeSocket {
         lock(&self.paths).route(vaddr).copied()
     }
 
-    pub fn session_count(&self) -> usize {
-        lock(&self.paths).len()
-    }
-
     fn send_session(
         &self,
         route: Route,

@@ -103,7 +103,6 @@ pub struct DirectPath {
     state: State,
     next_probe: Instant,
     rest: Duration,
-    directs: u64,
     /// When the session last sent a datagram (see [`DirectPath::sent`]).
     last_sent: Option<Instant>,
 }
@@ -133,7 +132,6 @@ impl DirectPath {
             },
             next_probe: now,
             rest: FIRST_REST,
-            directs: 0,
             last_sent: None,
         }
     }
@@ -173,11 +171,6 @@ impl DirectPath {
             State::Direct { addr, .. } => Some(addr),
             _ => None,
         }
-    }
-
-    /// How many times this session went direct.
-    pub fn directs(&self) -> u64 {
-        self.directs
     }
 
     /// Adds the peer's candidates; a new one ends a rest (it may work).
@@ -242,12 +235,12 @@ impl DirectPath {
             State::Probing { .. } => {
                 for i in 0..self.candidates.len() {
                     let to = self.candidates[i];
-                    out.push((to, self.probe(to, now)));
+                    out.push((to, self.probe(to)));
                 }
                 self.next_probe = now + PROBE_EVERY;
             }
             State::Direct { addr, .. } => {
-                out.push((addr, self.probe(addr, now)));
+                out.push((addr, self.probe(addr)));
                 let every = match self.active(now) {
                     true => KEEP_EVERY,
                     false => IDLE_KEEP_EVERY,
@@ -259,7 +252,7 @@ impl DirectPath {
         event
     }
 
-    fn probe(&mut self, to: SocketAddr, _now: Instant) -> [u8; PROBE_LEN] {
+    fn probe(&mut self, to: SocketAddr) -> [u8; PROBE_LEN] {
         let nonce: u64 = rand::random();
         if self.sent.len() >= MAX_SENT {
             self.sent.pop_front();
@@ -332,7 +325,6 @@ impl DirectPath {
                         };
                         self.next_probe = now + KEEP_EVERY;
                         self.rest = FIRST_REST;
-                        self.directs += 1;
                         (None, Some(Event::Direct(from)))
                     }
                 }
