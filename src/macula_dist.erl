@@ -20,7 +20,7 @@
 -module(macula_dist).
 
 -export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
-         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2, relay_nodes/0,
+         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2, relay_nodes/0, relay_node_names/0,
          status/0]).
 -export([do_setup/6, do_accept/5, acceptor/1, controller/2, input_handler/3]).
 
@@ -78,13 +78,24 @@ ensure_client(Url, Node, Opts) ->
     end,
     macula_dist_sup:start_client(Url, Node, Opts).
 
-%% @doc The other nodes on this node's relays, which it may connect to (as
-%% atoms: names the authenticated relays give, like nodes() does).
--spec relay_nodes() -> [node()].
+%% @doc The other nodes on this node's relays, which it may connect to: an
+%% atom for each name that already is one, a binary for the others. No atom
+%% is made here: the names come from the relay, and a relay (or a token
+%% holder cycling names) could otherwise fill the atom table.
+-spec relay_nodes() -> [node() | binary()].
 relay_nodes() ->
-    Names = [N || Client <- macula_dist_relay_client:clients(),
-                  {ok, Ns} <- [macula_dist_relay_client:relay_nodes(Client)], N <- Ns],
-    [binary_to_atom(N, utf8) || N <- lists:usort(Names)].
+    [known_atom(N) || N <- relay_node_names()].
+
+%% @doc The names of the other nodes on this node's relays, as binaries.
+-spec relay_node_names() -> [binary()].
+relay_node_names() ->
+    lists:usort([N || Client <- macula_dist_relay_client:clients(),
+                      {ok, Ns} <- [macula_dist_relay_client:relay_nodes(Client)], N <- Ns]).
+
+known_atom(Name) ->
+    try binary_to_existing_atom(Name, utf8)
+    catch error:badarg -> Name
+    end.
 
 %% @doc Every relay client's status, in the node's relay order. Each shows
 %% its relay (`relay_url', `connection', `rtt_us', ...) and the e2e

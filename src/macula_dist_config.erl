@@ -90,10 +90,30 @@ client_opts(Url, Node, Opts) when is_map(Opts) ->
                                    node_key => text(maps:get(node_key, All, <<>>)),
                                    direct => maps:get(direct, All),
                                    advertise => advertise(maps:get(advertise, All, [])),
-                                   relay_cookie => <<>>})
+                                   default_key_file => default_key_file(All, NodeBin)})
               end);
 client_opts(_Url, _Node, Opts) ->
     {error, {bad_options, Opts}}.
+
+%% The node's own key, made on first use and kept in `state_dir' (default:
+%% the user's data directory, as `~/.erlang.cookie' is kept in the home
+%% directory), so that a restarted node shows the relay the same key and
+%% takes its name back at once. None when `key_file' or a cluster
+%% certificate gives the key, or when there is no place to keep it (the
+%% NIF then makes a key for this run only).
+default_key_file(#{key_file := K}, _Node) when K =/= "", K =/= <<>> -> <<>>;
+default_key_file(#{node_key := K}, _Node) when K =/= "", K =/= <<>> -> <<>>;
+default_key_file(All, Node) ->
+    case maps:get(state_dir, All, default_state_dir()) of
+        "" -> <<>>;
+        <<>> -> <<>>;
+        Dir -> unicode:characters_to_binary(filename:join(Dir, <<Node/binary, ".key">>))
+    end.
+
+default_state_dir() ->
+    try filename:basedir(user_data, "macula_dist")
+    catch _:_ -> ""
+    end.
 
 %% A list of URLs: all must parse; the first is the one used.
 first_url([First | _] = Urls) when is_list(First); is_binary(First) ->
@@ -129,6 +149,7 @@ check_opts([{pin_sha256, V} | Rest]) when is_binary(V); is_list(V) ->
 check_opts([{verify, none} | Rest]) -> check_opts(Rest);
 check_opts([{tunnel, e2e} | Rest]) -> check_opts(Rest);
 check_opts([{key_file, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
+check_opts([{state_dir, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{cluster_ca, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{node_cert, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
 check_opts([{node_key, V} | Rest]) when is_binary(V); is_list(V) -> check_opts(Rest);
@@ -219,6 +240,7 @@ boot_config() ->
                     {tunnel, "MACULA_DIST_TUNNEL", atom},
                     {congestion, "MACULA_DIST_CONGESTION", atom},
                     {key_file, "MACULA_DIST_KEY_FILE", string},
+                    {state_dir, "MACULA_DIST_STATE_DIR", string},
                     {cluster_ca, "MACULA_DIST_CLUSTER_CA", string},
                     {node_cert, "MACULA_DIST_NODE_CERT", string},
                     {node_key, "MACULA_DIST_NODE_KEY", string},

@@ -30,7 +30,7 @@
 
 -define(APP_OPTS, [token, pin_sha256, ca_cert, verify, connect_timeout, tunnel_timeout,
                    idle_timeout, keep_alive, tunnel, congestion, key_file, cluster_ca, node_cert,
-                   node_key, direct, advertise]).
+                   node_key, direct, advertise, state_dir]).
 
 -record(state, {client :: reference(), url :: binary(), node :: binary(),
                 tunnel_timeout :: pos_integer(),
@@ -55,12 +55,12 @@ start_link(RelayUrl, NodeName, Opts) ->
 start_link(Name, RelayUrl, NodeName, Opts) when is_atom(Name), is_map(Opts) ->
     case macula_dist_config:client_opts(RelayUrl, NodeName, maps:merge(app_opts(), Opts)) of
         {ok, NifOpts} ->
-            %% The node shows the relay a key derived from its cookie (or
-            %% the key in key_file): its name is then that key's.
+            %% The node shows the relay its own key (kept in state_dir, or
+            %% key_file's): its name is then that key's. The cookie stays
+            %% inside e2e sessions.
             Cookie = maps:get(cookie, Opts, undefined),
-            Keyed = NifOpts#{relay_cookie => cookie(Cookie, NodeName)},
             gen_server:start_link({local, Name}, ?MODULE,
-                                  {url_text(RelayUrl), Keyed, Cookie}, []);
+                                  {url_text(RelayUrl), NifOpts, Cookie}, []);
         {error, _} = Error ->
             Error
     end;
@@ -89,12 +89,10 @@ request_tunnel(Client, Target) when is_atom(Target) ->
 request_tunnel(Client, Target) when is_binary(Target) ->
     case call(Client, handle) of
         {ok, Nif, Timeout, CookieOpt} ->
-            %% The cookie keys an e2e session (the NIF asks for one when the
-            %% relay offers them); a target on a v1-only node gets a stream.
-            case request(Nif, Target, cookie(CookieOpt, Target), Timeout) of
-                {error, {tunnel_error, mode_unsupported}} -> request(Nif, Target, <<>>, Timeout);
-                Reply -> Reply
-            end;
+            %% The cookie authenticates an e2e session (in stream mode the
+            %% NIF ignores it). A target that cannot take e2e sessions is
+            %% an error, never a fallback to a stream the relay can read.
+            request(Nif, Target, cookie(CookieOpt, Target), Timeout);
         {error, _} = Error ->
             Error
     end;
@@ -208,6 +206,12 @@ init({Url, #{node := Node, connect_timeout := ConnectTimeout,
                                                            is_pid(A)],
                     {ok, #state{client = Client, url = Url, node = Node,
                                 tunnel_timeout = TunnelTimeout, cookie = Cookie}};
+                {macula_client, {connect_failed, {refused, relay_without_e2e} = Reason}} ->
+                    logger:error("macula_dist: relay ~ts offers no end-to-end sessions (protocol "
+                                 "v1 only): refused, as it could read and change distribution "
+                                 "traffic. Use another relay, or -macula_dist tunnel stream to "
+                                 "trust this one", [Url]),
+                    fail_init(Reason);
                 {macula_client, {connect_failed, Reason}} ->
                     fail_init(Reason);
                 {'EXIT', _Starter, Why} ->

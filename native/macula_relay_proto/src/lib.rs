@@ -6,6 +6,7 @@
 //! - [`matcher`]: the client's tunnel matcher (pending FIFO, orphan streams, prefixes).
 //! - [`packet`]: the 2/4-byte length framing of Erlang distribution in a tunnel.
 //! - [`dataplane`]: the header of e2e session datagrams, told from QUIC by their first byte.
+//! - [`session_auth`]: the PAKE and candidate exchange that open an e2e session's stream.
 //! - [`sessions`]: the relay's e2e session table (who may send for a session, where it goes).
 //! - [`paths`]: the node's map between e2e sessions and the virtual addresses quinn sees.
 //! - [`admission`]: the relay's caps on unidentified connections, and when to send Retry.
@@ -23,6 +24,7 @@ pub mod packet;
 pub mod paths;
 pub mod ratelimit;
 pub mod router;
+pub mod session_auth;
 pub mod sessions;
 pub mod tunnel_id;
 

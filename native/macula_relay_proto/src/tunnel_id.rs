@@ -17,7 +17,7 @@ impl TunnelId {
         TunnelId(rand::random())
     }
 
-    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
         TunnelId(bytes)
     }
 
