@@ -8,30 +8,45 @@
 
 -export([all/0, groups/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
--export([sessions_without_the_cookie_make_no_atoms/1, handshake_name_must_be_the_peers/1]).
+-export([sessions_without_the_cookie_make_no_atoms/1, handshake_name_must_be_the_peers/1,
+         relay_without_e2e_is_refused/1, inbound_stream_tunnel_is_refused/1,
+         stream_tunnel_to_an_e2e_node_is_refused/1, relay_names_make_no_atoms/1,
+         relay_never_sees_a_cookie_derived_key/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
 all() ->
-    [{group, e2e}, {group, stream}].
+    [{group, e2e}, {group, stream}, {group, hostile_relay}].
 
 groups() ->
-    [{e2e, [], [sessions_without_the_cookie_make_no_atoms, handshake_name_must_be_the_peers]},
-     {stream, [], [handshake_name_must_be_the_peers]}].
+    [{e2e, [], [sessions_without_the_cookie_make_no_atoms, handshake_name_must_be_the_peers,
+                stream_tunnel_to_an_e2e_node_is_refused, relay_names_make_no_atoms,
+                relay_never_sees_a_cookie_derived_key]},
+     {stream, [], [handshake_name_must_be_the_peers]},
+     {hostile_relay, [], [relay_without_e2e_is_refused, inbound_stream_tunnel_is_refused]}].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
-    [{relay, Relay}, {info, Info} | Config].
+    Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
+    [{relay, Relay}, {info, Info}, {root, Root} | Config].
 
 end_per_suite(Config) ->
     macula_dist_relay:stop(?config(relay, Config)).
 
+init_per_group(hostile_relay, Config) ->
+    %% The fake relay runs on aioquic, in the interop suite's venv.
+    Out = os:cmd("bash '" ++ ?config(root, Config) ++ "/test/interop/python.sh' 2>&1"),
+    Python = lists:last(string:lexemes(Out, "\n")),
+    ?assert(filelib:is_regular(Python), Out),
+    [{python, Python} | Config];
 init_per_group(Mode, Config) ->
     Info = ?config(info, Config),
     {Peer, Node} = macula_ct:start_peer(list_to_atom("target_" ++ atom_to_list(Mode)),
                                         Info#{tunnel => Mode}, []),
     [{mode, Mode}, {target, {Peer, Node}} | Config].
 
+end_per_group(hostile_relay, _Config) ->
+    ok;
 end_per_group(_Mode, Config) ->
     {Peer, _} = ?config(target, Config),
     macula_ct:stop_peer(Peer).
@@ -113,6 +128,141 @@ send_name(Client, Target, Name) ->
         {macula_tunnel, T, {data, [Reply]}} -> macula_dist_nif:tunnel_close(T), {reply, Reply};
         {macula_tunnel, T, closed} -> closed
     after 10000 -> error(no_answer)
+    end.
+
+%% Issue: a relay answered id_ok without `v' (a v1-only relay), and nodes
+%% fell back to stream tunnels it can read and write. A node in e2e mode
+%% (the default) now refuses such a relay at boot, naming it.
+relay_without_e2e_is_refused(Config) ->
+    {Url, Pin, Events} = fake_relay(Config, "v1"),
+    Args = macula_ct:peer_args(#{url => Url, fingerprint => Pin}, []),
+    Cmd = "timeout 60 " ++ os:find_executable("erl") ++ " -noshell -sname fakev1 "
+        ++ lists:join(" ", ["'" ++ A ++ "'" || A <- Args]) ++ " -eval 'halt(0)' 2>&1; echo exit=$?",
+    Out = os:cmd(lists:flatten(Cmd)),
+    ct:log("~ts", [Out]),
+    ?assertNotEqual(nomatch, string:find(Out, "relay_without_e2e")),
+    ?assertNotEqual(nomatch, string:find(Out, "offers no end-to-end sessions")),
+    ?assertNotEqual(nomatch, string:find(Out, binary_to_list(Url))),
+    ?assertEqual(nomatch, string:find(Out, "exit=0")),
+    %% It did reach the fake relay, and left it.
+    ?assertMatch([_ | _], events(Events, "identified fakev1@")).
+
+%% Issue: a relay announced an inbound stream tunnel to an e2e node and
+%% sent a distribution handshake on it; the node ran dist_util on it (and,
+%% with a cookie-less relay splicing two nodes, ran the rpc it injected).
+%% Now the node refuses the tunnel (tun_close) without reading its
+%% stream: no answer on it, no atom of the claimed name, no do_accept.
+inbound_stream_tunnel_is_refused(Config) ->
+    {Url, Pin, Events} = fake_relay(Config, "inject"),
+    {Peer, _} = macula_ct:start_peer(fakeinject, #{url => Url, fingerprint => Pin}, []),
+    call(Peer, erlang, trace_pattern, [{macula_dist, do_accept, 5}, true, [call_count]]),
+    [Injected] = wait_events(Events, "injected ", 100),
+    Tid = lists:nthtail(length("injected "), Injected),
+    ?assertMatch([_], wait_events(Events, "tun_close " ++ Tid, 100)),
+    timer:sleep(1000),
+    ?assertEqual([], events(Events, "stream_data")),
+    ?assertEqual({call_count, 0},
+                 call(Peer, erlang, trace_info, [{macula_dist, do_accept, 5}, call_count])),
+    ?assertError(badarg, call(Peer, erlang, binary_to_existing_atom, [<<"mallory@h">>])),
+    ?assertEqual([], call(Peer, erlang, nodes, [connected])),
+    macula_ct:stop_peer(Peer).
+
+%% A node in stream mode (which trusts its relay) dials an e2e node: the
+%% real relay offers the target a stream tunnel, which it refuses; the
+%% dialler gets an error and the target never runs dist_util.
+stream_tunnel_to_an_e2e_node_is_refused(Config) ->
+    {Peer, Target} = ?config(target, Config),
+    #{url := Url, fingerprint := Pin} = ?config(info, Config),
+    call(Peer, erlang, trace_pattern, [{macula_dist, do_accept, 5}, true, [call_count]]),
+    {ok, C} = macula_ct:raw_client(Url, Pin, <<"streamer@h">>, #{tunnel => stream}),
+    ?assertMatch({error, _}, macula_ct:request(C, atom_to_binary(Target))),
+    macula_dist_nif:client_stop(C),
+    ?assertEqual({call_count, 0},
+                 call(Peer, erlang, trace_info, [{macula_dist, do_accept, 5}, call_count])),
+    ?assertError(badarg, call(Peer, erlang, binary_to_existing_atom, [<<"streamer@h">>])).
+
+%% Issue: relay_nodes/0 and autoconnect made an atom of every name the
+%% relay listed. 1000 made-up names on the relay: relay_nodes/0 makes
+%% none, autoconnect (running on a node of its own) a bounded few.
+relay_names_make_no_atoms(Config) ->
+    {Peer, _Target} = ?config(target, Config),
+    Info = ?config(info, Config),
+    #{url := Url, fingerprint := Pin} = Info,
+    {Auto, _} = macula_ct:start_peer(autoatoms, Info, ["-macula_dist", "autoconnect", "true"]),
+    Names = [iolist_to_binary(["fresh", integer_to_list(I), "x", integer_to_list(erlang:unique_integer([positive])), "@h"])
+             || I <- lists:seq(1, 1000)],
+    Before = call(Peer, erlang, system_info, [atom_count]),
+    AutoBefore = call(Auto, erlang, system_info, [atom_count]),
+    Clients = [begin {ok, C} = macula_ct:raw_client(Url, Pin, N), C end || N <- Names],
+    Listed = call(Peer, macula_dist, relay_nodes, []),
+    ?assert(length([N || N <- Names, lists:member(N, Listed)]) >= 1000),
+    ?assert(lists:all(fun is_binary/1, [L || L <- Listed, lists:member(L, Names)])),
+    ?assertEqual(1000, length([N || N <- call(Peer, macula_dist, relay_node_names, []),
+                                    lists:member(N, Names)])),
+    After = call(Peer, erlang, system_info, [atom_count]),
+    %% Autoconnect gets a few seconds to try the made-up names.
+    timer:sleep(5000),
+    AutoAfter = call(Auto, erlang, system_info, [atom_count]),
+    [macula_dist_nif:client_stop(C) || C <- Clients],
+    ct:pal("atoms: relay_nodes ~p -> ~p; autoconnect ~p -> ~p", [Before, After, AutoBefore, AutoAfter]),
+    ?assert(After - Before < 50),
+    ?assert(AutoAfter - AutoBefore < 50),
+    macula_ct:stop_peer(Auto).
+
+%% Issue: a node's key at the relay was HKDF(cookie, name), so the relay
+%% or any token holder could test cookie guesses offline. The key a node
+%% shows is now its own (kept in its state dir): not the cookie-derived
+%% one, the same across restarts of the node.
+relay_never_sees_a_cookie_derived_key(Config) ->
+    {Peer, Target} = ?config(target, Config),
+    Client = call(Peer, erlang, whereis, [macula_dist_relay_client]),
+    #{key_id := Shown} = call(Peer, macula_dist_relay_client, status, [Client]),
+    ?assertNotEqual(old_derived_key_id(<<"macula_ct_cookie">>, atom_to_binary(Target)), Shown),
+    %% Made on first use in the node's state dir, and kept there.
+    KeyFile = filename:join(call(Peer, filename, basedir, [user_data, "macula_dist"]),
+                            atom_to_list(Target) ++ ".key"),
+    ?assert(filelib:is_regular(KeyFile)),
+    {ok, Pem} = file:read_file(KeyFile),
+    ?assertMatch([{'PrivateKeyInfo', _, not_encrypted}], public_key:pem_decode(Pem)).
+
+%% The key id a node showed before: SHA-256 of the SubjectPublicKeyInfo of
+%% the Ed25519 key whose seed is HKDF-SHA256(salt, cookie, node name).
+old_derived_key_id(Cookie, Node) ->
+    Prk = crypto:mac(hmac, sha256, <<"macula-dist e2e node key v1">>, Cookie),
+    <<Seed:32/binary, _/binary>> = crypto:mac(hmac, sha256, Prk, <<Node/binary, 1>>),
+    {Pub, _} = crypto:generate_key(eddsa, ed25519, Seed),
+    Spki = <<16#30, 16#2a, 16#30, 16#05, 16#06, 16#03, 16#2b, 16#65, 16#70, 16#03, 16#21, 16#00,
+             Pub/binary>>,
+    string:lowercase(binary:encode_hex(crypto:hash(sha256, Spki))).
+
+%% A fake relay on aioquic (test/interop/fake_relay.py) in Mode: its URL,
+%% pin, and the file its events go to.
+fake_relay(Config, Mode) ->
+    Dir = ?config(priv_dir, Config),
+    PortFile = filename:join(Dir, "fake_relay_" ++ Mode ++ ".port"),
+    Events = filename:join(Dir, "fake_relay_" ++ Mode ++ ".events"),
+    Script = filename:join([?config(root, Config), "test", "interop", "fake_relay.py"]),
+    _ = os:cmd("timeout 120 '" ++ ?config(python, Config) ++ "' '" ++ Script ++ "' " ++ Mode
+               ++ " '" ++ PortFile ++ "' > '" ++ Events ++ "' 2>&1 &"),
+    [Port, Pin] = string:lexemes(wait_file(PortFile, 100), " \n"),
+    {list_to_binary("quic://127.0.0.1:" ++ Port), list_to_binary(Pin), Events}.
+
+wait_file(_File, 0) -> error(fake_relay_did_not_start);
+wait_file(File, N) ->
+    case file:read_file(File) of
+        {ok, Bin} -> binary_to_list(Bin);
+        _ -> timer:sleep(100), wait_file(File, N - 1)
+    end.
+
+events(File, Prefix) ->
+    {ok, Bin} = file:read_file(File),
+    [L || L <- string:lexemes(binary_to_list(Bin), "\n"), lists:prefix(Prefix, L)].
+
+wait_events(File, Prefix, 0) -> error({no_event, Prefix, file:read_file(File)});
+wait_events(File, Prefix, N) ->
+    case events(File, Prefix) of
+        [] -> timer:sleep(100), wait_events(File, Prefix, N - 1);
+        Found -> Found
     end.
 
 call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 60000).

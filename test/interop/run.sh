@@ -2,7 +2,7 @@
 # Runs the aioquic client (another QUIC stack) against the relay binary.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python3 -c 'import aioquic, msgpack' 2>/dev/null || python3 -m pip install --quiet aioquic msgpack
+python=$(bash test/interop/python.sh)
 cargo build --release --quiet -p macula_dist_relay
 work=$(mktemp -d)
 printf 'interop-token' > "$work/token"
@@ -11,4 +11,4 @@ port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DG
 relay=$!
 trap 'kill $relay 2>/dev/null; rm -rf "$work"' EXIT
 sleep 0.5
-timeout 120 python3 test/interop/aioquic_client.py "$port" interop-token
+timeout 120 "$python" test/interop/aioquic_client.py "$port" interop-token

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use macula_dist_relay::identity::{Cluster, NodeIdentity};
 use macula_dist_relay::tls::{self, Trust};
 use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
+use macula_relay_proto::ratelimit::LogLimiter;
+use macula_relay_proto::session_auth::MAX_CANDIDATES;
 use macula_relay_proto::sessions::KEEP_WAIT;
 use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{ConnectionError, RecvStream, SendStream};
@@ -58,10 +60,11 @@ pub struct ConnectOpts {
     pub mode: String,
     /// `"cubic"` or `"bbr"`: the congestion controller of this node's connections.
     pub congestion: String,
-    /// The node's key at the relay: from this PEM file, else derived from
-    /// `relay_cookie` and the node name; both empty: no key (a v1 client).
+    /// The node's key at the relay and in e2e sessions: from this PEM file
+    /// (which must exist), else from `default_key_file` (made there when
+    /// missing), else one made for this run.
     pub key_file: String,
-    pub relay_cookie: String,
+    pub default_key_file: String,
     /// Cluster-CA mode (all three, or none): the CA's PEM file, and this
     /// node's certificate (naming it `macula://NODE`) and key.
     pub cluster_ca: String,
@@ -105,12 +108,14 @@ struct State {
     nodes_waiters: VecDeque<(LocalPid, u64)>,
     /// The relay's protocol version (from `id_ok`).
     relay_version: u64,
-    /// Peers' direct-path candidates (`cand`) for sessions not up yet.
-    candidates: HashMap<TunnelId, Vec<std::net::SocketAddr>>,
+    /// This node's address as its relay sees it (`cand` from a v4 relay).
+    reflexive: Option<std::net::SocketAddr>,
 }
 
-/// Candidates kept for sessions not up yet, at most.
-const MAX_PENDING_CANDIDATES: usize = 1024;
+/// Log lines relays and peers can cause: at most this many per window.
+const PEER_LOG_BURST: u32 = 10;
+const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
+
 
 pub struct Client {
     owner: LocalPid,
@@ -123,6 +128,8 @@ pub struct Client {
     advertise: Vec<std::net::SocketAddr>,
     /// The key this node shows the relay (SHA-256 of its public key).
     key_id: Option<[u8; 32]>,
+    /// The node's key, shown in its e2e sessions too (cookie mode).
+    pub key: Arc<NodeIdentity>,
     /// Cluster-CA mode: sessions use this identity, not cookie keys.
     pub cluster: Option<Arc<Cluster>>,
     state: Mutex<State>,
@@ -131,8 +138,12 @@ pub struct Client {
     endpoint: OnceLock<Arc<NodeEndpoint>>,
     /// Set once connected to a relay that offers e2e sessions.
     path: OnceLock<Path>,
+    /// Cookie mode: the TLS configuration of every inbound session.
+    server_config: OnceLock<Arc<quinn::ServerConfig>>,
     open_tunnels: Arc<AtomicUsize>,
     refused_sessions: AtomicU64,
+    /// Limits the log lines relays and peers can cause.
+    peer_log: Mutex<LogLimiter>,
     shutdown: CancellationToken,
 }
 
@@ -236,6 +247,27 @@ fn cluster(opts: &ConnectOpts) -> Result<Option<Cluster>, String> {
     }
 }
 
+/// The key made for this run when there is no place to keep one: all of
+/// the node's clients (one per relay) show it.
+static RUN_KEYS: Mutex<Option<Arc<NodeIdentity>>> = Mutex::new(None);
+
+/// The node's own key: kept in `file` (made there on first use), or, with
+/// no file, one made for this run.
+fn own_key(file: &str) -> Result<Arc<NodeIdentity>, String> {
+    if !file.is_empty() {
+        return NodeIdentity::load_or_create(file.as_ref())
+            .map(Arc::new)
+            .map_err(|e| format!("node key {file}: {e:#}"));
+    }
+    let mut run_key = RUN_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(key) = run_key.as_ref() {
+        return Ok(key.clone());
+    }
+    let key = Arc::new(NodeIdentity::generate().map_err(|e| format!("{e:#}"))?);
+    *run_key = Some(key.clone());
+    Ok(key)
+}
+
 /// Starts connecting; the owner hears `identified` or `connect_failed`.
 pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> {
     let trust = if !opts.pin_sha256.is_empty() {
@@ -254,30 +286,29 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         ..tls::Transport::default()
     };
     let cluster = cluster(&opts)?.map(Arc::new);
-    // The key at the relay: key_file, else the cluster certificate's, else
-    // the one derived from the cookie.
+    // The node's key: key_file, else the cluster certificate's, else its
+    // own kept key. Never a function of the cookie: the relay and every
+    // token holder see it.
     let key = if !opts.key_file.is_empty() {
-        Some(Arc::new(
+        Arc::new(
             NodeIdentity::from_pem_file(opts.key_file.as_ref()).map_err(|e| format!("{e:#}"))?,
-        ))
+        )
     } else if let Some(cluster) = &cluster {
-        Some(cluster.me.clone())
-    } else if !opts.relay_cookie.is_empty() {
-        Some(Arc::new(
-            NodeIdentity::derive(opts.relay_cookie.as_bytes(), &opts.node)
-                .map_err(|e| format!("{e:#}"))?,
-        ))
+        cluster.me.clone()
     } else {
-        None
+        own_key(&opts.default_key_file)?
     };
-    let config = tls::client_config_with_key(&trust, &transport, key.as_deref())
+    let config = tls::client_config_with_key(&trust, &transport, Some(&key))
         .map_err(|e| format!("{e:#}"))?;
-    let key_id = key.map(|k| k.key_id());
+    let key_id = Some(key.key_id());
     let wants_e2e = match opts.mode.as_str() {
         "e2e" => true,
         "stream" => false,
         other => return Err(format!("unknown tunnel mode {other:?}")),
     };
+    if cluster.is_some() && !wants_e2e {
+        return Err("cluster CA mode needs e2e sessions (tunnel e2e)".into());
+    }
     let advertise = opts
         .advertise
         .split(',')
@@ -297,6 +328,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
         direct: opts.direct,
         advertise,
         key_id,
+        key,
         cluster,
         state: Mutex::new(State {
             phase: Phase::Connecting,
@@ -309,13 +341,15 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
             sessions: HashMap::new(),
             nodes_waiters: VecDeque::new(),
             relay_version: 0,
-            candidates: HashMap::new(),
+            reflexive: None,
         }),
         conn: OnceLock::new(),
         endpoint: OnceLock::new(),
         path: OnceLock::new(),
+        server_config: OnceLock::new(),
         open_tunnels: Arc::new(AtomicUsize::new(0)),
         refused_sessions: AtomicU64::new(0),
+        peer_log: Mutex::new(LogLimiter::new(PEER_LOG_BURST, PEER_LOG_WINDOW)),
         shutdown: CancellationToken::new(),
     });
     keep::join(&opts.node, &client);
@@ -343,7 +377,7 @@ async fn run(
         }
     };
     let _ = client.conn.set(conn.clone());
-    if client.wants_e2e && relay_version >= 2 {
+    if client.wants_e2e {
         let _ = client.path.set(Path {
             endpoint: node_endpoint.endpoint.clone(),
             socket: node_endpoint.socket.clone(),
@@ -351,12 +385,6 @@ async fn run(
             relay: conn.remote_address(),
             transport,
         });
-    } else if client.wants_e2e {
-        client.log(
-            atoms::warning(),
-            "the relay does not offer end-to-end sessions (protocol v2): using stream tunnels"
-                .into(),
-        );
     }
     let _ = client.endpoint.set(node_endpoint);
     let (control_tx, control_rx) = mpsc::channel(macula_dist_relay::CONTROL_QUEUE);
@@ -367,11 +395,13 @@ async fn run(
         state.relay_version = relay_version;
     }
     client.claim_kept_sessions();
-    client.offer_candidates();
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
     rt.spawn(macula_dist_relay::write_control(send, control_rx));
-    rt.spawn(accept_streams(client.clone(), conn.clone()));
+    // Streams the relay opens carry stream tunnels: only in stream mode.
+    if !client.wants_e2e {
+        rt.spawn(accept_streams(client.clone(), conn.clone()));
+    }
     rt.spawn(housekeeping(client.clone()));
     let why = tokio::select! {
         _ = client.shutdown.cancelled() => "stopped".to_string(),
@@ -436,6 +466,13 @@ async fn connect(
             Ok(None) => continue,
             Ok(Some(Message::Identified { version })) if input.is_empty() => {
                 let version = version.unwrap_or(1);
+                // In e2e mode distribution never runs where the relay can
+                // read it: a relay without e2e sessions is refused, not
+                // fallen back from.
+                if client.wants_e2e && version < 2 {
+                    conn.close(0u32.into(), b"relay without e2e sessions");
+                    return Err(ConnectError::Refused("relay_without_e2e".into()));
+                }
                 return Ok((conn, send, recv, decoder, node_endpoint, version));
             }
             Ok(Some(Message::IdentifyRefused { reason })) => {
@@ -587,6 +624,21 @@ impl Client {
         self.tell_owner(|env| (atoms::log(), level, text).encode(env));
     }
 
+    /// A line that a relay or peer can cause at will: rate-limited, so they
+    /// cannot fill the node's log or its client's mailbox.
+    pub fn log_peer_caused(&self, level: rustler::Atom, text: String) {
+        let allowed = self
+            .peer_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(Instant::now());
+        match allowed {
+            Some(0) => self.log(level, text),
+            Some(held) => self.log(level, format!("{text} ({held} similar lines held back)")),
+            None => {}
+        }
+    }
+
     pub fn node(&self) -> &str {
         &self.node
     }
@@ -599,6 +651,15 @@ impl Client {
         let now = Instant::now();
         let mut state = self.lock();
         match msg {
+            Message::TunnelOk { tunnel, bind: None } if self.wants_e2e => {
+                // Asked for an e2e session, offered a stream the relay
+                // can read: refused.
+                state.matcher.on_tunnel_ok(tunnel, now);
+                let failed = state.matcher.fail(&tunnel, "downgrade_refused".into());
+                drop(state);
+                self.refuse_downgrade(tunnel, "a stream tunnel instead of the e2e session asked for");
+                failed
+            }
             Message::TunnelOk { tunnel, bind: None } => state.matcher.on_tunnel_ok(tunnel, now),
             Message::TunnelOk {
                 tunnel,
@@ -624,6 +685,15 @@ impl Client {
                         (atoms::macula_nodes_reply(), tag, (atoms::ok(), nodes)).encode(env)
                     });
                 }
+                None
+            }
+            Message::TunnelNotify {
+                tunnel,
+                source: _,
+                bind: None,
+            } if self.wants_e2e => {
+                drop(state);
+                self.refuse_downgrade(tunnel, "an inbound stream tunnel");
                 None
             }
             Message::TunnelNotify {
@@ -677,20 +747,18 @@ impl Client {
                 }
                 None
             }
+            // The relay's view of this node's address: offered to peers,
+            // inside sessions, as a direct-path candidate.
             Message::Candidates {
-                tunnel: Some(tunnel),
+                tunnel: None,
                 addrs,
             } => {
-                if self.direct {
-                    if state.candidates.len() >= MAX_PENDING_CANDIDATES {
-                        state.candidates.clear();
-                    }
-                    state.candidates.insert(tunnel, addrs);
-                    drop(state);
-                    self.start_direct(tunnel);
-                }
+                state.reflexive = addrs.first().copied();
                 None
             }
+            // A relay of v3 sends its view of the peer's candidates: not
+            // taken (candidates come only from the authenticated peer).
+            Message::Candidates { .. } => None,
             Message::ProtocolError { reason } => {
                 drop(state);
                 self.log(
@@ -810,6 +878,7 @@ impl Client {
         bind: BindKey,
         peer: &str,
         requester: bool,
+        peer_candidates: &[std::net::SocketAddr],
     ) -> bool {
         {
             let mut state = self.lock();
@@ -826,60 +895,51 @@ impl Client {
             };
             state.sessions.insert(tunnel, entry);
         }
-        self.start_direct(tunnel);
+        self.start_direct(tunnel, peer_candidates);
         true
     }
 
-    /// Tells the relay where else this node may be reached (its local
-    /// addresses on its socket's port, and `advertise`), for its peers'
-    /// direct paths.
-    fn offer_candidates(&self) {
+    /// Where this node may be reached, for its peers' direct paths: the
+    /// address its relay sees, its local addresses on its socket's port,
+    /// and `advertise`. Sent only inside authenticated sessions.
+    pub fn local_candidates(&self) -> Vec<std::net::SocketAddr> {
         let (true, Some(path)) = (self.direct, self.path.get()) else {
-            return;
+            return Vec::new();
         };
-        if self.lock().relay_version < macula_relay_proto::DIRECT_VERSION {
-            return;
-        }
         let Ok(local) = quinn::AsyncUdpSocket::local_addr(path.socket.as_ref()) else {
-            return;
+            return Vec::new();
         };
         // A relay on loopback serves nodes on this host: the address it sees
         // is the one to use, and no other interface is probed.
-        let interfaces = match path.relay.ip().is_loopback() {
+        let relay_on_loopback = path.relay.ip().is_loopback();
+        let interfaces = match relay_on_loopback {
             true => vec![],
             false => if_addrs::get_if_addrs().unwrap_or_default(),
         };
-        let mut addrs: Vec<std::net::SocketAddr> = interfaces
-            .into_iter()
-            .map(|i| i.ip())
-            .filter(|ip| !ip.is_loopback() && ip.is_ipv4() == local.is_ipv4())
-            .filter(
-                |ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80),
-            )
-            .map(|ip| std::net::SocketAddr::new(ip, local.port()))
-            .collect();
+        let mut addrs: Vec<std::net::SocketAddr> = self.lock().reflexive.into_iter().collect();
+        addrs.extend(
+            interfaces
+                .into_iter()
+                .map(|i| std::net::SocketAddr::new(i.ip(), local.port()))
+                .filter(|a| a.is_ipv4() == local.is_ipv4()),
+        );
         addrs.extend(self.advertise.iter().copied());
-        addrs.truncate(macula_relay_proto::frame::MAX_CANDIDATES);
-        self.send_control(Message::Candidates {
-            tunnel: None,
-            addrs,
-        });
+        usable_candidates(addrs, relay_on_loopback)
     }
 
-    /// Starts looking for a direct path for a session once it is up and
-    /// its peer's candidates are known (whichever comes last calls).
-    fn start_direct(&self, tunnel: TunnelId) {
+    /// Starts looking for a direct path for a session just up, at the
+    /// candidates its peer sent inside it.
+    fn start_direct(&self, tunnel: TunnelId, peer_candidates: &[std::net::SocketAddr]) {
         let (Some(path), true) = (self.path.get(), self.direct) else {
             return;
         };
-        let (entry, addrs) = {
-            let mut state = self.lock();
-            if !state.sessions.contains_key(&tunnel) || !state.candidates.contains_key(&tunnel) {
-                return;
-            }
-            let addrs = state.candidates.remove(&tunnel).unwrap_or_default();
-            (state.sessions[&tunnel].clone(), addrs)
+        let Some(entry) = self.lock().sessions.get(&tunnel).cloned() else {
+            return;
         };
+        let addrs = usable_candidates(peer_candidates.to_vec(), path.relay.ip().is_loopback());
+        if addrs.is_empty() {
+            return;
+        }
         // A secret only the two nodes have: exported from their session's
         // TLS, bound to the session.
         let mut secret = [0u8; 32];
@@ -900,6 +960,31 @@ impl Client {
             .start_direct(vaddr, &secret, entry.requester, on_path)
         {
             path.socket.add_candidates(&vaddr, &addrs);
+        }
+    }
+
+    /// The TLS configuration that accepts a session from `source`: one for
+    /// all in cookie mode (any key; the PAKE follows), one per source in
+    /// cluster-CA mode (its certificate must name it).
+    pub fn server_config(
+        &self,
+        source: &str,
+        transport: &tls::Transport,
+    ) -> anyhow::Result<Arc<quinn::ServerConfig>> {
+        use macula_dist_relay::identity::{server_config, PeerCheck};
+        match &self.cluster {
+            Some(cluster) => Ok(Arc::new(server_config(
+                &cluster.me,
+                cluster.check_of(source),
+                transport,
+            )?)),
+            None => {
+                if let Some(config) = self.server_config.get() {
+                    return Ok(config.clone());
+                }
+                let config = Arc::new(server_config(&self.key, PeerCheck::AnyKey, transport)?);
+                Ok(self.server_config.get_or_init(|| config).clone())
+            }
         }
     }
 
@@ -995,6 +1080,17 @@ impl Client {
         self.discard(tunnel);
     }
 
+    /// A stream tunnel offered to a node in e2e mode: the relay could read
+    /// and write it, so no byte of it reaches Erlang.
+    fn refuse_downgrade(&self, tunnel: TunnelId, what: &str) {
+        self.count_refused_session();
+        self.log_peer_caused(
+            atoms::warning(),
+            format!("refused {what} (tunnel {tunnel}): this node is in e2e mode, and a stream tunnel is readable by the relay"),
+        );
+        self.discard(tunnel);
+    }
+
     /// Tells the relay we will not use this tunnel.
     pub fn discard(&self, tunnel: TunnelId) {
         self.send_control(Message::TunnelClose { tunnel });
@@ -1016,9 +1112,11 @@ impl Client {
         tag: u64,
         cookie: Option<Vec<u8>>,
     ) -> Result<(), rustler::Atom> {
-        let e2e = cookie
-            .filter(|_| self.path.get().is_some())
-            .map(|c| (c, target.clone()));
+        // e2e mode asks for e2e sessions only (no cookie: an empty one,
+        // which no peer with a cookie accepts).
+        let e2e = self
+            .wants_e2e
+            .then(|| (cookie.unwrap_or_default(), target.clone()));
         let mode = if e2e.is_some() {
             Mode::E2e
         } else {
@@ -1262,4 +1360,28 @@ fn offer(kernel: LocalPid, acceptor: LocalPid, tunnel: ResourceArc<TunnelRes>) {
     if sent.is_err() {
         tunnel.0.close(false);
     }
+}
+
+/// Candidates worth probing: no unspecified, multicast, broadcast or
+/// port-0 address, and loopback only when the relay itself is on loopback
+/// (then the nodes share this host); at most [`MAX_CANDIDATES`], no repeats.
+pub fn usable_candidates(
+    addrs: Vec<std::net::SocketAddr>,
+    relay_on_loopback: bool,
+) -> Vec<std::net::SocketAddr> {
+    use std::net::IpAddr;
+    let mut out: Vec<std::net::SocketAddr> = Vec::new();
+    for a in addrs {
+        let ip = a.ip();
+        let bad = ip.is_unspecified()
+            || ip.is_multicast()
+            || a.port() == 0
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+            || matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+            || (ip.is_loopback() && !relay_on_loopback);
+        if !bad && !out.contains(&a) && out.len() < MAX_CANDIDATES {
+            out.push(a);
+        }
+    }
+    out
 }

@@ -43,7 +43,7 @@ pub(crate) mod atoms {
         mode_unsupported, e2e_handshake_failed, sessions, key_id, undefined,
         session_identity, cluster_ca,
         name_taken, not_allowed, macula_nodes_reply, unsupported,
-        direct, relay, path, info,
+        direct, relay, path, info, relay_without_e2e, downgrade_refused,
     }
 
     /// The atom for a reason the relay or client is known to send.
@@ -65,6 +65,8 @@ pub(crate) mod atoms {
             "name_taken" => name_taken(),
             "not_allowed" => not_allowed(),
             "e2e_handshake_failed" => e2e_handshake_failed(),
+            "relay_without_e2e" => relay_without_e2e(),
+            "downgrade_refused" => downgrade_refused(),
             _ => return None,
         })
     }

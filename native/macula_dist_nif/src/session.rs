@@ -5,16 +5,16 @@
 //! The session's first stream becomes a tunnel, the same data path as a
 //! stream tunnel's.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use macula_dist_relay::identity::{self, NodeIdentity, PeerCheck, E2E_SERVER_NAME};
 use macula_dist_relay::node_socket::NodeSocket;
 use macula_relay_proto::dataplane::session_id;
 use macula_relay_proto::paths::Route;
+use macula_relay_proto::session_auth::{self, Role, SessionAuth};
 use macula_relay_proto::{BindKey, TunnelId};
 use tokio::time::timeout;
 
@@ -28,42 +28,47 @@ use crate::tunnel::Streams;
 const SESSION_SETUP: Duration = Duration::from_secs(10);
 /// How long a closed session's route and relay entry outlive it.
 const SESSION_DRAIN: Duration = Duration::from_millis(500);
-/// Derived keys kept, at most (one per (cookie, node name) in use).
-const MAX_KEYS: usize = 256;
-
-type KeyCache = HashMap<(Vec<u8>, String), Arc<NodeIdentity>>;
-static KEYS: OnceLock<Mutex<KeyCache>> = OnceLock::new();
-
-/// The key of `node` under `cookie` (derived once, then cached: deriving
-/// signs a certificate).
-fn key(cookie: &[u8], node: &str) -> anyhow::Result<Arc<NodeIdentity>> {
-    let cache = KEYS.get_or_init(Default::default);
-    let k = (cookie.to_vec(), node.to_string());
-    if let Some(id) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&k) {
-        return Ok(id.clone());
-    }
-    let id = Arc::new(NodeIdentity::derive(cookie, node)?);
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if cache.len() >= MAX_KEYS {
-        cache.clear();
-    }
-    cache.insert(k, id.clone());
-    Ok(id)
-}
+/// Bytes read ahead while looking for a handshake frame, at most.
+const HANDSHAKE_BUFFER: usize = 2 * (session_auth::MAX_FRAME + 2) + 4096;
 
 /// This node's identity in a session with `peer`, and what `peer` must
-/// show: the cluster CA's, or the keys derived from the cookie.
-fn identities(
-    client: &Client,
-    cookie: &[u8],
-    peer: &str,
-) -> anyhow::Result<(Arc<NodeIdentity>, PeerCheck)> {
+/// show in TLS: the cluster CA's, or (cookie mode) its own key and any
+/// key, the cookie being proved by the PAKE that follows.
+fn identities(client: &Client, peer: &str) -> (Arc<NodeIdentity>, PeerCheck) {
     match &client.cluster {
-        Some(cluster) => Ok((cluster.me.clone(), cluster.check_of(peer))),
-        None => Ok((
-            key(cookie, client.node())?,
-            PeerCheck::Key(key(cookie, peer)?.spki.clone()),
-        )),
+        Some(cluster) => (cluster.me.clone(), cluster.check_of(peer)),
+        None => (client.key.clone(), PeerCheck::AnyKey),
+    }
+}
+
+/// The cookie the PAKE uses: none in cluster-CA mode.
+fn pake_cookie<'a>(client: &Client, cookie: &'a [u8]) -> Option<&'a [u8]> {
+    client.cluster.is_none().then_some(cookie)
+}
+
+/// 32 bytes only the two ends of `conn` share, bound to `tunnel`.
+fn exporter(conn: &quinn::Connection, tunnel: &TunnelId) -> anyhow::Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, session_auth::EXPORTER_LABEL, tunnel.as_bytes())
+        .map_err(|_| anyhow::anyhow!("TLS exporter unavailable"))?;
+    Ok(out)
+}
+
+/// Reads the next handshake frame, after the bytes already in `buf`.
+async fn read_frame(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> anyhow::Result<Vec<u8>> {
+    loop {
+        if let Some((body, rest)) = session_auth::take_frame(buf)? {
+            let body = body.to_vec();
+            let used = buf.len() - rest.len();
+            buf.advance(used);
+            return Ok(body);
+        }
+        anyhow::ensure!(buf.len() <= HANDSHAKE_BUFFER, "oversized session handshake");
+        let chunk = recv
+            .read_chunk(4096, true)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended in the session handshake"))?;
+        buf.extend_from_slice(&chunk.bytes);
     }
 }
 
@@ -100,24 +105,41 @@ pub fn connect(
     runtime().spawn(async move {
         let vaddr = path.socket.add_session(path.route(&tunnel, bind));
         let opened = timeout(SESSION_SETUP, async {
-            let (me, expected) = identities(&client, &cookie, &target)?;
+            let (me, expected) = identities(&client, &target);
             let config = identity::client_config(&me, expected, &path.transport)?;
             let conn = path
                 .endpoint
                 .connect_with(config, vaddr, E2E_SERVER_NAME)?
                 .await?;
-            let (mut send, recv) = conn.open_bi().await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let mut auth = SessionAuth::new(
+                Role::Requester,
+                pake_cookie(&client, &cookie),
+                client.node(),
+                &target,
+                &tunnel,
+                exporter(&conn, &tunnel)?,
+            );
             // The stream starts with the tunnel id, as a stream tunnel's
-            // does: the target sees the stream at once and checks the id.
-            send.write_all(&tunnel.to_hex()).await?;
-            anyhow::Ok((conn, send, recv))
+            // does (the target checks it), then the PAKE.
+            let mut hello = tunnel.to_hex().to_vec();
+            hello.extend(session_auth::frame(auth.pake_message())?);
+            send.write_all(&hello).await?;
+            let mut buf = BytesMut::new();
+            auth.on_pake(&read_frame(&mut recv, &mut buf).await?)?;
+            let peer_candidates = auth.check_confirmation(&read_frame(&mut recv, &mut buf).await?)?;
+            let confirm = auth.confirmation(&client.local_candidates())?;
+            send.write_all(&session_auth::frame(&confirm)?).await?;
+            anyhow::Ok((conn, send, recv, buf.freeze(), peer_candidates))
         })
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
         match opened {
-            Ok((conn, send, recv)) => {
-                watch(&client, &path, tunnel, conn.clone(), bind, &target, true);
-                client.session_stream(tunnel, streams(conn, send, recv, &path.socket));
+            Ok((conn, send, recv, early, peer_candidates)) => {
+                watch(&client, &path, tunnel, conn.clone(), bind, &target, true, &peer_candidates);
+                let mut streams = streams(conn, send, recv, &path.socket);
+                streams.early = early;
+                client.session_stream(tunnel, streams);
             }
             Err(e) => {
                 path.socket.remove_session(&vaddr);
@@ -140,11 +162,11 @@ pub struct Inbound {
     bind: BindKey,
     source: String,
     vaddr: SocketAddr,
-    config: Arc<quinn::ServerConfig>,
+    cookie: Vec<u8>,
 }
 
-/// The target's side: ready the session (keys for `source` under
-/// `cookie`), then route it, so its connection is accepted as it comes.
+/// The target's side: ready the session, then route it, so its connection
+/// is accepted as it comes. Its TLS configuration is made only then.
 pub fn expect(
     client: &Arc<Client>,
     path: Path,
@@ -153,8 +175,7 @@ pub fn expect(
     bind: BindKey,
     cookie: &[u8],
 ) -> anyhow::Result<()> {
-    let (me, expected) = identities(client, cookie, &source)?;
-    let config = Arc::new(identity::server_config(&me, expected, &path.transport)?);
+    let cookie = cookie.to_vec();
     let route = path.route(&tunnel, bind);
     let weak = Arc::downgrade(client);
     let socket = path.socket.clone();
@@ -169,7 +190,7 @@ pub fn expect(
                 bind,
                 source,
                 vaddr,
-                config,
+                cookie,
             },
         )
     });
@@ -192,21 +213,40 @@ impl Inbound {
                 return;
             };
             let accepted = timeout(SESSION_SETUP, async {
-                let conn = incoming.accept_with(self.config.clone())?.await?;
+                let config = client.server_config(&self.source, &self.path.transport)?;
+                let conn = incoming.accept_with(config)?.await?;
                 let (send, recv) = conn.accept_bi().await?;
                 let (tunnel, mut streams) = read_prefix(send, recv).await?;
                 anyhow::ensure!(
                     tunnel == self.tunnel,
                     "the session's stream names tunnel {tunnel}"
                 );
+                let mut auth = SessionAuth::new(
+                    Role::Target,
+                    pake_cookie(&client, &self.cookie),
+                    &self.source,
+                    client.node(),
+                    &tunnel,
+                    exporter(&conn, &tunnel)?,
+                );
+                let mut buf = BytesMut::from(&streams.early[..]);
+                auth.on_pake(&read_frame(&mut streams.recv, &mut buf).await?)?;
+                let mut reply = session_auth::frame(auth.pake_message())?;
+                reply.extend(session_auth::frame(
+                    &auth.confirmation(&client.local_candidates())?,
+                )?);
+                streams.send.write_all(&reply).await?;
+                let peer_candidates =
+                    auth.check_confirmation(&read_frame(&mut streams.recv, &mut buf).await?)?;
+                streams.early = buf.freeze();
                 streams.conn = Some(conn.clone());
                 streams.socket = Some(self.path.socket.clone());
-                anyhow::Ok((conn, streams))
+                anyhow::Ok((conn, streams, peer_candidates))
             })
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
             match accepted {
-                Ok((conn, streams)) => {
+                Ok((conn, streams, peer_candidates)) => {
                     let bind = self.bind;
                     watch(
                         &client,
@@ -216,6 +256,7 @@ impl Inbound {
                         bind,
                         &self.source,
                         false,
+                        &peer_candidates,
                     );
                     client.session_stream(self.tunnel, streams);
                 }
@@ -224,7 +265,7 @@ impl Inbound {
                     // reached Erlang.
                     self.path.socket.remove_session(&self.vaddr);
                     client.count_refused_session();
-                    client.log(
+                    client.log_peer_caused(
                         atoms::warning(),
                         format!(
                             "refused e2e session {} from {}: {e:#}",
@@ -255,6 +296,7 @@ fn streams(
 
 /// When the session's connection ends (the tunnel closed it, the peer did,
 /// or it timed out), its route goes and the relay forgets it.
+#[allow(clippy::too_many_arguments)]
 fn watch(
     client: &Arc<Client>,
     path: &Path,
@@ -263,10 +305,11 @@ fn watch(
     bind: BindKey,
     peer: &str,
     requester: bool,
+    peer_candidates: &[SocketAddr],
 ) {
     // The session's virtual address: where quinn sees its peer.
     let vaddr = conn.remote_address();
-    if !client.track_session(tunnel, &conn, bind, peer, requester) {
+    if !client.track_session(tunnel, &conn, bind, peer, requester, peer_candidates) {
         conn.close(0u32.into(), b"relay connection closed");
     }
     let node = client.node().to_owned();

@@ -2,21 +2,20 @@
 //! each end makes of the other's, so that the relay, which forwards the
 //! sessions' datagrams, can neither read them nor stand in for a node.
 //!
-//! The default key needs no PKI: an Ed25519 key derived with HKDF-SHA256
-//! from the Erlang cookie (the one used for that peer) and the node's name.
-//! A node that knows the cookie computes the key it expects of any node
-//! name, so both ends check each other; a relay without the cookie cannot.
-//! This is Erlang's own trust model ("the cookie is membership"): a weak
-//! cookie is a weak key.
+//! In the default (cookie) mode a node's key is its own: random, made on
+//! first use and kept in its state directory ([`NodeIdentity::load_or_create`]).
+//! It names the node at the relay and in TLS, and is never a function of
+//! the cookie, so nothing the relay or a token holder sees can be tested
+//! against cookie guesses. The TLS handshake of a session accepts any key
+//! ([`PeerCheck::AnyKey`]); the cookie is then proved inside the session by
+//! a PAKE bound to its TLS exporter (`macula_relay_proto::session_auth`)
+//! before any byte reaches the distribution layer.
 //!
 //! The other mode is a cluster CA: each node holds a certificate issued by
 //! the cluster's CA with its node name in the SAN (a URI `macula://NAME`),
 //! and a peer must show a chain to that CA naming the node it dials or the
-//! node the relay announced. Trust then rests on the CA, not on the cookie.
-//!
-//! The check is made inside the TLS handshake (both sides send a
-//! certificate; its key must be the expected one and sign the handshake),
-//! so nothing reaches the distribution layer before it passes.
+//! node the relay announced. Trust then rests on the CA, not on the cookie,
+//! and the check is made inside the TLS handshake.
 
 use std::sync::Arc;
 
@@ -54,7 +53,50 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// The key of `node` under `cookie`.
+    /// A new random Ed25519 key.
+    pub fn generate() -> anyhow::Result<Self> {
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        Self::from_pkcs8(key_pair.serialize_der())
+    }
+
+    /// The key kept in `path` (PEM PKCS#8), made there first if missing:
+    /// written to a temporary file (mode 0600) and linked into place, so
+    /// clients starting at once all end up with the one key.
+    pub fn load_or_create(path: &std::path::Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                file.write_all(key_pair.serialize_pem().as_bytes())?;
+                file.sync_all()?;
+            }
+            // Another client may have made it meanwhile: its key wins.
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        Self::from_pem_file(path)
+    }
+
+    /// A key derived from `seed` and `node` (deterministic: for tests that
+    /// need the same key twice, never for a node).
     pub fn derive(cookie: &[u8], node: &str) -> anyhow::Result<Self> {
         let mut seed = [0u8; 32];
         hkdf::Salt::new(hkdf::HKDF_SHA256, KEY_SALT)
@@ -222,8 +264,11 @@ fn names_node(cert: &CertificateDer<'_>, node: &str) -> bool {
 /// What a peer node must show.
 #[derive(Debug, Clone)]
 pub enum PeerCheck {
-    /// Exactly this key (SubjectPublicKeyInfo): the key derived for it.
+    /// Exactly this key (SubjectPublicKeyInfo).
     Key(Vec<u8>),
+    /// Any key that signs the handshake: cookie mode, where the session is
+    /// authenticated by the PAKE that follows.
+    AnyKey,
     /// A chain to the cluster CA, for a certificate that names this node.
     Named { ca: Arc<ClusterCa>, node: String },
 }
@@ -248,6 +293,7 @@ impl PeerKey {
             PeerCheck::Key(spki) if cert.subject_public_key_info().as_ref() == spki.as_slice() => {
                 Ok(())
             }
+            PeerCheck::AnyKey => Ok(()),
             PeerCheck::Key(_) => Err(rustls::Error::General(
                 "peer key is not the key of the node it claims to be".into(),
             )),
