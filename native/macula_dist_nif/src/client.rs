@@ -110,12 +110,29 @@ struct State {
     relay_version: u64,
     /// This node's address as its relay sees it (`cand` from a v4 relay).
     reflexive: Option<std::net::SocketAddr>,
+    /// Inbound e2e sessions announced and not up yet (waiting for the
+    /// cookie, their first datagram or their handshake): capped in all
+    /// and per source, since any token holder can announce them.
+    inbound_pending: HashMap<TunnelId, PendingInbound>,
 }
+
+struct PendingInbound {
+    source: String,
+    /// Its virtual address, once routed.
+    vaddr: Option<std::net::SocketAddr>,
+    at: Instant,
+}
+
+/// Inbound sessions not up yet, at most, in all and from one source.
+const MAX_PENDING_INBOUND: usize = 256;
+const MAX_PENDING_PER_SOURCE: usize = 16;
+/// An inbound session not up after this long is no longer counted (its
+/// own timers have ended it by then).
+const PENDING_INBOUND_FOR: Duration = Duration::from_secs(25);
 
 /// Log lines relays and peers can cause: at most this many per window.
 const PEER_LOG_BURST: u32 = 10;
 const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
-
 
 pub struct Client {
     owner: LocalPid,
@@ -290,9 +307,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
     // own kept key. Never a function of the cookie: the relay and every
     // token holder see it.
     let key = if !opts.key_file.is_empty() {
-        Arc::new(
-            NodeIdentity::from_pem_file(opts.key_file.as_ref()).map_err(|e| format!("{e:#}"))?,
-        )
+        Arc::new(NodeIdentity::from_pem_file(opts.key_file.as_ref()).map_err(|e| format!("{e:#}"))?)
     } else if let Some(cluster) = &cluster {
         cluster.me.clone()
     } else {
@@ -342,6 +357,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
             nodes_waiters: VecDeque::new(),
             relay_version: 0,
             reflexive: None,
+            inbound_pending: HashMap::new(),
         }),
         conn: OnceLock::new(),
         endpoint: OnceLock::new(),
@@ -579,6 +595,9 @@ async fn housekeeping(client: Arc<Client>) {
             state
                 .cookie_waits
                 .retain(|_, (_, _, _, at)| now.duration_since(*at) < MATCH_WAIT);
+            state
+                .inbound_pending
+                .retain(|_, p| now.duration_since(p.at) < PENDING_INBOUND_FOR);
             let mut stale = vec![];
             while let Some((_, at)) = state.waiting.front() {
                 if now.duration_since(*at) < MATCH_WAIT {
@@ -657,7 +676,10 @@ impl Client {
                 state.matcher.on_tunnel_ok(tunnel, now);
                 let failed = state.matcher.fail(&tunnel, "downgrade_refused".into());
                 drop(state);
-                self.refuse_downgrade(tunnel, "a stream tunnel instead of the e2e session asked for");
+                self.refuse_downgrade(
+                    tunnel,
+                    "a stream tunnel instead of the e2e session asked for",
+                );
                 failed
             }
             Message::TunnelOk { tunnel, bind: None } => state.matcher.on_tunnel_ok(tunnel, now),
@@ -711,8 +733,33 @@ impl Client {
                     self.discard(tunnel);
                     return None;
                 }
-                // The session's keys depend on the cookie for `source`,
-                // which Erlang knows: ask the owner for it.
+                let from_source = state
+                    .inbound_pending
+                    .values()
+                    .filter(|p| p.source == source)
+                    .count();
+                if state.inbound_pending.len() >= MAX_PENDING_INBOUND
+                    || from_source >= MAX_PENDING_PER_SOURCE
+                {
+                    drop(state);
+                    self.count_refused_session();
+                    self.log_peer_caused(
+                        atoms::warning(),
+                        format!("refused e2e session {tunnel} from {source}: too many sessions waiting to start"),
+                    );
+                    self.discard(tunnel);
+                    return None;
+                }
+                state.inbound_pending.insert(
+                    tunnel,
+                    PendingInbound {
+                        source: source.clone(),
+                        vaddr: None,
+                        at: now,
+                    },
+                );
+                // The session's PAKE needs the cookie for `source`, which
+                // Erlang knows: ask the owner for it.
                 state.next_cookie_tag += 1;
                 let tag = state.next_cookie_tag;
                 state
@@ -722,6 +769,20 @@ impl Client {
                 drop(state);
                 self.tell_owner(|env| (atoms::cookie(), source.as_str(), tag).encode(env));
                 matched
+            }
+            Message::TunnelClose { tunnel } if state.inbound_pending.contains_key(&tunnel) => {
+                // An announced session that will not come: freed now.
+                let pending = state.inbound_pending.remove(&tunnel);
+                state.cookie_waits.retain(|_, (t, ..)| *t != tunnel);
+                state.matcher.forget_inbound(&tunnel);
+                drop(state);
+                if let (Some(vaddr), Some(path)) = (pending.and_then(|p| p.vaddr), self.path.get())
+                {
+                    if path.inbound.forget(&vaddr).is_some() {
+                        path.socket.remove_session(&vaddr);
+                    }
+                }
+                None
             }
             Message::TunnelClose { tunnel } => {
                 // The session's peer left the relay: it died or was cut
@@ -852,10 +913,18 @@ impl Client {
         let Some(path) = self.path.get().cloned() else {
             return;
         };
-        if let Err(e) = session::expect(self, path, tunnel, source, bind, cookie) {
-            self.log(atoms::warning(), format!("e2e session {tunnel}: {e:#}"));
-            self.discard(tunnel);
+        if !self.lock().inbound_pending.contains_key(&tunnel) {
+            return;
         }
+        let vaddr = session::expect(self, path, tunnel, source, bind, cookie);
+        if let Some(p) = self.lock().inbound_pending.get_mut(&tunnel) {
+            p.vaddr = Some(vaddr);
+        }
+    }
+
+    /// An inbound session is up, or failed, or never came.
+    pub fn inbound_done(&self, tunnel: &TunnelId) {
+        self.lock().inbound_pending.remove(tunnel);
     }
 
     /// An e2e session's connection is up and its stream open.

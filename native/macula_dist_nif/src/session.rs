@@ -127,7 +127,8 @@ pub fn connect(
             send.write_all(&hello).await?;
             let mut buf = BytesMut::new();
             auth.on_pake(&read_frame(&mut recv, &mut buf).await?)?;
-            let peer_candidates = auth.check_confirmation(&read_frame(&mut recv, &mut buf).await?)?;
+            let peer_candidates =
+                auth.check_confirmation(&read_frame(&mut recv, &mut buf).await?)?;
             let confirm = auth.confirmation(&client.local_candidates())?;
             send.write_all(&session_auth::frame(&confirm)?).await?;
             anyhow::Ok((conn, send, recv, buf.freeze(), peer_candidates))
@@ -136,7 +137,16 @@ pub fn connect(
         .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
         match opened {
             Ok((conn, send, recv, early, peer_candidates)) => {
-                watch(&client, &path, tunnel, conn.clone(), bind, &target, true, &peer_candidates);
+                watch(
+                    &client,
+                    &path,
+                    tunnel,
+                    conn.clone(),
+                    bind,
+                    &target,
+                    true,
+                    &peer_candidates,
+                );
                 let mut streams = streams(conn, send, recv, &path.socket);
                 streams.early = early;
                 client.session_stream(tunnel, streams);
@@ -174,7 +184,7 @@ pub fn expect(
     source: String,
     bind: BindKey,
     cookie: &[u8],
-) -> anyhow::Result<()> {
+) -> SocketAddr {
     let cookie = cookie.to_vec();
     let route = path.route(&tunnel, bind);
     let weak = Arc::downgrade(client);
@@ -195,13 +205,17 @@ pub fn expect(
         )
     });
     // A session whose requester never comes is forgotten.
+    let client = Arc::downgrade(client);
     runtime().spawn(async move {
         tokio::time::sleep(SESSION_SETUP).await;
         if inbound.forget(&vaddr).is_some() {
             socket.remove_session(&vaddr);
+            if let Some(client) = client.upgrade() {
+                client.inbound_done(&tunnel);
+            }
         }
     });
-    Ok(())
+    vaddr
 }
 
 impl Inbound {
@@ -245,6 +259,7 @@ impl Inbound {
             })
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("session setup timed out")));
+            client.inbound_done(&self.tunnel);
             match accepted {
                 Ok((conn, streams, peer_candidates)) => {
                     let bind = self.bind;

@@ -214,18 +214,24 @@ impl NodeSocket {
             let Some(session) = direct::probe_session(&d) else {
                 continue;
             };
-            let (answer, event, vaddr) = match lock(&self.directs).get_mut(&session) {
-                Some(entry) => {
-                    let (a, e) = entry.path.on_datagram(from, &d, now);
-                    (a, e, entry.vaddr)
-                }
-                None => continue,
-            };
-            if let Some((to, answer)) = answer {
-                // A valid probe: the peer is at `from`, and may send the
+            let (answer, back, event, validated, vaddr) =
+                match lock(&self.directs).get_mut(&session) {
+                    Some(entry) => {
+                        let (a, e) = entry.path.on_datagram(from, &d, now);
+                        // A fresh probe from an address not validated yet:
+                        // probe it back now, so it is validated within a round trip.
+                        let back = a.as_ref().and_then(|_| entry.path.probe_to(from));
+                        (a, back, e, entry.path.validated(&from), entry.vaddr)
+                    }
+                    None => continue,
+                };
+            if validated {
+                // The peer answered our probe from `from`: it may send the
                 // session's datagrams from there before this side goes direct.
                 lock(&self.paths).accept_from(&vaddr, from);
-                self.send_probe(to, &answer);
+            }
+            for (to, probe) in answer.into_iter().chain(back) {
+                self.send_probe(to, &probe);
                 self.direct_timer.notify_one();
             }
             if let Some(e) = event {

@@ -26,6 +26,13 @@
 //! on an answer that comes from the address its probe went to and names
 //! that probe's nonce; `sender` keeps a node from taking its own probes,
 //! reflected back, for its peer's.
+//!
+//! Replay: a node's nonces count up, and a probe is answered only once
+//! (a 64-wide window, as IPsec's anti-replay); an answer is taken once
+//! (its probe is then forgotten). An address is *validated* once it
+//! answered one of this node's probes, and only then are the session's
+//! datagrams taken from it. Addresses learned from probes (peer-reflexive
+//! candidates) are capped at [`MAX_LEARNED`], one per [`LEARN_EVERY`].
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -63,6 +70,11 @@ pub const IDLE_LOST_AFTER: Duration = Duration::from_secs(15);
 pub const MAX_CANDIDATES: usize = 16;
 /// Probes remembered (awaiting their answer), at most.
 const MAX_SENT: usize = 64;
+/// Candidates learned from the peer's probes, at most, and how often.
+pub const MAX_LEARNED: usize = 4;
+pub const LEARN_EVERY: Duration = Duration::from_secs(1);
+/// Probe nonces older than the newest by this many are refused.
+const REPLAY_WINDOW: u64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -105,6 +117,15 @@ pub struct DirectPath {
     rest: Duration,
     /// When the session last sent a datagram (see [`DirectPath::sent`]).
     last_sent: Option<Instant>,
+    /// This node's next probe nonce (counts up).
+    next_nonce: u64,
+    /// The peer's newest probe nonce, and which of the 64 before it came.
+    peer_top: u64,
+    peer_seen: u64,
+    /// Addresses that answered a probe of this node's.
+    validated: Vec<SocketAddr>,
+    learned: usize,
+    last_learned: Option<Instant>,
 }
 
 /// The session a probe datagram is for, if it is one.
@@ -133,7 +154,50 @@ impl DirectPath {
             next_probe: now,
             rest: FIRST_REST,
             last_sent: None,
+            next_nonce: 1,
+            peer_top: 0,
+            peer_seen: 0,
+            validated: Vec::new(),
+            learned: 0,
+            last_learned: None,
         }
+    }
+
+    /// True once `addr` answered one of this node's probes: the session's
+    /// datagrams may be taken from it.
+    pub fn validated(&self, addr: &SocketAddr) -> bool {
+        self.validated.contains(addr)
+    }
+
+    /// A probe to `to` at once, if it is a candidate not validated yet (the
+    /// peer just probed from it: answering our probe validates it within a
+    /// round trip, not at the next poll).
+    pub fn probe_to(&mut self, to: SocketAddr) -> Option<Probe> {
+        if self.validated(&to) || !self.candidates.contains(&to) {
+            return None;
+        }
+        Some((to, self.probe(to)))
+    }
+
+    /// A probe nonce of the peer's, seen for the first time (then noted).
+    fn fresh(&mut self, nonce: u64) -> bool {
+        if nonce > self.peer_top {
+            let shift = nonce - self.peer_top;
+            self.peer_seen = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.peer_seen << shift
+            };
+            self.peer_seen |= 1;
+            self.peer_top = nonce;
+            return true;
+        }
+        let age = self.peer_top - nonce;
+        if age >= REPLAY_WINDOW || self.peer_seen & (1 << age) != 0 {
+            return false;
+        }
+        self.peer_seen |= 1 << age;
+        true
     }
 
     fn active(&self, now: Instant) -> bool {
@@ -253,7 +317,8 @@ impl DirectPath {
     }
 
     fn probe(&mut self, to: SocketAddr) -> [u8; PROBE_LEN] {
-        let nonce: u64 = rand::random();
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
         if self.sent.len() >= MAX_SENT {
             self.sent.pop_front();
         }
@@ -296,16 +361,36 @@ impl DirectPath {
         let nonce = u64::from_be_bytes(nonce);
         match d[9] {
             0 => {
+                if !self.fresh(nonce) {
+                    return (None, None);
+                }
                 // The peer reaches us from `from`: probe it back (it is
                 // where its NAT mapping is), and answer.
-                if !self.candidates.contains(&from) {
+                let learn = self.learned < MAX_LEARNED
+                    && self
+                        .last_learned
+                        .is_none_or(|t| now.saturating_duration_since(t) >= LEARN_EVERY);
+                if !self.candidates.contains(&from) && learn {
+                    self.learned += 1;
+                    self.last_learned = Some(now);
                     self.add_candidates(&[from], now);
                 }
                 (Some((from, self.datagram(1, nonce))), None)
             }
             1 => {
-                if !self.sent.iter().any(|&(n, to)| n == nonce && to == from) {
+                let Some(i) = self
+                    .sent
+                    .iter()
+                    .position(|&(n, to)| n == nonce && to == from)
+                else {
                     return (None, None);
+                };
+                self.sent.remove(i);
+                if !self.validated.contains(&from) {
+                    if self.validated.len() >= MAX_CANDIDATES {
+                        self.validated.remove(0);
+                    }
+                    self.validated.push(from);
                 }
                 match self.state {
                     State::Direct { addr, since, .. } if addr == from => {
@@ -388,6 +473,58 @@ mod tests {
         let (answers, _) = deliver(&mut a, addr(2), out, now);
         let (_, events) = deliver(&mut b, addr(1), answers, now);
         assert_eq!(events, vec![Event::Direct(addr(1))]);
+    }
+
+    #[test]
+    fn replayed_probes_and_answers_are_ignored() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let mut out = vec![];
+        a.poll(now, &mut out);
+        let probe = out[0].1;
+        let (answer, _) = b.on_datagram(addr(1), &probe, now);
+        let answer = answer.unwrap().1;
+        // The same probe again, from anywhere: no answer, nothing learned.
+        for port in [1, 9, 10] {
+            assert_eq!(b.on_datagram(addr(port), &probe, now), (None, None));
+        }
+        assert!(!b.candidates.contains(&addr(9)));
+        // The answer is taken once; its replay moves nothing.
+        assert_eq!(
+            a.on_datagram(addr(2), &answer, now).1,
+            Some(Event::Direct(addr(2)))
+        );
+        assert!(a.validated(&addr(2)));
+        assert!(!a.validated(&addr(9)));
+        a.state = State::Resting { until: now };
+        assert_eq!(a.on_datagram(addr(2), &answer, now), (None, None));
+        // Older probes inside the window, seen for the first time, pass.
+        let mut c = DirectPath::new(7, b"secret", true, now);
+        let probes: Vec<_> = (0..3).map(|_| c.probe(addr(2))).collect();
+        let (mut b2, _) = (DirectPath::new(7, b"secret", false, now), ());
+        assert!(b2.on_datagram(addr(1), &probes[2], now).0.is_some());
+        assert!(b2.on_datagram(addr(1), &probes[0], now).0.is_some());
+        assert!(b2.on_datagram(addr(1), &probes[0], now).0.is_none());
+        assert!(b2.on_datagram(addr(1), &probes[1], now).0.is_some());
+    }
+
+    #[test]
+    fn learned_candidates_are_capped_and_rate_limited() {
+        let now = Instant::now();
+        let mut a = DirectPath::new(7, b"secret", true, now);
+        let mut b = DirectPath::new(7, b"secret", false, now);
+        // Fresh probes from 20 addresses at once: one learned.
+        for port in 100..120 {
+            let p = a.probe(addr(2));
+            assert!(b.on_datagram(addr(port), &p, now).0.is_some());
+        }
+        assert_eq!(b.candidates.len(), 1);
+        // One a second after that, up to MAX_LEARNED.
+        for s in 1..20u64 {
+            let p = a.probe(addr(2));
+            b.on_datagram(addr(200 + s as u16), &p, now + Duration::from_secs(s));
+        }
+        assert_eq!(b.candidates.len(), MAX_LEARNED);
     }
 
     #[test]

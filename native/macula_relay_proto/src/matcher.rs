@@ -193,6 +193,15 @@ impl<R, S> TunnelMatcher<R, S> {
         None
     }
 
+    /// An announced inbound tunnel that will never come (the relay closed
+    /// it first): forgotten at once. True if it was expected.
+    pub fn forget_inbound(&mut self, tunnel: &TunnelId) -> bool {
+        match self.expected.get(tunnel) {
+            Some((Expected::Inbound(_), _)) => self.expected.remove(tunnel).is_some(),
+            _ => false,
+        }
+    }
+
     /// A tunnel ended before it was matched (its stream was reset, say).
     pub fn forget(&mut self, tunnel: &TunnelId) -> Option<S> {
         self.orphans.remove(tunnel).map(|(s, _)| s)

@@ -256,9 +256,7 @@ pub fn decode_candidates(mut input: &[u8]) -> Result<Vec<SocketAddr>, AuthError>
             6 => 16,
             _ => return Err(AuthError::BadFrame),
         };
-        let (ip, rest) = rest
-            .split_at_checked(ip_len)
-            .ok_or(AuthError::BadFrame)?;
+        let (ip, rest) = rest.split_at_checked(ip_len).ok_or(AuthError::BadFrame)?;
         let (port, rest) = rest.split_at_checked(2).ok_or(AuthError::BadFrame)?;
         let ip: IpAddr = match ip_len {
             4 => <[u8; 4]>::try_from(ip).map(IpAddr::from),
@@ -296,7 +294,10 @@ mod tests {
     fn run(
         mut a: SessionAuth,
         mut b: SessionAuth,
-    ) -> (Result<Vec<SocketAddr>, AuthError>, Result<Vec<SocketAddr>, AuthError>) {
+    ) -> (
+        Result<Vec<SocketAddr>, AuthError>,
+        Result<Vec<SocketAddr>, AuthError>,
+    ) {
         let a_cands: Vec<SocketAddr> = vec!["192.0.2.1:4000".parse().unwrap()];
         let b_cands: Vec<SocketAddr> = vec!["[2001:db8::1]:5000".parse().unwrap()];
         let a_msg = a.pake_message().to_vec();
@@ -378,7 +379,10 @@ mod tests {
             assert!(a.check_confirmation(&bad).is_err(), "byte {i}");
         }
         assert!(a.check_confirmation(&good).is_ok());
-        assert_eq!(a.check_confirmation(&good[..10]), Err(AuthError::WrongCookie));
+        assert_eq!(
+            a.check_confirmation(&good[..10]),
+            Err(AuthError::WrongCookie)
+        );
     }
 
     #[test]
@@ -400,7 +404,10 @@ mod tests {
         let mut two = f.clone();
         two.extend_from_slice(b"rest");
         assert_eq!(take_frame(&two), Ok(Some((&b"hello"[..], &b"rest"[..]))));
-        assert_eq!(take_frame(&[0xff, 0xff, 0]), Err(AuthError::FrameTooLong(65535)));
+        assert_eq!(
+            take_frame(&[0xff, 0xff, 0]),
+            Err(AuthError::FrameTooLong(65535))
+        );
         assert!(frame(&[0; MAX_FRAME + 1]).is_err());
     }
 
