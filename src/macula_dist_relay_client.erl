@@ -206,12 +206,12 @@ init({Url, #{node := Node, connect_timeout := ConnectTimeout,
                                                            is_pid(A)],
                     {ok, #state{client = Client, url = Url, node = Node,
                                 tunnel_timeout = TunnelTimeout, cookie = Cookie}};
-                {macula_client, {connect_failed, {refused, relay_without_e2e} = Reason}} ->
+                {macula_client, {connect_failed, {refused, relay_without_e2e}}} ->
                     logger:error("macula_dist: relay ~ts offers no end-to-end sessions (protocol "
                                  "v1 only): refused, as it could read and change distribution "
                                  "traffic. Use another relay, or -macula_dist tunnel stream to "
                                  "trust this one", [Url]),
-                    fail_init(Reason);
+                    fail_init({refused, {relay_without_e2e, Url}});
                 {macula_client, {connect_failed, Reason}} ->
                     fail_init(Reason);
                 {'EXIT', _Starter, Why} ->

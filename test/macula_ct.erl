@@ -11,7 +11,7 @@
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
          checked_send/4, checked_send/5, checked_receiver/2, checked_result/2,
-         capture_log/0, logged/1]).
+         capture_log/0, logged/1, mailbox_sampler/1, mailbox_max/1]).
 %% logger handler callback (capture_log/0).
 -export([log/2]).
 
@@ -360,6 +360,26 @@ logged(Part) ->
     receive {logs, Logs} -> [L || L <- Logs, binary:match(L, Part) =/= nomatch]
     after 5000 -> error(no_log_keeper)
     end.
+
+%% Samples the message queue of the process registered as Name every
+%% 10 ms; mailbox_max/1 stops it and gives the largest seen.
+mailbox_sampler(Name) ->
+    spawn(fun() -> sample_mailbox(Name, 0) end).
+
+sample_mailbox(Name, Max) ->
+    receive
+        {max, From} -> From ! {mailbox_max, Max}
+    after 10 ->
+            Len = case whereis(Name) of
+                      undefined -> 0;
+                      Pid -> element(2, process_info(Pid, message_queue_len))
+                  end,
+            sample_mailbox(Name, max(Max, Len))
+    end.
+
+mailbox_max(Sampler) ->
+    Sampler ! {max, self()},
+    receive {mailbox_max, Max} -> Max after 5000 -> error(no_sampler) end.
 
 %% ---- for suites that run OS processes and checked traffic ----
 

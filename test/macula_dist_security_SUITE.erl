@@ -11,7 +11,7 @@
 -export([sessions_without_the_cookie_make_no_atoms/1, handshake_name_must_be_the_peers/1,
          relay_without_e2e_is_refused/1, inbound_stream_tunnel_is_refused/1,
          stream_tunnel_to_an_e2e_node_is_refused/1, relay_names_make_no_atoms/1,
-         relay_never_sees_a_cookie_derived_key/1]).
+         relay_never_sees_a_cookie_derived_key/1, session_flood_is_bounded/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -23,7 +23,8 @@ groups() ->
                 stream_tunnel_to_an_e2e_node_is_refused, relay_names_make_no_atoms,
                 relay_never_sees_a_cookie_derived_key]},
      {stream, [], [handshake_name_must_be_the_peers]},
-     {hostile_relay, [], [relay_without_e2e_is_refused, inbound_stream_tunnel_is_refused]}].
+     {hostile_relay, [], [relay_without_e2e_is_refused, inbound_stream_tunnel_is_refused,
+                          session_flood_is_bounded]}].
 
 init_per_suite(Config) ->
     {Relay, Info} = macula_ct:start_relay(),
@@ -140,8 +141,8 @@ relay_without_e2e_is_refused(Config) ->
         ++ lists:join(" ", ["'" ++ A ++ "'" || A <- Args]) ++ " -eval 'halt(0)' 2>&1; echo exit=$?",
     Out = os:cmd(lists:flatten(Cmd)),
     ct:log("~ts", [Out]),
+    %% The boot error names the reason and the relay.
     ?assertNotEqual(nomatch, string:find(Out, "relay_without_e2e")),
-    ?assertNotEqual(nomatch, string:find(Out, "offers no end-to-end sessions")),
     ?assertNotEqual(nomatch, string:find(Out, binary_to_list(Url))),
     ?assertEqual(nomatch, string:find(Out, "exit=0")),
     %% It did reach the fake relay, and left it.
@@ -175,7 +176,19 @@ stream_tunnel_to_an_e2e_node_is_refused(Config) ->
     #{url := Url, fingerprint := Pin} = ?config(info, Config),
     call(Peer, erlang, trace_pattern, [{macula_dist, do_accept, 5}, true, [call_count]]),
     {ok, C} = macula_ct:raw_client(Url, Pin, <<"streamer@h">>, #{tunnel => stream}),
-    ?assertMatch({error, _}, macula_ct:request(C, atom_to_binary(Target))),
+    %% The relay may hand the dialler its half first; the target's refusal
+    %% then closes it, and nothing comes back.
+    case macula_ct:request(C, atom_to_binary(Target)) of
+        {error, _} -> ok;
+        {ok, _, T} ->
+            ok = macula_dist_nif:tunnel_activate(T, 1),
+            _ = macula_dist_nif:tunnel_send(T, [<<"any bytes">>], 1),
+            receive
+                {macula_tunnel, T, closed} -> ok;
+                {macula_tunnel, T, {data, D}} -> error({answered, D})
+            after 10000 -> error(not_closed)
+            end
+    end,
     macula_dist_nif:client_stop(C),
     ?assertEqual({call_count, 0},
                  call(Peer, erlang, trace_info, [{macula_dist, do_accept, 5}, call_count])),
@@ -189,6 +202,11 @@ relay_names_make_no_atoms(Config) ->
     Info = ?config(info, Config),
     #{url := Url, fingerprint := Pin} = Info,
     {Auto, _} = macula_ct:start_peer(autoatoms, Info, ["-macula_dist", "autoconnect", "true"]),
+    %% Warm: a first made-up name, tried and refused, loads what failing
+    %% needs (its modules' atoms are made once, not per name).
+    {ok, W} = macula_ct:raw_client(Url, Pin, <<"warmup@h">>),
+    timer:sleep(3000),
+    macula_dist_nif:client_stop(W),
     Names = [iolist_to_binary(["fresh", integer_to_list(I), "x", integer_to_list(erlang:unique_integer([positive])), "@h"])
              || I <- lists:seq(1, 1000)],
     Before = call(Peer, erlang, system_info, [atom_count]),
@@ -234,6 +252,51 @@ old_derived_key_id(Cookie, Node) ->
     Spki = <<16#30, 16#2a, 16#30, 16#05, 16#06, 16#03, 16#2b, 16#65, 16#70, 16#03, 16#21, 16#00,
              Pub/binary>>,
     string:lowercase(binary:encode_hex(crypto:hash(sha256, Spki))).
+
+%% Issue: a token holder without the cookie sent tun_req/tun_close pairs;
+%% each left a cookie wait, a matcher entry, a route and a TLS server
+%% config on the target for 10 s (78 000 in 12 s: 43 -> 837 MiB, the relay
+%% client's mailbox at 2637). Replayed for 12 s (test/interop/flood.py on
+%% aioquic, against the real relay): the target's RSS grows by less than
+%% 64 MiB, its relay client's mailbox stays small, and it still works.
+session_flood_is_bounded(Config) ->
+    {Relay, Info} = macula_ct:start_relay(),
+    #{url := Url} = Info,
+    {match, [Port]} = re:run(Url, ":(\\d+)$", [{capture, all_but_first, list}]),
+    {Peer, Target} = macula_ct:start_peer(floodtarget, Info, []),
+    {Other, OtherNode} = macula_ct:start_peer(floodfriend, Info, []),
+    OsPid = call(Peer, os, getpid, []),
+    Rss = fun() -> rss_kib(OsPid) end,
+    %% Warm: a first session, so what it loads is not counted.
+    ?assertEqual(pong, call(Other, net_adm, ping, [Target])),
+    Before = Rss(),
+    Sampler = call(Peer, macula_ct, mailbox_sampler, [macula_dist_relay_client]),
+    Script = filename:join([?config(root, Config), "test", "interop", "flood.py"]),
+    Out = os:cmd("timeout 60 '" ++ ?config(python, Config) ++ "' '" ++ Script ++ "' " ++ Port
+                 ++ " " ++ atom_to_list(Target) ++ " 12 2>&1"),
+    ct:pal("flood: ~ts", [Out]),
+    {match, [Requested]} = re:run(Out, "requested (\\d+)", [{capture, all_but_first, list}]),
+    After = Rss(),
+    MaxQueue = call(Peer, macula_ct, mailbox_max, [Sampler]),
+    #{refused_sessions := Refused} =
+        call(Peer, macula_dist_relay_client, status, [call(Peer, erlang, whereis, [macula_dist_relay_client])]),
+    ct:pal("~s sessions requested; target RSS ~p -> ~p KiB; relay client mailbox at most ~p; "
+           "refused ~p", [Requested, Before, After, MaxQueue, Refused]),
+    ?assert(list_to_integer(Requested) >= 1000),
+    ?assert(After - Before < 64 * 1024),
+    ?assert(MaxQueue < 300),
+    %% And the target still takes real sessions.
+    ?assertEqual(pong, call(Other, net_adm, ping, [Target])),
+    ?assertEqual(Target, call(Other, erpc, call, [Target, erlang, node, []])),
+    _ = OtherNode,
+    macula_ct:stop_peer(Other),
+    macula_ct:stop_peer(Peer),
+    macula_dist_relay:stop(Relay).
+
+rss_kib(OsPid) ->
+    {ok, Status} = file:read_file("/proc/" ++ OsPid ++ "/status"),
+    {match, [Kib]} = re:run(Status, "VmRSS:\\s+(\\d+)", [{capture, all_but_first, list}]),
+    list_to_integer(Kib).
 
 %% A fake relay on aioquic (test/interop/fake_relay.py) in Mode: its URL,
 %% pin, and the file its events go to.
