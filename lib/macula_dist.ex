@@ -44,12 +44,17 @@ defmodule MaculaDist do
   def relays, do: :macula_dist.status()
 
   @doc """
-  The other nodes on this node's relay (its auth domain), which it may
-  connect to; `[]` when the node does not run `-proto_dist macula`.
+  The other nodes on this node's relays, which it may connect to; `[]`
+  when the node does not run `-proto_dist macula`. A name that is not an
+  atom yet stays a binary (the relay's list never fills the atom table).
   With `-macula_dist autoconnect true` the node connects to them by itself.
   """
-  @spec relay_nodes() :: [node()]
+  @spec relay_nodes() :: [node() | binary()]
   def relay_nodes, do: :macula_dist.relay_nodes()
+
+  @doc "The names of the other nodes on this node's relays, as binaries."
+  @spec relay_node_names() :: [binary()]
+  def relay_node_names, do: :macula_dist.relay_node_names()
 
   @doc """
   Parses a relay URL the way the node does: `quic://host:port`, `host:port`,

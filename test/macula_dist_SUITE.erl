@@ -297,11 +297,18 @@ cluster_ca_mode(Config) ->
 %% Discovery: the relay tells a node which other nodes it may reach there.
 relay_nodes_lists_the_others(Config) ->
     [{A, AN}, {_, BN}, {_, CN}] = peers(Config, [pa18, pb18, pc18]),
+    %% As binaries: names the relay gives become atoms only when dialled.
+    Names = call(A, macula_dist, relay_node_names, []),
+    ?assert(lists:member(atom_to_binary(BN), Names) andalso lists:member(atom_to_binary(CN), Names)),
+    ?assertNot(lists:member(atom_to_binary(AN), Names)),
+    %% relay_nodes/0: an atom for a name that is one already, else a binary.
     Listed = call(A, macula_dist, relay_nodes, []),
-    ?assert(lists:member(BN, Listed) andalso lists:member(CN, Listed)),
-    ?assertNot(lists:member(AN, Listed)),
-    %% Nothing was connected to find them.
-    ?assertEqual([], call(A, erlang, nodes, [])).
+    ?assertEqual(lists:sort(Names), lists:sort([if is_atom(L) -> atom_to_binary(L); true -> L end
+                                                || L <- Listed])),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assert(lists:member(BN, call(A, macula_dist, relay_nodes, []))),
+    %% Only the one dialled was connected.
+    ?assertEqual([BN], call(A, erlang, nodes, [])).
 
 %% -macula_dist autoconnect true: nodes find each other on the relay and
 %% connect, with no ping from anyone.
