@@ -208,9 +208,12 @@ pub fn frame(body: &[u8]) -> Result<Vec<u8>, AuthError> {
     Ok(out)
 }
 
+/// A frame's body, and the bytes after the frame.
+pub type Split<'a> = (&'a [u8], &'a [u8]);
+
 /// The first whole frame at the start of `input`: its body and the bytes
 /// after it; None while more bytes are needed.
-pub fn take_frame(input: &[u8]) -> Result<Option<(&[u8], &[u8])>, AuthError> {
+pub fn take_frame(input: &[u8]) -> Result<Option<Split<'_>>, AuthError> {
     let Some(len) = input.get(..2) else {
         return Ok(None);
     };
@@ -218,9 +221,7 @@ pub fn take_frame(input: &[u8]) -> Result<Option<(&[u8], &[u8])>, AuthError> {
     if len > MAX_FRAME {
         return Err(AuthError::FrameTooLong(len));
     }
-    Ok(input[2..]
-        .split_at_checked(len)
-        .map(|(body, rest)| (body, rest)))
+    Ok(input[2..].split_at_checked(len))
 }
 
 pub fn encode_candidates(candidates: &[SocketAddr]) -> Vec<u8> {
@@ -370,8 +371,8 @@ mod tests {
     #[test]
     fn a_flipped_bit_in_a_confirmation_fails() {
         let (mut a, mut b) = pair(Some(b"c"), Some(b"c"), [1; 32], [1; 32]);
-        b.on_pake(&a.pake_message().to_vec()).unwrap();
-        a.on_pake(&b.pake_message().to_vec()).unwrap();
+        b.on_pake(a.pake_message()).unwrap();
+        a.on_pake(b.pake_message()).unwrap();
         let good = b.confirmation(&["192.0.2.1:1".parse().unwrap()]).unwrap();
         for i in 0..good.len() {
             let mut bad = good.clone();
