@@ -195,6 +195,28 @@ pub fn frames(data: &[u8]) {
     }
     // A small limit: frames of 40 bytes pass, 41 are refused.
     assert_eq!(decode_stream(data, 5, 40), reference_frames(data, 40));
+    session_handshake(data);
+}
+
+/// The e2e session handshake (`session_auth`) fed `data` as the peer's
+/// frames. Invariants: no panic; a frame split off is at most `MAX_FRAME`;
+/// decoded candidates re-encode to the same bytes; nothing the peer can
+/// make without the cookie passes the confirmation.
+fn session_handshake(data: &[u8]) {
+    use macula_relay_proto::session_auth::{self, Role, SessionAuth};
+    if let Ok(Some((body, rest))) = session_auth::take_frame(data) {
+        assert!(body.len() <= session_auth::MAX_FRAME);
+        assert_eq!(body.len() + rest.len() + 2, data.len());
+    }
+    if let Ok(addrs) = session_auth::decode_candidates(data) {
+        assert_eq!(session_auth::encode_candidates(&addrs), data);
+    }
+    let tunnel = macula_relay_proto::TunnelId::from_bytes([3; 16]);
+    let mut me = SessionAuth::new(Role::Target, Some(b"cookie"), "a@h", "b@h", &tunnel, [9; 32]);
+    let half = data.len() / 2;
+    if me.on_pake(&data[..half]).is_ok() {
+        assert!(me.check_confirmation(&data[half..]).is_err());
+    }
 }
 
 // ---------------------------------------------------------------------------
