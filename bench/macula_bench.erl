@@ -133,8 +133,8 @@ run_pair(Carrier, Rep, Env) ->
         io:format("  rep ~b ~-8s ~p~n", [Rep, Carrier, Result]),
         Result
     after
-        catch peer:stop(A),
-        catch peer:stop(B)
+        try peer:stop(A) catch _:_ -> ok end,
+        try peer:stop(B) catch _:_ -> ok end
     end.
 
 %% B is stopped (SIGSTOP) while A keeps sending 1 MiB messages for 5 s.

@@ -259,7 +259,7 @@ carrier_args(Mode, Url, Pin, Token) ->
 quoted(S) -> "\"" ++ S ++ "\"".
 
 stop_nodes(Nodes) ->
-    _ = pmap(fun({P, _, _}) -> catch peer:stop(P) end, Nodes, 16),
+    _ = pmap(fun({P, _, _}) -> try peer:stop(P) catch _:_ -> ok end end, Nodes, 16),
     ok.
 
 %% Poll the nodes that have not reached the count yet (the nodes stamp the

@@ -104,7 +104,12 @@ known_atom(Name) ->
 -spec status() -> [map()].
 status() ->
     [S || Client <- macula_dist_relay_client:clients(),
-          S <- [catch macula_dist_relay_client:status(Client)], is_map(S)].
+          S <- [status_of(Client)], is_map(S)].
+
+status_of(Client) ->
+    try macula_dist_relay_client:status(Client)
+    catch _:_ -> unavailable
+    end.
 
 creation() ->
     rand:uniform((1 bsl 32) - 5) + 3.

@@ -90,5 +90,5 @@ start_client(Name, Url, Node, Opts) ->
 
 stop_client(Client) ->
     unlink(Client),
-    catch gen_server:stop(Client, shutdown, 5000),
+    try gen_server:stop(Client, shutdown, 5000) catch _:_ -> ok end,
     ok.

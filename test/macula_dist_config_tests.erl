@@ -43,7 +43,7 @@ timeouts_and_defaults_test() ->
 
 bad_options_test_() ->
     [?_assertEqual({error, {bad_option, O}}, opts(maps:from_list([O, {pin_sha256, ?PIN}])))
-     || O <- [{connect_timeout, 0}, {tunnel_timeout, -1}, {keep_alive, "5"}, {verify, maybe},
+     || O <- [{connect_timeout, 0}, {tunnel_timeout, -1}, {keep_alive, "5"}, {verify, 'maybe'},
               {nonsense, 1}, {token, 5}]].
 
 bad_node_and_url_test() ->
