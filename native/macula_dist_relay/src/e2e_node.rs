@@ -30,8 +30,11 @@ pub struct E2eNode {
     recv: RecvStream,
     decoder: FrameDecoder,
     queued: Vec<Message>,
-    /// The peer candidates the relay sent (`cand`), by session.
+    /// The peer candidates a relay of version 3 sent (`cand`), by session.
     pub candidates: std::collections::HashMap<TunnelId, Vec<SocketAddr>>,
+    /// The address the relay sees this node at (`cand` without `tid`,
+    /// version 4): what a peer may try for a direct path.
+    pub reflexive: Option<SocketAddr>,
 }
 
 /// The two ends of a session, as each side's handshake ended.
@@ -74,6 +77,7 @@ impl E2eNode {
             decoder: FrameDecoder::default(),
             queued: vec![],
             candidates: Default::default(),
+            reflexive: None,
         };
         node.send(Message::Identify {
             node: name.into(),
@@ -104,6 +108,13 @@ impl E2eNode {
                         addrs,
                     } => {
                         self.candidates.insert(t, addrs);
+                        continue;
+                    }
+                    Message::Candidates {
+                        tunnel: None,
+                        addrs,
+                    } => {
+                        self.reflexive = addrs.first().copied();
                         continue;
                     }
                     other => return Ok(other),
@@ -138,6 +149,27 @@ impl E2eNode {
             ) {
                 if let Message::Candidates { addrs, .. } = self.queued.remove(i) {
                     return Ok(addrs);
+                }
+            }
+            self.read_more().await?;
+        }
+    }
+
+    /// The address the relay sees this node at (`cand` without `tid`,
+    /// sent right after `id_ok` by a relay of version 4).
+    pub async fn reflexive_address(&mut self) -> anyhow::Result<SocketAddr> {
+        loop {
+            if let Some(a) = self.reflexive {
+                return Ok(a);
+            }
+            if let Some(i) = self
+                .queued
+                .iter()
+                .position(|m| matches!(m, Message::Candidates { tunnel: None, .. }))
+            {
+                if let Message::Candidates { addrs, .. } = self.queued.remove(i) {
+                    self.reflexive = addrs.first().copied();
+                    continue;
                 }
             }
             self.read_more().await?;
