@@ -42,6 +42,8 @@ pub struct Session {
     pub tunnel: TunnelId,
     pub requester: Result<Connection, quinn::ConnectionError>,
     pub target: Result<Connection, quinn::ConnectionError>,
+    /// `[requester, target]` bind keys (tests replay them from elsewhere).
+    pub binds: [BindKey; 2],
 }
 
 impl E2eNode {
@@ -95,6 +97,11 @@ impl E2eNode {
 
     pub async fn send(&mut self, msg: Message) -> anyhow::Result<()> {
         Ok(self.send.write_all(&msg.encode()).await?)
+    }
+
+    /// Writes control frames already encoded (tests send many at once).
+    pub async fn send_frames(&mut self, frames: &[u8]) -> anyhow::Result<()> {
+        Ok(self.send.write_all(frames).await?)
     }
 
     /// The next control message (a session's `cand` is kept aside, in
@@ -247,5 +254,6 @@ pub async fn session(
         tunnel,
         requester,
         target,
+        binds: [a_bind, b_bind],
     })
 }

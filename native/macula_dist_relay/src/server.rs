@@ -79,6 +79,9 @@ async fn answers(conn: &quinn::Connection, wait: Duration) -> bool {
     timeout(wait, probe).await.unwrap_or(false)
 }
 
+/// Control messages one connection's task handles before it yields.
+const MESSAGES_PER_YIELD: u32 = 32;
+
 /// Control messages queued for one peer before it counts as not reading.
 pub const CONTROL_QUEUE: usize = 1024;
 /// How long opening a tunnel's two streams may take.
@@ -568,11 +571,19 @@ impl Session {
                 Err(e) => return End::Gone(e.to_string()),
             };
             let mut input = &chunk.bytes[..];
+            let mut handled = 0u32;
             loop {
                 match decoder.decode(&mut input) {
                     Ok(Some(msg)) => {
                         if let Err(end) = self.handle(msg).await {
                             return end;
+                        }
+                        // A node that sends without pause must not hold a
+                        // worker: the endpoint's driver (the data plane)
+                        // and other nodes get their turn.
+                        handled += 1;
+                        if handled % MESSAGES_PER_YIELD == 0 {
+                            tokio::task::yield_now().await;
                         }
                     }
                     Ok(None) => break,

@@ -146,7 +146,11 @@ async fn a_session_goes_direct_and_the_relay_forwards_no_more_of_it() {
     assert!(transfer(&a_end, &b_end, &data).await == data);
     assert!(transfer(&b_end, &a_end, &data).await == data);
     // The same connection carried it, and none of it went through the relay.
-    assert_eq!(forwarded(), before);
+    assert_eq!(
+        forwarded(),
+        before,
+        "datagrams forwarded during the direct transfer"
+    );
     assert!(a_end.close_reason().is_none() && b_end.close_reason().is_none());
 }
 
