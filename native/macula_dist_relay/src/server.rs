@@ -80,7 +80,7 @@ async fn answers(conn: &quinn::Connection, wait: Duration) -> bool {
 }
 
 /// Control messages one connection's task handles before it yields.
-const MESSAGES_PER_YIELD: u32 = 32;
+const MESSAGES_PER_YIELD: u32 = 8;
 
 /// Control messages queued for one peer before it counts as not reading.
 pub const CONTROL_QUEUE: usize = 1024;

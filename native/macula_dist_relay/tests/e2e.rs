@@ -248,3 +248,48 @@ async fn what_the_relay_alters_or_forges_is_never_delivered() {
     .await
     .unwrap();
 }
+
+/// The review's Medium: the bind key travels in clear in every datagram,
+/// and any datagram carrying it rebound that side, so one replayed header
+/// from a third socket pulled b->a datagrams to the attacker. Now a side
+/// is bound to its node's relay connection address only: the replay
+/// forwards nothing and moves nothing.
+#[tokio::test]
+async fn a_replayed_header_from_elsewhere_moves_nothing() {
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let s = e2e_node::session(&mut a, &mut b, b"cookie", b"cookie")
+        .await
+        .unwrap();
+    let (a_end, b_end) = (s.requester.unwrap(), s.target.unwrap());
+    let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    attacker
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let unbound = || relay.data_stats().dropped_unbound.load(Ordering::Relaxed);
+    let before = unbound();
+    for bind in s.binds {
+        let mut d = macula_relay_proto::dataplane::header(session_id(&s.tunnel), &bind).to_vec();
+        d.extend_from_slice(&[0x40; 100]);
+        attacker.send_to(&d, relay.local_addr()).unwrap();
+    }
+    timeout(WAIT, async {
+        while unbound() < before + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Both directions still flow between the real sides...
+    let data = random_bytes(256 << 10);
+    assert!(transfer(&b_end, &a_end, &data).await == data);
+    assert!(transfer(&a_end, &b_end, &data).await == data);
+    // ...and none of it reached the attacker.
+    let mut buf = [0u8; 2048];
+    assert!(
+        attacker.recv_from(&mut buf).is_err(),
+        "the attacker received a datagram"
+    );
+    assert_eq!(relay.data_stats().rebinds.load(Ordering::Relaxed), 0);
+}
