@@ -582,7 +582,7 @@ impl Session {
                         // worker: the endpoint's driver (the data plane)
                         // and other nodes get their turn.
                         handled += 1;
-                        if handled % MESSAGES_PER_YIELD == 0 {
+                        if handled.is_multiple_of(MESSAGES_PER_YIELD) {
                             tokio::task::yield_now().await;
                         }
                     }

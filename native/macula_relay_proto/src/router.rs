@@ -567,7 +567,7 @@ impl Router {
             .filter(|(name, _, _)| valid_node_name(name, self.limits.max_name_len))
             .map(|(name, key, left)| (name, key, left.min(self.limits.name_hold)))
             .collect();
-        bindings.sort_by(|a, b| a.2.cmp(&b.2));
+        bindings.sort_by_key(|b| b.2);
         for (name, key, left) in bindings {
             self.hold(name, key, now + left);
         }
