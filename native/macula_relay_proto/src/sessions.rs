@@ -444,12 +444,12 @@ impl Claims {
     fn remove(&mut self, tunnel: &TunnelId) -> Option<Waiting> {
         let w = self.waiting.remove(tunnel)?;
         if let Some((name, ip)) = &w.opened_by {
-            self.claimed -= 1;
+            self.claimed = self.claimed.saturating_sub(1);
             for n in [self.by_node.get_mut(name.as_str()), self.by_ip.get_mut(ip)]
                 .into_iter()
                 .flatten()
             {
-                *n -= 1;
+                *n = n.saturating_sub(1);
             }
             if self.by_node.get(name.as_str()) == Some(&0) {
                 self.by_node.remove(name.as_str());
