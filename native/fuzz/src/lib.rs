@@ -22,7 +22,9 @@ use macula_relay_proto::dataplane::{
     SESSION_DATAGRAM,
 };
 use macula_relay_proto::paths::{is_virtual, Paths, Route, EARLY_WAIT, MAX_EARLY};
-use macula_relay_proto::sessions::{DropReason, Kept, SessionIdTaken, SessionTable, Verdict};
+use macula_relay_proto::sessions::{
+    Claim, Claims, DropReason, KeepRefusal, Kept, SessionIdTaken, SessionTable, Verdict,
+};
 use macula_relay_proto::{BindKey, DecodeError, FrameDecoder, Message, TunnelId};
 
 /// Reads fuzz input as a sequence of small values; past the end it yields
@@ -368,11 +370,15 @@ fn relay_datagram(
     };
     let me = m.keys.iter().position(|k| *k == bind);
     match (verdict, me) {
-        (Verdict::Forward { to, rebound }, Some(me)) => {
-            // Forwarded only with a side's key, to the other side's address.
+        // A side's key from elsewhere: dropped, and the side stays put.
+        (Verdict::Drop(DropReason::Unbound), Some(me)) => {
+            assert_ne!(m.addrs[me], from, "dropped from the side's own address");
+        }
+        (Verdict::Forward { to }, Some(me)) => {
+            // Forwarded only with a side's key, from that side's address,
+            // to the other side's address.
+            assert_eq!(from, m.addrs[me], "forwarded from an unbound address");
             assert_eq!(to, m.addrs[1 - me], "forwarded to the wrong address");
-            assert_eq!(rebound, m.addrs[me] != from);
-            m.addrs[me] = from;
             m.datagrams[me] += 1;
             m.bytes[me] += len as u64;
             let mut out = datagram.to_vec();
@@ -431,8 +437,10 @@ fn claim_key(input: &mut Input, keys: &[BindKey; 2]) -> (usize, BindKey, bool) {
 
 /// `name`, as side `side` (naming the other side as its peer), claims
 /// `tunnel` with `key` from `from`; every node counts as connected.
+#[allow(clippy::too_many_arguments)]
 fn claim(
-    table: &mut SessionTable,
+    claims: &mut Claims,
+    table: &SessionTable,
     tunnel: TunnelId,
     key: BindKey,
     from: SocketAddr,
@@ -440,22 +448,40 @@ fn claim(
     side: usize,
     now: Instant,
 ) -> Kept {
-    table.keep(tunnel, key, from, name, SIDE_NAMES[1 - side], now, &|_| {
-        true
-    })
+    claims.keep(
+        table,
+        Claim {
+            tunnel,
+            bind: key,
+            addr: from,
+            name,
+            peer: SIDE_NAMES[1 - side],
+        },
+        now,
+        &|_| true,
+    )
 }
 
-/// A side of a live session claims it back (`sess_keep`) from an address:
-/// with its key it moves there, with any other it is refused.
-fn claim_live(input: &mut Input, table: &mut SessionTable, m: &mut ModelSession, now: Instant) {
+/// A side of a live session claims it back (`sess_keep`) from its (new)
+/// relay connection's address: with its key the table names its side, and
+/// the relay moves it there (as the relay's glue does after checking the
+/// claimant's name); with any other key it is refused.
+fn claim_live(
+    input: &mut Input,
+    claims: &mut Claims,
+    table: &mut SessionTable,
+    m: &mut ModelSession,
+    now: Instant,
+) {
     let (side, key, flipped) = claim_key(input, &m.keys);
     let from = test_addr(input.u8());
     let name = SIDE_NAMES[side];
-    let kept = claim(table, m.tunnel, key, from, name, side, now);
+    let kept = claim(claims, table, m.tunnel, key, from, name, side, now);
     if flipped {
-        assert_eq!(kept, Kept::Refused, "a claim with a wrong key");
+        assert_eq!(kept, Kept::Refused(KeepRefusal::NotASide), "a claim with a wrong key");
     } else {
-        assert_eq!(kept, Kept::Rebound);
+        assert_eq!(kept, Kept::Live { side });
+        table.rebind_side(&m.tunnel, side, from);
         m.addrs[side] = from;
     }
 }
@@ -466,6 +492,7 @@ fn claim_live(input: &mut Input, table: &mut SessionTable, m: &mut ModelSession,
 /// own keys, at the claimed addresses, and a wrong claim changes nothing.
 fn close_and_claim(
     input: &mut Input,
+    claims: &mut Claims,
     table: &mut SessionTable,
     mut m: ModelSession,
     now: Instant,
@@ -473,22 +500,31 @@ fn close_and_claim(
     let session = table.close(&m.tunnel).expect("a live session closes");
     let stayed = [input.u8() & 1 == 1, false];
     let names = SIDE_NAMES.map(String::from);
-    table.remember(session, names, stayed, now);
+    assert!(claims.remember(&session, names, stayed, now));
     let mut claimed = [false; 2];
     for _ in 0..3 {
         let (side, key, flipped) = claim_key(input, &m.keys);
         let wrong_name = input.u8() & 0x40 != 0;
         let name = if wrong_name { "m@h" } else { SIDE_NAMES[side] };
         let from = test_addr(input.u8());
-        let kept = claim(table, m.tunnel, key, from, name, side, now);
+        let kept = claim(claims, table, m.tunnel, key, from, name, side, now);
         if flipped || wrong_name {
-            assert_eq!(kept, Kept::Refused, "a wrong claim");
+            assert!(matches!(kept, Kept::Refused(_)), "a wrong claim: {kept:?}");
             continue;
         }
         claimed[side] = true;
         m.addrs[side] = from;
         if (0..2).all(|i| claimed[i] || stayed[i]) {
-            assert_eq!(kept, Kept::Restored(SIDE_NAMES.map(String::from)));
+            let Kept::Paired(sides) = kept else {
+                panic!("both sides claimed, got {kept:?}");
+            };
+            let [(a, ka, aa), (b, kb, ba)] = *sides;
+            assert_eq!([a.as_str(), b.as_str()], SIDE_NAMES);
+            assert_eq!([ka, kb], m.keys);
+            assert_eq!([aa, ba], m.addrs);
+            table
+                .restore(m.tunnel, [(ka, aa), (kb, ba)])
+                .expect("its id is free");
             m.datagrams = [0; 2];
             m.bytes = [0; 2];
             return Some(m);
@@ -504,13 +540,15 @@ fn close_and_claim(
 /// session), with any session id and key, or as raw bytes, from any
 /// address, and claims (`sess_keep`) of live and of closed sessions.
 /// Invariants: no panic; a datagram is forwarded only when its key is a
-/// side's key, always to the other side's current address; the sender's
-/// side moves to the address it came from; everything else is dropped for
-/// the right reason; only a side's own key and name claim a session back;
-/// the table matches the model after every step.
+/// side's key and it comes from that side's bound address, always to the
+/// other side's address; a datagram never moves a side (only a claim of
+/// the side's own node does); everything else is dropped for the right
+/// reason; only a side's own key and name claim a session back; the table
+/// matches the model after every step.
 pub fn sessions(data: &[u8]) {
     let mut input = Input::new(data);
     let mut table = SessionTable::default();
+    let mut claims = Claims::default();
     let mut model: HashMap<SessionId, ModelSession> = HashMap::new();
     // Every session ever opened, closed ones too: (session id, keys).
     let mut opened: Vec<(SessionId, [BindKey; 2])> = vec![];
@@ -586,10 +624,11 @@ pub fn sessions(data: &[u8]) {
                 let (id, _) = opened[input.u8() as usize % opened.len()];
                 if let Some(m) = model.get_mut(&id) {
                     if input.u8() & 1 == 0 {
-                        claim_live(&mut input, &mut table, m, now);
+                        claim_live(&mut input, &mut claims, &mut table, m, now);
                     } else {
                         let m = model.remove(&id).expect("just found");
-                        if let Some(m) = close_and_claim(&mut input, &mut table, m, now) {
+                        if let Some(m) = close_and_claim(&mut input, &mut claims, &mut table, m, now)
+                        {
                             model.insert(id, m);
                         }
                     }

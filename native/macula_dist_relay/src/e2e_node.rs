@@ -30,8 +30,11 @@ pub struct E2eNode {
     recv: RecvStream,
     decoder: FrameDecoder,
     queued: Vec<Message>,
-    /// The peer candidates the relay sent (`cand`), by session.
+    /// The peer candidates a relay of version 3 sent (`cand`), by session.
     pub candidates: std::collections::HashMap<TunnelId, Vec<SocketAddr>>,
+    /// The address the relay sees this node at (`cand` without `tid`,
+    /// version 4): what a peer may try for a direct path.
+    pub reflexive: Option<SocketAddr>,
 }
 
 /// The two ends of a session, as each side's handshake ended.
@@ -39,6 +42,8 @@ pub struct Session {
     pub tunnel: TunnelId,
     pub requester: Result<Connection, quinn::ConnectionError>,
     pub target: Result<Connection, quinn::ConnectionError>,
+    /// `[requester, target]` bind keys (tests replay them from elsewhere).
+    pub binds: [BindKey; 2],
 }
 
 impl E2eNode {
@@ -74,6 +79,7 @@ impl E2eNode {
             decoder: FrameDecoder::default(),
             queued: vec![],
             candidates: Default::default(),
+            reflexive: None,
         };
         node.send(Message::Identify {
             node: name.into(),
@@ -93,6 +99,11 @@ impl E2eNode {
         Ok(self.send.write_all(&msg.encode()).await?)
     }
 
+    /// Writes control frames already encoded (tests send many at once).
+    pub async fn send_frames(&mut self, frames: &[u8]) -> anyhow::Result<()> {
+        Ok(self.send.write_all(frames).await?)
+    }
+
     /// The next control message (a session's `cand` is kept aside, in
     /// `candidates`).
     pub async fn next(&mut self) -> anyhow::Result<Message> {
@@ -104,6 +115,13 @@ impl E2eNode {
                         addrs,
                     } => {
                         self.candidates.insert(t, addrs);
+                        continue;
+                    }
+                    Message::Candidates {
+                        tunnel: None,
+                        addrs,
+                    } => {
+                        self.reflexive = addrs.first().copied();
                         continue;
                     }
                     other => return Ok(other),
@@ -138,6 +156,27 @@ impl E2eNode {
             ) {
                 if let Message::Candidates { addrs, .. } = self.queued.remove(i) {
                     return Ok(addrs);
+                }
+            }
+            self.read_more().await?;
+        }
+    }
+
+    /// The address the relay sees this node at (`cand` without `tid`,
+    /// sent right after `id_ok` by a relay of version 4).
+    pub async fn reflexive_address(&mut self) -> anyhow::Result<SocketAddr> {
+        loop {
+            if let Some(a) = self.reflexive {
+                return Ok(a);
+            }
+            if let Some(i) = self
+                .queued
+                .iter()
+                .position(|m| matches!(m, Message::Candidates { tunnel: None, .. }))
+            {
+                if let Message::Candidates { addrs, .. } = self.queued.remove(i) {
+                    self.reflexive = addrs.first().copied();
+                    continue;
                 }
             }
             self.read_more().await?;
@@ -215,5 +254,6 @@ pub async fn session(
         tunnel,
         requester,
         target,
+        binds: [a_bind, b_bind],
     })
 }

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bindings;
 pub mod e2e_node;
 mod forward;
 pub mod identity;
@@ -60,6 +61,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// When set, only these node names, each with its key id, may join.
     pub nodes: Option<HashMap<String, KeyId>>,
+    /// Where the name→key bindings of recently seen nodes are kept across
+    /// restarts (in the state directory); `None`: nowhere.
+    pub names_file: Option<std::path::PathBuf>,
 }
 
 /// Reads a nodes file: lines of `name key-id` (hex SHA-256 of the node's
@@ -112,6 +116,7 @@ impl Default for Config {
             admission: AdmissionLimits::default(),
             metrics: None,
             nodes: None,
+            names_file: None,
         }
     }
 }
@@ -165,6 +170,11 @@ impl Relay {
             }
             None => None,
         };
+        tokio::spawn(server::housekeeping(
+            shared.clone(),
+            socket.clone(),
+            shutdown.clone(),
+        ));
         let accept_loop = tokio::spawn(server::accept_loop(
             endpoint.clone(),
             shared.clone(),
@@ -226,6 +236,7 @@ impl Relay {
     /// Closes every connection and waits briefly for the peers to hear it.
     pub async fn stop(self) {
         self.shutdown.cancel();
+        self.shared.save_bindings(true);
         self.endpoint
             .close(close_code::NORMAL.into(), b"relay stopping");
         let _ = self.accept_loop.await;

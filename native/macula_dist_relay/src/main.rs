@@ -78,6 +78,12 @@ struct Args {
     #[arg(long, env = "MACULA_DIST_NODES_FILE")]
     nodes_file: Option<PathBuf>,
 
+    /// Seconds a keyed node's name stays bound to its key after the node
+    /// was last seen (it left, or the relay restarted): meanwhile only that
+    /// key may take the name. Kept across restarts in --state-dir.
+    #[arg(long, env = "MACULA_DIST_NAME_HOLD_SECS", default_value_t = Limits::default().name_hold.as_secs())]
+    name_hold_secs: u64,
+
     /// Longest node name accepted (bytes; letters, digits and _-.@[]: only).
     #[arg(long, env = "MACULA_DIST_MAX_NAME_LEN", default_value_t = Limits::default().max_name_len)]
     max_name_len: usize,
@@ -194,11 +200,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "no token: give --token-file (or MACULA_DIST_TOKEN), or --allow-anonymous to let any node that reaches this relay join"
     );
     let names = vec!["localhost".into(), listen.ip().to_string()];
+    let state_dir = match &args.state_dir {
+        _ if args.ephemeral => None,
+        Some(dir) => Some(dir.clone()),
+        None => default_state_dir().ok(),
+    };
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some(tls::Identity::from_pem_files(cert, key)?),
         _ if args.ephemeral => None,
         _ => {
-            let dir = match &args.state_dir {
+            let dir = match &state_dir {
                 Some(dir) => dir.clone(),
                 None => default_state_dir()?,
             };
@@ -217,6 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_tunnels_per_node: args.max_tunnels_per_node,
             max_tunnels_per_pair: args.max_tunnels_per_pair,
             max_name_len: args.max_name_len,
+            name_hold: Duration::from_secs(args.name_hold_secs),
         },
         max_frame: args.max_frame,
         identify_timeout: Duration::from_secs(args.identify_timeout),
@@ -235,6 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(path) => Some(macula_dist_relay::read_nodes_file(path)?),
             None => None,
         },
+        names_file: state_dir.map(|dir| dir.join("names")),
     };
     let relay = Relay::start(config).await?;
     // The fingerprint alone on stdout, for clients to pin (pin_sha256).

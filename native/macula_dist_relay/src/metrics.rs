@@ -36,8 +36,13 @@ pub struct Events {
     pub connections_refused: Family<Labels, Counter>,
     /// Bytes stream tunnels forwarded (both directions).
     pub stream_bytes: Counter,
-    /// E2e session sides that went direct, or back through a relay, by path.
+    /// E2e session sides that went direct, or back through a relay, by
+    /// path: changes only (a repeated report counts nothing).
     pub session_paths: Family<Labels, Counter>,
+    /// Session claims (`sess_keep`), by outcome.
+    pub session_claims: Family<Labels, Counter>,
+    /// Candidates nodes announced (`cand`): accepted and dropped.
+    pub candidates_ignored: Counter,
 }
 
 impl Default for Events {
@@ -54,6 +59,8 @@ impl Default for Events {
             connections_refused: Family::default(),
             stream_bytes: Counter::default(),
             session_paths: Family::default(),
+            session_claims: Family::default(),
+            candidates_ignored: Counter::default(),
         }
     }
 }
@@ -90,6 +97,12 @@ impl Collector for State {
             gauge(&mut e, "nodes", "Nodes identified.", s.nodes as u64)?;
             gauge(
                 &mut e,
+                "sessions_waiting",
+                "E2e sessions waiting to be claimed back (sess_keep).",
+                s.waiting as u64,
+            )?;
+            gauge(
+                &mut e,
                 "unidentified_connections",
                 "Connections not identified (yet).",
                 s.unidentified as u64,
@@ -123,7 +136,7 @@ impl Collector for State {
             counter(
                 &mut e,
                 "rebinds",
-                "Session sides that moved to a new address.",
+                "Session sides moved to their node's new relay connection address.",
                 load(&d.rebinds),
             )?;
             let dropped = ConstCounter::new(0u64);
@@ -138,6 +151,7 @@ impl Collector for State {
                 ("bad_bind", load(&d.dropped_bad_bind)),
                 ("malformed", load(&d.dropped_malformed)),
                 ("overload", load(&d.dropped_overload)),
+                ("unbound", load(&d.dropped_unbound)),
             ] {
                 ConstCounter::new(v).encode(family.encode_family(&vec![("reason", r)])?)?;
             }
@@ -182,6 +196,16 @@ pub(crate) fn registry(
         "session_paths",
         "E2e session sides that went direct (path=direct) or back through a relay (path=relay).",
         events.session_paths.clone(),
+    );
+    r.register(
+        "session_claims",
+        "Session claims (sess_keep), by outcome.",
+        events.session_claims.clone(),
+    );
+    r.register(
+        "candidates_ignored",
+        "Candidates nodes announced (cand): the relay forwards none.",
+        events.candidates_ignored.clone(),
     );
     r.register_collector(Box::new(State {
         shared: Arc::downgrade(shared),

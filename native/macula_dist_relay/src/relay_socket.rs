@@ -43,6 +43,11 @@ pub struct DataStats {
     pub dropped_bad_bind: AtomicU64,
     pub dropped_malformed: AtomicU64,
     pub dropped_overload: AtomicU64,
+    /// A side's key from an address that is not that side's (a replayed
+    /// header, or a node whose relay connection moved: rebound by the
+    /// control plane, never by a datagram).
+    pub dropped_unbound: AtomicU64,
+    /// Session sides moved to their node's new relay connection address.
     pub rebinds: AtomicU64,
 }
 
@@ -53,6 +58,7 @@ impl DataStats {
             DropReason::BadBind => &self.dropped_bad_bind,
             DropReason::Malformed => &self.dropped_malformed,
             DropReason::Overload => &self.dropped_overload,
+            DropReason::Unbound => &self.dropped_unbound,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -74,6 +80,9 @@ pub struct RelaySocket {
     sessions: Arc<Mutex<SessionTable>>,
     pub stats: DataStats,
     tamper: Mutex<Tamper>,
+    /// Woken when a side's key comes from an address not bound to it: the
+    /// control plane checks whether that node's relay connection moved.
+    pub(crate) moved: Arc<tokio::sync::Notify>,
 }
 
 impl RelaySocket {
@@ -83,6 +92,7 @@ impl RelaySocket {
             sessions,
             stats: DataStats::default(),
             tamper: Mutex::new(Tamper::default()),
+            moved: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -153,13 +163,14 @@ impl RelaySocket {
                 Datagram::Invalid => Action::Drop(DropReason::Malformed),
                 Datagram::Session { session, bind } => {
                     match sessions.route(session, &bind, meta.addr, len) {
-                        Verdict::Forward { to, rebound } => {
-                            if rebound {
-                                self.stats.rebinds.fetch_add(1, Ordering::Relaxed);
-                            }
+                        Verdict::Forward { to } => {
                             dataplane::clear_bind(datagram);
                             self.tamper_with(datagram);
                             Action::Forward(to)
+                        }
+                        Verdict::Drop(DropReason::Unbound) => {
+                            self.moved.notify_one();
+                            Action::Drop(DropReason::Unbound)
                         }
                         Verdict::Drop(reason) => Action::Drop(reason),
                     }

@@ -9,8 +9,10 @@ use std::time::Duration;
 use macula_relay_proto::admission::{Admission, Decision};
 use macula_relay_proto::ratelimit::LogLimiter;
 use macula_relay_proto::router::{Claim, ConnId, IdentifyRefusal, KeyId, Router, Tunnel};
-use macula_relay_proto::sessions::{Kept, SessionTable};
-use macula_relay_proto::{FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
+use macula_relay_proto::sessions::{self, Claims, Kept, SessionTable};
+use macula_relay_proto::{
+    FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION, REFLEXIVE_VERSION,
+};
 use quinn::{RecvStream, SendStream, VarInt};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
@@ -77,6 +79,9 @@ async fn answers(conn: &quinn::Connection, wait: Duration) -> bool {
     timeout(wait, probe).await.unwrap_or(false)
 }
 
+/// Control messages one connection's task handles before it yields.
+const MESSAGES_PER_YIELD: u32 = 8;
+
 /// Control messages queued for one peer before it counts as not reading.
 pub const CONTROL_QUEUE: usize = 1024;
 /// How long opening a tunnel's two streams may take.
@@ -94,6 +99,8 @@ pub struct Stats {
     pub sessions: usize,
     /// Connections that have not identified (yet).
     pub unidentified: usize,
+    /// E2e sessions waiting to be claimed back.
+    pub waiting: usize,
 }
 
 pub(crate) struct Shared {
@@ -107,6 +114,11 @@ pub(crate) struct Shared {
     admission: Mutex<Admission>,
     /// Log lines about a peer's bad input, rate-limited.
     bad_input_log: Mutex<LogLimiter>,
+    /// Every other line a peer can cause (identify, sessions, paths),
+    /// rate-limited alike.
+    peer_log: Mutex<LogLimiter>,
+    /// Where name→key bindings are kept across restarts.
+    names_file: Option<std::path::PathBuf>,
     /// Connection receive window once a node has identified.
     identified_window: u64,
     pub(crate) events: Arc<Events>,
@@ -115,6 +127,9 @@ pub(crate) struct Shared {
 /// Lines about bad input, at most this many per window.
 const BAD_INPUT_LOG_BURST: u32 = 20;
 const BAD_INPUT_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Other lines a peer can cause, at most this many per window.
+const PEER_LOG_BURST: u32 = 50;
+const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// A connection's slot among the unidentified ones; freed on identify or
 /// when the connection ends, whichever comes first.
@@ -145,32 +160,39 @@ macro_rules! warn_bad_input {
     };
 }
 
+/// Logs an info line a peer's message caused, unless too many were lately.
+macro_rules! info_peer {
+    ($shared:expr, $($arg:tt)+) => {
+        if let Some(held) = lock(&$shared.peer_log).allow(std::time::Instant::now()) {
+            if held > 0 {
+                info!(held, "log lines about node messages were held back (rate limit)");
+            }
+            info!($($arg)+);
+        }
+    };
+}
+
 /// An identified node: its connection, its control queue, and the protocol
 /// version it said it speaks (2 or more: it can take e2e sessions).
 struct Node {
     conn: quinn::Connection,
     control: mpsc::Sender<Message>,
     version: u64,
-    /// Where else it may be reached (its `cand`), for direct paths.
-    candidates: Vec<std::net::SocketAddr>,
-}
-
-impl Node {
-    /// A peer's candidates for this node: the address this relay sees it
-    /// at (as STUN would tell), then the ones it announced.
-    fn candidates(&self) -> Vec<std::net::SocketAddr> {
-        let seen = self.conn.remote_address();
-        let mut all = vec![seen];
-        all.extend(self.candidates.iter().filter(|a| **a != seen));
-        all.truncate(macula_relay_proto::frame::MAX_CANDIDATES);
-        all
-    }
+    /// Its relay connection's remote address when last looked at: its
+    /// sessions' sides are bound there, and a node of version 4 or more
+    /// was told it (`cand` without `tid`).
+    seen: SocketAddr,
 }
 
 struct State {
     router: Router,
     nodes: HashMap<ConnId, Node>,
     tunnels: HashMap<TunnelId, CancellationToken>,
+    /// Sessions waiting for their sides' claims (kept out of the data
+    /// plane's lock: nothing here delays a datagram).
+    claims: Claims,
+    /// Name→key bindings changed since they were last written.
+    bindings_dirty: bool,
 }
 
 impl Shared {
@@ -188,10 +210,22 @@ impl Shared {
                     if let Some(nodes) = &config.nodes {
                         router.allow_only(nodes.clone());
                     }
+                    if let Some(path) = &config.names_file {
+                        let bindings = crate::bindings::load(path);
+                        if !bindings.is_empty() {
+                            info!(
+                                names = bindings.len(),
+                                "name bindings of recently seen nodes restored"
+                            );
+                        }
+                        router.load_bindings(bindings, std::time::Instant::now());
+                    }
                     router
                 },
                 nodes: HashMap::new(),
                 tunnels: HashMap::new(),
+                claims: Claims::default(),
+                bindings_dirty: false,
             }),
             token: config.token.clone(),
             max_frame: config.max_frame,
@@ -199,6 +233,8 @@ impl Shared {
             sessions,
             admission: Mutex::new(Admission::new(config.admission)),
             bad_input_log: Mutex::new(LogLimiter::new(BAD_INPUT_LOG_BURST, BAD_INPUT_LOG_WINDOW)),
+            peer_log: Mutex::new(LogLimiter::new(PEER_LOG_BURST, PEER_LOG_WINDOW)),
+            names_file: config.names_file.clone(),
             identified_window: config.transport.connection_window(),
             events,
         }
@@ -224,6 +260,7 @@ impl Shared {
             tunnels: state.router.tunnel_count(),
             sessions: self.sessions().len(),
             unidentified: self.unidentified(),
+            waiting: state.claims.len(),
         }
     }
 
@@ -234,6 +271,37 @@ impl Shared {
         state.tunnels.remove(id);
         drop(state);
         self.sessions().close(id);
+    }
+
+    /// The relay's housekeeping: follows nodes whose relay connection
+    /// moved, expires claims and held names (small batches). Returns the
+    /// nodes that moved.
+    pub(crate) fn housekeep(&self) -> usize {
+        let now = std::time::Instant::now();
+        let mut state = self.lock();
+        let moved = state.follow_moves(&self.sessions);
+        state.claims.expire(now);
+        state.router.expire_held(now);
+        moved
+    }
+
+    /// Writes the name→key bindings to the state directory when they
+    /// changed (or `always`).
+    pub(crate) fn save_bindings(&self, always: bool) {
+        let Some(path) = &self.names_file else {
+            return;
+        };
+        let bindings = {
+            let mut state = self.lock();
+            if !state.bindings_dirty && !always {
+                return;
+            }
+            state.bindings_dirty = false;
+            state.router.bindings(std::time::Instant::now())
+        };
+        if let Err(e) = crate::bindings::save(path, &bindings) {
+            warn!(path = %path.display(), error = %e, "could not write the name bindings");
+        }
     }
 
     fn token_matches(&self, given: Option<&str>) -> bool {
@@ -264,22 +332,71 @@ impl State {
         if closed.is_empty() {
             return;
         }
-        let mut sessions = sessions.lock().unwrap_or_else(|e| e.into_inner());
-        for t in closed {
+        // The data plane's lock only for the removals (O(1) each); what the
+        // relay remembers goes to the claims table, under this lock only.
+        let gone: Vec<(Tunnel, sessions::Session)> = {
+            let mut table = sessions.lock().unwrap_or_else(|e| e.into_inner());
+            closed
+                .iter()
+                .filter_map(|t| Some((t.clone(), table.close(&t.id)?)))
+                .collect()
+        };
+        for t in &closed {
             if let Some(token) = self.tunnels.remove(&t.id) {
                 token.cancel();
             }
-            if let Some(session) = sessions.close(&t.id) {
-                if departed {
-                    let present = [t.requester, t.target].map(|c| self.nodes.contains_key(&c));
-                    let names = [t.requester_name.clone(), t.target_name.clone()];
-                    sessions.remember(session, names, present, std::time::Instant::now());
-                }
-                for side in [t.requester, t.target] {
-                    self.send_to(side, Message::TunnelClose { tunnel: t.id });
-                }
+        }
+        let now = std::time::Instant::now();
+        for (t, session) in gone {
+            if departed {
+                let present = [t.requester, t.target].map(|c| self.nodes.contains_key(&c));
+                let names = [t.requester_name.clone(), t.target_name.clone()];
+                self.claims.remember(&session, names, present, now);
+            }
+            for side in [t.requester, t.target] {
+                self.send_to(side, Message::TunnelClose { tunnel: t.id });
             }
         }
+    }
+
+    /// Nodes whose relay connection moved (QUIC migrated it: a NAT
+    /// rebinding): their sessions' sides follow, and a node of version 4
+    /// or more hears its new address. Returns how many moved.
+    fn follow_moves(&mut self, sessions: &Mutex<SessionTable>) -> usize {
+        let moved: Vec<(ConnId, SocketAddr)> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|(id, node)| {
+                let now = node.conn.remote_address();
+                (now != node.seen).then(|| {
+                    node.seen = now;
+                    (*id, now)
+                })
+            })
+            .collect();
+        for (conn, addr) in &moved {
+            let sides = self.router.tunnels_of(*conn);
+            {
+                let mut table = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                for (tunnel, side) in sides {
+                    table.rebind_side(&tunnel, side, *addr);
+                }
+            }
+            if self
+                .nodes
+                .get(conn)
+                .is_some_and(|n| n.version >= REFLEXIVE_VERSION)
+            {
+                self.send_to(
+                    *conn,
+                    Message::Candidates {
+                        tunnel: None,
+                        addrs: vec![*addr],
+                    },
+                );
+            }
+        }
+        moved.len()
     }
 
     /// Queues a control message for `conn`; a node that lets its queue fill
@@ -291,6 +408,36 @@ impl State {
                     .close(close_code::CONTROL_BACKLOG.into(), b"control_backlog");
             }
         }
+    }
+}
+
+/// Housekeeping until shutdown: at least twice a second, and soon after
+/// the data plane saw a side's key from an address not bound to it (at
+/// most every 20 ms however often that happens).
+pub(crate) async fn housekeeping(
+    shared: Arc<Shared>,
+    socket: Arc<crate::relay_socket::RelaySocket>,
+    shutdown: CancellationToken,
+) {
+    let moved = socket.moved.clone();
+    let mut saved = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = moved.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let n = shared.housekeep();
+        socket
+            .stats
+            .rebinds
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        if saved.elapsed() >= Duration::from_secs(1) {
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.save_bindings(false)).await;
+            saved = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -359,6 +506,8 @@ struct Session {
     slot: Option<Unidentified>,
     /// Answers to tunnel requests, in request order.
     answers: mpsc::UnboundedSender<oneshot::Receiver<Message>>,
+    /// Cleaned up already.
+    left: bool,
 }
 
 async fn serve(
@@ -389,10 +538,10 @@ async fn serve(
         name: None,
         slot: Some(slot),
         answers,
+        left: false,
     };
     let end = session.read_loop(&mut recv, deadline).await;
-    session.leave();
-    drop(session);
+    drop(session); // leaves (and would on any other way out)
     match end {
         End::Gone(why) => debug!(%remote, why, "control stream ended"),
         End::Close { code, reason } => {
@@ -422,11 +571,19 @@ impl Session {
                 Err(e) => return End::Gone(e.to_string()),
             };
             let mut input = &chunk.bytes[..];
+            let mut handled = 0u32;
             loop {
                 match decoder.decode(&mut input) {
                     Ok(Some(msg)) => {
                         if let Err(end) = self.handle(msg).await {
                             return end;
+                        }
+                        // A node that sends without pause must not hold a
+                        // worker: the endpoint's driver (the data plane)
+                        // and other nodes get their turn.
+                        handled += 1;
+                        if handled.is_multiple_of(MESSAGES_PER_YIELD) {
+                            tokio::task::yield_now().await;
                         }
                     }
                     Ok(None) => break,
@@ -472,21 +629,32 @@ impl Session {
                 self.keep_session(tunnel, bind, peer);
                 Ok(())
             }
-            Message::Candidates {
-                tunnel: None,
-                addrs,
-            } => {
-                if let Some(node) = self.shared.lock().nodes.get_mut(&self.conn_id) {
-                    node.candidates = addrs;
-                }
+            // A node's own candidates: the relay forwards candidates to
+            // nobody any more (nodes exchange them inside their e2e
+            // session), so they are accepted, counted and dropped.
+            Message::Candidates { tunnel: None, .. } => {
+                self.shared.events.candidates_ignored.inc();
                 Ok(())
             }
             Message::SessionPath { tunnel, direct } => {
-                // Counted only for a live session of this node's.
-                let live = self.shared.lock().router.is_side(&tunnel, self.conn_id);
-                if live {
+                // Counted only for a live session of this node's, and only
+                // when its side's path changes.
+                let state = self.shared.lock();
+                let side = state.router.tunnel(&tunnel).and_then(|t| {
+                    if t.requester == self.conn_id {
+                        Some(0)
+                    } else if t.target == self.conn_id {
+                        Some(1)
+                    } else {
+                        None
+                    }
+                });
+                let changed =
+                    side.is_some_and(|side| self.shared.sessions().set_path(&tunnel, side, direct));
+                drop(state);
+                if changed {
                     let path = if direct { "direct" } else { "relay" };
-                    info!(%tunnel, node = ?self.name, path, "e2e session path");
+                    info_peer!(self.shared, %tunnel, node = ?self.name, path, "e2e session path");
                     self.shared
                         .events
                         .session_paths
@@ -539,68 +707,51 @@ impl Session {
             return Err(self.refuse_identify("bad_token"));
         }
         let key = node_key(&self.conn);
-        let claimed = self.shared.lock().router.claim(self.conn_id, &node, key);
-        let identified = match claimed {
-            Ok(Claim::Granted(identified)) => Ok(identified),
-            // The name is live with this key (a restart?) or with no key:
-            // replaced only if its holder no longer answers.
-            Ok(Claim::Contested { holder }) => {
-                let holder_conn = self
-                    .shared
-                    .lock()
-                    .nodes
-                    .get(&holder)
-                    .map(|n| n.conn.clone());
-                let alive = match holder_conn {
-                    Some(conn) => answers(&conn, HOLDER_PROBE).await,
-                    None => false,
-                };
-                if alive {
-                    info!(node, remote = %self.remote, "name is live elsewhere: refused");
-                    Err(IdentifyRefusal::NameTaken)
-                } else {
-                    self.shared
-                        .lock()
-                        .router
-                        .replace(self.conn_id, &node, key, holder)
+        let version = version.unwrap_or(1);
+        // The claim and the node's entry are made under one lock: nobody
+        // ever sees the name without its node.
+        let contested = {
+            let mut state = self.shared.lock();
+            let now = std::time::Instant::now();
+            match state.router.claim_at(self.conn_id, &node, key, now) {
+                Ok(Claim::Granted(identified)) => {
+                    self.enter(&mut state, identified, version, key.is_some());
+                    None
+                }
+                // The name is live with this key (a restart?) or with no
+                // key: replaced only if its holder no longer answers.
+                Ok(Claim::Contested { holder }) => {
+                    Some((holder, state.nodes.get(&holder).map(|n| n.conn.clone())))
+                }
+                Err(refusal) => {
+                    drop(state);
+                    return Err(self.identify_refused(&node, refusal));
                 }
             }
-            Err(refusal) => Err(refusal),
         };
-        let identified = match identified {
-            Ok(identified) => identified,
-            Err(refusal) => {
-                warn_bad_input!(self.shared, remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
-                return Err(self.refuse_identify(refusal.as_str()));
+        if let Some((holder, holder_conn)) = contested {
+            let alive = match holder_conn {
+                Some(conn) => answers(&conn, HOLDER_PROBE).await,
+                None => false,
+            };
+            if alive {
+                info_peer!(self.shared, node, remote = %self.remote, "name is live elsewhere: refused");
+                return Err(self.identify_refused(&node, IdentifyRefusal::NameTaken));
             }
-        };
-        let mut state = self.shared.lock();
-        if let Some(old) = identified.replaced.and_then(|old| state.nodes.remove(&old)) {
-            info!(
-                node,
-                "node re-identified: closing its older connection, which no longer answered"
-            );
-            old.conn.close(close_code::REPLACED.into(), b"replaced");
+            let mut state = self.shared.lock();
+            let now = std::time::Instant::now();
+            match state
+                .router
+                .replace_at(self.conn_id, &node, key, holder, now)
+            {
+                Ok(identified) => self.enter(&mut state, identified, version, key.is_some()),
+                Err(refusal) => {
+                    drop(state);
+                    return Err(self.identify_refused(&node, refusal));
+                }
+            }
         }
-        state.cancel_tunnels(identified.closed, &self.shared.sessions, true);
-        state.nodes.insert(
-            self.conn_id,
-            Node {
-                conn: self.conn.clone(),
-                control: self.control.clone(),
-                version: version.unwrap_or(1),
-                candidates: vec![],
-            },
-        );
-        // id_ok is queued before the lock is released: any tun_notify for
-        // this node (queued under the same lock) comes after it.
-        // A v1 client gets the v1 answer, unchanged; a v2 one learns that
-        // this relay offers e2e sessions.
-        self.reply(Message::Identified {
-            version: (version.unwrap_or(1) >= 2).then_some(PROTOCOL_VERSION),
-        });
-        drop(state);
-        info!(node, remote = %self.remote, ?version, keyed = key.is_some(), "node identified");
+        info_peer!(self.shared, node, remote = %self.remote, version, keyed = key.is_some(), "node identified");
         self.name = Some(node);
         // An identified node carries tunnels: the full receive window, and
         // its slot among the unidentified is free.
@@ -609,6 +760,57 @@ impl Session {
             self.conn.set_receive_window(window);
         }
         Ok(())
+    }
+
+    fn identify_refused(&self, node: &str, refusal: IdentifyRefusal) -> End {
+        warn_bad_input!(self.shared, remote = %self.remote, node, reason = refusal.as_str(), "identify refused");
+        self.refuse_identify(refusal.as_str())
+    }
+
+    /// The router has granted this connection its name: the node's entry,
+    /// under the same lock, then `id_ok` (and, for version 4 or more, the
+    /// address the relay sees it at).
+    fn enter(
+        &self,
+        state: &mut State,
+        identified: macula_relay_proto::router::Identified,
+        version: u64,
+        keyed: bool,
+    ) {
+        if let Some(old) = identified.replaced.and_then(|old| state.nodes.remove(&old)) {
+            info_peer!(
+                self.shared,
+                "node re-identified: closing its older connection, which no longer answered"
+            );
+            old.conn.close(close_code::REPLACED.into(), b"replaced");
+        }
+        state.cancel_tunnels(identified.closed, &self.shared.sessions, true);
+        let seen = self.conn.remote_address();
+        state.nodes.insert(
+            self.conn_id,
+            Node {
+                conn: self.conn.clone(),
+                control: self.control.clone(),
+                version,
+                seen,
+            },
+        );
+        if keyed {
+            state.bindings_dirty = true;
+        }
+        // id_ok is queued before the lock is released: any tun_notify for
+        // this node (queued under the same lock) comes after it.
+        // A v1 client gets the v1 answer, unchanged; a v2 one learns that
+        // this relay offers e2e sessions.
+        self.reply(Message::Identified {
+            version: (version >= 2).then_some(PROTOCOL_VERSION),
+        });
+        if version >= REFLEXIVE_VERSION {
+            self.reply(Message::Candidates {
+                tunnel: None,
+                addrs: vec![seen],
+            });
+        }
     }
 
     fn refuse_identify(&self, reason: &'static str) -> End {
@@ -636,7 +838,13 @@ impl Session {
                     });
                 }
             };
-            let target_conn = state.nodes[&tunnel.target].conn.clone();
+            let Some(target_conn) = state.nodes.get(&tunnel.target).map(|n| n.conn.clone()) else {
+                state.router.remove_tunnel(&id);
+                drop(state);
+                return self.answer(Message::TunnelError {
+                    reason: "target_not_connected".into(),
+                });
+            };
             state.tunnels.insert(id, token.clone());
             (tunnel, target_conn)
         };
@@ -658,7 +866,7 @@ impl Session {
                         Ok(Err(e)) => e.to_string(),
                         _ => "timeout".into(),
                     };
-                    warn!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, why, "tunnel streams could not be opened");
+                    warn_bad_input!(shared, tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, why, "tunnel streams could not be opened");
                     shared.tunnel_ended(&id);
                     let _ = answer.send(Message::TunnelError {
                         reason: "open_failed".into(),
@@ -666,7 +874,7 @@ impl Session {
                     return;
                 }
             };
-            info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
+            info_peer!(shared, tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "tunnel opened");
             opened_metrics(&shared, Mode::Stream, started);
             let _ = answer.send(Message::TunnelOk {
                 tunnel: id,
@@ -704,7 +912,7 @@ impl Session {
         }
         // A session id is the tunnel id's first 8 bytes: draw again on a clash.
         let mut id = TunnelId::random();
-        while self.shared.sessions().get(&id).is_some() {
+        while self.shared.sessions().id_taken(&id) {
             id = TunnelId::random();
         }
         let tunnel = match state.router.request_tunnel(self.conn_id, &target, id) {
@@ -717,27 +925,19 @@ impl Session {
                 });
             }
         };
-        let target_addr = state.nodes[&tunnel.target].conn.remote_address();
-        // Direct-path candidates, each side the other's, for nodes that
-        // speak version 3 (a version 2 node does not know `cand`).
-        let direct = |c: &ConnId| {
-            state
-                .nodes
-                .get(c)
-                .filter(|n| n.version >= macula_relay_proto::DIRECT_VERSION)
-                .is_some()
-        };
-        let both_direct = direct(&tunnel.target) && direct(&self.conn_id);
-        let target_candidates = state.nodes[&tunnel.target].candidates();
-        let requester_candidates = state
+        // Each side is bound to its node's relay connection address. No
+        // candidates go anywhere: nodes exchange them inside the session.
+        let ends = state
             .nodes
-            .get(&self.conn_id)
-            .map(Node::candidates)
-            .unwrap_or_default();
-        let opened = self
-            .shared
-            .sessions()
-            .open(id, self.conn.remote_address(), target_addr);
+            .get(&tunnel.target)
+            .zip(state.nodes.get(&self.conn_id))
+            .map(|(t, r)| (r.seen, t.seen));
+        let opened = match ends {
+            Some((requester_addr, target_addr)) => {
+                self.shared.sessions().open(id, requester_addr, target_addr)
+            }
+            None => Err(sessions::SessionIdTaken),
+        };
         let Ok([requester_key, target_key]) = opened else {
             state.router.remove_tunnel(&id);
             drop(state);
@@ -753,28 +953,13 @@ impl Session {
                 bind: Some(target_key),
             },
         );
-        if both_direct {
-            state.send_to(
-                tunnel.target,
-                Message::Candidates {
-                    tunnel: Some(id),
-                    addrs: requester_candidates,
-                },
-            );
-        }
         drop(state);
-        info!(tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
+        info_peer!(self.shared, tunnel = %id, from = %tunnel.requester_name, to = %tunnel.target_name, "e2e session opened");
         opened_metrics(&self.shared, Mode::E2e, started);
         self.answer(Message::TunnelOk {
             tunnel: id,
             bind: Some(requester_key),
         });
-        if both_direct {
-            self.answer(Message::Candidates {
-                tunnel: Some(id),
-                addrs: target_candidates,
-            });
-        }
     }
 
     /// A session this node held through its previous relay connection (or
@@ -786,41 +971,108 @@ impl Session {
                 reason: "not_identified".into(),
             });
         };
-        let mut state = self.shared.lock();
-        let router = &state.router;
-        let kept = self.shared.sessions().keep(
-            tunnel,
-            bind,
-            self.conn.remote_address(),
-            &name,
-            &peer,
-            std::time::Instant::now(),
-            &|node| router.conn_of(node).is_some(),
-        );
-        match &kept {
-            Kept::Rebound => state.router.reattach(&tunnel, &name, self.conn_id),
-            Kept::Restored([a, b]) => {
-                match (state.router.conn_of(a), state.router.conn_of(b)) {
-                    (Some(ca), Some(cb)) => state.router.restore_tunnel(Tunnel {
-                        id: tunnel,
-                        requester: ca,
-                        requester_name: a.clone(),
-                        target: cb,
-                        target_name: b.clone(),
-                    }),
-                    // A side left again meanwhile: the session goes.
-                    _ => {
-                        self.shared.sessions().close(&tunnel);
+        let now = std::time::Instant::now();
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        // The claimant is its connection's node, at its relay connection's
+        // address: a claim names no one else and binds nowhere else.
+        let addr = state
+            .nodes
+            .get(&self.conn_id)
+            .map_or(self.remote, |n| n.seen);
+        let kept = {
+            let live = self.shared.sessions();
+            let router = &state.router;
+            state.claims.keep(
+                &live,
+                sessions::Claim {
+                    tunnel,
+                    bind,
+                    addr,
+                    name: &name,
+                    peer: &peer,
+                },
+                now,
+                &|node| router.conn_of(node).is_some(),
+            )
+        };
+        let outcome: Result<&'static str, &'static str> = match kept {
+            Kept::Live { side } => {
+                // Only that side's own node may move it (to itself).
+                let owner = state.router.tunnel(&tunnel).map(|t| {
+                    if side == 0 {
+                        t.requester_name.clone()
+                    } else {
+                        t.target_name.clone()
                     }
+                });
+                if owner.as_deref() == Some(name.as_str()) {
+                    if self.shared.sessions().rebind_side(&tunnel, side, addr) {
+                        debug!(%tunnel, node = name, "e2e session side moved by its node's claim");
+                    }
+                    state.router.reattach(&tunnel, &name, self.conn_id);
+                    Ok("live")
+                } else {
+                    Err("not_a_side")
                 }
             }
-            Kept::Waiting => {}
-            Kept::Refused => {
-                warn_bad_input!(self.shared, remote = %self.remote, node = name, "sess_keep refused")
+            Kept::Paired(sides) => {
+                let [(a, a_key, _), (b, b_key, _)] = *sides;
+                let ends = state.router.conn_of(&a).zip(state.router.conn_of(&b));
+                match ends {
+                    Some((ca, cb)) => {
+                        let restored = state.router.restore_claimed(Tunnel {
+                            id: tunnel,
+                            requester: ca,
+                            requester_name: a.clone(),
+                            target: cb,
+                            target_name: b.clone(),
+                        });
+                        let addrs = state.nodes.get(&ca).zip(state.nodes.get(&cb));
+                        match (restored, addrs) {
+                            (Ok(()), Some((na, nb))) => {
+                                let entered = self
+                                    .shared
+                                    .sessions()
+                                    .restore(tunnel, [(a_key, na.seen), (b_key, nb.seen)]);
+                                if entered.is_ok() {
+                                    Ok("restored")
+                                } else {
+                                    state.router.remove_tunnel(&tunnel);
+                                    Err("id_taken")
+                                }
+                            }
+                            (Ok(()), None) => {
+                                state.router.remove_tunnel(&tunnel);
+                                Err("side_left")
+                            }
+                            (Err(refusal), _) => Err(refusal.as_str()),
+                        }
+                    }
+                    // A side left again meanwhile: the session goes.
+                    None => Err("side_left"),
+                }
+            }
+            Kept::Waiting => Ok("waiting"),
+            Kept::Refused(refusal) => Err(refusal.as_str()),
+        };
+        drop(guard);
+        let label = match outcome {
+            Ok(o) | Err(o) => o,
+        };
+        self.shared
+            .events
+            .session_claims
+            .get_or_create(&vec![("outcome", label)])
+            .inc();
+        match outcome {
+            Ok(outcome) => {
+                info_peer!(self.shared, %tunnel, node = name, outcome, "e2e session claimed back")
+            }
+            Err(reason) => {
+                warn_bad_input!(self.shared, remote = %self.remote, node = name, reason, "sess_keep refused")
             }
         }
-        drop(state);
-        info!(%tunnel, node = name, ?kept, "e2e session claimed back");
     }
 
     fn refused_count(&self, reason: &'static str) {
@@ -853,16 +1105,30 @@ impl Session {
     }
 
     /// The connection is done: forget the node and close its tunnels.
+    /// Runs once, on every way out (see the `Drop` below).
     fn leave(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
         let mut state = self.shared.lock();
         let closed = state.router.disconnect(self.conn_id);
-        state.nodes.remove(&self.conn_id);
+        if state.nodes.remove(&self.conn_id).is_some() {
+            state.bindings_dirty = true;
+        }
         let tunnels = closed.len();
         state.cancel_tunnels(closed, &self.shared.sessions, true);
         drop(state);
         if let Some(node) = &self.name {
-            info!(node, remote = %self.remote, tunnels, "node left");
+            info_peer!(self.shared, node, remote = %self.remote, tunnels, "node left");
         }
+    }
+}
+
+/// A connection's cleanup runs however its task ends (a return, an error,
+/// a panic): no name or tunnel outlives it.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 

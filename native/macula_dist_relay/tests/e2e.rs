@@ -86,7 +86,9 @@ async fn nodes_talk_end_to_end_through_the_relay() {
 /// hears `tun_close` for each at once: it need not wait out the session's
 /// own idle timeout to learn that its peer is gone.
 /// Both ends start looking for a direct path with the secret their TLS
-/// session exports, and the candidates the relay sent each.
+/// session exports, and each the other's reflexive address (the relay
+/// tells each node its own; the nodes exchange them in their session,
+/// which the NIF does: here the test hands them over).
 async fn go_direct(
     a: &mut E2eNode,
     b: &mut E2eNode,
@@ -94,11 +96,20 @@ async fn go_direct(
     b_end: &Connection,
     tunnel: &TunnelId,
 ) {
-    for (node, end, requester) in [(a, a_end, true), (b, b_end, false)] {
+    let a_seen = a.reflexive_address().await.unwrap();
+    let b_seen = b.reflexive_address().await.unwrap();
+    assert_eq!(a_seen, a.endpoint.local_addr().unwrap());
+    assert!(
+        a.candidates.is_empty() && b.candidates.is_empty(),
+        "the relay forwards no candidates"
+    );
+    for (node, end, requester, addrs) in [
+        (a, a_end, true, vec![b_seen]),
+        (b, b_end, false, vec![a_seen]),
+    ] {
         let mut secret = [0u8; 32];
         end.export_keying_material(&mut secret, b"macula direct path v1", tunnel.as_bytes())
             .unwrap();
-        let addrs = node.peer_candidates(tunnel).await.unwrap();
         let vaddr = end.remote_address();
         assert!(node
             .socket
@@ -135,7 +146,11 @@ async fn a_session_goes_direct_and_the_relay_forwards_no_more_of_it() {
     assert!(transfer(&a_end, &b_end, &data).await == data);
     assert!(transfer(&b_end, &a_end, &data).await == data);
     // The same connection carried it, and none of it went through the relay.
-    assert_eq!(forwarded(), before);
+    assert_eq!(
+        forwarded(),
+        before,
+        "datagrams forwarded during the direct transfer"
+    );
     assert!(a_end.close_reason().is_none() && b_end.close_reason().is_none());
 }
 
@@ -232,4 +247,49 @@ async fn what_the_relay_alters_or_forges_is_never_delivered() {
     })
     .await
     .unwrap();
+}
+
+/// The review's Medium: the bind key travels in clear in every datagram,
+/// and any datagram carrying it rebound that side, so one replayed header
+/// from a third socket pulled b->a datagrams to the attacker. Now a side
+/// is bound to its node's relay connection address only: the replay
+/// forwards nothing and moves nothing.
+#[tokio::test]
+async fn a_replayed_header_from_elsewhere_moves_nothing() {
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let s = e2e_node::session(&mut a, &mut b, b"cookie", b"cookie")
+        .await
+        .unwrap();
+    let (a_end, b_end) = (s.requester.unwrap(), s.target.unwrap());
+    let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    attacker
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let unbound = || relay.data_stats().dropped_unbound.load(Ordering::Relaxed);
+    let before = unbound();
+    for bind in s.binds {
+        let mut d = macula_relay_proto::dataplane::header(session_id(&s.tunnel), &bind).to_vec();
+        d.extend_from_slice(&[0x40; 100]);
+        attacker.send_to(&d, relay.local_addr()).unwrap();
+    }
+    timeout(WAIT, async {
+        while unbound() < before + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Both directions still flow between the real sides...
+    let data = random_bytes(256 << 10);
+    assert!(transfer(&b_end, &a_end, &data).await == data);
+    assert!(transfer(&a_end, &b_end, &data).await == data);
+    // ...and none of it reached the attacker.
+    let mut buf = [0u8; 2048];
+    assert!(
+        attacker.recv_from(&mut buf).is_err(),
+        "the attacker received a datagram"
+    );
+    assert_eq!(relay.data_stats().rebinds.load(Ordering::Relaxed), 0);
 }

@@ -38,8 +38,16 @@ pub const ALPN_E2E: &[u8] = b"macula-dist-e2e";
 /// The relay's default UDP port.
 pub const DEFAULT_PORT: u16 = 4434;
 /// The protocol version this crate speaks (sent as `v` in identify and
-/// `id_ok`): 3 adds direct-path candidates (`cand`, `sess_path`); 2 adds
-/// end-to-end sessions; 1 is stream tunnels only.
-pub const PROTOCOL_VERSION: u64 = 3;
-/// The first version that exchanges direct-path candidates.
+/// `id_ok`): 4 = 3, but the relay forwards no candidates between nodes
+/// (nodes exchange them inside their authenticated e2e session); right
+/// after `id_ok` it tells a node of version 4 or more the address it sees
+/// that node at (`cand` without `tid`: the node's reflexive address), and
+/// again when that address changes; a node's own `cand` is ignored. 3 adds
+/// direct paths (`cand`, `sess_path`); 2 adds end-to-end sessions; 1 is
+/// stream tunnels only.
+pub const PROTOCOL_VERSION: u64 = 4;
+/// The first version with direct paths (`sess_path`, `cand`).
 pub const DIRECT_VERSION: u64 = 3;
+/// The first version the relay tells its reflexive address (`cand`
+/// without `tid`) and forwards no candidates to.
+pub const REFLEXIVE_VERSION: u64 = 4;

@@ -11,7 +11,8 @@
 //! The relay's async glue owns one `Router` behind a mutex, asks it what to
 //! do, and carries the answers out on sockets.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::tunnel_id::TunnelId;
 
@@ -26,7 +27,14 @@ pub struct Limits {
     /// Tunnels one node may have open to one other node.
     pub max_tunnels_per_pair: usize,
     pub max_name_len: usize,
+    /// How long after a keyed node was last seen (it left, or the relay
+    /// restarted) its name stays bound to its key: only that key may take
+    /// it meanwhile.
+    pub name_hold: Duration,
 }
+
+/// Names held for keys of nodes that left, at most (the oldest goes).
+pub const MAX_HELD: usize = 20_000;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -35,6 +43,7 @@ impl Default for Limits {
             max_tunnels_per_node: 1_000,
             max_tunnels_per_pair: 64,
             max_name_len: 255,
+            name_hold: Duration::from_secs(600),
         }
     }
 }
@@ -152,7 +161,14 @@ pub struct Router {
     pairs: HashMap<(ConnId, ConnId), usize>,
     /// When set, only these names, each with its key, may identify.
     allowed: Option<HashMap<String, KeyId>>,
+    /// Names of keyed nodes that left, bound to their key until a deadline.
+    held: HashMap<String, (KeyId, Instant)>,
+    /// The same, oldest deadline first (stale entries skipped).
+    held_queue: VecDeque<(Instant, String)>,
 }
+
+/// Held-name queue entries one call may expire.
+const HOLD_EXPIRE_BATCH: usize = 64;
 
 impl Router {
     pub fn new(limits: Limits) -> Self {
@@ -203,6 +219,21 @@ impl Router {
             .is_some_and(|t| t.requester == conn || t.target == conn)
     }
 
+    /// The tunnels with `conn` at an end, each with the side it holds
+    /// (0: requester, 1: target).
+    pub fn tunnels_of(&self, conn: ConnId) -> Vec<(TunnelId, usize)> {
+        let Some(c) = self.conns.get(&conn) else {
+            return vec![];
+        };
+        c.tunnels
+            .iter()
+            .filter_map(|id| {
+                let t = self.tunnels.get(id)?;
+                Some((*id, if t.requester == conn { 0 } else { 1 }))
+            })
+            .collect()
+    }
+
     pub fn conn_of(&self, name: &str) -> Option<ConnId> {
         self.names.get(name).copied()
     }
@@ -218,6 +249,19 @@ impl Router {
         name: &str,
         key: Option<KeyId>,
     ) -> Result<Claim, IdentifyRefusal> {
+        self.claim_at(conn, name, key, Instant::now())
+    }
+
+    /// [`Router::claim`] at `now`: a name held for the key of a node that
+    /// left is refused to any other key, and to no key.
+    pub fn claim_at(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        key: Option<KeyId>,
+        now: Instant,
+    ) -> Result<Claim, IdentifyRefusal> {
+        self.expire_held(now);
         if !valid_node_name(name, self.limits.max_name_len) {
             return Err(IdentifyRefusal::BadName);
         }
@@ -230,6 +274,11 @@ impl Router {
             }
         }
         let Some(holder) = self.names.get(name).copied() else {
+            if let Some((held, until)) = self.held.get(name) {
+                if *until > now && Some(*held) != key {
+                    return Err(IdentifyRefusal::NameTaken);
+                }
+            }
             return self.take(conn, name, key).map(Claim::Granted);
         };
         match self.key_of(holder) {
@@ -248,11 +297,23 @@ impl Router {
         key: Option<KeyId>,
         holder: ConnId,
     ) -> Result<Identified, IdentifyRefusal> {
-        match self.claim(conn, name, key)? {
+        self.replace_at(conn, name, key, holder, Instant::now())
+    }
+
+    /// [`Router::replace`] at `now`.
+    pub fn replace_at(
+        &mut self,
+        conn: ConnId,
+        name: &str,
+        key: Option<KeyId>,
+        holder: ConnId,
+        now: Instant,
+    ) -> Result<Identified, IdentifyRefusal> {
+        match self.claim_at(conn, name, key, now)? {
             Claim::Granted(identified) => Ok(identified),
             Claim::Contested { holder: now } if now != holder => Err(IdentifyRefusal::NameTaken),
             Claim::Contested { .. } => {
-                let closed = self.disconnect(holder);
+                let closed = self.disconnect_at(holder, now);
                 let mut identified = self.take(conn, name, key)?;
                 identified.replaced = Some(holder);
                 identified.closed = closed;
@@ -306,14 +367,7 @@ impl Router {
         let target_conn = self
             .conn_of(target)
             .ok_or(TunnelRefusal::TargetNotConnected)?;
-        // A node's own requests count against it, and what it asks of one
-        // target against that pair: nobody can use up another's quota.
-        let pair = self.pairs.get(&(conn, target_conn)).copied().unwrap_or(0);
-        if self.conns[&conn].outbound >= self.limits.max_tunnels_per_node
-            || pair >= self.limits.max_tunnels_per_pair
-        {
-            return Err(TunnelRefusal::TooManyTunnels);
-        }
+        self.within_quota(conn, target_conn)?;
         let tunnel = Tunnel {
             id,
             requester: conn,
@@ -325,8 +379,44 @@ impl Router {
         Ok(tunnel)
     }
 
-    /// Enters a tunnel as it is (an e2e session its sides claimed back),
-    /// counted as if requested; an id already open is left alone.
+    /// A node's own requests count against it, and what it asks of one
+    /// target against that pair: nobody can use up another's quota.
+    fn within_quota(&self, conn: ConnId, target: ConnId) -> Result<(), TunnelRefusal> {
+        let pair = self.pairs.get(&(conn, target)).copied().unwrap_or(0);
+        let outbound = self.conns.get(&conn).map_or(0, |c| c.outbound);
+        if outbound >= self.limits.max_tunnels_per_node || pair >= self.limits.max_tunnels_per_pair
+        {
+            return Err(TunnelRefusal::TooManyTunnels);
+        }
+        Ok(())
+    }
+
+    /// Enters an e2e session its sides claimed back, as if requested: the
+    /// same quotas as `tun_req` apply, and both ends must be identified
+    /// under the tunnel's names, as two different nodes.
+    pub fn restore_claimed(&mut self, tunnel: Tunnel) -> Result<(), TunnelRefusal> {
+        if tunnel.requester == tunnel.target || tunnel.requester_name == tunnel.target_name {
+            return Err(TunnelRefusal::SelfTunnel);
+        }
+        for (conn, name) in [
+            (tunnel.requester, &tunnel.requester_name),
+            (tunnel.target, &tunnel.target_name),
+        ] {
+            if self.name_of(conn) != Some(name.as_str()) {
+                return Err(TunnelRefusal::TargetNotConnected);
+            }
+        }
+        if self.tunnels.contains_key(&tunnel.id) {
+            return Err(TunnelRefusal::TooManyTunnels);
+        }
+        self.within_quota(tunnel.requester, tunnel.target)?;
+        self.restore_tunnel(tunnel);
+        Ok(())
+    }
+
+    /// Enters a tunnel as it is, counted as if requested, with no quota
+    /// check (a tunnel that moves between connections); an id already
+    /// open is left alone.
     pub fn restore_tunnel(&mut self, tunnel: Tunnel) {
         if self.tunnels.contains_key(&tunnel.id) {
             return;
@@ -385,14 +475,122 @@ impl Router {
         Some(tunnel)
     }
 
+    /// Binds `name` to `key` until `until` (a later deadline wins).
+    fn hold(&mut self, name: String, key: KeyId, until: Instant) {
+        if let Some((_, old)) = self.held.get(&name) {
+            if *old > until {
+                return;
+            }
+        }
+        while self.held.len() >= MAX_HELD && !self.held.contains_key(&name) {
+            let Some((deadline, oldest)) = self.held_queue.pop_front() else {
+                break;
+            };
+            if self.held.get(&oldest).is_some_and(|(_, u)| *u == deadline) {
+                self.held.remove(&oldest);
+            }
+        }
+        self.held_queue.push_back((until, name.clone()));
+        self.held.insert(name, (key, until));
+        // Stale queue entries (names held again) are bounded too.
+        while self.held_queue.len() > 2 * MAX_HELD {
+            if let Some((deadline, oldest)) = self.held_queue.pop_front() {
+                if self.held.get(&oldest).is_some_and(|(_, u)| *u == deadline) {
+                    self.held.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// Forgets held names past their deadline, a small batch per call
+    /// (the queue is in deadline order; `claim` checks the deadline
+    /// itself, so an entry not yet popped holds nothing past it).
+    pub fn expire_held(&mut self, now: Instant) {
+        for _ in 0..HOLD_EXPIRE_BATCH {
+            let Some((deadline, _)) = self.held_queue.front() else {
+                return;
+            };
+            if *deadline > now {
+                return;
+            }
+            if let Some((deadline, name)) = self.held_queue.pop_front() {
+                if self.held.get(&name).is_some_and(|(_, u)| *u == deadline) {
+                    self.held.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Names held for keys now: how many.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The name→key bindings to keep across a restart: every keyed node
+    /// here now (`None`: live, so held for the full time from the restart,
+    /// when it was last seen) and every held name with the time it is
+    /// still held; live ones first, then the longest held, at most
+    /// [`MAX_HELD`].
+    pub fn bindings(&self, now: Instant) -> Vec<(String, KeyId, Option<Duration>)> {
+        let mut all: Vec<(String, KeyId, Option<Duration>)> = vec![];
+        for (name, conn) in &self.names {
+            if let Some(key) = self.key_of(*conn) {
+                all.push((name.clone(), key, None));
+            }
+        }
+        all.extend(
+            self.held
+                .iter()
+                .filter(|(name, _)| !self.names.contains_key(*name))
+                .filter_map(|(name, (key, until))| {
+                    let left = until.checked_duration_since(now)?;
+                    (!left.is_zero()).then(|| (name.clone(), *key, Some(left)))
+                }),
+        );
+        // None (live) sorts after any Some: reverse for live first.
+        all.sort_by(|a, b| match (a.2, b.2) {
+            (None, None) => a.0.cmp(&b.0),
+            (None, Some(_)) => std::cmp::Ordering::Less,
+            (Some(_), None) => std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => y.cmp(&x).then_with(|| a.0.cmp(&b.0)),
+        });
+        all.truncate(MAX_HELD);
+        all
+    }
+
+    /// Takes bindings kept before a restart (see [`Router::bindings`]):
+    /// each name is held for its key for the time left (at most
+    /// [`Limits::name_hold`]).
+    pub fn load_bindings(&mut self, bindings: Vec<(String, KeyId, Duration)>, now: Instant) {
+        let mut bindings: Vec<_> = bindings
+            .into_iter()
+            .filter(|(name, _, _)| valid_node_name(name, self.limits.max_name_len))
+            .map(|(name, key, left)| (name, key, left.min(self.limits.name_hold)))
+            .collect();
+        bindings.sort_by_key(|b| b.2);
+        for (name, key, left) in bindings {
+            self.hold(name, key, now + left);
+        }
+    }
+
     /// `conn` is gone: forget its name (if still its own) and its tunnels.
     pub fn disconnect(&mut self, conn: ConnId) -> Vec<Tunnel> {
+        self.disconnect_at(conn, Instant::now())
+    }
+
+    /// [`Router::disconnect`] at `now`: a keyed node's name stays bound to
+    /// its key for [`Limits::name_hold`].
+    pub fn disconnect_at(&mut self, conn: ConnId, now: Instant) -> Vec<Tunnel> {
         let Some(state) = self.conns.remove(&conn) else {
             return vec![];
         };
         if let Some(name) = state.name {
             if self.names.get(&name) == Some(&conn) {
                 self.names.remove(&name);
+                if let Some(key) = state.key {
+                    let until = now + self.limits.name_hold;
+                    self.hold(name, key, until);
+                }
             }
         }
         let mut closed: Vec<Tunnel> = state
@@ -614,5 +812,163 @@ mod tests {
         assert_eq!(r.tunnel_count(), 1);
         assert_eq!(r.close_tunnel(1, &id(1)).map(|t| t.id), Some(id(1)));
         assert_eq!(r.tunnel_count(), 0);
+    }
+
+    fn held_router(hold: u64) -> Router {
+        Router::new(Limits {
+            name_hold: Duration::from_secs(hold),
+            ..Limits::default()
+        })
+    }
+
+    /// The review's squat: a keyed node disconnects, and any token holder
+    /// took its name at once. Now the name stays its key's for the hold.
+    #[test]
+    fn a_name_stays_bound_to_its_key_after_the_node_left() {
+        let mut r = held_router(600);
+        let t0 = Instant::now();
+        assert!(matches!(
+            r.claim_at(1, "a@h", key(1), t0),
+            Ok(Claim::Granted(_))
+        ));
+        r.disconnect_at(1, t0);
+        assert_eq!(r.held_count(), 1);
+        let t1 = t0 + Duration::from_secs(599);
+        assert_eq!(
+            r.claim_at(2, "a@h", key(2), t1),
+            Err(IdentifyRefusal::NameTaken)
+        );
+        assert_eq!(
+            r.claim_at(3, "a@h", None, t1),
+            Err(IdentifyRefusal::NameTaken)
+        );
+        assert!(matches!(
+            r.claim_at(4, "a@h", key(1), t1),
+            Ok(Claim::Granted(_))
+        ));
+        // It left again: held again, from then.
+        r.disconnect_at(4, t1);
+        let t2 = t1 + Duration::from_secs(599);
+        assert_eq!(
+            r.claim_at(5, "a@h", key(2), t2),
+            Err(IdentifyRefusal::NameTaken)
+        );
+        let t3 = t1 + Duration::from_secs(600);
+        assert!(matches!(
+            r.claim_at(6, "a@h", key(2), t3),
+            Ok(Claim::Granted(_))
+        ));
+    }
+
+    #[test]
+    fn keyless_nodes_hold_nothing() {
+        let mut r = held_router(600);
+        let t0 = Instant::now();
+        r.claim_at(1, "a@h", None, t0).unwrap();
+        r.disconnect_at(1, t0);
+        assert_eq!(r.held_count(), 0);
+        assert!(matches!(
+            r.claim_at(2, "a@h", key(2), t0),
+            Ok(Claim::Granted(_))
+        ));
+    }
+
+    /// What a restart keeps: live keyed names and held ones, each for the
+    /// time left; a fresh router that loads them refuses other keys.
+    #[test]
+    fn bindings_survive_a_restart() {
+        let mut r = held_router(600);
+        let t0 = Instant::now();
+        r.claim_at(1, "a@h", key(1), t0).unwrap();
+        r.claim_at(2, "b@h", key(2), t0).unwrap();
+        r.claim_at(3, "c@h", None, t0).unwrap();
+        r.disconnect_at(2, t0);
+        let t1 = t0 + Duration::from_secs(100);
+        let kept = r.bindings(t1);
+        assert_eq!(
+            kept,
+            vec![
+                ("a@h".to_string(), [1; 32], None),
+                ("b@h".to_string(), [2; 32], Some(Duration::from_secs(500))),
+            ]
+        );
+        let kept = kept
+            .into_iter()
+            .map(|(n, k, left)| (n, k, left.unwrap_or(Duration::MAX)))
+            .collect();
+        let mut fresh = held_router(600);
+        let t2 = Instant::now();
+        fresh.load_bindings(kept, t2);
+        assert_eq!(
+            fresh.claim_at(9, "a@h", key(9), t2),
+            Err(IdentifyRefusal::NameTaken)
+        );
+        assert_eq!(
+            fresh.claim_at(9, "b@h", None, t2),
+            Err(IdentifyRefusal::NameTaken)
+        );
+        assert!(matches!(
+            fresh.claim_at(10, "a@h", key(1), t2),
+            Ok(Claim::Granted(_))
+        ));
+        let late = t2 + Duration::from_secs(501);
+        assert!(matches!(
+            fresh.claim_at(11, "b@h", key(9), late),
+            Ok(Claim::Granted(_))
+        ));
+        // Held names are capped: the oldest goes.
+        let mut full = held_router(600);
+        let many: Vec<_> = (0..MAX_HELD + 10)
+            .map(|n| {
+                (
+                    format!("n{n}@h"),
+                    [7; 32],
+                    Duration::from_secs(1 + n as u64 % 500),
+                )
+            })
+            .collect();
+        full.load_bindings(many, t2);
+        assert_eq!(full.held_count(), MAX_HELD);
+    }
+
+    /// Sessions claimed back count against the same quotas as `tun_req`:
+    /// the review paired 40 000 sessions for one node this way.
+    #[test]
+    fn claimed_sessions_count_against_the_quotas() {
+        let mut r = Router::new(Limits {
+            max_tunnels_per_node: 3,
+            max_tunnels_per_pair: 2,
+            ..Limits::default()
+        });
+        for (c, n) in [(1, "a@h"), (2, "b@h"), (3, "c@h")] {
+            r.identify(c, n).unwrap();
+        }
+        let t = |n: u8, req: ConnId, rn: &str, tgt: ConnId, tn: &str| Tunnel {
+            id: id(n),
+            requester: req,
+            requester_name: rn.into(),
+            target: tgt,
+            target_name: tn.into(),
+        };
+        assert_eq!(r.restore_claimed(t(1, 1, "a@h", 2, "b@h")), Ok(()));
+        assert_eq!(r.restore_claimed(t(2, 1, "a@h", 2, "b@h")), Ok(()));
+        assert_eq!(
+            r.restore_claimed(t(3, 1, "a@h", 2, "b@h")),
+            Err(TunnelRefusal::TooManyTunnels)
+        );
+        assert_eq!(r.restore_claimed(t(4, 1, "a@h", 3, "c@h")), Ok(()));
+        assert_eq!(
+            r.restore_claimed(t(5, 1, "a@h", 3, "c@h")),
+            Err(TunnelRefusal::TooManyTunnels)
+        );
+        assert_eq!(
+            r.restore_claimed(t(6, 1, "a@h", 1, "a@h")),
+            Err(TunnelRefusal::SelfTunnel)
+        );
+        assert_eq!(
+            r.restore_claimed(t(7, 2, "x@h", 3, "c@h")),
+            Err(TunnelRefusal::TargetNotConnected)
+        );
+        assert_eq!(r.tunnel_count(), 3);
     }
 }
