@@ -384,7 +384,15 @@ async fn run(
         _ = client.shutdown.cancelled() => return,
         r = timeout(connect_timeout, connect(&client, &opts, config)) => r.unwrap_or(Err(ConnectError::Timeout)),
     };
-    let (conn, send, recv, decoder, node_endpoint, relay_version) = match connected {
+    let Connected {
+        conn,
+        send,
+        recv,
+        decoder,
+        node_endpoint,
+        relay_version,
+        early,
+    } = match connected {
         Ok(parts) => parts,
         Err(e) => {
             client.lock().phase = Phase::Closed;
@@ -411,6 +419,11 @@ async fn run(
         state.relay_version = relay_version;
     }
     client.claim_kept_sessions();
+    for msg in early {
+        if let Some(m) = client.on_control(msg) {
+            client.dispatch(m);
+        }
+    }
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
     rt.spawn(macula_dist_relay::write_control(send, control_rx));
@@ -427,14 +440,17 @@ async fn run(
     client.closed(&why);
 }
 
-type Connected = (
-    quinn::Connection,
-    SendStream,
-    RecvStream,
-    FrameDecoder,
-    Arc<NodeEndpoint>,
-    u64,
-);
+/// A relay connection just identified: its control stream, the relay's
+/// version, and the messages that came in the same read as `id_ok`.
+struct Connected {
+    conn: quinn::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    node_endpoint: Arc<NodeEndpoint>,
+    relay_version: u64,
+    early: Vec<Message>,
+}
 
 async fn connect(
     client: &Client,
@@ -480,7 +496,7 @@ async fn connect(
         let mut input = &chunk.bytes[..];
         match decoder.decode(&mut input) {
             Ok(None) => continue,
-            Ok(Some(Message::Identified { version })) if input.is_empty() => {
+            Ok(Some(Message::Identified { version })) => {
                 let version = version.unwrap_or(1);
                 // In e2e mode distribution never runs where the relay can
                 // read it: a relay without e2e sessions is refused, not
@@ -489,7 +505,27 @@ async fn connect(
                     conn.close(0u32.into(), b"relay without e2e sessions");
                     return Err(ConnectError::Refused("relay_without_e2e".into()));
                 }
-                return Ok((conn, send, recv, decoder, node_endpoint, version));
+                // What followed id_ok in the same read (a v4 relay's `cand`).
+                let mut early = Vec::new();
+                loop {
+                    match decoder.decode(&mut input) {
+                        Ok(Some(msg)) => early.push(msg),
+                        Ok(None) => break,
+                        Err(e) if e.is_fatal() => {
+                            return Err(ConnectError::Protocol(e.to_string()))
+                        }
+                        Err(_) => {}
+                    }
+                }
+                return Ok(Connected {
+                    conn,
+                    send,
+                    recv,
+                    decoder,
+                    node_endpoint,
+                    relay_version: version,
+                    early,
+                });
             }
             Ok(Some(Message::IdentifyRefused { reason })) => {
                 return Err(ConnectError::Refused(reason))
