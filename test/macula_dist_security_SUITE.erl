@@ -53,9 +53,8 @@ end_per_group(_Mode, Config) ->
     macula_ct:stop_peer(Peer).
 
 %% 10 clients that do not know the cookie open 100 e2e sessions each to the
-%% target. Every session fails in the TLS handshake (the key the target
-%% expects of that name is derived from the cookie), so no byte of it
-%% reaches Erlang: the target's atom table does not grow and
+%% target. Every session fails in its PAKE (the confirmation needs the
+%% cookie), so no byte of it reaches Erlang: the target's atom table does not grow and
 %% macula_dist:do_accept/5, which runs dist_util, is never called.
 sessions_without_the_cookie_make_no_atoms(Config) ->
     {Peer, Target} = ?config(target, Config),
