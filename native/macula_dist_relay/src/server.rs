@@ -285,10 +285,17 @@ impl Shared {
     /// nodes that moved.
     pub(crate) fn housekeep(&self) -> usize {
         let now = std::time::Instant::now();
-        let mut state = self.lock();
-        let moved = state.follow_moves(&self.sessions);
-        state.claims.expire(now);
-        state.router.expire_held(now);
+        let moved = self.lock().follow_moves(&self.sessions);
+        // Expiry in small batches, the lock let go between them.
+        loop {
+            let mut state = self.lock();
+            let more = state.claims.expire(now) | state.router.expire_held(now);
+            drop(state);
+            if !more {
+                break;
+            }
+            std::thread::yield_now();
+        }
         moved
     }
 

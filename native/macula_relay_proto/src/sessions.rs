@@ -284,6 +284,8 @@ struct WaitingSide {
 #[derive(Debug, Clone)]
 struct Waiting {
     seq: u64,
+    /// Past this, the entry is gone (even before the queue gets to it).
+    deadline: Instant,
     sides: Vec<WaitingSide>,
     /// The node and address whose claim made this entry (none: the relay
     /// remembered it on a departure).
@@ -417,6 +419,7 @@ impl Claims {
             session.tunnel,
             Waiting {
                 seq,
+                deadline: now + KEEP_WAIT,
                 sides,
                 opened_by: None,
             },
@@ -462,8 +465,9 @@ impl Claims {
     }
 
     /// Forgets entries past their time, at most a small batch per call
-    /// (both queues are in deadline order).
-    pub fn expire(&mut self, now: Instant) {
+    /// (both queues are in deadline order). True when more are due: the
+    /// caller may call again (after letting others have the lock).
+    pub fn expire(&mut self, now: Instant) -> bool {
         for _ in 0..EXPIRE_BATCH {
             let Some(&(deadline, tunnel, seq)) = self.claimed_queue.front() else {
                 break;
@@ -505,6 +509,8 @@ impl Claims {
                 }
             }
         }
+        let due = |q: &VecDeque<(Instant, TunnelId, u64)>| q.front().is_some_and(|e| e.0 <= now);
+        due(&self.claimed_queue) || due(&self.remembered_queue)
     }
 
     /// Node `claim.name` claims the session `claim.tunnel` with `peer`
@@ -544,6 +550,9 @@ impl Claims {
             claimed: true,
             stayed: false,
         };
+        if self.waiting.get(&tunnel).is_some_and(|w| w.deadline <= now) {
+            self.remove(&tunnel);
+        }
         let Some(w) = self.waiting.get_mut(&tunnel) else {
             let ip = addr.ip();
             let l = &self.limits;
@@ -562,6 +571,7 @@ impl Claims {
                 tunnel,
                 Waiting {
                     seq,
+                    deadline: now + KEEP_WAIT,
                     sides: vec![new_side],
                     opened_by: Some((name.to_owned(), ip)),
                 },
@@ -888,13 +898,37 @@ mod tests {
             );
         }
         assert_eq!(c.len(), 1000);
-        c.expire(t0 + KEEP_WAIT);
+        assert!(c.expire(t0 + KEEP_WAIT), "more are due");
         assert_eq!(c.len(), 1000 - EXPIRE_BATCH);
-        for _ in 0..100 {
-            c.expire(t0 + KEEP_WAIT);
+        let mut calls = 1;
+        while c.expire(t0 + KEEP_WAIT) {
+            calls += 1;
         }
+        assert_eq!(calls, 1000 / EXPIRE_BATCH);
         assert!(c.is_empty());
         assert_eq!(c.claimed_count(), 0);
+    }
+
+    /// An entry past its time that the queue has not reached yet is gone
+    /// all the same: a late claim starts afresh.
+    #[test]
+    fn a_late_claim_pairs_nothing() {
+        let mut c = Claims::default();
+        let live = SessionTable::default();
+        let t0 = Instant::now();
+        let all = |_: &str| true;
+        assert_eq!(
+            c.keep(&live, claim(tid(7), [1; 8], addr(1), "a", "b"), t0, &all),
+            Kept::Waiting
+        );
+        // (no expire call in between)
+        let late = t0 + KEEP_WAIT;
+        assert_eq!(
+            c.keep(&live, claim(tid(7), [2; 8], addr(2), "b", "a"), late, &all),
+            Kept::Waiting
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.claimed_count(), 1);
     }
 
     /// Both sides' relay connections ended (the relay stalled): the side
