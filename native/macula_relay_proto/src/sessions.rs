@@ -252,7 +252,7 @@ pub struct ClaimLimits {
     pub max_claimed: usize,
     /// Entries one node's claims may make.
     pub max_per_node: usize,
-    /// Entries the claims from one IP address may make.
+    /// Entries the claims from one IP address (IPv6: one /64) may make.
     pub max_per_ip: usize,
 }
 
@@ -339,6 +339,21 @@ pub struct Claim<'a> {
     /// The claimant's authenticated name (its connection's).
     pub name: &'a str,
     pub peer: &'a str,
+}
+
+/// What one source is, for the per-address cap: an IPv4 address, or an
+/// IPv6 /64 (one host usually holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// Sessions waiting for their sides' claims.
@@ -554,7 +569,7 @@ impl Claims {
             self.remove(&tunnel);
         }
         let Some(w) = self.waiting.get_mut(&tunnel) else {
-            let ip = addr.ip();
+            let ip = source(addr.ip());
             let l = &self.limits;
             if self.waiting.len() >= l.max_waiting
                 || self.claimed >= l.max_claimed
@@ -1046,6 +1061,35 @@ mod tests {
                 &all
             ),
             Kept::Waiting
+        );
+    }
+
+    #[test]
+    fn one_ipv6_host_is_one_source() {
+        let mut c = Claims::new(ClaimLimits {
+            max_per_ip: 2,
+            ..ClaimLimits::default()
+        });
+        let live = SessionTable::default();
+        let now = Instant::now();
+        let v6 = |host: u16| SocketAddr::from(([0x2001, 0xdb8, 0, 1, 0, 0, 0, host], 1));
+        for n in 0..2 {
+            let from = v6(n as u16 + 1);
+            assert_eq!(
+                c.keep(&live, claim(many(n), [1; 8], from, "m", "x"), now, &|_| {
+                    true
+                }),
+                Kept::Waiting
+            );
+        }
+        assert_eq!(
+            c.keep(
+                &live,
+                claim(many(9), [1; 8], v6(99), "n", "x"),
+                now,
+                &|_| true
+            ),
+            Kept::Refused(KeepRefusal::TooMany)
         );
     }
 
