@@ -478,7 +478,11 @@ fn claim_live(
     let name = SIDE_NAMES[side];
     let kept = claim(claims, table, m.tunnel, key, from, name, side, now);
     if flipped {
-        assert_eq!(kept, Kept::Refused(KeepRefusal::NotASide), "a claim with a wrong key");
+        assert_eq!(
+            kept,
+            Kept::Refused(KeepRefusal::NotASide),
+            "a claim with a wrong key"
+        );
     } else {
         assert_eq!(kept, Kept::Live { side });
         table.rebind_side(&m.tunnel, side, from);
@@ -627,7 +631,8 @@ pub fn sessions(data: &[u8]) {
                         claim_live(&mut input, &mut claims, &mut table, m, now);
                     } else {
                         let m = model.remove(&id).expect("just found");
-                        if let Some(m) = close_and_claim(&mut input, &mut claims, &mut table, m, now)
+                        if let Some(m) =
+                            close_and_claim(&mut input, &mut claims, &mut table, m, now)
                         {
                             model.insert(id, m);
                         }

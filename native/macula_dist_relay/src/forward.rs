@@ -8,9 +8,8 @@ use macula_relay_proto::router::Tunnel;
 use prometheus_client::metrics::counter::Counter;
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
-use crate::server::{Shared, TUNNEL_CLOSED};
+use crate::server::{info_peer, Shared, TUNNEL_CLOSED};
 
 /// Chunks (about a packet each) taken from a stream at once.
 const BATCH: usize = 64;
@@ -33,7 +32,8 @@ pub(crate) async fn run(
     let bytes_up = up.await.unwrap_or_default();
     let bytes_down = down.await.unwrap_or_default();
     shared.tunnel_ended(&tunnel.id);
-    info!(
+    info_peer!(
+        shared,
         tunnel = %tunnel.id,
         from = %tunnel.requester_name,
         to = %tunnel.target_name,

@@ -163,14 +163,15 @@ macro_rules! warn_bad_input {
 /// Logs an info line a peer's message caused, unless too many were lately.
 macro_rules! info_peer {
     ($shared:expr, $($arg:tt)+) => {
-        if let Some(held) = lock(&$shared.peer_log).allow(std::time::Instant::now()) {
+        if let Some(held) = $shared.peer_log_allows() {
             if held > 0 {
-                info!(held, "log lines about node messages were held back (rate limit)");
+                tracing::info!(held, "log lines about node messages were held back (rate limit)");
             }
-            info!($($arg)+);
+            tracing::info!($($arg)+);
         }
     };
 }
+pub(crate) use info_peer;
 
 /// An identified node: its connection, its control queue, and the protocol
 /// version it said it speaks (2 or more: it can take e2e sessions).
@@ -240,6 +241,12 @@ impl Shared {
         }
     }
 
+    /// `Some(lines held back before)` when a line a peer caused may be
+    /// logged now (see `info_peer!`).
+    pub(crate) fn peer_log_allows(&self) -> Option<u64> {
+        lock(&self.peer_log).allow(std::time::Instant::now())
+    }
+
     pub(crate) fn unidentified(&self) -> usize {
         lock(&self.admission).unidentified()
     }
@@ -278,10 +285,17 @@ impl Shared {
     /// nodes that moved.
     pub(crate) fn housekeep(&self) -> usize {
         let now = std::time::Instant::now();
-        let mut state = self.lock();
-        let moved = state.follow_moves(&self.sessions);
-        state.claims.expire(now);
-        state.router.expire_held(now);
+        let moved = self.lock().follow_moves(&self.sessions);
+        // Expiry in small batches, the lock let go between them.
+        loop {
+            let mut state = self.lock();
+            let more = state.claims.expire(now) | state.router.expire_held(now);
+            drop(state);
+            if !more {
+                break;
+            }
+            std::thread::yield_now();
+        }
         moved
     }
 

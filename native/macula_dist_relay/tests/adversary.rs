@@ -83,6 +83,15 @@ impl RelayProcess {
         }
     }
 
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+
     fn log_bytes(&self) -> u64 {
         std::fs::metadata(self.dir.join("stderr")).unwrap().len()
     }
@@ -367,6 +376,37 @@ async fn claims_and_path_reports_cannot_flood_logs_or_counters() {
         grown < 1 << 20,
         "log grew by {grown} bytes:\n{}",
         relay.log()
+    );
+    // Peers were stored unchecked, up to a frame each (the review: +65 MiB
+    // for 1024 claims of one node); now a peer is a node name or nothing.
+    let rss = relay.rss_kib();
+    let long = "p".repeat(60_000);
+    let mut frames = vec![];
+    for i in 0..300u64 {
+        frames.extend(
+            Message::SessionKeep {
+                tunnel: tunnel(i, 6),
+                bind: [1; 8],
+                peer: long.clone(),
+            }
+            .encode(),
+        );
+    }
+    let decided_before = decided();
+    m1.send_frames(&frames).await.unwrap();
+    while decided() < decided_before + 300.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "claims not all decided"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown = relay.rss_kib().saturating_sub(rss);
+    eprintln!("300 claims with 60 kB peers: relay RSS grew by {grown} KiB");
+    assert!(grown < 8 * 1024, "relay RSS grew by {grown} KiB");
+    assert_eq!(
+        relay.metric("macula_relay_session_claims_total{outcome=\"bad_peer\"}"),
+        300.0
     );
     // A real change still counts.
     m1.send(Message::SessionPath {

@@ -14,6 +14,11 @@ use macula_relay_proto::{Message, TunnelId};
 use quinn::Connection;
 use tokio::time::timeout;
 
+/// The direct-path test times probes (800 ms without an answer and a path
+/// is given up): the tests added here, which load the machine, wait their
+/// turn with it.
+static QUIET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn join(relay: &Relay, name: &str) -> E2eNode {
     E2eNode::join(relay.local_addr(), relay.fingerprint(), name)
         .await
@@ -120,6 +125,7 @@ async fn go_direct(
 
 #[tokio::test]
 async fn a_session_goes_direct_and_the_relay_forwards_no_more_of_it() {
+    let _quiet = QUIET.lock().await;
     let relay = relay().await;
     let mut a = join(&relay, "a@h").await;
     let mut b = join(&relay, "b@h").await;
@@ -256,6 +262,7 @@ async fn what_the_relay_alters_or_forges_is_never_delivered() {
 /// forwards nothing and moves nothing.
 #[tokio::test]
 async fn a_replayed_header_from_elsewhere_moves_nothing() {
+    let _quiet = QUIET.lock().await;
     let relay = relay().await;
     let mut a = join(&relay, "a@h").await;
     let mut b = join(&relay, "b@h").await;
@@ -292,4 +299,115 @@ async fn a_replayed_header_from_elsewhere_moves_nothing() {
         "the attacker received a datagram"
     );
     assert_eq!(relay.data_stats().rebinds.load(Ordering::Relaxed), 0);
+}
+
+/// A NAT in front of one node: one upstream socket at a time; `rebind`
+/// moves to a new one (a new public port) and drops the old mapping.
+struct Nat {
+    listen: std::net::SocketAddr,
+    upstream: std::sync::Arc<std::sync::Mutex<std::sync::Arc<tokio::net::UdpSocket>>>,
+    node: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    listen_socket: std::sync::Arc<tokio::net::UdpSocket>,
+    back: std::sync::Mutex<tokio::task::JoinHandle<()>>,
+}
+
+impl Nat {
+    async fn start(relay: std::net::SocketAddr) -> Nat {
+        use std::sync::{Arc, Mutex};
+        let listen_socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let upstream = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let nat = Nat {
+            listen: listen_socket.local_addr().unwrap(),
+            upstream: Arc::new(Mutex::new(upstream.clone())),
+            node: Arc::new(Mutex::new(None)),
+            back: Mutex::new(tokio::spawn(async {})),
+            listen_socket: listen_socket.clone(),
+        };
+        *nat.back.lock().unwrap() = nat.backward(upstream);
+        let (up, node) = (nat.upstream.clone(), nat.node.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = listen_socket.recv_from(&mut buf).await {
+                *node.lock().unwrap() = Some(from);
+                let sock = up.lock().unwrap().clone();
+                let _ = sock.send_to(&buf[..n], relay).await;
+            }
+        });
+        nat
+    }
+
+    fn backward(
+        &self,
+        upstream: std::sync::Arc<tokio::net::UdpSocket>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (listen, node) = (self.listen_socket.clone(), self.node.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, _)) = upstream.recv_from(&mut buf).await {
+                let to = *node.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = listen.send_to(&buf[..n], to).await;
+                }
+            }
+        })
+    }
+
+    fn public(&self) -> std::net::SocketAddr {
+        self.upstream.lock().unwrap().local_addr().unwrap()
+    }
+
+    async fn rebind(&self) {
+        let fresh = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = self.backward(fresh.clone());
+        *self.upstream.lock().unwrap() = fresh;
+        let old = std::mem::replace(&mut *self.back.lock().unwrap(), back);
+        old.abort();
+    }
+}
+
+/// A NAT rebinding moves a node's relay connection (QUIC migrates it):
+/// the relay rebinds the node's session sides to the new address (no
+/// datagram moved them), tells the node its new address (`cand`, v4),
+/// and the session flows on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_relay_connection_moves_keeps_its_sessions() {
+    let _quiet = QUIET.lock().await;
+    let relay = relay().await;
+    let nat = Nat::start(relay.local_addr()).await;
+    let mut a = E2eNode::join(nat.listen, relay.fingerprint(), "a@h")
+        .await
+        .unwrap();
+    let mut b = join(&relay, "b@h").await;
+    assert_eq!(a.reflexive_address().await.unwrap(), nat.public());
+    let (a_end, b_end, _) = session(&mut a, &mut b, b"cookie", b"cookie").await;
+    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let data = random_bytes(256 << 10);
+    assert!(transfer(&a_end, &b_end, &data).await == data);
+    nat.rebind().await;
+    let moved_to = nat.public();
+    // The node's next control packet comes from the new port.
+    a.send(Message::NodesRequest).await.unwrap();
+    assert!(matches!(a.next().await.unwrap(), Message::Nodes { .. }));
+    timeout(WAIT, async {
+        while relay.data_stats().rebinds.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the relay followed the move");
+    assert!(
+        timeout(WAIT, transfer(&b_end, &a_end, &data))
+            .await
+            .unwrap()
+            == data
+    );
+    assert!(
+        timeout(WAIT, transfer(&a_end, &b_end, &data))
+            .await
+            .unwrap()
+            == data
+    );
+    a.send(Message::NodesRequest).await.unwrap();
+    assert!(matches!(a.next().await.unwrap(), Message::Nodes { .. }));
+    assert_eq!(a.reflexive, Some(moved_to), "told its new address");
 }

@@ -63,12 +63,15 @@ pub enum Message {
     /// relay → node: `t: "nodes_ok"`, `nodes`: the other nodes identified
     /// on this relay (its one auth domain: its token, its nodes file).
     Nodes { nodes: Vec<String> },
-    /// Direct-path candidates (version 2), `t: "cand"`, `addrs` (at most
-    /// [`MAX_CANDIDATES`] `"ip:port"` strings). node → relay, without `tid`:
-    /// the addresses this node may be reached at besides the one the relay
-    /// sees (its local ones, one it advertises). relay → node, with the
-    /// `tid` of an e2e session, after its `tun_ok`/`tun_notify`: the peer's,
-    /// the address the relay sees it at first.
+    /// Direct-path candidates, `t: "cand"`, `addrs` (at most
+    /// [`MAX_CANDIDATES`] `"ip:port"` strings). Version 4: relay → node,
+    /// without `tid`, right after `id_ok` and again when it changes: the
+    /// one address the relay sees this node at (its reflexive address);
+    /// the relay forwards no candidates between nodes (they exchange them
+    /// inside their authenticated session), and ignores a node's own.
+    /// Version 3 (no relay sends it any more): node → relay without `tid`,
+    /// the node's own addresses; relay → node with the `tid` of an e2e
+    /// session, the peer's.
     Candidates {
         tunnel: Option<TunnelId>,
         addrs: Vec<SocketAddr>,

@@ -504,14 +504,15 @@ impl Router {
 
     /// Forgets held names past their deadline, a small batch per call
     /// (the queue is in deadline order; `claim` checks the deadline
-    /// itself, so an entry not yet popped holds nothing past it).
-    pub fn expire_held(&mut self, now: Instant) {
+    /// itself, so an entry not yet popped holds nothing past it). True
+    /// when more are due.
+    pub fn expire_held(&mut self, now: Instant) -> bool {
         for _ in 0..HOLD_EXPIRE_BATCH {
             let Some((deadline, _)) = self.held_queue.front() else {
-                return;
+                return false;
             };
             if *deadline > now {
-                return;
+                return false;
             }
             if let Some((deadline, name)) = self.held_queue.pop_front() {
                 if self.held.get(&name).is_some_and(|(_, u)| *u == deadline) {
@@ -519,6 +520,7 @@ impl Router {
                 }
             }
         }
+        self.held_queue.front().is_some_and(|(d, _)| *d <= now)
     }
 
     /// Names held for keys now: how many.

@@ -252,7 +252,7 @@ pub struct ClaimLimits {
     pub max_claimed: usize,
     /// Entries one node's claims may make.
     pub max_per_node: usize,
-    /// Entries the claims from one IP address may make.
+    /// Entries the claims from one IP address (IPv6: one /64) may make.
     pub max_per_ip: usize,
 }
 
@@ -284,6 +284,8 @@ struct WaitingSide {
 #[derive(Debug, Clone)]
 struct Waiting {
     seq: u64,
+    /// Past this, the entry is gone (even before the queue gets to it).
+    deadline: Instant,
     sides: Vec<WaitingSide>,
     /// The node and address whose claim made this entry (none: the relay
     /// remembered it on a departure).
@@ -337,6 +339,21 @@ pub struct Claim<'a> {
     /// The claimant's authenticated name (its connection's).
     pub name: &'a str,
     pub peer: &'a str,
+}
+
+/// What one source is, for the per-address cap: an IPv4 address, or an
+/// IPv6 /64 (one host usually holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// Sessions waiting for their sides' claims.
@@ -417,6 +434,7 @@ impl Claims {
             session.tunnel,
             Waiting {
                 seq,
+                deadline: now + KEEP_WAIT,
                 sides,
                 opened_by: None,
             },
@@ -462,8 +480,9 @@ impl Claims {
     }
 
     /// Forgets entries past their time, at most a small batch per call
-    /// (both queues are in deadline order).
-    pub fn expire(&mut self, now: Instant) {
+    /// (both queues are in deadline order). True when more are due: the
+    /// caller may call again (after letting others have the lock).
+    pub fn expire(&mut self, now: Instant) -> bool {
         for _ in 0..EXPIRE_BATCH {
             let Some(&(deadline, tunnel, seq)) = self.claimed_queue.front() else {
                 break;
@@ -505,6 +524,8 @@ impl Claims {
                 }
             }
         }
+        let due = |q: &VecDeque<(Instant, TunnelId, u64)>| q.front().is_some_and(|e| e.0 <= now);
+        due(&self.claimed_queue) || due(&self.remembered_queue)
     }
 
     /// Node `claim.name` claims the session `claim.tunnel` with `peer`
@@ -544,8 +565,11 @@ impl Claims {
             claimed: true,
             stayed: false,
         };
+        if self.waiting.get(&tunnel).is_some_and(|w| w.deadline <= now) {
+            self.remove(&tunnel);
+        }
         let Some(w) = self.waiting.get_mut(&tunnel) else {
-            let ip = addr.ip();
+            let ip = source(addr.ip());
             let l = &self.limits;
             if self.waiting.len() >= l.max_waiting
                 || self.claimed >= l.max_claimed
@@ -562,6 +586,7 @@ impl Claims {
                 tunnel,
                 Waiting {
                     seq,
+                    deadline: now + KEEP_WAIT,
                     sides: vec![new_side],
                     opened_by: Some((name.to_owned(), ip)),
                 },
@@ -888,13 +913,37 @@ mod tests {
             );
         }
         assert_eq!(c.len(), 1000);
-        c.expire(t0 + KEEP_WAIT);
+        assert!(c.expire(t0 + KEEP_WAIT), "more are due");
         assert_eq!(c.len(), 1000 - EXPIRE_BATCH);
-        for _ in 0..100 {
-            c.expire(t0 + KEEP_WAIT);
+        let mut calls = 1;
+        while c.expire(t0 + KEEP_WAIT) {
+            calls += 1;
         }
+        assert_eq!(calls, 1000 / EXPIRE_BATCH);
         assert!(c.is_empty());
         assert_eq!(c.claimed_count(), 0);
+    }
+
+    /// An entry past its time that the queue has not reached yet is gone
+    /// all the same: a late claim starts afresh.
+    #[test]
+    fn a_late_claim_pairs_nothing() {
+        let mut c = Claims::default();
+        let live = SessionTable::default();
+        let t0 = Instant::now();
+        let all = |_: &str| true;
+        assert_eq!(
+            c.keep(&live, claim(tid(7), [1; 8], addr(1), "a", "b"), t0, &all),
+            Kept::Waiting
+        );
+        // (no expire call in between)
+        let late = t0 + KEEP_WAIT;
+        assert_eq!(
+            c.keep(&live, claim(tid(7), [2; 8], addr(2), "b", "a"), late, &all),
+            Kept::Waiting
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.claimed_count(), 1);
     }
 
     /// Both sides' relay connections ended (the relay stalled): the side
@@ -1012,6 +1061,35 @@ mod tests {
                 &all
             ),
             Kept::Waiting
+        );
+    }
+
+    #[test]
+    fn one_ipv6_host_is_one_source() {
+        let mut c = Claims::new(ClaimLimits {
+            max_per_ip: 2,
+            ..ClaimLimits::default()
+        });
+        let live = SessionTable::default();
+        let now = Instant::now();
+        let v6 = |host: u16| SocketAddr::from(([0x2001, 0xdb8, 0, 1, 0, 0, 0, host], 1));
+        for n in 0..2 {
+            let from = v6(n as u16 + 1);
+            assert_eq!(
+                c.keep(&live, claim(many(n), [1; 8], from, "m", "x"), now, &|_| {
+                    true
+                }),
+                Kept::Waiting
+            );
+        }
+        assert_eq!(
+            c.keep(
+                &live,
+                claim(many(9), [1; 8], v6(99), "n", "x"),
+                now,
+                &|_| true
+            ),
+            Kept::Refused(KeepRefusal::TooMany)
         );
     }
 
