@@ -411,3 +411,93 @@ async fn a_node_whose_relay_connection_moves_keeps_its_sessions() {
     assert!(matches!(a.next().await.unwrap(), Message::Nodes { .. }));
     assert_eq!(a.reflexive, Some(moved_to), "told its new address");
 }
+
+/// Review finding: a valid direct-path probe replayed from any address was
+/// answered, became a candidate, and the session's datagrams were taken
+/// from it (16 replays: 16 answers, 320 probes). Here A reaches B through
+/// an on-path forwarder that keeps every probe it carries; once both sides
+/// are direct it replays each of them at B, 16 times, from its own socket
+/// and from a third one: B answers none, learns neither address, and its
+/// path does not move.
+#[tokio::test]
+async fn a_replayed_probe_moves_nothing() {
+    use macula_relay_proto::direct::{PROBE_DATAGRAM, PROBE_LEN};
+    use std::sync::{Arc, Mutex};
+    let _quiet = QUIET.lock().await;
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
+    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let a_seen = a.reflexive_address().await.unwrap();
+    let b_seen = b.reflexive_address().await.unwrap();
+    // The forwarder: what comes from A goes to B and back; probes kept.
+    let on_path = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let on_path_addr = on_path.local_addr().unwrap();
+    let kept: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let forward = {
+        let (sock, kept) = (on_path.clone(), kept.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let d = &buf[..n];
+                if from == a_seen && n == PROBE_LEN && d[0] == PROBE_DATAGRAM && d[9] == 0 {
+                    kept.lock().unwrap().push(d.to_vec());
+                }
+                let to = if from == a_seen { b_seen } else { a_seen };
+                let _ = sock.send_to(d, to).await;
+            }
+        })
+    };
+    for (node, end, requester, addrs) in [
+        (&a, &a_end, true, vec![on_path_addr]),
+        (&b, &b_end, false, vec![a_seen]),
+    ] {
+        let mut secret = [0u8; 32];
+        end.export_keying_material(&mut secret, b"macula direct path v1", tunnel.as_bytes())
+            .unwrap();
+        let vaddr = end.remote_address();
+        assert!(node
+            .socket
+            .start_direct(vaddr, &secret, requester, Arc::new(|_| {})));
+        node.socket.add_candidates(&vaddr, &addrs);
+    }
+    let b_vaddr = b_end.remote_address();
+    timeout(WAIT, async {
+        while b.socket.direct_of(&b_vaddr).is_none() || kept.lock().unwrap().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    forward.abort();
+    let b_path = b.socket.direct_of(&b_vaddr);
+    let probes = kept.lock().unwrap().clone();
+    let third = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for attacker in [&*on_path, &third] {
+        for _ in 0..16 {
+            for p in &probes {
+                attacker.send_to(p, b_seen).await.unwrap();
+            }
+        }
+    }
+    // No answer comes back to either socket.
+    let mut buf = [0u8; 2048];
+    for attacker in [&*on_path, &third] {
+        let heard = timeout(
+            std::time::Duration::from_millis(500),
+            attacker.recv_from(&mut buf),
+        )
+        .await;
+        assert!(
+            heard.is_err(),
+            "{} replayed probes were answered",
+            probes.len()
+        );
+    }
+    assert_eq!(b.socket.direct_of(&b_vaddr), b_path);
+    assert_ne!(b_path, Some(third.local_addr().unwrap()));
+    // The session still works.
+    let data = random_bytes(64 << 10);
+    assert!(transfer(&a_end, &b_end, &data).await == data);
+}
