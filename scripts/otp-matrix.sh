@@ -25,8 +25,11 @@ done
 chroots=${MACULA_CHROOTS:-/var/cache/macula-dist/chroots}
 mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\/debian\)\/*$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)}
 mirror=${mirror:-http://deb.debian.org/debian}
+# No C compiler: the NIF is built on the host (below) and cargo in the chroot
+# finds it up to date; one linked there against a newer glibc would not load
+# on the host.
 packages=(erlang-nox erlang-dev erlang-src erlang-common-test erlang-eunit erlang-dialyzer
-          rebar3 elixir ca-certificates openssl gcc libc6-dev procps)
+          rebar3 elixir ca-certificates openssl procps)
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 
