@@ -46,8 +46,9 @@ unmount_all() {
   done
   mounted=()
 }
+child=
 trap unmount_all EXIT
-trap 'exit 130' INT TERM
+trap '[ -z "$child" ] || { kill -TERM "$child" 2>/dev/null; wait "$child"; }; exit 130' INT TERM
 
 bind() { # bind SRC DIR-IN-CHROOT
   mkdir -p "$2"
@@ -117,11 +118,14 @@ run_release() { # run_release RELEASE
   bind "$cargo_home" "$dir/root/.cargo"
   bind "$rustup_home" "$dir/root/.rustup"
   in_root() {
-    chroot "$dir" /usr/bin/env -i HOME=/root LANG=C.UTF-8 LC_ALL=C.UTF-8 TERM=dumb \
+    setsid chroot "$dir" /usr/bin/env -i HOME=/root LANG=C.UTF-8 LC_ALL=C.UTF-8 TERM=dumb \
       PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       CARGO_HOME=/root/.cargo RUSTUP_HOME=/root/.rustup MIX_ENV=test \
       REBAR_BASE_DIR="$base" MIX_BUILD_ROOT="$base-mix" \
-      bash -c "cd '$repo' && $1"
+      bash -c "cd '$repo' && $1" &
+    # In its own process group (setsid), waited for: a signal stops it all.
+    step_pid=$!
+    wait $step_pid
   }
   otp=$(in_root "erl -noshell -eval 'io:put_chars(erlang:system_info(otp_release)), halt().'")
   base="$repo/_build/otp$otp"
@@ -153,7 +157,13 @@ sh native/build.sh
 rc=0
 set +e
 for r in "${releases[@]}"; do
-  (set -e; trap unmount_all EXIT; run_release "$r")
+  (set -e
+   step_pid=
+   trap unmount_all EXIT
+   trap '[ -z "$step_pid" ] || kill -TERM -- -"$step_pid" 2>/dev/null; exit 130' INT TERM
+   run_release "$r") &
+  child=$!
+  wait $child
   st=$?
   if [ $st -ne 0 ]; then
     rc=1
