@@ -53,6 +53,11 @@ init_per_testcase(_Case, Config) ->
 
 end_per_testcase(_Case, _Config) ->
     [macula_ct:stop_peer(P) || P <- erase_peers()],
+    %% A relay a failed case left running would hold a UDP port in this VM.
+    case erase(relay) of
+        Relay when is_pid(Relay) -> is_process_alive(Relay) andalso macula_dist_relay:stop(Relay);
+        undefined -> ok
+    end,
     ok.
 
 %% Starts peers named after the test case; stopped in end_per_testcase.
@@ -337,6 +342,7 @@ idle_connection_kept_by_ticks(Config) ->
 
 relay_restart_reconnects(Config) ->
     {Relay, #{port := Port} = Info} = macula_ct:start_relay(),
+    put(relay, Relay),
     %% The next relay has a new certificate: trust without a pin here.
     Trust = ["-macula_dist", "verify", "none"],
     Mode = ?config(mode, Config),
