@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: Rust (cargo test), clippy, EUnit, dialyzer, Common Test,
-# ExUnit, and a short fuzz run of the relay protocol (scripts/fuzz.sh).
+# ExUnit, a short fuzz run of the relay protocol (scripts/fuzz.sh), then the
+# build, EUnit, the main CT suite and ExUnit on OTP 27 and 29.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -32,3 +33,10 @@ bash examples/cluster/run.sh
 
 echo "== fuzz (native/fuzz: AFL++ for ${FUZZ_SECONDS:-5} s per target)"
 bash scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
+
+# The build, EUnit, the main CT suite and ExUnit again on OTP 27 and 29
+# (Debian trixie and sid chroots; needs root). OTP_MATRIX=0 skips it.
+if [ "${OTP_MATRIX:-1}" != 0 ]; then
+  echo "== OTP 27 and 29 (scripts/otp-matrix.sh)"
+  bash scripts/otp-matrix.sh
+fi
