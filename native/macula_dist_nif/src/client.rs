@@ -266,7 +266,7 @@ fn cluster(opts: &ConnectOpts) -> Result<Option<Cluster>, String> {
 
 /// The key made for this run when there is no place to keep one: all of
 /// the node's clients (one per relay) show it.
-static RUN_KEYS: Mutex<Option<Arc<NodeIdentity>>> = Mutex::new(None);
+static RUN_KEY: Mutex<Option<Arc<NodeIdentity>>> = Mutex::new(None);
 
 /// The node's own key: kept in `file` (made there on first use), or, with
 /// no file, one made for this run.
@@ -276,7 +276,7 @@ fn own_key(file: &str) -> Result<Arc<NodeIdentity>, String> {
             .map(Arc::new)
             .map_err(|e| format!("node key {file}: {e:#}"));
     }
-    let mut run_key = RUN_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut run_key = RUN_KEY.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(key) = run_key.as_ref() {
         return Ok(key.clone());
     }
