@@ -17,12 +17,12 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use macula_relay_proto::dataplane::{
+use macula_relay_proto::wire::dataplane::{
     classify, clear_bind, header, session_id, Datagram, SessionId, HEADER_LEN, NO_BIND,
     SESSION_DATAGRAM,
 };
-use macula_relay_proto::paths::{is_virtual, Paths, Route, EARLY_WAIT, MAX_EARLY};
-use macula_relay_proto::sessions::{
+use macula_relay_proto::node::paths::{is_virtual, Paths, Route, EARLY_WAIT, MAX_EARLY};
+use macula_relay_proto::relay::sessions::{
     Claim, Claims, DropReason, KeepRefusal, Kept, SessionIdTaken, SessionTable, Verdict,
 };
 use macula_relay_proto::{BindKey, DecodeError, FrameDecoder, Message, TunnelId};
@@ -205,7 +205,7 @@ pub fn frames(data: &[u8]) {
 /// decoded candidates re-encode to the same bytes; nothing the peer can
 /// make without the cookie passes the confirmation.
 fn session_handshake(data: &[u8]) {
-    use macula_relay_proto::session_auth::{self, Role, SessionAuth};
+    use macula_relay_proto::node::session_auth::{self, Role, SessionAuth};
     if let Ok(Some((body, rest))) = session_auth::take_frame(data) {
         assert!(body.len() <= session_auth::MAX_FRAME);
         assert_eq!(body.len() + rest.len() + 2, data.len());
@@ -261,16 +261,16 @@ pub fn dataplane(data: &[u8]) {
     assert_eq!(classify(&cleared), expected);
     // As a probe (direct paths): only a datagram of the probe's length and
     // type names a session, and none made without the key moves anything.
-    let session = macula_relay_proto::direct::probe_session(data);
+    let session = macula_relay_proto::node::direct::probe_session(data);
     assert_eq!(
         session.is_some(),
-        data.len() == macula_relay_proto::direct::PROBE_LEN
-            && data[0] == macula_relay_proto::direct::PROBE_DATAGRAM
+        data.len() == macula_relay_proto::node::direct::PROBE_LEN
+            && data[0] == macula_relay_proto::node::direct::PROBE_DATAGRAM
     );
     let now = Instant::now();
     let from = std::net::SocketAddr::from(([10, 0, 0, 1], 4000));
     for requester in [true, false] {
-        let mut path = macula_relay_proto::direct::DirectPath::new(
+        let mut path = macula_relay_proto::node::direct::DirectPath::new(
             session.unwrap_or(7),
             b"the session's exported secret",
             requester,

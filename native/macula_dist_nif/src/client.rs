@@ -13,12 +13,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use macula_dist_relay::identity::{Cluster, NodeIdentity};
-use macula_dist_relay::tls::{self, Trust};
-use macula_relay_proto::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
+use macula_dist_node::identity::{Cluster, NodeIdentity};
+use macula_dist_node::relay_trust::{self, Trust};
+use macula_dist_quic::Transport;
+use macula_relay_proto::node::matcher::{Matched, PrefixReader, RequestId, TunnelMatcher};
+use macula_relay_proto::node::session_auth::MAX_CANDIDATES;
 use macula_relay_proto::ratelimit::LogLimiter;
-use macula_relay_proto::session_auth::MAX_CANDIDATES;
-use macula_relay_proto::sessions::KEEP_WAIT;
+use macula_relay_proto::KEEP_WAIT;
 use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{ConnectionError, RecvStream, SendStream};
 use rustler::{Encoder, Env, LocalPid, Monitor, OwnedEnv, Resource, ResourceArc, Term};
@@ -296,11 +297,11 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
     } else {
         return Err("no relay trust given: set pin_sha256, ca_cert, or verify => none".into());
     };
-    let transport = tls::Transport {
+    let transport = Transport {
         idle_timeout: Duration::from_millis(opts.idle_timeout),
         keep_alive: Duration::from_millis(opts.keep_alive),
         congestion: opts.congestion.parse().map_err(|e| format!("{e:#}"))?,
-        ..tls::Transport::default()
+        ..Transport::default()
     };
     let cluster = cluster(&opts)?.map(Arc::new);
     // The node's key: key_file, else the cluster certificate's, else its
@@ -313,7 +314,7 @@ pub fn start(owner: LocalPid, opts: ConnectOpts) -> Result<Arc<Client>, String> 
     } else {
         own_key(&opts.default_key_file)?
     };
-    let config = tls::client_config_with_key(&trust, &transport, Some(&key))
+    let config = relay_trust::client_config_with_key(&trust, &transport, Some(&key))
         .map_err(|e| format!("{e:#}"))?;
     let key_id = Some(key.key_id());
     let wants_e2e = match opts.mode.as_str() {
@@ -377,7 +378,7 @@ async fn run(
     client: Arc<Client>,
     opts: ConnectOpts,
     config: quinn::ClientConfig,
-    transport: tls::Transport,
+    transport: Transport,
 ) {
     let connect_timeout = Duration::from_millis(opts.connect_timeout);
     let connected = tokio::select! {
@@ -411,7 +412,7 @@ async fn run(
         });
     }
     let _ = client.endpoint.set(node_endpoint);
-    let (control_tx, control_rx) = mpsc::channel(macula_dist_relay::CONTROL_QUEUE);
+    let (control_tx, control_rx) = mpsc::channel(macula_dist_quic::CONTROL_QUEUE);
     {
         let mut state = client.lock();
         state.phase = Phase::Connected;
@@ -426,7 +427,7 @@ async fn run(
     }
     client.tell_owner(|env| atoms::identified().encode(env));
     let rt = runtime();
-    rt.spawn(macula_dist_relay::write_control(send, control_rx));
+    rt.spawn(macula_dist_quic::write_control(send, control_rx));
     // Streams the relay opens carry stream tunnels: only in stream mode.
     if !client.wants_e2e {
         rt.spawn(accept_streams(client.clone(), conn.clone()));
@@ -1057,7 +1058,7 @@ impl Client {
         }
         let vaddr = entry.conn.remote_address();
         let node = self.node.clone();
-        let on_path: macula_dist_relay::node_socket::OnPath = Arc::new(move |event| {
+        let on_path: macula_dist_node::node_socket::OnPath = Arc::new(move |event| {
             keep::session_path(&node, &tunnel, event);
         });
         if path
@@ -1074,9 +1075,9 @@ impl Client {
     pub fn server_config(
         &self,
         source: &str,
-        transport: &tls::Transport,
+        transport: &Transport,
     ) -> anyhow::Result<Arc<quinn::ServerConfig>> {
-        use macula_dist_relay::identity::{server_config, PeerCheck};
+        use macula_dist_node::identity::{server_config, PeerCheck};
         match &self.cluster {
             Some(cluster) => Ok(Arc::new(server_config(
                 &cluster.me,
@@ -1094,8 +1095,8 @@ impl Client {
     }
 
     /// A session's path changed: the relay counts it, the owner logs it.
-    pub fn session_path(&self, tunnel: &TunnelId, event: macula_relay_proto::direct::Event) {
-        use macula_relay_proto::direct::Event;
+    pub fn session_path(&self, tunnel: &TunnelId, event: macula_relay_proto::node::direct::Event) {
+        use macula_relay_proto::node::direct::Event;
         let Some(session) = self.lock().sessions.get(tunnel).cloned() else {
             return;
         };

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use macula_relay_proto::sessions::KEEP_WAIT;
+use macula_relay_proto::KEEP_WAIT;
 use macula_relay_proto::{BindKey, TunnelId};
 
 use crate::client::Client;
@@ -199,7 +199,7 @@ pub fn session_closed(node: &str, tunnel: &TunnelId) {
 
 /// A session's path changed (direct, or back through a relay): whichever
 /// client holds it now tells its relay.
-pub fn session_path(node: &str, tunnel: &TunnelId, event: macula_relay_proto::direct::Event) {
+pub fn session_path(node: &str, tunnel: &TunnelId, event: macula_relay_proto::node::direct::Event) {
     if let Some(client) = clients_of(node)
         .into_iter()
         .find(|c| c.holds_session(tunnel))

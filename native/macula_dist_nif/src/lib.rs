@@ -19,7 +19,7 @@ use bytes::Bytes;
 use rustler::{Binary, Encoder, Env, LocalPid, NifResult, ResourceArc, Term, TermType};
 
 use client::{ClientRes, ConnectOpts};
-use macula_relay_proto::packet::Packet;
+use macula_relay_proto::wire::packet::Packet;
 use tunnel::TunnelRes;
 
 pub(crate) mod atoms {

@@ -48,7 +48,7 @@ fn relay_start(env: Env, opts: RelayOpts) -> NifResult<Term> {
         .map_err(|_| rustler::Error::Term(Box::new(format!("bad ip {:?}", opts.ip))))?;
     let identity = match (opts.cert_file.is_empty(), opts.key_file.is_empty()) {
         (true, true) => Ok(None),
-        (false, false) => macula_dist_relay::tls::Identity::from_pem_files(
+        (false, false) => macula_dist_relay::RelayCertificate::from_pem_files(
             opts.cert_file.as_ref(),
             opts.key_file.as_ref(),
         )
@@ -59,7 +59,7 @@ fn relay_start(env: Env, opts: RelayOpts) -> NifResult<Term> {
         let config = Config {
             listen: SocketAddr::new(ip, opts.port),
             token: (!opts.token.is_empty()).then_some(opts.token),
-            identity,
+            certificate: identity,
             ..Config::default()
         };
         runtime().block_on(Relay::start(config))

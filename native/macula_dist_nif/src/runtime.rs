@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 use std::time::Duration;
 
-use macula_dist_relay::node_socket::NodeSocket;
+use macula_dist_node::node_socket::NodeSocket;
 use tokio::runtime::Runtime;
 
 use crate::session::Inbound;
@@ -101,9 +101,9 @@ pub fn bind_endpoint(remote: SocketAddr) -> Result<NodeEndpoint, String> {
         unsafe { libc::atexit(close_endpoints) };
     });
     let _guard = runtime().enter();
-    let (endpoint, socket) = macula_dist_relay::tls::Transport::default()
-        .node_endpoint(bind)
-        .map_err(|e| format!("{e:#}"))?;
+    let (endpoint, socket) =
+        macula_dist_node::node_socket::node_endpoint(&macula_dist_quic::Transport::default(), bind)
+            .map_err(|e| format!("{e:#}"))?;
     let inbound = InboundTable::default();
     runtime().spawn(accept_loop(endpoint.clone(), inbound.clone()));
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! A client's e2e sessions: the requester connects to the target's node
 //! through the relay (its socket routes the session's virtual address),
 //! the target accepts the connection the relay announced, and both check
-//! the other's key inside the TLS handshake ([`macula_dist_relay::identity`]).
+//! the other's key inside the TLS handshake ([`macula_dist_node::identity`]).
 //! The session's first stream becomes a tunnel, the same data path as a
 //! stream tunnel's.
 
@@ -10,11 +10,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use macula_dist_relay::identity::{self, NodeIdentity, PeerCheck, E2E_SERVER_NAME};
-use macula_dist_relay::node_socket::NodeSocket;
-use macula_relay_proto::dataplane::session_id;
-use macula_relay_proto::paths::Route;
-use macula_relay_proto::session_auth::{self, Role, SessionAuth};
+use macula_dist_node::identity::{self, NodeIdentity, PeerCheck, E2E_SERVER_NAME};
+use macula_dist_node::node_socket::NodeSocket;
+use macula_relay_proto::node::paths::Route;
+use macula_relay_proto::node::session_auth::{self, Role, SessionAuth};
+use macula_relay_proto::wire::dataplane::session_id;
 use macula_relay_proto::{BindKey, TunnelId};
 use tokio::time::timeout;
 
@@ -79,7 +79,7 @@ pub struct Path {
     pub socket: Arc<NodeSocket>,
     pub inbound: InboundTable,
     pub relay: SocketAddr,
-    pub transport: macula_dist_relay::tls::Transport,
+    pub transport: macula_dist_quic::Transport,
 }
 
 impl Path {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use macula_dist_relay::node_socket::NodeSocket;
+use macula_dist_node::node_socket::NodeSocket;
 use macula_relay_proto::{Mode, TunnelId};
 use quinn::{RecvStream, SendStream, VarInt};
 use rustler::{Encoder, Env, LocalPid, Monitor, NewBinary, OwnedEnv, Resource, ResourceArc, Term};
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::atoms;
 use crate::runtime::runtime;
-use macula_relay_proto::packet::{Framer, Packet};
+use macula_relay_proto::wire::packet::{Framer, Packet};
 
 /// Queued outbound bytes over which `send` answers `busy`.
 pub const HIGH_WATER: usize = 4 << 20;

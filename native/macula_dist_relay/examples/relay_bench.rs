@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use macula_dist_relay::e2e_node::{self, E2eNode};
-use macula_dist_relay::{tls, Config, Relay};
+use macula_dist_node::e2e_node::{self, E2eNode};
+use macula_dist_relay::{Config, Relay};
 use macula_relay_proto::{FrameDecoder, Message, TunnelId};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
@@ -31,10 +31,9 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .thread_name("relay-worker")
         .on_thread_start(|| {
-            RELAY_THREADS
-                .lock()
-                .unwrap()
-                .push(unsafe { libc::gettid() })
+            // SAFETY: gettid takes no arguments and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            RELAY_THREADS.lock().unwrap().push(tid)
         })
         .enable_all()
         .build()?;
@@ -185,9 +184,13 @@ async fn serve((mut send, mut recv): Stream) -> anyhow::Result<()> {
 }
 
 fn client(pin: &str) -> anyhow::Result<Endpoint> {
-    let mut endpoint = tls::Transport::default().client_endpoint("127.0.0.1:0".parse()?)?;
-    let trust = tls::Trust::Pin(pin.into());
-    endpoint.set_default_client_config(tls::client_config(&trust, &tls::Transport::default())?);
+    let mut endpoint =
+        macula_dist_quic::Transport::default().client_endpoint("127.0.0.1:0".parse()?)?;
+    let trust = macula_dist_node::relay_trust::Trust::Pin(pin.into());
+    endpoint.set_default_client_config(macula_dist_node::relay_trust::client_config(
+        &trust,
+        &macula_dist_quic::Transport::default(),
+    )?);
     Ok(endpoint)
 }
 
@@ -197,10 +200,14 @@ struct DirectServer {
 
 impl DirectServer {
     async fn start() -> anyhow::Result<Self> {
-        let identity = tls::Identity::self_signed(vec!["localhost".into()])?;
+        let identity = macula_dist_relay::RelayCertificate::self_signed(vec!["localhost".into()])?;
         let pin = identity.fingerprint();
-        let config = tls::server_config(identity, &tls::Transport::default())?;
-        let server = tls::Transport::default().server_endpoint(config, "127.0.0.1:0".parse()?)?;
+        let config = macula_dist_relay::certificate::server_config(
+            identity,
+            &macula_dist_quic::Transport::default(),
+        )?;
+        let server = macula_dist_quic::Transport::default()
+            .server_endpoint(config, "127.0.0.1:0".parse()?)?;
         let addr: SocketAddr = server.local_addr()?;
         tokio::spawn(async move {
             while let Some(incoming) = server.accept().await {

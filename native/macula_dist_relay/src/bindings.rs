@@ -4,13 +4,13 @@
 //! live` (identified when written: held for the full hold time from the
 //! restart) or `name key-hex DEADLINE` (unix seconds). Written to a
 //! temporary file and renamed over the old one; at most
-//! [`macula_relay_proto::router::MAX_HELD`] lines, so bounded in size.
+//! [`macula_relay_proto::relay::router::MAX_HELD`] lines, so bounded in size.
 
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use macula_relay_proto::router::{KeyId, MAX_HELD};
+use macula_relay_proto::relay::router::{KeyId, MAX_HELD};
 
 /// A file larger than this is not read (it was not written by a relay).
 const MAX_FILE: u64 = 16 << 20;

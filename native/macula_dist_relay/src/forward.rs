@@ -1,27 +1,25 @@
 //! Forwarding one tunnel: one task per direction, chunks handed from one
 //! stream to the other without copying, never reordered.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use macula_relay_proto::router::Tunnel;
 use prometheus_client::metrics::counter::Counter;
-use quinn::{ReadError, RecvStream, SendStream, WriteError};
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio_util::sync::CancellationToken;
-
-use crate::server::{info_peer, Shared, TUNNEL_CLOSED};
 
 /// Chunks (about a packet each) taken from a stream at once.
 const BATCH: usize = 64;
 
+/// Closes a stream of a tunnel that ended (code 0, either direction).
+pub(crate) const TUNNEL_CLOSED: VarInt = VarInt::from_u32(0);
+
+/// Forwards both directions until both end; returns the bytes forwarded
+/// (up: requester to target, down: back).
 pub(crate) async fn run(
-    shared: Arc<Shared>,
-    tunnel: Tunnel,
     (requester_send, requester_recv): (SendStream, RecvStream),
     (target_send, target_recv): (SendStream, RecvStream),
     cancel: CancellationToken,
-) {
-    let counted = shared.events.stream_bytes.clone();
+    counted: Counter,
+) -> (u64, u64) {
     let up = tokio::spawn(pipe(
         requester_recv,
         target_send,
@@ -31,16 +29,7 @@ pub(crate) async fn run(
     let down = tokio::spawn(pipe(target_recv, requester_send, cancel.clone(), counted));
     let bytes_up = up.await.unwrap_or_default();
     let bytes_down = down.await.unwrap_or_default();
-    shared.tunnel_ended(&tunnel.id);
-    info_peer!(
-        shared,
-        tunnel = %tunnel.id,
-        from = %tunnel.requester_name,
-        to = %tunnel.target_name,
-        bytes_up,
-        bytes_down,
-        "tunnel closed"
-    );
+    (bytes_up, bytes_down)
 }
 
 enum Outcome {

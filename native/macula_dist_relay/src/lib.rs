@@ -4,9 +4,9 @@
 //! connections between nodes without being able to read them (version 2,
 //! e2e sessions).
 //!
-//! The library also holds what a node needs for e2e sessions, shared by the
-//! NIF, the tests and the benchmarks: [`node_socket`] and [`identity`]
-//! ([`e2e_node`] is a minimal e2e client for tests and benchmarks).
+//! The relay only: what a node runs is in `macula_dist_node`, what both
+//! share in `macula_dist_quic` (QUIC plumbing) and `macula_relay_proto`
+//! (wire formats and state machines).
 //!
 //! Run it as the `macula-dist-relay` binary, or inside another process:
 //!
@@ -19,27 +19,26 @@
 //! ```
 
 mod bindings;
-pub mod e2e_node;
+pub mod certificate;
 mod forward;
-pub mod identity;
 pub mod metrics;
-pub mod node_socket;
 pub mod relay_socket;
 mod server;
-pub mod tls;
-pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use macula_relay_proto::router::KeyId;
-use macula_relay_proto::sessions::SessionTable;
+use macula_relay_proto::relay::router::KeyId;
+use macula_relay_proto::relay::sessions::SessionTable;
 use std::collections::HashMap;
 
-pub use macula_relay_proto::admission::{AdmissionLimits, RetryPolicy};
-pub use macula_relay_proto::router::Limits;
-pub use server::{close_code, write_control, Stats, CONTROL_QUEUE};
+pub use certificate::RelayCertificate;
+pub use macula_dist_quic::Transport;
+pub use macula_relay_proto::relay::admission::{AdmissionLimits, RetryPolicy};
+pub use macula_relay_proto::relay::router::Limits;
+pub use macula_relay_proto::wire::close_code;
+pub use metrics::Stats;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -47,14 +46,14 @@ use tracing::warn;
 pub struct Config {
     pub listen: SocketAddr,
     /// `None`: generate a self-signed certificate at start.
-    pub identity: Option<tls::Identity>,
+    pub certificate: Option<RelayCertificate>,
     /// When set, identify must carry this token in `tok`.
     pub token: Option<String>,
     pub limits: Limits,
     pub max_frame: usize,
     /// How long a connection may take to identify before it is closed.
     pub identify_timeout: Duration,
-    pub transport: tls::Transport,
+    pub transport: Transport,
     /// Caps on connections that have not identified, and QUIC Retry.
     pub admission: AdmissionLimits,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
@@ -107,12 +106,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], macula_relay_proto::DEFAULT_PORT)),
-            identity: None,
+            certificate: None,
             token: None,
             limits: Limits::default(),
             max_frame: macula_relay_proto::DEFAULT_MAX_FRAME,
             identify_timeout: Duration::from_secs(10),
-            transport: tls::Transport::default(),
+            transport: Transport::default(),
             admission: AdmissionLimits::default(),
             metrics: None,
             nodes: None,
@@ -138,29 +137,32 @@ pub struct Relay {
 impl Relay {
     /// Binds and starts serving. Must be called inside a tokio runtime.
     pub async fn start(mut config: Config) -> anyhow::Result<Relay> {
-        let identity = match config.identity.take() {
-            Some(identity) => identity,
-            None => tls::Identity::self_signed(vec![
+        let certificate = match config.certificate.take() {
+            Some(certificate) => certificate,
+            None => RelayCertificate::self_signed(vec![
                 "localhost".into(),
                 config.listen.ip().to_string(),
             ])?,
         };
-        let fingerprint = identity.fingerprint();
+        let fingerprint = certificate.fingerprint();
         if config.token.is_none() {
             warn!("no token configured: any node that reaches this relay may join");
         }
-        let mut server_config = tls::server_config(identity, &config.transport)?;
+        let mut server_config = certificate::server_config(certificate, &config.transport)?;
         server_config.transport_config(Arc::new(config.transport.relay_quinn_config()?));
         let sessions = Arc::new(Mutex::new(SessionTable::default()));
-        let (endpoint, socket) =
-            config
-                .transport
-                .relay_endpoint(server_config, config.listen, sessions.clone())?;
+        let (endpoint, socket) = relay_socket::relay_endpoint(
+            &config.transport,
+            server_config,
+            config.listen,
+            sessions.clone(),
+        )?;
         let local_addr = endpoint.local_addr()?;
         let shutdown = CancellationToken::new();
         let events = Arc::new(metrics::Events::default());
         let shared = Arc::new(server::Shared::new(&config, sessions, events.clone()));
-        let registry = Arc::new(metrics::registry(&events, &shared, &socket));
+        let stats: Arc<dyn metrics::StatsSource> = shared.clone();
+        let registry = Arc::new(metrics::registry(&events, Arc::downgrade(&stats), &socket));
         let metrics_addr = match config.metrics {
             Some(addr) => {
                 let listener = metrics::bind(addr).await?;
@@ -204,7 +206,7 @@ impl Relay {
     }
 
     pub fn stats(&self) -> Stats {
-        self.shared.stats()
+        metrics::StatsSource::stats(self.shared.as_ref())
     }
 
     /// The metrics, in Prometheus text format (what `/metrics` serves).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use macula_dist_relay::{tls, AdmissionLimits, Config, Limits, Relay, RetryPolicy};
+use macula_dist_relay::{AdmissionLimits, Config, Limits, Relay, RetryPolicy};
 use tracing_subscriber::EnvFilter;
 
 /// QUIC relay for Erlang distribution: nodes identify to it, and it pairs
@@ -205,23 +205,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => Some(dir.clone()),
         None => default_state_dir().ok(),
     };
-    let identity = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => Some(tls::Identity::from_pem_files(cert, key)?),
+    let certificate = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(macula_dist_relay::RelayCertificate::from_pem_files(
+            cert, key,
+        )?),
         _ if args.ephemeral => None,
         _ => {
             let dir = match &state_dir {
                 Some(dir) => dir.clone(),
                 None => default_state_dir()?,
             };
-            let identity = tls::Identity::persistent(&dir, names)?;
-            tracing::info!(dir = %dir.display(), "relay identity kept in the state directory");
-            Some(identity)
+            let certificate = macula_dist_relay::RelayCertificate::persistent(&dir, names)?;
+            tracing::info!(dir = %dir.display(), "relay certificate kept in the state directory");
+            Some(certificate)
         }
     };
 
     let config = Config {
         listen,
-        identity,
+        certificate,
         token,
         limits: Limits {
             max_nodes: args.max_nodes,
@@ -232,10 +234,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         max_frame: args.max_frame,
         identify_timeout: Duration::from_secs(args.identify_timeout),
-        transport: tls::Transport {
+        transport: macula_dist_quic::Transport {
             idle_timeout: Duration::from_secs(args.idle_timeout),
             keep_alive: Duration::from_secs(args.keep_alive),
-            ..tls::Transport::default()
+            ..macula_dist_quic::Transport::default()
         },
         admission: AdmissionLimits {
             max_unidentified: args.max_unidentified,

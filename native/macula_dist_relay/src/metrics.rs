@@ -19,7 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::relay_socket::RelaySocket;
-use crate::server::Shared;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -73,10 +72,29 @@ pub fn reason(reason: &'static str) -> Labels {
     vec![("reason", reason)]
 }
 
+/// Counts a running relay reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub nodes: usize,
+    /// Tunnels of both modes.
+    pub tunnels: usize,
+    /// Of those, e2e sessions.
+    pub sessions: usize,
+    /// Connections that have not identified (yet).
+    pub unidentified: usize,
+    /// E2e sessions waiting to be claimed back.
+    pub waiting: usize,
+}
+
+/// Where the counts come from at scrape time (the relay's shared state).
+pub trait StatsSource: Send + Sync {
+    fn stats(&self) -> Stats;
+}
+
 /// What the relay knows at scrape time.
 #[derive(Debug)]
 struct State {
-    shared: Weak<Shared>,
+    shared: Weak<dyn StatsSource>,
     socket: Weak<RelaySocket>,
 }
 
@@ -163,7 +181,7 @@ impl Collector for State {
 /// The registry of one relay: its events and its scrape-time state.
 pub(crate) fn registry(
     events: &Arc<Events>,
-    shared: &Arc<Shared>,
+    shared: Weak<dyn StatsSource>,
     socket: &Arc<RelaySocket>,
 ) -> Registry {
     let mut r = Registry::with_prefix("macula_relay");
@@ -208,7 +226,7 @@ pub(crate) fn registry(
         events.candidates_ignored.clone(),
     );
     r.register_collector(Box::new(State {
-        shared: Arc::downgrade(shared),
+        shared,
         socket: Arc::downgrade(socket),
     }));
     r

@@ -1,6 +1,6 @@
 //! The relay's one UDP socket: QUIC packets go to quinn (the control plane),
 //! e2e session datagrams are forwarded on the spot (the data plane), told
-//! apart by their first byte ([`macula_relay_proto::dataplane`]).
+//! apart by their first byte ([`macula_relay_proto::wire::dataplane`]).
 //!
 //! Forwarding happens while quinn polls for input: each received batch is
 //! routed through the session table, datagrams of one GRO batch that go to
@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use macula_relay_proto::dataplane::{self, Datagram, SessionId};
-use macula_relay_proto::sessions::{DropReason, SessionTable, Verdict};
+use macula_relay_proto::relay::sessions::{DropReason, SessionTable, Verdict};
+use macula_relay_proto::wire::dataplane::{self, Datagram, SessionId};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-use crate::udp::{compact_slots, segments, UdpIo, Writable};
+use macula_dist_quic::udp::{compact_slots, segments, UdpIo, Writable};
 
 /// Batches of session datagrams forwarded in one poll before quinn gets
 /// its turn again (its timers and control connections must not starve).
@@ -262,4 +262,17 @@ impl AsyncUdpSocket for RelaySocket {
     fn max_receive_segments(&self) -> usize {
         self.udp.max_receive_segments()
     }
+}
+
+/// A relay's endpoint: QUIC for the control plane, session datagrams
+/// forwarded by the socket itself (see [`RelaySocket`]).
+pub fn relay_endpoint(
+    transport: &macula_dist_quic::Transport,
+    config: quinn::ServerConfig,
+    addr: SocketAddr,
+    sessions: Arc<Mutex<SessionTable>>,
+) -> anyhow::Result<(quinn::Endpoint, Arc<RelaySocket>)> {
+    let socket = Arc::new(RelaySocket::new(UdpIo::bind(addr)?, sessions));
+    let endpoint = transport.abstract_endpoint(Some(config), socket.clone())?;
+    Ok((endpoint, socket))
 }

@@ -6,10 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use macula_relay_proto::admission::{Admission, Decision};
 use macula_relay_proto::ratelimit::LogLimiter;
-use macula_relay_proto::router::{Claim, ConnId, IdentifyRefusal, KeyId, Router, Tunnel};
-use macula_relay_proto::sessions::{self, Claims, Kept, SessionTable};
+use macula_relay_proto::relay::admission::{Admission, Decision};
+use macula_relay_proto::relay::router::{Claim, ConnId, IdentifyRefusal, KeyId, Router, Tunnel};
+use macula_relay_proto::relay::sessions::{self, Claims, Kept, SessionTable};
 use macula_relay_proto::{
     FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION, REFLEXIVE_VERSION,
 };
@@ -21,17 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::forward;
-use crate::metrics::{self, Events};
-
-/// QUIC application close codes the relay uses.
-pub mod close_code {
-    pub const NORMAL: u32 = 0;
-    pub const PROTOCOL_ERROR: u32 = 1;
-    pub const REPLACED: u32 = 2;
-    pub const REFUSED: u32 = 3;
-    pub const IDENTIFY_TIMEOUT: u32 = 4;
-    pub const CONTROL_BACKLOG: u32 = 5;
-}
+use crate::metrics::{self, Events, Stats};
+use macula_dist_quic::{write_control, CONTROL_QUEUE};
+use macula_relay_proto::wire::close_code;
 
 /// A new id for the routing table. Not quinn's `stable_id`: quinn reuses
 /// that once a connection is gone, and a late cleanup of the old one would
@@ -51,7 +43,7 @@ fn node_key(conn: &quinn::Connection) -> Option<KeyId> {
         .peer_identity()?
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
-    crate::identity::key_id(certs.first()?)
+    macula_dist_quic::node_key::key_id(certs.first()?)
 }
 
 /// Does the peer answer within `wait`? Something it must acknowledge is
@@ -82,26 +74,10 @@ async fn answers(conn: &quinn::Connection, wait: Duration) -> bool {
 /// Control messages one connection's task handles before it yields.
 const MESSAGES_PER_YIELD: u32 = 8;
 
-/// Control messages queued for one peer before it counts as not reading.
-pub const CONTROL_QUEUE: usize = 1024;
 /// How long opening a tunnel's two streams may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refused node gets to read its refusal before the close.
 const LINGER: Duration = Duration::from_secs(2);
-
-/// Counts a running relay reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stats {
-    pub nodes: usize,
-    /// Tunnels of both modes.
-    pub tunnels: usize,
-    /// Of those, e2e sessions.
-    pub sessions: usize,
-    /// Connections that have not identified (yet).
-    pub unidentified: usize,
-    /// E2e sessions waiting to be claimed back.
-    pub waiting: usize,
-}
 
 pub(crate) struct Shared {
     state: Mutex<State>,
@@ -171,7 +147,6 @@ macro_rules! info_peer {
         }
     };
 }
-pub(crate) use info_peer;
 
 /// An identified node: its connection, its control queue, and the protocol
 /// version it said it speaks (2 or more: it can take e2e sessions).
@@ -260,17 +235,6 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn stats(&self) -> Stats {
-        let state = self.lock();
-        Stats {
-            nodes: state.router.node_count(),
-            tunnels: state.router.tunnel_count(),
-            sessions: self.sessions().len(),
-            unidentified: self.unidentified(),
-            waiting: state.claims.len(),
-        }
-    }
-
     /// The forwarder is done with a tunnel (for whatever reason).
     pub(crate) fn tunnel_ended(&self, id: &TunnelId) {
         let mut state = self.lock();
@@ -323,6 +287,19 @@ impl Shared {
             (None, _) => true,
             (Some(expected), Some(given)) => expected.as_bytes().ct_eq(given.as_bytes()).into(),
             (Some(_), None) => false,
+        }
+    }
+}
+
+impl metrics::StatsSource for Shared {
+    fn stats(&self) -> Stats {
+        let state = self.lock();
+        Stats {
+            nodes: state.router.node_count(),
+            tunnels: state.router.tunnel_count(),
+            sessions: self.sessions().len(),
+            unidentified: self.unidentified(),
+            waiting: state.claims.len(),
         }
     }
 }
@@ -787,7 +764,7 @@ impl Session {
     fn enter(
         &self,
         state: &mut State,
-        identified: macula_relay_proto::router::Identified,
+        identified: macula_relay_proto::relay::router::Identified,
         version: u64,
         keyed: bool,
     ) {
@@ -902,7 +879,19 @@ impl Session {
                     bind: None,
                 },
             );
-            forward::run(shared, tunnel, requester_end, target_end, token).await;
+            let counted = shared.events.stream_bytes.clone();
+            let (bytes_up, bytes_down) =
+                forward::run(requester_end, target_end, token, counted).await;
+            shared.tunnel_ended(&tunnel.id);
+            info_peer!(
+                shared,
+                tunnel = %tunnel.id,
+                from = %tunnel.requester_name,
+                to = %tunnel.target_name,
+                bytes_up,
+                bytes_down,
+                "tunnel closed"
+            );
         });
     }
 
@@ -1181,25 +1170,3 @@ async fn open_prefixed(
     send.write_all(&id.to_hex()).await?;
     Ok((send, recv))
 }
-
-/// Writes queued control messages, batching whatever is queued at once.
-/// When the queue closes it finishes the stream and waits for the peer to
-/// read it, so a last message (a refusal) is delivered before a close.
-/// Relay and client both run their control stream's send side with it.
-pub async fn write_control(mut send: SendStream, mut queue: mpsc::Receiver<Message>) {
-    let mut buf = Vec::new();
-    while let Some(msg) = queue.recv().await {
-        buf.clear();
-        msg.encode_into(&mut buf);
-        while let Ok(more) = queue.try_recv() {
-            more.encode_into(&mut buf);
-        }
-        if send.write_all(&buf).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.finish();
-    let _ = send.stopped().await;
-}
-
-pub(crate) const TUNNEL_CLOSED: VarInt = VarInt::from_u32(0);

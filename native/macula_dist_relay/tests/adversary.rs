@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use macula_dist_relay::e2e_node::{self, E2eNode};
-use macula_dist_relay::identity::NodeIdentity;
+use macula_dist_node::e2e_node::{self, E2eNode};
+use macula_dist_node::identity::NodeIdentity;
 use macula_relay_proto::{Message, Mode, TunnelId};
 
 const RELAY: &str = env!("CARGO_BIN_EXE_macula-dist-relay");

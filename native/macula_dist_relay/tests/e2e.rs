@@ -7,9 +7,9 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::{random_bytes, relay, WAIT};
-use macula_dist_relay::e2e_node::{self, E2eNode};
+use macula_dist_node::e2e_node::{self, E2eNode};
 use macula_dist_relay::Relay;
-use macula_relay_proto::dataplane::session_id;
+use macula_relay_proto::wire::dataplane::session_id;
 use macula_relay_proto::{Message, TunnelId};
 use quinn::Connection;
 use tokio::time::timeout;
@@ -255,7 +255,7 @@ async fn what_the_relay_alters_or_forges_is_never_delivered() {
     // A stranger's datagram with a wrong bind key is dropped at the relay.
     let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let before = relay.data_stats().dropped_bad_bind.load(Ordering::Relaxed);
-    let mut d = macula_relay_proto::dataplane::header(session_id(&tunnel), &[7; 8]).to_vec();
+    let mut d = macula_relay_proto::wire::dataplane::header(session_id(&tunnel), &[7; 8]).to_vec();
     d.extend_from_slice(&[0x40; 100]);
     stranger.send_to(&d, relay.local_addr()).unwrap();
     timeout(WAIT, async {
@@ -289,7 +289,8 @@ async fn a_replayed_header_from_elsewhere_moves_nothing() {
     let unbound = || relay.data_stats().dropped_unbound.load(Ordering::Relaxed);
     let before = unbound();
     for bind in s.binds {
-        let mut d = macula_relay_proto::dataplane::header(session_id(&s.tunnel), &bind).to_vec();
+        let mut d =
+            macula_relay_proto::wire::dataplane::header(session_id(&s.tunnel), &bind).to_vec();
         d.extend_from_slice(&[0x40; 100]);
         attacker.send_to(&d, relay.local_addr()).unwrap();
     }
@@ -433,7 +434,7 @@ async fn a_node_whose_relay_connection_moves_keeps_its_sessions() {
 /// path does not move.
 #[tokio::test]
 async fn a_replayed_probe_moves_nothing() {
-    use macula_relay_proto::direct::{PROBE_DATAGRAM, PROBE_LEN};
+    use macula_relay_proto::node::direct::{PROBE_DATAGRAM, PROBE_LEN};
     use std::sync::{Arc, Mutex};
     let _quiet = QUIET.lock().await;
     let relay = relay().await;

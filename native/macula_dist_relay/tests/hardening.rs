@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use macula_dist_relay::tls;
 use macula_relay_proto::Message;
 
 const RELAY: &str = env!("CARGO_BIN_EXE_macula-dist-relay");
@@ -65,12 +64,16 @@ impl RelayProcess {
     }
 
     fn endpoint(&self) -> quinn::Endpoint {
-        let transport = tls::Transport::default();
+        let transport = macula_dist_quic::Transport::default();
         let mut endpoint = transport
             .client_endpoint("127.0.0.1:0".parse().unwrap())
             .unwrap();
         endpoint.set_default_client_config(
-            tls::client_config(&tls::Trust::Pin(self.fingerprint.clone()), &transport).unwrap(),
+            macula_dist_node::relay_trust::client_config(
+                &macula_dist_node::relay_trust::Trust::Pin(self.fingerprint.clone()),
+                &transport,
+            )
+            .unwrap(),
         );
         endpoint
     }

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{random_bytes, relay_with, tunnel, Node};
-use macula_dist_relay::e2e_node::{self, E2eNode};
+use macula_dist_node::e2e_node::{self, E2eNode};
 use macula_dist_relay::Config;
 
 /// `GET /metrics` over plain TCP: the body.
@@ -115,7 +115,8 @@ async fn counters_move_during_transfers() {
     // A forged datagram is counted by reason.
     let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut forged =
-        macula_relay_proto::dataplane::header(s.tunnel.as_bytes()[0] as u64, &[1; 8]).to_vec();
+        macula_relay_proto::wire::dataplane::header(s.tunnel.as_bytes()[0] as u64, &[1; 8])
+            .to_vec();
     forged.extend_from_slice(&[0x40; 50]);
     stranger.send_to(&forged, relay.local_addr()).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{relay, relay_with};
-use macula_dist_relay::e2e_node::E2eNode;
-use macula_dist_relay::identity::NodeIdentity;
+use macula_dist_node::e2e_node::E2eNode;
+use macula_dist_node::identity::NodeIdentity;
 use macula_dist_relay::{Config, Relay};
 
 async fn join(relay: &Relay, name: &str, key: Option<&NodeIdentity>) -> anyhow::Result<E2eNode> {

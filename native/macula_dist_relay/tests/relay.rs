@@ -433,7 +433,7 @@ async fn relay_stop_reaches_the_nodes() {
 async fn a_stalled_target_does_not_hold_up_other_requests() {
     let relay = relay().await;
     let mut a = Node::identify(&relay, "a@host").await;
-    let stalled_transport = macula_dist_relay::tls::Transport {
+    let stalled_transport = macula_dist_quic::Transport {
         max_streams: 0,
         ..Default::default()
     };

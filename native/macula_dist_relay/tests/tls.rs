@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use macula_dist_relay::{tls, Config};
+use macula_dist_relay::Config;
 use macula_relay_proto::Message;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
@@ -44,12 +44,16 @@ fn ca_signed(
 
 /// A client endpoint that trusts the CA in `ca_file`.
 fn trusting(ca_file: std::path::PathBuf) -> quinn::Endpoint {
-    let transport = tls::Transport::default();
+    let transport = macula_dist_quic::Transport::default();
     let mut endpoint = transport
         .client_endpoint("127.0.0.1:0".parse().unwrap())
         .unwrap();
     endpoint.set_default_client_config(
-        tls::client_config(&tls::Trust::CaFile(ca_file), &transport).unwrap(),
+        macula_dist_node::relay_trust::client_config(
+            &macula_dist_node::relay_trust::Trust::CaFile(ca_file),
+            &transport,
+        )
+        .unwrap(),
     );
     endpoint
 }
@@ -57,13 +61,17 @@ fn trusting(ca_file: std::path::PathBuf) -> quinn::Endpoint {
 #[tokio::test]
 async fn relay_certificate_from_pem_files_verified_by_ca() {
     let (dir, ca_file, cert_file, key_file, leaf) = ca_signed("pem", vec!["localhost".into()]);
-    let identity = tls::Identity::from_pem_files(&cert_file, &key_file).unwrap();
+    let identity =
+        macula_dist_relay::RelayCertificate::from_pem_files(&cert_file, &key_file).unwrap();
     let relay = relay_with(Config {
-        identity: Some(identity),
+        certificate: Some(identity),
         ..Config::loopback()
     })
     .await;
-    assert_eq!(relay.fingerprint(), tls::fingerprint(leaf.der()));
+    assert_eq!(
+        relay.fingerprint(),
+        macula_dist_quic::fingerprint(leaf.der())
+    );
 
     let endpoint = trusting(ca_file);
     // The CA is trusted and the name checked: "localhost" is in the certificate.
@@ -113,7 +121,9 @@ async fn ip_literal_is_checked_against_ip_sans() {
     ] {
         let (dir, ca_file, cert_file, key_file, _) = ca_signed(tag, names);
         let relay = relay_with(Config {
-            identity: Some(tls::Identity::from_pem_files(&cert_file, &key_file).unwrap()),
+            certificate: Some(
+                macula_dist_relay::RelayCertificate::from_pem_files(&cert_file, &key_file).unwrap(),
+            ),
             ..Config::loopback()
         })
         .await;

@@ -1,35 +1,30 @@
-//! The macula dist relay protocol without any I/O.
+//! The macula dist relay protocol without any I/O, grouped by who uses it:
 //!
-//! - [`frame`]: the control-stream codec (4-byte length + MessagePack map).
-//! - [`tunnel_id`]: the 32-hex-character tunnel ids that prefix tunnel streams.
-//! - [`router`]: the relay's routing table (nodes, tunnels, replacement, cleanup).
-//! - [`matcher`]: the client's tunnel matcher (pending FIFO, orphan streams, prefixes).
-//! - [`packet`]: the 2/4-byte length framing of Erlang distribution in a tunnel.
-//! - [`dataplane`]: the header of e2e session datagrams, told from QUIC by their first byte.
-//! - [`session_auth`]: the PAKE and candidate exchange that open an e2e session's stream.
-//! - [`sessions`]: the relay's e2e session table (who may send for a session, where it goes).
-//! - [`paths`]: the node's map between e2e sessions and the virtual addresses quinn sees.
-//! - [`admission`]: the relay's caps on unidentified connections, and when to send Retry.
-//! - [`ratelimit`]: rate limits for log lines about bad input.
+//! - [`wire`]: the formats on the wire, shared by relay and node: the
+//!   control-stream codec ([`wire::frame`]), tunnel ids
+//!   ([`wire::tunnel_id`]), the e2e datagram header ([`wire::dataplane`]),
+//!   the 2/4-byte packet framing of Erlang distribution ([`wire::packet`]),
+//!   and the close codes of relay connections ([`wire::close_code`]).
+//! - [`relay`]: the relay's tables: routing ([`relay::router`]), e2e
+//!   sessions ([`relay::sessions`]), admission of unidentified connections
+//!   ([`relay::admission`]).
+//! - [`node`]: the node's machines: what a relay client does with each
+//!   control message ([`node::control`]), the tunnel matcher
+//!   ([`node::matcher`]), the session map quinn sees ([`node::paths`]),
+//!   direct paths ([`node::direct`]), and the PAKE that opens an e2e
+//!   session ([`node::session_auth`]).
+//! - [`ratelimit`]: rate limits for log lines bad input can cause (both).
 //!
 //! Everything here is plain data in, plain data out, so relay and client
 //! share one tested implementation and the async glue around it stays thin.
 
-pub mod admission;
-pub mod dataplane;
-pub mod direct;
-pub mod frame;
-pub mod matcher;
-pub mod packet;
-pub mod paths;
+pub mod node;
 pub mod ratelimit;
-pub mod router;
-pub mod session_auth;
-pub mod sessions;
-pub mod tunnel_id;
+pub mod relay;
+pub mod wire;
 
-pub use frame::{BindKey, DecodeError, FrameDecoder, Message, Mode, DEFAULT_MAX_FRAME};
-pub use tunnel_id::TunnelId;
+pub use wire::frame::{BindKey, DecodeError, FrameDecoder, Message, Mode, DEFAULT_MAX_FRAME};
+pub use wire::tunnel_id::TunnelId;
 
 /// ALPN protocol id spoken on every relay connection.
 pub const ALPN: &[u8] = b"macula-dist";
@@ -51,3 +46,7 @@ pub const DIRECT_VERSION: u64 = 3;
 /// The first version the relay tells its reflexive address (`cand`
 /// without `tid`) and forwards no candidates to.
 pub const REFLEXIVE_VERSION: u64 = 4;
+
+/// How long a session that lost a side waits for its sides to claim it
+/// back (`sess_keep`): a node's reconnect, or a relay restart.
+pub const KEEP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,3 +1,4 @@
+#![allow(unreachable_pub)] // helpers shared by the test binaries
 //! A minimal relay client for tests, on quinn and the proto crate's codec.
 #![allow(dead_code)]
 
@@ -6,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use macula_dist_relay::{tls, Config, Relay};
+use macula_dist_relay::{Config, Relay};
 use macula_relay_proto::{FrameDecoder, Message, TunnelId};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::Notify;
@@ -31,14 +32,22 @@ pub async fn connect(relay: &Relay) -> Connection {
 }
 
 pub async fn connect_to(addr: SocketAddr, pin: &str) -> Connection {
-    connect_with(addr, pin, &tls::Transport::default()).await
+    connect_with(addr, pin, &macula_dist_quic::Transport::default()).await
 }
 
-pub async fn connect_with(addr: SocketAddr, pin: &str, transport: &tls::Transport) -> Connection {
+pub async fn connect_with(
+    addr: SocketAddr,
+    pin: &str,
+    transport: &macula_dist_quic::Transport,
+) -> Connection {
     let mut endpoint = transport
         .client_endpoint("127.0.0.1:0".parse().unwrap())
         .unwrap();
-    let config = tls::client_config(&tls::Trust::Pin(pin.into()), transport).unwrap();
+    let config = macula_dist_node::relay_trust::client_config(
+        &macula_dist_node::relay_trust::Trust::Pin(pin.into()),
+        transport,
+    )
+    .unwrap();
     endpoint.set_default_client_config(config);
     endpoint
         .connect(addr, "localhost")

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use rmpv::Value;
 
-use crate::tunnel_id::TunnelId;
+use crate::wire::tunnel_id::TunnelId;
 
 /// Largest control frame body accepted by default (64 KiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
@@ -91,7 +91,7 @@ pub enum Mode {
     /// Version 1: the relay splices two QUIC streams.
     Stream,
     /// Version 2: a QUIC connection between the two nodes, its datagrams
-    /// forwarded by the relay (see [`crate::dataplane`]).
+    /// forwarded by the relay (see [`crate::wire::dataplane`]).
     E2e,
 }
 

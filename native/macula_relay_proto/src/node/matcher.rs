@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::tunnel_id::{BadTunnelId, TunnelId, TUNNEL_ID_LEN};
+use crate::wire::tunnel_id::{BadTunnelId, TunnelId, TUNNEL_ID_LEN};
 
 /// Reads the tunnel-id prefix of a stream, whatever the read sizes.
 #[derive(Debug, Default)]

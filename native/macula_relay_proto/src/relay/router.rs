@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::tunnel_id::TunnelId;
+use crate::wire::tunnel_id::TunnelId;
 
 /// The relay's own handle for a QUIC connection.
 pub type ConnId = u64;

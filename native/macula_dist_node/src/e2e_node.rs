@@ -8,15 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use macula_relay_proto::dataplane::session_id;
-use macula_relay_proto::paths::Route;
+use macula_relay_proto::node::paths::Route;
+use macula_relay_proto::wire::dataplane::session_id;
 use macula_relay_proto::{BindKey, FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::time::timeout;
 
 use crate::identity::{self, NodeIdentity, PeerCheck, E2E_SERVER_NAME};
+use crate::node_socket::node_endpoint;
 use crate::node_socket::NodeSocket;
-use crate::tls;
+use crate::relay_trust;
+use macula_dist_quic::Transport;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -59,10 +61,10 @@ impl E2eNode {
         name: &str,
         key: Option<&NodeIdentity>,
     ) -> anyhow::Result<E2eNode> {
-        let transport = tls::Transport::default();
-        let (mut endpoint, socket) = transport.node_endpoint("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(tls::client_config_with_key(
-            &tls::Trust::Pin(pin.into()),
+        let transport = Transport::default();
+        let (mut endpoint, socket) = node_endpoint(&transport, "127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(relay_trust::client_config_with_key(
+            &relay_trust::Trust::Pin(pin.into()),
             &transport,
             key,
         )?);
@@ -223,7 +225,7 @@ pub async fn session(
         bail!("expected an e2e tun_ok")
     };
     ensure!(tunnel == granted);
-    let transport = tls::Transport::default();
+    let transport = Transport::default();
     // Each side computes its own key and the key it expects of the other.
     let a_me = NodeIdentity::derive(a_cookie, &a.name)?;
     let a_expects = PeerCheck::Key(NodeIdentity::derive(a_cookie, &b.name)?.spki);

@@ -19,8 +19,8 @@
 //! receiver never learns the sender's key. The session id is the first 8
 //! bytes of the tunnel id.
 
-use crate::frame::BindKey;
-use crate::tunnel_id::TunnelId;
+use crate::wire::frame::BindKey;
+use crate::wire::tunnel_id::TunnelId;
 
 /// First byte of a session datagram.
 pub const SESSION_DATAGRAM: u8 = 0x01;

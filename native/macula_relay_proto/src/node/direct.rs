@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use subtle::ConstantTimeEq;
 
-use crate::dataplane::SessionId;
+use crate::wire::dataplane::SessionId;
 
 /// First byte of a probe datagram.
 pub const PROBE_DATAGRAM: u8 = 0x02;

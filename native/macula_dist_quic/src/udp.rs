@@ -1,5 +1,5 @@
 //! The UDP socket under quinn, shared by the relay's and the node's
-//! wrappers ([`crate::relay_socket`], [`crate::node_socket`]): quinn-udp's
+//! wrappers (`macula_dist_relay::relay_socket`, `macula_dist_node::node_socket`): quinn-udp's
 //! batched I/O (GSO/GRO) on a tokio socket, as quinn's own tokio runtime
 //! does, plus helpers to walk the datagrams of a GRO batch.
 

@@ -8,7 +8,7 @@
 //! the cookie, so nothing the relay or a token holder sees can be tested
 //! against cookie guesses. The TLS handshake of a session accepts any key
 //! ([`PeerCheck::AnyKey`]); the cookie is then proved inside the session by
-//! a PAKE bound to its TLS exporter (`macula_relay_proto::session_auth`)
+//! a PAKE bound to its TLS exporter (`macula_relay_proto::node::session_auth`)
 //! before any byte reaches the distribution layer.
 //!
 //! The other mode is a cluster CA: each node holds a certificate issued by
@@ -28,7 +28,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::tls::Transport;
+use macula_dist_quic::{crypto_provider as provider, fingerprint, Transport};
 
 /// HKDF salt: changing it changes every derived key.
 const KEY_SALT: &[u8] = b"macula-dist e2e node key v1";
@@ -175,12 +175,8 @@ impl NodeIdentity {
 
     /// Short printable form of the public key (for logs and status).
     pub fn fingerprint(&self) -> String {
-        crate::tls::fingerprint(&CertificateDer::from(self.spki.clone()))[..16].to_string()
+        fingerprint(&CertificateDer::from(self.spki.clone()))[..16].to_string()
     }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn read_pem_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -427,80 +423,11 @@ impl ClientCertVerifier for PeerKey {
     }
 }
 
-/// A node's key id: SHA-256 of the SubjectPublicKeyInfo of its
-/// certificate (`None` for what is not a certificate).
-pub fn key_id(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
-    use sha2::{Digest, Sha256};
-    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
-    Some(Sha256::digest(cert.subject_public_key_info().as_ref()).into())
-}
-
 impl NodeIdentity {
     /// This node's key id, as the relay sees it (and `--nodes-file` names it).
     pub fn key_id(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         Sha256::digest(&self.spki).into()
-    }
-}
-
-/// The relay's check of the certificates nodes offer: optional (version 1
-/// clients have none), any key, but the certificate must parse and its key
-/// must sign the handshake. Which name a key may hold is the router's
-/// business.
-#[derive(Debug)]
-pub struct AnyNodeKey(Arc<CryptoProvider>);
-
-impl AnyNodeKey {
-    pub fn new() -> Arc<Self> {
-        Arc::new(AnyNodeKey(provider()))
-    }
-}
-
-impl ClientCertVerifier for AnyNodeKey {
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        key_id(end_entity)
-            .map(|_| ClientCertVerified::assertion())
-            .ok_or_else(|| rustls::Error::General("node certificate does not parse".into()))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

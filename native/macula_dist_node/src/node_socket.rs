@@ -20,14 +20,14 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use macula_relay_proto::dataplane::{self, Datagram, SessionId, HEADER_LEN, NO_BIND};
-use macula_relay_proto::direct::{self, DirectPath, Event, Probe};
-use macula_relay_proto::paths::{is_virtual, Paths, Route};
+use macula_relay_proto::node::direct::{self, DirectPath, Event, Probe};
+use macula_relay_proto::node::paths::{is_virtual, Paths, Route};
+use macula_relay_proto::wire::dataplane::{self, Datagram, SessionId, HEADER_LEN, NO_BIND};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::Notify;
 
-use crate::udp::{compact_slots, segments, UdpIo, Writable};
+use macula_dist_quic::udp::{compact_slots, segments, UdpIo, Writable};
 
 /// Received datagrams that could not stay in quinn's buffer: the rest of a
 /// GRO batch whose datagrams belong to different sessions, and datagrams
@@ -500,4 +500,28 @@ async fn run_direct(socket: Weak<NodeSocket>, wake: Arc<Notify>) {
             _ = wake.notified() => {}
         }
     }
+}
+
+/// A node's endpoint: one socket for its relay connections and its e2e
+/// sessions (see [`NodeSocket`]). It accepts e2e sessions only, each with
+/// its own server config (`Incoming::accept_with`).
+pub fn node_endpoint(
+    transport: &macula_dist_quic::Transport,
+    addr: SocketAddr,
+) -> anyhow::Result<(quinn::Endpoint, Arc<NodeSocket>)> {
+    let socket = Arc::new(NodeSocket::new(UdpIo::bind(addr)?)?);
+    let endpoint = transport.abstract_endpoint(Some(refusing_server_config()?), socket.clone())?;
+    Ok((endpoint, socket))
+}
+
+/// A node's endpoint needs a server config to see incoming connections at
+/// all; each is then accepted with its session's config or refused. This
+/// one is never used to accept: its key is throwaway.
+fn refusing_server_config() -> anyhow::Result<quinn::ServerConfig> {
+    let throwaway = crate::identity::NodeIdentity::generate()?;
+    crate::identity::server_config(
+        &throwaway,
+        crate::identity::PeerCheck::AnyKey,
+        &macula_dist_quic::Transport::default(),
+    )
 }

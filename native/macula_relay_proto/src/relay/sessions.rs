@@ -23,14 +23,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use subtle::ConstantTimeEq;
 
-use crate::dataplane::{session_id, SessionId};
-use crate::frame::BindKey;
-use crate::router::valid_node_name;
-use crate::tunnel_id::TunnelId;
+use crate::relay::router::valid_node_name;
+use crate::wire::dataplane::{session_id, SessionId};
+use crate::wire::frame::BindKey;
+use crate::wire::tunnel_id::TunnelId;
+use crate::KEEP_WAIT;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Side {
@@ -233,9 +234,6 @@ impl SessionTable {
     }
 }
 
-/// How long a session that lost a side waits for its sides to claim it
-/// back (`sess_keep`): a node's reconnect, or a relay restart.
-pub const KEEP_WAIT: Duration = Duration::from_secs(10);
 /// Sessions waiting to be claimed back, at most.
 pub const MAX_WAITING: usize = 65_536;
 /// Longest `peer` name a claim may carry (as identify's names).

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::dataplane::SessionId;
-use crate::frame::BindKey;
+use crate::wire::dataplane::SessionId;
+use crate::wire::frame::BindKey;
 
 /// How to send for one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

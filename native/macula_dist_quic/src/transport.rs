@@ -1,0 +1,187 @@
+//! QUIC transport settings shared by relay and node: timeouts, windows,
+//! congestion control, and the endpoints they make.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use macula_relay_proto::wire::dataplane::HEADER_LEN;
+
+/// QUIC transport settings shared by relay and client.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Per-stream receive window: what one tunnel may have in flight.
+    pub stream_window: u32,
+    /// Streams the peer may open at once (the relay opens one per tunnel).
+    pub max_streams: u32,
+    /// Largest UDP payload MTU discovery may try (quinn's default, 1472).
+    /// Raising it (loopback, jumbo frames) was measured: no gain with GSO.
+    pub max_udp_payload: u16,
+    pub congestion: Congestion,
+}
+
+/// The congestion controller of a node's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// quinn's default: loss-based, so random loss on a long path caps it
+    /// hard (measured: 0.08 MB/s at 100 ms RTT and 2 % loss).
+    #[default]
+    Cubic,
+    /// quinn's BBR (marked experimental there): paces by measured bandwidth
+    /// and RTT, so random loss costs little (8.6 MB/s on that link), at
+    /// some loss of loopback bulk speed.
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            other => anyhow::bail!("unknown congestion controller {other:?} (cubic or bbr)"),
+        }
+    }
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            stream_window: 4 * 1024 * 1024,
+            max_streams: 4096,
+            max_udp_payload: 1472,
+            congestion: Congestion::default(),
+        }
+    }
+}
+
+impl Transport {
+    pub fn quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_idle_timeout(Some(self.idle_timeout.try_into()?))
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_concurrent_bidi_streams(self.max_streams.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(self.stream_window.into())
+            .receive_window((self.stream_window as u64 * 4).try_into()?)
+            .send_window(self.stream_window as u64 * 4);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
+        if self.congestion == Congestion::Bbr {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Ok(t)
+    }
+
+    /// Connection receive window: four streams' worth.
+    pub fn connection_window(&self) -> u64 {
+        self.stream_window as u64 * 4
+    }
+
+    /// The relay's side of node connections. A node opens one stream (its
+    /// control stream; the relay opens the tunnel streams), and until it
+    /// identifies it may not make the relay buffer more than
+    /// [`UNIDENTIFIED_WINDOW`]; identify raises the window.
+    pub fn relay_quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let mut t = self.quinn_config()?;
+        t.max_concurrent_bidi_streams(1u32.into())
+            .receive_window(UNIDENTIFIED_WINDOW.into());
+        Ok(t)
+    }
+
+    /// The same for the QUIC connection of an e2e session: its datagrams
+    /// travel behind the relay's session header, so they are that much
+    /// smaller; a node opens one stream per session.
+    ///
+    /// A session's peer that vanishes is noticed by the relay (see
+    /// [`E2E_IDLE_TIMEOUT`]), or else after that much silence.
+    pub fn e2e_quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
+        let mut t = self.quinn_config()?;
+        t.max_concurrent_bidi_streams(4u32.into())
+            .max_idle_timeout(Some(E2E_IDLE_TIMEOUT.try_into()?))
+            .keep_alive_interval(Some(E2E_KEEP_ALIVE));
+
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload - HEADER_LEN as u16);
+        t.mtu_discovery_config(Some(mtu));
+        Ok(t)
+    }
+
+    pub fn endpoint_config(&self) -> anyhow::Result<quinn::EndpointConfig> {
+        let mut config = quinn::EndpointConfig::default();
+        config.max_udp_payload_size(self.max_udp_payload)?;
+        // Session datagrams are told from QUIC packets by the fixed bit:
+        // peers must never clear it (RFC 9287 greasing).
+        config.grease_quic_bit(false);
+        Ok(config)
+    }
+
+    /// An endpoint on a plain UDP socket (tests and benchmarks).
+    pub fn server_endpoint(
+        &self,
+        config: quinn::ServerConfig,
+        addr: SocketAddr,
+    ) -> anyhow::Result<quinn::Endpoint> {
+        self.endpoint(Some(config), addr)
+    }
+
+    /// A client endpoint on a plain UDP socket (connections get their config at connect).
+    pub fn client_endpoint(&self, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+        self.endpoint(None, addr)
+    }
+
+    fn endpoint(
+        &self,
+        server: Option<quinn::ServerConfig>,
+        addr: SocketAddr,
+    ) -> anyhow::Result<quinn::Endpoint> {
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        let socket =
+            std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(crate::udp::SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(crate::udp::SOCKET_BUFFER);
+        Ok(quinn::Endpoint::new(
+            self.endpoint_config()?,
+            server,
+            socket,
+            runtime,
+        )?)
+    }
+
+    /// An endpoint on a socket of one's own (the node's, the relay's),
+    /// which sees every datagram before quinn does.
+    pub fn abstract_endpoint(
+        &self,
+        server: Option<quinn::ServerConfig>,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+    ) -> anyhow::Result<quinn::Endpoint> {
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        Ok(quinn::Endpoint::new_with_abstract_socket(
+            self.endpoint_config()?,
+            server,
+            socket,
+            runtime,
+        )?)
+    }
+}
+
+/// Silence after which an e2e session's peer counts as gone. A peer that
+/// dies is noticed sooner through the relay: its relay connection times
+/// out (nodes keep that one alive every second), and the relay tells the
+/// other side with `tun_close`. Per-session liveness would cost N² packets
+/// a second in an idle mesh; the relay's costs N.
+pub const E2E_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval of e2e sessions (the path's NAT mapping is the
+/// relay connection's, kept by its own keep-alives).
+pub const E2E_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// What an unidentified connection may make the relay buffer, at most.
+pub const UNIDENTIFIED_WINDOW: u32 = 256 * 1024;

@@ -1,0 +1,7 @@
+//! The node's machines, driven by the node crate's async glue.
+
+pub mod control;
+pub mod direct;
+pub mod matcher;
+pub mod paths;
+pub mod session_auth;
