@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::link::Params;
-use crate::proxy::{Controls, Direction, Dirs};
+use crate::controls::{Controls, Direction, Dirs};
 
 /// The command summary (the `help` reply and the end of `--help`).
 pub const COMMANDS: &str = "\
@@ -302,7 +302,7 @@ async fn connection(stream: tokio::net::TcpStream, controls: Controls) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::Stats;
+    use crate::controls::Stats;
 
     #[test]
     fn parses_commands() {

@@ -67,10 +67,12 @@
 //! ```
 
 pub mod control;
+pub mod controls;
 pub mod link;
 pub mod proxy;
 pub mod rng;
 
 pub use link::{Counters, Decision, DropReason, Link, Params};
-pub use proxy::{Config, Controls, Direction, Dirs, Handle, Impair, Stats};
+pub use controls::{Controls, Direction, Dirs, Stats};
+pub use proxy::{Config, Handle, Impair};
 pub use rng::Rng;

@@ -409,6 +409,16 @@ impl RelayControl {
         }
     }
 
+    /// An inbound session failed its handshake (a peer without the cookie
+    /// ends here): counted, logged within the peer-caused limit, and the
+    /// relay told.
+    pub fn inbound_refused(&mut self, tunnel: TunnelId, text: &str, now: Instant) {
+        self.pending.remove(&tunnel);
+        self.refused_sessions += 1;
+        self.log_peer_caused(now, text.to_owned());
+        self.discard(tunnel);
+    }
+
     /// An inbound session is up, failed, or never came: no longer pending.
     pub fn inbound_done(&mut self, tunnel: &TunnelId) {
         self.pending.remove(tunnel);

@@ -9,7 +9,7 @@ use macula_dist_relay::{Config, Relay};
 use rustler::{Encoder, Env, NifResult, Resource, ResourceArc, Term};
 
 use crate::atoms;
-use crate::runtime::runtime;
+use crate::vm_runtime::runtime;
 
 pub struct RelayRes {
     relay: Mutex<Option<Relay>>,
@@ -77,52 +77,59 @@ fn relay_start(env: Env, opts: RelayOpts) -> NifResult<Term> {
     }
 }
 
+/// What `relay_info/1` answers: where the relay listens, its counts, and
+/// its data plane's counters.
+#[derive(rustler::NifMap)]
+struct RelayInfo {
+    address: String,
+    port: u16,
+    fingerprint: String,
+    nodes: usize,
+    tunnels: usize,
+    sessions: usize,
+    forwarded_datagrams: u64,
+    forwarded_bytes: u64,
+    dropped_unknown_session: u64,
+    dropped_bad_bind: u64,
+    dropped_malformed: u64,
+    dropped_overload: u64,
+    rebinds: u64,
+}
+
 #[rustler::nif]
-fn relay_info(env: Env, relay: ResourceArc<RelayRes>) -> Term {
+fn relay_info(relay: ResourceArc<RelayRes>) -> RelayInfo {
     let guard = relay.relay.lock().unwrap_or_else(|e| e.into_inner());
-    let stats = guard.as_ref().map(|r| r.stats());
-    let (nodes, tunnels, sessions) = stats
-        .map(|s| (s.nodes, s.tunnels, s.sessions))
-        .unwrap_or((0, 0, 0));
-    // The data plane's counters, by name.
-    let data: Vec<(&str, u64)> = match guard.as_ref() {
-        Some(r) => {
-            let d = r.data_stats();
-            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            vec![
-                ("forwarded_datagrams", load(&d.forwarded_datagrams)),
-                ("forwarded_bytes", load(&d.forwarded_bytes)),
-                ("dropped_unknown_session", load(&d.dropped_unknown_session)),
-                ("dropped_bad_bind", load(&d.dropped_bad_bind)),
-                ("dropped_malformed", load(&d.dropped_malformed)),
-                ("dropped_overload", load(&d.dropped_overload)),
-                ("rebinds", load(&d.rebinds)),
-            ]
-        }
-        None => vec![],
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut info = RelayInfo {
+        address: relay.addr.ip().to_string(),
+        port: relay.addr.port(),
+        fingerprint: relay.fingerprint.clone(),
+        nodes: 0,
+        tunnels: 0,
+        sessions: 0,
+        forwarded_datagrams: 0,
+        forwarded_bytes: 0,
+        dropped_unknown_session: 0,
+        dropped_bad_bind: 0,
+        dropped_malformed: 0,
+        dropped_overload: 0,
+        rebinds: 0,
     };
-    drop(guard);
-    let mut pairs: Vec<(Term, Term)> = vec![
-        (
-            atoms::address().encode(env),
-            relay.addr.ip().to_string().encode(env),
-        ),
-        (atoms::port().encode(env), relay.addr.port().encode(env)),
-        (
-            atoms::fingerprint().encode(env),
-            relay.fingerprint.as_str().encode(env),
-        ),
-        (atoms::nodes().encode(env), nodes.encode(env)),
-        (atoms::tunnels().encode(env), tunnels.encode(env)),
-        (atoms::sessions().encode(env), sessions.encode(env)),
-    ];
-    for (name, value) in data {
-        // Atoms from this fixed list only.
-        if let Ok(key) = rustler::Atom::from_str(env, name) {
-            pairs.push((key.encode(env), value.encode(env)));
-        }
+    if let Some(r) = guard.as_ref() {
+        let s = r.stats();
+        let d = r.data_stats();
+        info.nodes = s.nodes;
+        info.tunnels = s.tunnels;
+        info.sessions = s.sessions;
+        info.forwarded_datagrams = load(&d.forwarded_datagrams);
+        info.forwarded_bytes = load(&d.forwarded_bytes);
+        info.dropped_unknown_session = load(&d.dropped_unknown_session);
+        info.dropped_bad_bind = load(&d.dropped_bad_bind);
+        info.dropped_malformed = load(&d.dropped_malformed);
+        info.dropped_overload = load(&d.dropped_overload);
+        info.rebinds = load(&d.rebinds);
     }
-    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::error().encode(env))
+    info
 }
 
 #[rustler::nif(schedule = "DirtyIo")]

@@ -1,4 +1,5 @@
-//! One tunnel: a QUIC stream pair owned by an Erlang process.
+//! One tunnel: a QUIC stream pair, read and written for its owner (an
+//! Erlang process, through the NIF's [`TunnelSink`]).
 //!
 //! - Outbound: `send` copies iodata into a queue that a writer task drains
 //!   into quinn. Past `HIGH_WATER` queued bytes `send` answers `busy`, and
@@ -8,26 +9,23 @@
 //!   `{active, N}`). Without credit it stops reading, and QUIC flow control
 //!   pushes back on the sender. Bytes that arrive before an owner claims the
 //!   tunnel wait here.
-//! - The owner is monitored: when it dies the tunnel closes.
 //!
-//! Messages to the owner: `{macula_tunnel, Tunnel, {data, [binary()]}}`,
-//! `{macula_tunnel, Tunnel, writable}`, `{macula_tunnel, Tunnel, closed}`.
+//! What the owner hears goes through a [`TunnelSink`]: frames, `writable`,
+//! `closed`. The tunnel does not know who its owner is.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use macula_dist_node::node_socket::NodeSocket;
+use macula_relay_proto::wire::packet::{Framer, Packet};
 use macula_relay_proto::{Mode, TunnelId};
 use quinn::{RecvStream, SendStream, VarInt};
-use rustler::{Encoder, Env, LocalPid, Monitor, NewBinary, OwnedEnv, Resource, ResourceArc, Term};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::atoms;
-use crate::runtime::runtime;
-use macula_relay_proto::wire::packet::{Framer, Packet};
+use crate::node_socket::NodeSocket;
 
 /// Queued outbound bytes over which `send` answers `busy`.
 pub const HIGH_WATER: usize = 4 << 20;
@@ -55,7 +53,6 @@ pub struct Tunnel {
     pub peer: String,
     pub outbound: bool,
     pub mode: Mode,
-    owner: Mutex<Option<(LocalPid, Option<Monitor>)>>,
     out: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
     queued: AtomicUsize,
     want_writable: AtomicBool,
@@ -72,7 +69,26 @@ pub struct Tunnel {
     open_count: Arc<AtomicUsize>,
     /// An e2e session's socket and virtual address: where its path is.
     pub route: Option<(Arc<NodeSocket>, std::net::SocketAddr)>,
+    rt: Handle,
 }
+
+/// Where a tunnel's reader and writer tell its owner what happened. Each
+/// of the two loops has its own sink (made by the caller's factory).
+pub trait TunnelSink: Send + 'static {
+    /// Frames for the owner; one credit was used for them.
+    fn data(&mut self, frames: &mut Vec<Bytes>);
+    /// The queue went under [`LOW_WATER`] after a `busy`.
+    fn writable(&mut self);
+    /// The peer or the connection ended the tunnel.
+    fn closed(&mut self);
+}
+
+/// The tunnel is closed: nothing more can be sent on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelClosed;
+
+/// Live tunnels in this process, for leak checks.
+pub static LIVE_TUNNELS: AtomicUsize = AtomicUsize::new(0);
 
 impl Tunnel {
     /// An e2e session's direct address, when it has gone direct.
@@ -82,27 +98,9 @@ impl Tunnel {
     }
 }
 
-pub struct TunnelRes(pub Arc<Tunnel>);
-
-#[rustler::resource_impl]
-impl Resource for TunnelRes {
-    const IMPLEMENTS_DOWN: bool = true;
-
-    /// The owner died: what it sent is still delivered, as with a socket.
-    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
-        self.0.close(true);
-    }
-}
-
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        crate::LIVE_TUNNELS.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for TunnelRes {
-    fn drop(&mut self) {
-        self.0.close(false);
+        LIVE_TUNNELS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -136,76 +134,97 @@ impl Streams {
     }
 }
 
-/// Creates the tunnel and starts its reader and writer.
-pub fn start(
-    id: TunnelId,
-    peer: String,
-    outbound: bool,
-    streams: Streams,
-    owner: Option<LocalPid>,
-    open_count: Arc<AtomicUsize>,
-) -> ResourceArc<TunnelRes> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    open_count.fetch_add(1, Ordering::Relaxed);
-    crate::LIVE_TUNNELS.fetch_add(1, Ordering::Relaxed);
-    let tunnel = Arc::new(Tunnel {
-        id,
-        peer,
-        outbound,
-        mode: streams.mode(),
-        route: streams
-            .socket
-            .clone()
-            .zip(streams.conn.as_ref().map(|c| c.remote_address())),
-        owner: Mutex::new(None),
-        out: Mutex::new(Some(tx)),
-        queued: AtomicUsize::new(0),
-        want_writable: AtomicBool::new(false),
-        credit: AtomicU32::new(0),
-        credit_added: Notify::new(),
-        packet: AtomicU8::new(0),
-        closed: AtomicBool::new(false),
-        stop_reading: CancellationToken::new(),
-        abort_writing: CancellationToken::new(),
-        counters: Counters::default(),
-        open_count,
-    });
-    let res = ResourceArc::new(TunnelRes(tunnel));
-    if let Some(pid) = owner {
-        set_owner(&res, None, pid);
-    }
-    let rt = runtime();
-    rt.spawn(read_loop(res.clone(), streams.recv, streams.early));
-    rt.spawn(write_loop(res.clone(), streams.send, rx, streams.conn));
-    res
+/// A tunnel's streams, until its loops start.
+pub struct TunnelIo {
+    send: SendStream,
+    recv: RecvStream,
+    early: Bytes,
+    conn: Option<quinn::Connection>,
+    queue: mpsc::UnboundedReceiver<Bytes>,
 }
 
-/// Makes `pid` the owner (monitored); the old owner is no longer monitored.
-/// A tunnel whose new owner is already dead closes.
-pub fn set_owner(res: &ResourceArc<TunnelRes>, env: Option<Env>, pid: LocalPid) {
-    let tunnel = &res.0;
-    let mut owner = tunnel.owner.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, Some(old))) = owner.take() {
-        res.demonitor(env, &old);
-    }
-    let monitor = res.monitor(env, &pid);
-    let alive = monitor.is_some();
-    *owner = Some((pid, monitor));
-    drop(owner);
-    if !alive {
-        tunnel.close(false);
+/// A tunnel made, whose reader and writer start once its owner's side is
+/// ready ([`TunnelIo::start`]).
+pub struct NewTunnel {
+    pub tunnel: Arc<Tunnel>,
+    pub io: TunnelIo,
+}
+
+impl NewTunnel {
+    /// Drops a tunnel nobody will take: its e2e connection closes.
+    pub fn discard(self) {
+        self.tunnel.close(false);
+        if let Some(conn) = self.io.conn {
+            conn.close(CLOSED_CODE, b"tunnel discarded");
+        }
     }
 }
 
 impl Tunnel {
-    pub fn owner(&self) -> Option<LocalPid> {
-        self.owner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(pid, _)| *pid)
+    /// Creates the tunnel; `open_count` counts its client's open tunnels.
+    pub fn create(
+        id: TunnelId,
+        peer: String,
+        outbound: bool,
+        streams: Streams,
+        open_count: Arc<AtomicUsize>,
+        rt: Handle,
+    ) -> NewTunnel {
+        let (tx, rx) = mpsc::unbounded_channel();
+        open_count.fetch_add(1, Ordering::Relaxed);
+        LIVE_TUNNELS.fetch_add(1, Ordering::Relaxed);
+        let tunnel = Arc::new(Tunnel {
+            id,
+            peer,
+            outbound,
+            mode: streams.mode(),
+            route: streams
+                .socket
+                .clone()
+                .zip(streams.conn.as_ref().map(|c| c.remote_address())),
+            out: Mutex::new(Some(tx)),
+            queued: AtomicUsize::new(0),
+            want_writable: AtomicBool::new(false),
+            credit: AtomicU32::new(0),
+            credit_added: Notify::new(),
+            packet: AtomicU8::new(0),
+            closed: AtomicBool::new(false),
+            stop_reading: CancellationToken::new(),
+            abort_writing: CancellationToken::new(),
+            counters: Counters::default(),
+            open_count,
+            rt,
+        });
+        NewTunnel {
+            tunnel,
+            io: TunnelIo {
+                send: streams.send,
+                recv: streams.recv,
+                early: streams.early,
+                conn: streams.conn,
+                queue: rx,
+            },
+        }
     }
+}
 
+impl TunnelIo {
+    /// Starts the reader and the writer; each tells its own sink.
+    pub fn start(self, tunnel: &Arc<Tunnel>, mut sink: impl FnMut() -> Box<dyn TunnelSink>) {
+        tunnel
+            .rt
+            .spawn(read_loop(tunnel.clone(), self.recv, self.early, sink()));
+        tunnel.rt.spawn(write_loop(
+            tunnel.clone(),
+            self.send,
+            self.queue,
+            self.conn,
+            sink(),
+        ));
+    }
+}
+
+impl Tunnel {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -233,15 +252,15 @@ impl Tunnel {
 
     /// Queues bytes for the peer. `Ok(true)` means over the high-water mark:
     /// stop sending until `writable`.
-    pub fn send(&self, data: Bytes, packets: u64) -> Result<bool, ()> {
+    pub fn send(&self, data: Bytes, packets: u64) -> Result<bool, TunnelClosed> {
         let len = data.len();
         let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = out.as_ref() else {
-            return Err(());
+            return Err(TunnelClosed);
         };
         let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
         if tx.send(data).is_err() {
-            return Err(());
+            return Err(TunnelClosed);
         }
         self.counters
             .send_bytes
@@ -272,7 +291,7 @@ impl Tunnel {
         self.out.lock().unwrap_or_else(|e| e.into_inner()).take();
         if graceful {
             let abort = self.abort_writing.clone();
-            runtime().spawn(async move {
+            self.rt.spawn(async move {
                 tokio::time::sleep(CLOSE_FLUSH).await;
                 abort.cancel();
             });
@@ -282,33 +301,23 @@ impl Tunnel {
     }
 }
 
-/// Tells the owner (if any) something about the tunnel.
-fn notify(
-    env: &mut OwnedEnv,
-    res: &ResourceArc<TunnelRes>,
-    event: impl for<'a> FnOnce(Env<'a>) -> Term<'a>,
-) {
-    if let Some(owner) = res.0.owner() {
-        let _ = env.send_and_clear(&owner, |env| {
-            (atoms::macula_tunnel(), res.clone(), event(env)).encode(env)
-        });
-    }
-}
-
 /// The peer or the connection ended the tunnel: close it and tell the owner.
-fn closed_by_peer(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>, why: &dyn std::fmt::Display) {
-    tracing::debug!(tunnel = %res.0.id, %why, "tunnel ended");
-    if !res.0.is_closed() {
-        res.0.close(false);
-        notify(env, res, |env| atoms::closed().encode(env));
+fn closed_by_peer(sink: &mut dyn TunnelSink, tunnel: &Tunnel, why: &dyn std::fmt::Display) {
+    tracing::debug!(tunnel = %tunnel.id, %why, "tunnel ended");
+    if !tunnel.is_closed() {
+        tunnel.close(false);
+        sink.closed();
     }
 }
 
-async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Bytes) {
-    let tunnel = res.0.clone();
+async fn read_loop(
+    tunnel: Arc<Tunnel>,
+    mut recv: RecvStream,
+    early: Bytes,
+    mut sink: Box<dyn TunnelSink>,
+) {
     let mut framer = Framer::new(Packet::Raw, MAX_FRAME);
     framer.push(&early);
-    let mut env = OwnedEnv::new();
     let mut batch: Vec<Bytes> = Vec::new();
     // Taken from quinn in one call: whatever arrived since the last read.
     let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
@@ -344,13 +353,18 @@ async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Byt
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    return closed_by_peer(&mut env, &res, &format!("packet of {} bytes", e.len))
+                    return closed_by_peer(
+                        sink.as_mut(),
+                        &tunnel,
+                        &format!("packet of {} bytes", e.len),
+                    )
                 }
             }
         }
         if !batch.is_empty() {
             tunnel.credit.fetch_sub(1, Ordering::AcqRel);
-            deliver(&mut env, &res, &mut batch);
+            sink.data(&mut batch);
+            batch.clear();
             continue;
         }
         let read = tokio::select! {
@@ -366,61 +380,33 @@ async fn read_loop(res: ResourceArc<TunnelRes>, mut recv: RecvStream, early: Byt
                     *chunk = Bytes::new();
                 }
             }
-            Ok(None) => return closed_by_peer(&mut env, &res, &"finished by the peer"),
-            Err(e) => return closed_by_peer(&mut env, &res, &e),
+            Ok(None) => return closed_by_peer(sink.as_mut(), &tunnel, &"finished by the peer"),
+            Err(e) => return closed_by_peer(sink.as_mut(), &tunnel, &e),
         }
     }
-}
-
-/// Sends `{data, Frames}`: one binary holds the batch, each frame is a
-/// sub-binary of it (one allocation and one copy per batch).
-fn deliver(env: &mut OwnedEnv, res: &ResourceArc<TunnelRes>, batch: &mut Vec<Bytes>) {
-    let frames = std::mem::take(batch);
-    notify(env, res, |env| {
-        let total = frames.iter().map(|f| f.len()).sum();
-        let mut whole = NewBinary::new(env, total);
-        let mut at = 0;
-        for f in &frames {
-            whole.as_mut_slice()[at..at + f.len()].copy_from_slice(f);
-            at += f.len();
-        }
-        let whole: rustler::Binary = whole.into();
-        let mut at = 0;
-        let list: Vec<Term> = frames
-            .iter()
-            .map(|f| {
-                let sub = whole
-                    .make_subbinary(at, f.len())
-                    .expect("within the batch binary");
-                at += f.len();
-                sub.to_term(env)
-            })
-            .collect();
-        (atoms::data(), list).encode(env)
-    });
 }
 
 /// Writes until the tunnel closes, then ends an e2e session's connection
 /// (once what was written is acknowledged, on a graceful close).
 async fn write_loop(
-    res: ResourceArc<TunnelRes>,
+    tunnel: Arc<Tunnel>,
     send: SendStream,
     queue: mpsc::UnboundedReceiver<Bytes>,
     conn: Option<quinn::Connection>,
+    mut sink: Box<dyn TunnelSink>,
 ) {
-    write_all(res, send, queue).await;
+    write_all(&tunnel, send, queue, sink.as_mut()).await;
     if let Some(conn) = conn {
         conn.close(CLOSED_CODE, b"tunnel closed");
     }
 }
 
 async fn write_all(
-    res: ResourceArc<TunnelRes>,
+    tunnel: &Tunnel,
     mut send: SendStream,
     mut queue: mpsc::UnboundedReceiver<Bytes>,
+    sink: &mut dyn TunnelSink,
 ) {
-    let tunnel = res.0.clone();
-    let mut env = OwnedEnv::new();
     let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
     loop {
         let got = tokio::select! {
@@ -452,11 +438,11 @@ async fn write_all(
         };
         chunks.clear();
         if let Err(e) = written {
-            return closed_by_peer(&mut env, &res, &e);
+            return closed_by_peer(sink, tunnel, &e);
         }
         let left = tunnel.queued.fetch_sub(len, Ordering::AcqRel) - len;
         if left <= LOW_WATER && tunnel.want_writable.swap(false, Ordering::AcqRel) {
-            notify(&mut env, &res, |env| atoms::writable().encode(env));
+            sink.writable();
         }
     }
 }
