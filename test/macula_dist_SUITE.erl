@@ -15,7 +15,7 @@
          second_node_with_a_live_name_fails_to_boot/1, cluster_ca_mode/1, kill_9_seen_with_default_ticktime/1,
          relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1,
          direct_path_on_loopback/1, direct_false_stays_relayed/1,
-         deprecated_calls_answer_as_before/1]).
+         keeper_answers_sys_while_reconnecting/1, deprecated_calls_answer_as_before/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -33,7 +33,7 @@ groups() ->
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
              autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime],
     [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed,
-                         deprecated_calls_answer_as_before]},
+                         keeper_answers_sys_while_reconnecting, deprecated_calls_answer_as_before]},
      {stream, [], Cases}].
 
 init_per_suite(Config) ->
@@ -381,6 +381,47 @@ relay_restart_reconnects(Config) ->
     after
         macula_dist_relay:stop(Relay2)
     end.
+
+%% Each relay's keeper is a gen_statem that answers sys throughout:
+%% `connected', then `connecting' (waiting out its backoff, or while an
+%% attempt runs) as long as the relay is gone, then `connected' again, the
+%% same keeper, once the relay is back. autoconnect answers sys as well.
+keeper_answers_sys_while_reconnecting(Config) ->
+    {Relay, #{port := Port} = Info} = macula_ct:start_relay(),
+    put(relay, Relay),
+    %% The next relay has a new certificate: trust without a pin here.
+    Extra = ["-macula_dist", "verify", "none", "-macula_dist", "autoconnect", "true"],
+    {A, _} = macula_ct:start_peer(pa24, Info#{fingerprint => none, tunnel => ?config(mode, Config)},
+                                  Extra),
+    put(peers, [A | get_peers()]),
+    [Keeper] = keepers(A),
+    ?assertMatch({connected, _}, call(A, sys, get_state, [Keeper])),
+    ?assertEqual(state, element(1, call(A, sys, get_state, [macula_dist_autoconnect]))),
+    macula_dist_relay:stop(Relay),
+    ?assertEqual(connecting, wait_for(fun() -> keeper_state(A, Keeper) =:= connecting andalso connecting end)),
+    %% Attempts fail and back off meanwhile; sys answers every time (within
+    %% its default 5 s).
+    [begin
+         timer:sleep(1000),
+         ?assertEqual(connecting, keeper_state(A, Keeper)),
+         ?assertEqual(state, element(1, call(A, sys, get_state, [macula_dist_autoconnect])))
+     end || _ <- lists:seq(1, 5)],
+    {Relay2, _} = macula_ct:start_relay(#{port => Port}),
+    try
+        %% The backoff is 5 s at most, an attempt a few seconds.
+        ?assertEqual(connected, wait_for(fun() -> keeper_state(A, Keeper) =:= connected andalso connected end, 300)),
+        ?assertEqual([Keeper], keepers(A)),
+        ?assertMatch([#{connection := connected}], call(A, macula_dist_cluster, status, []))
+    after
+        macula_dist_relay:stop(Relay2)
+    end.
+
+keepers(P) ->
+    [Pid || {{macula_dist_keeper, _}, Pid, worker, _} <- call(P, supervisor, which_children, [macula_dist_sup])].
+
+keeper_state(P, Keeper) ->
+    {State, _Data} = call(P, sys, get_state, [Keeper]),
+    State.
 
 %% macula_dist's old user API (deprecated, moved to macula_dist_cluster)
 %% still answers, as the new one does.
