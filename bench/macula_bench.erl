@@ -320,7 +320,7 @@ is_macula(Carrier) -> lists:member(Carrier, [macula_direct, macula_e2e, macula_s
 wait_direct(_A, BN, 0) -> error({no_direct_path, BN});
 wait_direct(A, BN, N) ->
     Name = atom_to_binary(BN, utf8),
-    Paths = [P || #{sessions := Ss} <- peer:call(A, macula_dist, status, []),
+    Paths = [P || #{sessions := Ss} <- peer:call(A, macula_dist_cluster, status, []),
                   #{peer := Peer, path := P} <- Ss, Peer =:= Name],
     case Paths of
         [{direct, _}] -> true;

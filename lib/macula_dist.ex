@@ -5,8 +5,9 @@ defmodule MaculaDist do
   Nodes start with `-proto_dist macula -no_epmd` and a relay to join
   (`-macula_dist relay "quic://host:4434"`, see the README); after that
   `Node.connect/1`, `:erpc`, `:global`, `:pg` and monitors work as usual.
-  This module only reads the state of the relay connection; the work is
-  done by the Erlang modules and the Rust NIF.
+  This module only reads the state of the relay connection (as the Erlang
+  module `:macula_dist_cluster` does); the work is done by the Erlang
+  modules and the Rust NIF.
   """
 
   @typedoc "What `status/0` reports about the relay connection."
@@ -41,7 +42,7 @@ defmodule MaculaDist do
   `:sessions` names the peers whose e2e session that relay carries now.
   """
   @spec relays() :: [map()]
-  def relays, do: :macula_dist.status()
+  def relays, do: :macula_dist_cluster.status()
 
   @doc """
   The other nodes on this node's relays, which it may connect to; `[]`
@@ -50,11 +51,11 @@ defmodule MaculaDist do
   With `-macula_dist autoconnect true` the node connects to them by itself.
   """
   @spec relay_nodes() :: [node() | binary()]
-  def relay_nodes, do: :macula_dist.relay_nodes()
+  def relay_nodes, do: :macula_dist_cluster.relay_nodes()
 
   @doc "The names of the other nodes on this node's relays, as binaries."
   @spec relay_node_names() :: [binary()]
-  def relay_node_names, do: :macula_dist.relay_node_names()
+  def relay_node_names, do: :macula_dist_cluster.relay_node_names()
 
   @doc """
   Parses a relay URL the way the node does: `quic://host:port`, `host:port`,

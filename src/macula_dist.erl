@@ -1,15 +1,20 @@
-%% @doc `-proto_dist macula': Erlang distribution through a macula QUIC relay.
+%% @doc `-proto_dist macula': Erlang distribution through macula QUIC relays.
 %%
 %% ```
 %% erl -proto_dist macula -no_epmd -sname alice \
 %%     -macula_dist relay '"quic://127.0.0.1:4434"' -macula_dist pin_sha256 '"<hex>"'
 %% '''
 %%
-%% The relay client is started by `listen/2' under `macula_dist_sup' (which
-%% net_kernel's supervisor starts from `childspecs/0'). Each connection is a
-%% relay tunnel: `setup/5' asks for one by node name, inbound ones arrive as
-%% `{accept, ...}' at net_kernel. Node names are `name@host'; the host part
-%% is a name only, never dialled.
+%% This is the carrier module that net_kernel calls; what a user may ask
+%% about the cluster is in `macula_dist_cluster'.
+%%
+%% `listen/2' starts one relay client per relay, each under a keeper,
+%% under `macula_dist_sup' (which net_kernel's supervisor starts from
+%% `childspecs/0'). Each connection is a tunnel (an end-to-end session, or
+%% a stream in stream mode): `setup/5' asks the node's relays for one by
+%% node name, in order; inbound ones arrive as `{accept, ...}' at
+%% net_kernel. Node names are `name@host'; the host part is a name only,
+%% never dialled.
 %%
 %% Per connection, as in OTP's gen_tcp_dist example: the handshake process
 %% (which then runs dist_util's connection loop, ticks included), a
@@ -20,9 +25,13 @@
 -module(macula_dist).
 
 -export([listen/1, listen/2, accept/1, accept_connection/5, setup/5, close/1, select/1,
-         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2, relay_nodes/0, relay_node_names/0,
-         status/0]).
+         address/0, is_node_name/1, childspecs/0, setopts/2, getopts/2]).
 -export([do_setup/6, do_accept/5, acceptor/1, controller/2, input_handler/3]).
+%% Moved to macula_dist_cluster; kept for callers of the old names.
+-export([relay_nodes/0, relay_node_names/0, status/0]).
+-deprecated([{relay_nodes, 0, "use macula_dist_cluster:relay_nodes/0"},
+             {relay_node_names, 0, "use macula_dist_cluster:relay_node_names/0"},
+             {status, 0, "use macula_dist_cluster:status/0"}]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist_util.hrl").
@@ -78,38 +87,17 @@ ensure_client(Url, Node, Opts) ->
     end,
     macula_dist_sup:start_client(Url, Node, Opts).
 
-%% @doc The other nodes on this node's relays, which it may connect to: an
-%% atom for each name that already is one, a binary for the others. No atom
-%% is made here: the names come from the relay, and a relay (or a token
-%% holder cycling names) could otherwise fill the atom table.
+%% @doc Deprecated: use `macula_dist_cluster:relay_nodes/0'.
 -spec relay_nodes() -> [node() | binary()].
-relay_nodes() ->
-    [known_atom(N) || N <- relay_node_names()].
+relay_nodes() -> macula_dist_cluster:relay_nodes().
 
-%% @doc The names of the other nodes on this node's relays, as binaries.
+%% @doc Deprecated: use `macula_dist_cluster:relay_node_names/0'.
 -spec relay_node_names() -> [binary()].
-relay_node_names() ->
-    lists:usort([N || Client <- macula_dist_relay_client:clients(),
-                      {ok, Ns} <- [macula_dist_relay_client:relay_nodes(Client)], N <- Ns]).
+relay_node_names() -> macula_dist_cluster:relay_node_names().
 
-known_atom(Name) ->
-    try binary_to_existing_atom(Name, utf8)
-    catch error:badarg -> Name
-    end.
-
-%% @doc Every relay client's status, in the node's relay order. Each shows
-%% its relay (`relay_url', `connection', `rtt_us', ...) and the e2e
-%% sessions it carries now (`sessions': `#{peer, id, rtt_us, path}'), so the
-%% relay a connection uses is the one whose `sessions' name its peer.
+%% @doc Deprecated: use `macula_dist_cluster:status/0'.
 -spec status() -> [map()].
-status() ->
-    [S || Client <- macula_dist_relay_client:clients(),
-          S <- [status_of(Client)], is_map(S)].
-
-status_of(Client) ->
-    try macula_dist_relay_client:status(Client)
-    catch _:_ -> unavailable
-    end.
+status() -> macula_dist_cluster:status().
 
 creation() ->
     rand:uniform((1 bsl 32) - 5) + 3.

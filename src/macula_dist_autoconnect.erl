@@ -63,7 +63,7 @@ refill(#state{tokens = Tokens, refilled = Then} = State) ->
 connect_new(#state{tokens = Tokens, failed = Failed, trying = Trying} = State) ->
     Now = now_ms(),
     Known = [atom_to_binary(N) || N <- [node() | nodes(connected)]],
-    Candidates = [N || N <- macula_dist:relay_node_names(),
+    Candidates = [N || N <- macula_dist_cluster:relay_node_names(),
                        not lists:member(N, Known),
                        not lists:member(N, maps:values(Trying)),
                        maps:get(N, Failed, Now) =< Now,

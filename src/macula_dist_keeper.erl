@@ -1,94 +1,181 @@
 %% @doc Keeps one of the node's relay clients running under -proto_dist
 %% macula (one keeper per relay; the client is registered as `Name').
 %%
+%% A `gen_statem' with two states: `connected' (its client runs, linked to
+%% it) and `connecting' (waiting out the backoff, or a connection attempt
+%% running). `sys:get_state/1' answers in both.
+%%
 %% The first connection is made while `macula_dist:listen/2' waits, so a
 %% wrong relay or configuration fails the boot with its reason. A node with
 %% several relays boots with those that answer (`optional'): a keeper whose
 %% relay did not answer reports why and keeps trying. After that,
 %% when the relay connection ends (the client stops with `{relay_closed, _}'),
-%% the keeper connects again, with backoff, for as long as it takes: a relay
-%% outage costs the node its connections, never the node itself (net_kernel's
-%% supervisor would give up after a few quick restarts, and take the node
-%% down with it).
+%% the keeper connects again, with backoff (100 ms doubling to 5 s), for as
+%% long as it takes: a relay outage costs the node its connections, never
+%% the node itself (net_kernel's supervisor would give up after a few quick
+%% restarts, and take the node down with it). Except when the relay gave
+%% the node's name to a newer connection (`{relay_closed, replaced}'): the
+%% keeper then stops for good.
+%%
+%% A connection attempt after the first runs in a process of its own (it
+%% may wait the whole `connect_timeout' for a relay that is down), so the
+%% keeper still answers `sys' and ends at once on its supervisor's
+%% shutdown, stopping the attempt with it.
 -module(macula_dist_keeper).
+-behaviour(gen_statem).
 
 -export([start_link/5]).
--export([init/6]).
+-export([init_it/6]).
+-export([callback_mode/0, init/1, connecting/3, connected/3, terminate/3, format_status/1]).
 
 -define(MIN_BACKOFF, 100).
 -define(MAX_BACKOFF, 5000).
+%% How long terminate/3 waits for a client to stop.
+-define(STOP_TIMEOUT, 5000).
+
+-record(data, {name :: atom(),
+               url :: string() | binary(),
+               node :: binary(),
+               opts :: map(),
+               %% The wait before the next attempt.
+               backoff = ?MIN_BACKOFF :: pos_integer(),
+               %% connected: the running client.
+               client :: pid() | undefined,
+               %% connecting: the process running an attempt, if any.
+               dialer :: pid() | undefined}).
 
 %% Returns `{ok, Pid, connected}', or, `optional', `{ok, Pid, {error, Why}}'
 %% while it keeps trying.
 -spec start_link(atom(), string() | binary(), binary(), map(), required | optional) ->
           {ok, pid(), connected | {error, term()}} | {error, term()}.
 start_link(Name, Url, Node, Opts, Mode) ->
-    proc_lib:start_link(?MODULE, init, [self(), Name, Url, Node, Opts, Mode]).
+    proc_lib:start_link(?MODULE, init_it, [self(), Name, Url, Node, Opts, Mode]).
 
-init(Parent, Name, Url, Node, Opts, Mode) ->
+%% gen_statem's own start cannot answer with the first attempt's outcome:
+%% this makes the attempt, answers start_link/5, then becomes the gen_statem.
+init_it(Starter, Name, Url, Node, Opts, Mode) ->
     process_flag(trap_exit, true),
-    Args = {Name, Url, Node, Opts},
+    Data = #data{name = Name, url = Url, node = Node, opts = Opts},
     case macula_dist_relay_client:start_link(Name, Url, Node, Opts) of
         {ok, Client} ->
-            proc_lib:init_ack(Parent, {ok, self(), connected}),
-            watch(Parent, Client, Args);
+            proc_lib:init_ack(Starter, {ok, self(), connected}),
+            gen_statem:enter_loop(?MODULE, [], connected, Data#data{client = Client});
         {error, Reason} when Mode =:= optional ->
-            proc_lib:init_ack(Parent, {ok, self(), {error, Reason}}),
-            reconnect(Parent, Args, ?MIN_BACKOFF);
+            proc_lib:init_ack(Starter, {ok, self(), {error, Reason}}),
+            gen_statem:enter_loop(?MODULE, [], connecting, Data, [retry(?MIN_BACKOFF)]);
         {error, Reason} ->
-            proc_lib:init_ack(Parent, {error, Reason}),
+            proc_lib:init_ack(Starter, {error, Reason}),
             exit(normal)
     end.
 
-watch(Parent, Client, Args) ->
-    receive
-        {'EXIT', Parent, Reason} ->
-            stop_client(Client),
-            exit(Reason);
-        {'EXIT', Client, {relay_closed, Why} = Reason} when is_binary(Why) ->
-            case binary:match(Why, <<"replaced">>) of
-                nomatch ->
-                    logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
-                    reconnect(Parent, Args, ?MIN_BACKOFF);
-                _ ->
-                    %% Another connection with this node's name and key took
-                    %% over (this one had stopped answering): taking the
-                    %% name back would split the node in two.
-                    logger:error("macula_dist: the relay gave this node's name to a newer "
-                                 "connection; not connecting again"),
-                    exit(normal)
-            end;
-        {'EXIT', Client, Reason} ->
-            logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
-            reconnect(Parent, Args, ?MIN_BACKOFF)
+callback_mode() ->
+    state_functions.
+
+%% Not used: start_link/5 starts the keeper through init_it/6.
+init(_) ->
+    {stop, use_start_link_5}.
+
+%% ---- connecting ----
+
+connecting(state_timeout, dial, Data) ->
+    {keep_state, Data#data{dialer = dial(Data)}};
+connecting(info, {dialed, Dialer, {ok, Client}}, #data{dialer = Dialer, url = Url} = Data) ->
+    link(Client),
+    Dialer ! {linked, self()},
+    logger:notice("macula_dist: connected to relay ~p again", [Url]),
+    {next_state, connected, Data#data{dialer = undefined, client = Client, backoff = ?MIN_BACKOFF}};
+connecting(info, {dialed, Dialer, {error, Reason}}, #data{dialer = Dialer} = Data) ->
+    not_reachable(Reason, Data);
+%% The attempt crashed before it answered.
+connecting(info, {'EXIT', Dialer, Reason}, #data{dialer = Dialer} = Data) ->
+    not_reachable(Reason, Data);
+connecting(Type, Event, _Data) ->
+    other(Type, Event).
+
+not_reachable(Reason, #data{url = Url, backoff = Backoff} = Data) ->
+    Next = min(Backoff * 2, ?MAX_BACKOFF),
+    logger:warning("macula_dist: relay ~p not reachable (~p); next try in ~b ms",
+                   [Url, Reason, Next]),
+    {keep_state, Data#data{dialer = undefined, backoff = Next}, [retry(Next)]}.
+
+retry(Backoff) ->
+    {state_timeout, Backoff, dial}.
+
+%% The attempt's process starts the client (which links to it), reports,
+%% and lets go of the client once the keeper has linked to it: the client
+%% is never without a linked owner, and a keeper that ends takes the
+%% attempt, and the client it is starting, with it.
+dial(#data{name = Name, url = Url, node = Node, opts = Opts}) ->
+    Keeper = self(),
+    proc_lib:spawn_link(fun() -> dialer(Keeper, Name, Url, Node, Opts) end).
+
+dialer(Keeper, Name, Url, Node, Opts) ->
+    case macula_dist_relay_client:start_link(Name, Url, Node, Opts) of
+        {ok, Client} = Started ->
+            Keeper ! {dialed, self(), Started},
+            receive {linked, Keeper} -> unlink(Client) end;
+        {error, _} = Error ->
+            Keeper ! {dialed, self(), Error}
     end.
 
-reconnect(Parent, {Name, Url, Node, Opts} = Args, Backoff) ->
-    receive
-        {'EXIT', Parent, Reason} -> exit(Reason)
-    after Backoff ->
-            case start_client(Name, Url, Node, Opts) of
-                {ok, Client} ->
-                    logger:notice("macula_dist: connected to relay ~p again", [Url]),
-                    watch(Parent, Client, Args);
-                {error, Reason} ->
-                    logger:warning("macula_dist: relay ~p not reachable (~p); next try in ~b ms",
-                                   [Url, Reason, min(Backoff * 2, ?MAX_BACKOFF)]),
-                    reconnect(Parent, Args, min(Backoff * 2, ?MAX_BACKOFF))
-            end
+%% ---- connected ----
+
+connected(info, {'EXIT', Client, {relay_closed, replaced}}, #data{client = Client} = Data) ->
+    %% Another connection with this node's name and key took over (this
+    %% one had stopped answering): taking the name back would split the
+    %% node in two.
+    logger:error("macula_dist: the relay gave this node's name to a newer "
+                 "connection; not connecting again"),
+    {stop, normal, Data#data{client = undefined}};
+connected(info, {'EXIT', Client, Reason}, #data{client = Client} = Data) ->
+    logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
+    {next_state, connecting, Data#data{client = undefined, backoff = ?MIN_BACKOFF},
+     [retry(?MIN_BACKOFF)]};
+connected(Type, Event, _Data) ->
+    other(Type, Event).
+
+%% The attempt's process ending after it answered, and anything else.
+other({call, From}, _Request) ->
+    {keep_state_and_data, [{reply, From, {error, unknown_call}}]};
+other(_Type, _Event) ->
+    keep_state_and_data.
+
+%% ---- stopping ----
+
+terminate(_Reason, _State, #data{name = Name, client = Client, dialer = Dialer}) ->
+    stop_dialer(Dialer, Name),
+    stop_client(Client).
+
+%% The client it was starting is registered already: once the attempt's
+%% process is gone, wait for that client too, so the name is free for
+%% whoever starts the next one.
+stop_dialer(undefined, _Name) ->
+    ok;
+stop_dialer(Dialer, Name) ->
+    unlink(Dialer),
+    exit(Dialer, shutdown),
+    await_down(Dialer),
+    await_down(whereis(Name)).
+
+await_down(undefined) ->
+    ok;
+await_down(Pid) ->
+    Ref = monitor(process, Pid),
+    receive {'DOWN', Ref, process, Pid, _} -> ok
+    after ?STOP_TIMEOUT -> demonitor(Ref, [flush]), ok
     end.
 
-%% A connection attempt may take the whole connect_timeout (the relay is
-%% down or stopped). Meanwhile the keeper does not trap exits, so a
-%% shutdown (the node stopping) ends it at once, and the client that is
-%% still connecting with it, instead of waiting for the attempt.
-start_client(Name, Url, Node, Opts) ->
-    process_flag(trap_exit, false),
-    Started = macula_dist_relay_client:start_link(Name, Url, Node, Opts),
-    process_flag(trap_exit, true),
-    Started.
-
+stop_client(undefined) ->
+    ok;
 stop_client(Client) ->
     unlink(Client),
-    try gen_server:stop(Client, shutdown, 5000) catch _:_ -> ok end,
+    try gen_server:stop(Client, shutdown, ?STOP_TIMEOUT) catch _:_ -> ok end,
     ok.
+
+%% Reports show the relay and the node, not the options (the relay's token).
+format_status(#{data := #data{url = Url, node = Node, backoff = Backoff,
+                              client = Client, dialer = Dialer}} = Status) ->
+    Status#{data := #{relay_url => Url, node => Node, backoff => Backoff,
+                      client => Client, dialer => Dialer}};
+format_status(Status) ->
+    Status.

@@ -5,6 +5,8 @@
 %%
 %% Client (owned by `macula_dist_relay_client'):
 %%   `{macula_client, identified | {connect_failed, R} | {closed, R} | {log, Level, Text}}'
+%%   (`{closed, replaced}' when the relay gave the node's name to a newer
+%%   connection, else `{closed, Text}')
 %%   `{macula_client, {cookie, Source, Tag}}': an e2e session from Source
 %%   needs the cookie this node uses with it; answer `client_cookie(C, Tag, Cookie)'.
 %% Tunnel requests answer the caller:

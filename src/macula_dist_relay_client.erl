@@ -1,23 +1,40 @@
-%% @doc Client for the macula dist relay.
+%% @doc Client for one macula dist relay.
 %%
-%% Keeps one QUIC connection to the relay (in the NIF) and gives out
-%% point-to-point tunnels between nodes. Each tunnel is a raw QUIC stream
-%% pair through the relay; Erlang distribution runs inside it unchanged.
+%% A node keeps one client per relay of its list (registered as
+%% `client_name(N)' for its `N'th relay; `clients/0' lists them in order),
+%% each with its own QUIC connection to that relay (in the NIF), all of
+%% them over the node's one UDP socket. Under `-proto_dist macula' each
+%% client runs under a `macula_dist_keeper' that connects again, with
+%% backoff, when the relay connection ends.
 %%
-%% Lifecycle: `start_link/2,3' connects and identifies, and returns once the
+%% Each distribution connection is a tunnel between two nodes. By default
+%% (`tunnel => e2e') it is an end-to-end QUIC session between the nodes:
+%% the relay only forwards its datagrams, which it cannot read or change,
+%% and both ends prove they know the cookie for each other (SPAKE2, bound
+%% to the session's TLS; in cluster-CA mode, certificates of the cluster's
+%% CA) before a byte reaches `dist_util'. When a relay dies, a session
+%% moves to another relay both nodes are on, or waits for the node's next
+%% connection to this one, under the same QUIC connection; it may also go
+%% direct between the nodes. Only with `tunnel => stream' (version 1, a
+%% relay trusted with everything) is a tunnel a QUIC stream pair through
+%% the relay, which splices its bytes.
+%%
+%% Lifecycle: `start_link/2,3,4' connects and identifies, and returns once the
 %% relay answered (or with `{error, Reason}'). `request_tunnel/2' returns
-%% `{ok, ConnRef, StreamRef}' once the tunnel stream is matched; the caller
-%% owns the tunnel. Inbound tunnels are handed to the kernel given with
-%% `set_kernel/2' as `{accept, AcceptPid, StreamRef, inet, macula}'. When the
-%% relay connection ends every tunnel owner gets
-%% `{macula_tunnel, StreamRef, closed}' and the client stops with
-%% `{relay_closed, Reason}'.
+%% `{ok, ConnRef, Tunnel}' once the tunnel is up; the caller owns it.
+%% Inbound tunnels are handed to the kernel given with `set_kernel/2' as
+%% `{accept, AcceptPid, Tunnel, inet, macula}'. When the relay connection
+%% ends the client stops with `{relay_closed, Reason}', `Reason' being
+%% `replaced' when the relay gave this node's name to a newer connection
+%% (of the same key), else the relay's text; stream tunnel owners get
+%% `{macula_tunnel, Tunnel, closed}', e2e sessions carry on as above.
 %%
-%% Options (`start_link/3'; missing ones come from the `macula_dist'
+%% Options (`start_link/3,4'; missing ones come from the `macula_dist'
 %% application environment): `token', `pin_sha256' (hex SHA-256 of the
 %% relay's certificate), `ca_cert' (PEM path), `verify => none' (explicitly
 %% insecure, logged), `connect_timeout', `tunnel_timeout', `idle_timeout',
-%% `keep_alive' (milliseconds).
+%% `keep_alive' (milliseconds), `tunnel' (`e2e' or `stream'), `cookie',
+%% and the others of `macula_dist_config:client_opts/3'.
 %%
 %% The tunnel data API (send, framing, credit, owner, counters) is
 %% documented in `macula_dist_nif'.
@@ -41,9 +58,9 @@ start_link(RelayUrl, NodeName) ->
     start_link(RelayUrl, NodeName, #{}).
 
 %% @doc Start the client with a locally-registered name so macula_dist can
-%% find it without being passed the pid. Only one dist_relay_client per node
-%% makes sense: a node connects to exactly one dist relay for its cluster
-%% traffic.
+%% find it without being passed the pid: `macula_dist_relay_client', the
+%% name of a node's first relay's client (see `start_link/4' for the
+%% others).
 -spec start_link(binary() | string() | [binary() | string()], binary(), map()) -> {ok, pid()} | {error, term()}.
 start_link(RelayUrl, NodeName, Opts) ->
     start_link(?MODULE, RelayUrl, NodeName, Opts).
@@ -79,10 +96,10 @@ url_text(Url) -> unicode:characters_to_binary(Url).
 app_opts() ->
     maps:from_list([{K, V} || K <- ?APP_OPTS, {ok, V} <- [application:get_env(macula_dist, K)]]).
 
-%% @doc Request a tunnel to TargetNode. Blocks until the tunnel stream is
-%% ready or the request fails or times out. Returns a `{ConnRef, StreamRef}'
-%% pair suitable for use as the dist Socket in macula_dist; the caller owns
-%% the tunnel.
+%% @doc Request a tunnel to TargetNode. Blocks until the tunnel (an e2e
+%% session, or a stream in stream mode) is ready or the request fails or
+%% times out. Returns a `{ConnRef, Tunnel}' pair suitable for use as the
+%% dist Socket in macula_dist; the caller owns the tunnel.
 -spec request_tunnel(pid(), binary()) -> {ok, reference(), reference()} | {error, term()}.
 request_tunnel(Client, Target) when is_atom(Target) ->
     request_tunnel(Client, atom_to_binary(Target, utf8));
@@ -258,6 +275,8 @@ handle_call(Request, _From, S) ->
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
+%% Reason is `replaced' when the relay gave this node's name to a newer
+%% connection (its keeper then stops), else the relay's text.
 handle_info({macula_client, {closed, Reason}}, S) ->
     logger:warning("macula_dist: relay connection closed: ~ts", [Reason]),
     {stop, {relay_closed, Reason}, S};

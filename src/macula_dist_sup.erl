@@ -1,7 +1,10 @@
-%% @doc Supervises the relay client of `-proto_dist macula'. Started by
-%% net_kernel's supervisor through `macula_dist:childspecs/0', before
-%% distribution listens; `macula_dist:listen/2' starts the client in it,
-%% once the node name is known.
+%% @doc Supervises what `-proto_dist macula' runs besides its connections:
+%% one `macula_dist_keeper' per relay (each keeps that relay's client
+%% running) and, with `-macula_dist autoconnect true',
+%% `macula_dist_autoconnect'. Started by net_kernel's supervisor through
+%% `macula_dist:childspecs/0', before distribution listens;
+%% `macula_dist:listen/2' starts the keepers in it, once the node name is
+%% known.
 -module(macula_dist_sup).
 -behaviour(supervisor).
 

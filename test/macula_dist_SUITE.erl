@@ -14,7 +14,8 @@
          idle_connection_kept_by_ticks/1, one_udp_port_per_node/1,
          second_node_with_a_live_name_fails_to_boot/1, cluster_ca_mode/1, kill_9_seen_with_default_ticktime/1,
          relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1,
-         direct_path_on_loopback/1, direct_false_stays_relayed/1]).
+         direct_path_on_loopback/1, direct_false_stays_relayed/1,
+         keeper_answers_sys_while_reconnecting/1, deprecated_calls_answer_as_before/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -31,7 +32,8 @@ groups() ->
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
              autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime],
-    [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed]},
+    [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed,
+                         keeper_answers_sys_while_reconnecting, deprecated_calls_answer_as_before]},
      {stream, [], Cases}].
 
 init_per_suite(Config) ->
@@ -307,15 +309,15 @@ cluster_ca_mode(Config) ->
 relay_nodes_lists_the_others(Config) ->
     [{A, AN}, {_, BN}, {_, CN}] = peers(Config, [pa18, pb18, pc18]),
     %% As binaries: names the relay gives become atoms only when dialled.
-    Names = call(A, macula_dist, relay_node_names, []),
+    Names = call(A, macula_dist_cluster, relay_node_names, []),
     ?assert(lists:member(atom_to_binary(BN), Names) andalso lists:member(atom_to_binary(CN), Names)),
     ?assertNot(lists:member(atom_to_binary(AN), Names)),
     %% relay_nodes/0: an atom for a name that is one already, else a binary.
-    Listed = call(A, macula_dist, relay_nodes, []),
+    Listed = call(A, macula_dist_cluster, relay_nodes, []),
     ?assertEqual(lists:sort(Names), lists:sort([if is_atom(L) -> atom_to_binary(L); true -> L end
                                                 || L <- Listed])),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
-    ?assert(lists:member(BN, call(A, macula_dist, relay_nodes, []))),
+    ?assert(lists:member(BN, call(A, macula_dist_cluster, relay_nodes, []))),
     %% Only the one dialled was connected.
     ?assertEqual([BN], call(A, erlang, nodes, [])).
 
@@ -380,6 +382,65 @@ relay_restart_reconnects(Config) ->
         macula_dist_relay:stop(Relay2)
     end.
 
+%% Each relay's keeper is a gen_statem that answers sys throughout:
+%% `connected', then `connecting' (waiting out its backoff, or while an
+%% attempt runs) as long as the relay is gone, then `connected' again, the
+%% same keeper, once the relay is back. autoconnect answers sys as well.
+keeper_answers_sys_while_reconnecting(Config) ->
+    {Relay, #{port := Port} = Info} = macula_ct:start_relay(),
+    put(relay, Relay),
+    %% The next relay has a new certificate: trust without a pin here.
+    Extra = ["-macula_dist", "verify", "none", "-macula_dist", "autoconnect", "true"],
+    {A, _} = macula_ct:start_peer(pa24, Info#{fingerprint => none, tunnel => ?config(mode, Config)},
+                                  Extra),
+    put(peers, [A | get_peers()]),
+    [Keeper] = keepers(A),
+    ?assertMatch({connected, _}, call(A, sys, get_state, [Keeper])),
+    ?assertEqual(state, element(1, call(A, sys, get_state, [macula_dist_autoconnect]))),
+    macula_dist_relay:stop(Relay),
+    ?assertEqual(connecting, wait_for(fun() -> keeper_state(A, Keeper) =:= connecting andalso connecting end)),
+    %% Attempts fail and back off meanwhile; sys answers every time (within
+    %% its default 5 s).
+    [begin
+         timer:sleep(1000),
+         ?assertEqual(connecting, keeper_state(A, Keeper)),
+         ?assertEqual(state, element(1, call(A, sys, get_state, [macula_dist_autoconnect])))
+     end || _ <- lists:seq(1, 5)],
+    {Relay2, _} = macula_ct:start_relay(#{port => Port}),
+    try
+        %% The backoff is 5 s at most, an attempt a few seconds.
+        ?assertEqual(connected, wait_for(fun() -> keeper_state(A, Keeper) =:= connected andalso connected end, 300)),
+        ?assertEqual([Keeper], keepers(A)),
+        ?assertMatch([#{connection := connected}], call(A, macula_dist_cluster, status, []))
+    after
+        macula_dist_relay:stop(Relay2)
+    end.
+
+keepers(P) ->
+    [Pid || {{macula_dist_keeper, _}, Pid, worker, _} <- call(P, supervisor, which_children, [macula_dist_sup])].
+
+keeper_state(P, Keeper) ->
+    {State, _Data} = call(P, sys, get_state, [Keeper]),
+    State.
+
+%% macula_dist's old user API (deprecated, moved to macula_dist_cluster)
+%% still answers, as the new one does.
+deprecated_calls_answer_as_before(Config) ->
+    [{A, _}, {_, BN}] = peers(Config, [pa25, pb25]),
+    ?assert(lists:member(atom_to_binary(BN), call(A, macula_dist_cluster, relay_node_names, []))),
+    %% The suite's relay may drop a node of an earlier case meanwhile: asked again until both agree.
+    Same = fun(F, Project) ->
+                   wait_for(fun() -> Project(call(A, macula_dist, F, [])) =:=
+                                         Project(call(A, macula_dist_cluster, F, [])) end)
+           end,
+    Id = fun(X) -> X end,
+    ?assert(Same(relay_nodes, Id)),
+    ?assert(Same(relay_node_names, Id)),
+    %% status: the same relays and connections (counters and RTTs move).
+    ?assert(Same(status, fun(L) -> [maps:with([relay_url, node, connection, identified, mode], S)
+                                     || S <- L] end)),
+    ?assertMatch([#{connection := connected}], call(A, macula_dist, status, [])).
+
 wait_for(Fun) -> wait_for(Fun, 100).
 wait_for(Fun, 0) -> Fun();
 wait_for(Fun, N) ->
@@ -427,10 +488,10 @@ proc_lines(File) ->
     {ok, Bin} = file:read_file(File),
     [string:lexemes(L, " ") || L <- tl(string:split(binary_to_list(Bin), "\n", all)), L =/= ""].
 
-%% The paths of P's sessions with Peer, from macula_dist:status/0.
+%% The paths of P's sessions with Peer, from macula_dist_cluster:status/0.
 session_paths(P, Peer) ->
     Name = atom_to_binary(Peer, utf8),
-    [Path || #{sessions := Ss} <- call(P, macula_dist, status, []),
+    [Path || #{sessions := Ss} <- call(P, macula_dist_cluster, status, []),
              #{peer := N, path := Path} <- Ss, N =:= Name].
 
 %% On loopback the relay sees each node at 127.0.0.1:Port and tells the

@@ -163,7 +163,7 @@ recv_all(S, Acc) ->
 %% The path of P's session with Peer: relay, or {direct, Address}.
 path(P, Peer) ->
     Name = atom_to_binary(Peer, utf8),
-    case [Path || #{sessions := Ss} <- call(P, macula_dist, status, []),
+    case [Path || #{sessions := Ss} <- call(P, macula_dist_cluster, status, []),
                   #{peer := N, path := Path} <- Ss, N =:= Name] of
         [Path] -> Path;
         [] -> none

@@ -249,7 +249,7 @@ on_relays(Relays) ->
 %% The relay (its URL) whose client carries Peer's session, per status.
 relay_of(P, Peer) ->
     Name = atom_to_binary(Peer, utf8),
-    [Url || #{relay_url := Url, sessions := Ss} <- call(P, macula_dist, status, []),
+    [Url || #{relay_url := Url, sessions := Ss} <- call(P, macula_dist_cluster, status, []),
             #{peer := N} <- Ss, N =:= Name].
 
 %% Two nodes on the same two relays, checked traffic both ways; the relay
@@ -264,7 +264,7 @@ one_of_two_relays_killed(Config) ->
     Both = on_relays([R1, R2]),
     {{A, AN}, {B, BN}} = connected_pair(Both, Both, [pa6, pb6], []),
     ?assertMatch([#{relay_url := Url1, connection := connected},
-                  #{relay_url := Url2, connection := connected}], call(A, macula_dist, status, [])),
+                  #{relay_url := Url2, connection := connected}], call(A, macula_dist_cluster, status, [])),
     ?assertEqual([Url1], relay_of(A, BN)),
     ok = call(A, macula_ct, watch, [BN, macula_failover_watch]),
     Self = self(),

@@ -211,10 +211,10 @@ relay_names_make_no_atoms(Config) ->
     Before = call(Peer, erlang, system_info, [atom_count]),
     AutoBefore = call(Auto, erlang, system_info, [atom_count]),
     Clients = [begin {ok, C} = macula_ct:raw_client(Url, Pin, N), C end || N <- Names],
-    Listed = call(Peer, macula_dist, relay_nodes, []),
+    Listed = call(Peer, macula_dist_cluster, relay_nodes, []),
     ?assert(length([N || N <- Names, lists:member(N, Listed)]) >= 1000),
     ?assert(lists:all(fun is_binary/1, [L || L <- Listed, lists:member(L, Names)])),
-    ?assertEqual(1000, length([N || N <- call(Peer, macula_dist, relay_node_names, []),
+    ?assertEqual(1000, length([N || N <- call(Peer, macula_dist_cluster, relay_node_names, []),
                                     lists:member(N, Names)])),
     After = call(Peer, erlang, system_info, [atom_count]),
     %% Autoconnect gets a few seconds to try the made-up names.

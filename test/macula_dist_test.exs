@@ -42,6 +42,8 @@ defmodule MaculaDistTest do
                  :peer.call(a, MaculaDist, :status, [])
 
         assert [%{connection: :connected}] = :peer.call(a, MaculaDist, :relays, [])
+        assert b_node in :peer.call(a, MaculaDist, :relay_nodes, [])
+        assert Atom.to_string(b_node) in :peer.call(a, MaculaDist, :relay_node_names, [])
 
         :ok = :peer.call(a, TestPeer, :watch, [b_node])
         :peer.stop(b)
