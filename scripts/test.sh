@@ -13,6 +13,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo clippy --manifest-path native/fuzz/Cargo.toml --target-dir target --all-targets --quiet -- -D warnings
 
+echo "== imports (no module cycles, crates one way)"
+python3 scripts/check-imports.py
+
 echo "== relay interop (aioquic client)"
 bash test/interop/run.sh
 

@@ -10,8 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::link::Params;
 use crate::controls::{Controls, Direction, Dirs};
+use crate::link::Params;
 
 /// The command summary (the `help` reply and the end of `--help`).
 pub const COMMANDS: &str = "\

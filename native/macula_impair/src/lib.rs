@@ -72,7 +72,7 @@ pub mod link;
 pub mod proxy;
 pub mod rng;
 
-pub use link::{Counters, Decision, DropReason, Link, Params};
 pub use controls::{Controls, Direction, Dirs, Stats};
+pub use link::{Counters, Decision, DropReason, Link, Params};
 pub use proxy::{Config, Handle, Impair};
 pub use rng::Rng;

@@ -12,13 +12,12 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::link::{Link, Params, DEFAULT_QUEUE_LIMIT};
 use crate::controls::{Controls, Direction, State};
+use crate::link::{Link, Params, DEFAULT_QUEUE_LIMIT};
 use crate::rng::Rng;
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
-
 
 /// What [`Impair::start`] needs.
 #[derive(Clone, Debug)]
@@ -59,7 +58,6 @@ impl Config {
         }
     }
 }
-
 
 /// Starts proxies.
 pub struct Impair;

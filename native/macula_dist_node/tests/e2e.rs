@@ -2,12 +2,12 @@
 //! Each node is one quinn endpoint on a `NodeSocket`: its relay connection
 //! and its e2e sessions share one UDP socket.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 
-use common::{random_bytes, relay, WAIT};
+use std::time::Duration;
+
 use macula_dist_node::e2e_node::{self, E2eNode};
+use macula_dist_relay::Config;
 use macula_dist_relay::Relay;
 use macula_relay_proto::wire::dataplane::session_id;
 use macula_relay_proto::{Message, TunnelId};
@@ -502,4 +502,20 @@ async fn a_replayed_probe_moves_nothing() {
     // The session still works.
     let data = random_bytes(64 << 10);
     assert!(transfer(&a_end, &b_end, &data).await == data);
+}
+
+/// How long any step may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A relay on loopback, in this process.
+async fn relay() -> Relay {
+    Relay::start(Config::loopback())
+        .await
+        .expect("relay starts")
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut v);
+    v
 }
