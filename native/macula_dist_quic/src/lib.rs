@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The QUIC plumbing the relay and the node share: the UDP socket under
 //! quinn ([`udp`]), transport settings ([`transport`]), the control
 //! stream's writer ([`control_stream`]), and how a relay reads a node's key

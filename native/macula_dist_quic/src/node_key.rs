@@ -27,6 +27,7 @@ pub fn key_id(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
 pub struct AnyNodeKey(Arc<CryptoProvider>);
 
 impl AnyNodeKey {
+    /// The verifier, shared by every connection of a relay.
     pub fn new() -> Arc<Self> {
         Arc::new(AnyNodeKey(provider()))
     }

@@ -11,7 +11,9 @@ use macula_relay_proto::wire::dataplane::HEADER_LEN;
 /// QUIC transport settings shared by relay and client.
 #[derive(Debug, Clone)]
 pub struct Transport {
+    /// Silence after which a connection counts as lost.
     pub idle_timeout: Duration,
+    /// Interval of keep-alive pings on an idle connection.
     pub keep_alive: Duration,
     /// Per-stream receive window: what one tunnel may have in flight.
     pub stream_window: u32,
@@ -20,6 +22,7 @@ pub struct Transport {
     /// Largest UDP payload MTU discovery may try (quinn's default, 1472).
     /// Raising it (loopback, jumbo frames) was measured: no gain with GSO.
     pub max_udp_payload: u16,
+    /// The congestion controller.
     pub congestion: Congestion,
 }
 
@@ -62,6 +65,7 @@ impl Default for Transport {
 }
 
 impl Transport {
+    /// quinn's transport settings for these values.
     pub fn quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
         let mut t = quinn::TransportConfig::default();
         t.max_idle_timeout(Some(self.idle_timeout.try_into()?))
@@ -114,6 +118,7 @@ impl Transport {
         Ok(t)
     }
 
+    /// The endpoint settings: largest datagram, and the QUIC bit never greased (session datagrams are told apart by it).
     pub fn endpoint_config(&self) -> anyhow::Result<quinn::EndpointConfig> {
         let mut config = quinn::EndpointConfig::default();
         config.max_udp_payload_size(self.max_udp_payload)?;

@@ -19,6 +19,7 @@ use tokio::io::Interest;
 /// before they are read.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
+/// A UDP socket with quinn-udp's batched I/O, for an `AsyncUdpSocket` to wrap.
 pub struct UdpIo {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
@@ -46,6 +47,7 @@ impl UdpIo {
         })
     }
 
+    /// The address the socket is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.io.local_addr()
     }
@@ -57,6 +59,7 @@ impl UdpIo {
         })
     }
 
+    /// Receives a batch of datagrams (GRO), or registers the waker.
     pub fn poll_recv(
         &self,
         cx: &mut Context,
@@ -73,14 +76,17 @@ impl UdpIo {
         }
     }
 
+    /// Datagrams one GSO send may carry.
     pub fn max_transmit_segments(&self) -> usize {
         self.state.max_gso_segments()
     }
 
+    /// Datagrams one GRO receive may carry.
     pub fn max_receive_segments(&self) -> usize {
         self.state.gro_segments()
     }
 
+    /// Whether sent datagrams may be fragmented (no DF bit).
     pub fn may_fragment(&self) -> bool {
         self.state.may_fragment()
     }

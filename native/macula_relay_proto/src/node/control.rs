@@ -27,6 +27,8 @@
 //! The tunnel matcher (which request a `tun_ok` answers) is the caller's
 //! ([`crate::node::matcher`]): this machine tells it what to feed there.
 
+#![warn(missing_docs)]
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -39,6 +41,7 @@ use crate::{DIRECT_VERSION, KEEP_WAIT};
 /// Inbound sessions not up yet, at most, in all and from one source: any
 /// token holder can announce them.
 pub const MAX_PENDING_INBOUND: usize = 256;
+/// Of those, at most this many from one source.
 pub const MAX_PENDING_PER_SOURCE: usize = 16;
 /// An inbound session not up after this long is no longer counted (its
 /// own timers have ended it by then).
@@ -52,7 +55,9 @@ const PEER_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// An e2e session as the client carrying it knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionState {
+    /// The session's bind key at its relay (what it claims it back with).
     pub bind: BindKey,
+    /// The peer's node name.
     pub peer: String,
     /// When this client claimed it at its relay (`None`: opened there).
     pub claimed_at: Option<Instant>,
@@ -80,15 +85,22 @@ impl SessionState {
 pub type Sessions = Vec<(TunnelId, SessionState)>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a relay client is in its life.
 pub enum Phase {
+    /// Connecting and identifying.
     Connecting,
+    /// Identified: requests and sessions run.
     Connected,
+    /// The relay connection ended (or never came up).
     Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How loud a log line is.
 pub enum Level {
+    /// Something that happened as it should (a path change).
     Info,
+    /// Something that went wrong, or that a peer or relay did wrong.
     Warning,
 }
 
@@ -100,15 +112,21 @@ pub enum Action {
     Send(Message),
     /// Close this session's connection (the peer is gone).
     CloseSession {
+        /// The session.
         tunnel: TunnelId,
+        /// Why, for the peer (the close reason).
         reason: &'static str,
     },
     /// Probe this session's direct path now: a dead peer stops answering.
     CheckDirect {
+        /// The session.
         tunnel: TunnelId,
     },
+    /// A log line for the node.
     Log {
+        /// How loud.
         level: Level,
+        /// The line.
         text: String,
     },
 }
@@ -123,22 +141,36 @@ pub enum Handled {
     Nodes(Vec<String>),
     /// `tun_ok` of an e2e session: feed the matcher, and connect the
     /// session if the request it answers asked for one.
-    SessionOffered { tunnel: TunnelId, bind: BindKey },
+    SessionOffered {
+        /// The session.
+        tunnel: TunnelId,
+        /// Its bind key at the relay.
+        bind: BindKey,
+    },
     /// The request in front was offered a stream tunnel in e2e mode: feed
     /// the matcher its `tun_ok`, then fail it with `downgrade_refused`.
-    DowngradeRefused { tunnel: TunnelId },
+    DowngradeRefused {
+        /// The tunnel offered.
+        tunnel: TunnelId,
+    },
     /// An inbound e2e session was admitted: tell the matcher, and ask the
     /// owner for the cookie for `source`, answered with `tag`.
     InboundAnnounced {
+        /// The session.
         tunnel: TunnelId,
+        /// Who asked for it (the relay's word: checked by the PAKE).
         source: String,
+        /// Its bind key at the relay.
         bind: BindKey,
+        /// The tag the owner's cookie answer carries.
         tag: u64,
     },
     /// An announced inbound session will not come: the matcher forgets it,
     /// and its route (if made) goes.
     InboundWithdrawn {
+        /// The session.
         tunnel: TunnelId,
+        /// Where its datagrams would have come from, if routed.
         vaddr: Option<SocketAddr>,
     },
     /// Nothing else to do.
@@ -199,14 +231,17 @@ impl RelayControl {
         self.actions.pop_front()
     }
 
+    /// Where the client is in its life.
     pub fn phase(&self) -> Phase {
         self.phase
     }
 
+    /// Identified and not yet lost.
     pub fn is_connected(&self) -> bool {
         self.phase == Phase::Connected
     }
 
+    /// The relay's protocol version (from `id_ok`; 0 before).
     pub fn relay_version(&self) -> u64 {
         self.relay_version
     }
@@ -216,14 +251,17 @@ impl RelayControl {
         self.reflexive
     }
 
+    /// Inbound sessions refused so far (downgrades, caps, failed handshakes).
     pub fn refused_sessions(&self) -> u64 {
         self.refused_sessions
     }
 
+    /// The e2e sessions this client carries.
     pub fn sessions(&self) -> impl Iterator<Item = (&TunnelId, &SessionState)> {
         self.sessions.iter()
     }
 
+    /// One session this client carries.
     pub fn session(&self, tunnel: &TunnelId) -> Option<&SessionState> {
         self.sessions.get(tunnel)
     }
