@@ -7,6 +7,8 @@
 -module(macula_bench).
 
 -export([main/1]).
+%% Shared with macula_wan.
+-export([tls_optfile/1]).
 %% Run on node A.
 -export([rtt/1, small/1, bulk/1, setup/1, mem_start/1, mem_status/0, mem_finish/0]).
 %% Run on node B.

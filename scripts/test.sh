@@ -9,6 +9,13 @@ bash scripts/deps.sh
 echo "== cargo test"
 cargo test --workspace --quiet 2>&1 | grep -v '^$'
 
+echo "== WAN emulator (macula-impair tun mode between two network namespaces)"
+if [ "$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then
+  cargo test -p macula_impair --test tun --quiet -- --ignored 2>&1 | grep -v '^$'
+else
+  echo "SKIPPED: needs root and /dev/net/tun (the direct-path CT suite skips likewise)"
+fi
+
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo clippy --manifest-path native/fuzz/Cargo.toml --target-dir target --all-targets --quiet -- -D warnings

@@ -24,7 +24,9 @@ use macula_dist_node::relay_trust::Trust;
 use macula_dist_quic::Transport;
 use macula_relay_proto::node::control::{Level, Phase};
 use macula_relay_proto::Mode;
-use rustler::{Encoder, Env, LocalPid, Monitor, OwnedEnv, Resource, ResourceArc, Term};
+use rustler::{
+    Binary, Encoder, Env, LocalPid, Monitor, NifResult, OwnedEnv, Resource, ResourceArc, Term,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::atoms;
@@ -522,4 +524,91 @@ pub(crate) struct SessionMap {
     id: String,
     rtt_us: u64,
     path: PathTerm,
+}
+
+// ---- the NIFs on a client ----
+
+/// Starts a client; the calling process is its owner and hears
+/// `{macula_client, identified}` or `{macula_client, {connect_failed, R}}`.
+#[rustler::nif]
+fn client_start(env: Env, opts: ConnectOpts) -> NifResult<(rustler::Atom, ResourceArc<ClientRes>)> {
+    let owner = env.pid();
+    let client =
+        start(owner, opts).map_err(|e| rustler::Error::Term(Box::new((atoms::tls_config(), e))))?;
+    let res = ResourceArc::new(client);
+    if env.monitor(&res, &owner).is_none() {
+        res.client.stop();
+    }
+    Ok((atoms::ok(), res))
+}
+
+#[rustler::nif]
+fn client_stop(client: ResourceArc<ClientRes>) -> rustler::Atom {
+    client.client.stop();
+    atoms::ok()
+}
+
+/// Asks for a tunnel to `target`; the caller hears
+/// `{macula_tunnel_reply, Tag, {ok, ConnRef, Tunnel} | {error, Reason}}`.
+/// With a cookie (not empty) it is an e2e session when the relay offers
+/// them; the cookie keys both ends.
+#[rustler::nif]
+fn client_request_tunnel<'a>(
+    env: Env<'a>,
+    client: ResourceArc<ClientRes>,
+    target: String,
+    tag: u64,
+    cookie: Binary<'a>,
+) -> Term<'a> {
+    let cookie = (!cookie.is_empty()).then(|| cookie.as_slice().to_vec());
+    match client.request_tunnel(target, env.pid(), tag, cookie) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(reason) => (atoms::error(), reason).encode(env),
+    }
+}
+
+#[rustler::nif]
+fn client_close_tunnel<'a>(
+    env: Env<'a>,
+    client: ResourceArc<ClientRes>,
+    tunnel_id: Binary<'a>,
+) -> Term<'a> {
+    match macula_relay_proto::TunnelId::parse(tunnel_id.as_slice()) {
+        Ok(id) if client.client.close_tunnel(id) => atoms::ok().encode(env),
+        Ok(_) => (atoms::error(), atoms::not_connected()).encode(env),
+        Err(_) => (atoms::error(), atoms::badarg()).encode(env),
+    }
+}
+
+/// The owner's answer to `{macula_client, {cookie, Source, Tag}}`: the
+/// cookie this node uses with `Source`, for an inbound e2e session.
+#[rustler::nif]
+fn client_cookie(client: ResourceArc<ClientRes>, tag: u64, cookie: Binary) -> rustler::Atom {
+    client.client.cookie(tag, cookie.as_slice());
+    atoms::ok()
+}
+
+/// Asks which nodes this node may reach on its relay; the caller hears
+/// `{macula_nodes_reply, Tag, {ok, [Name]}}`.
+#[rustler::nif]
+fn client_nodes(env: Env, client: ResourceArc<ClientRes>, tag: u64) -> Term {
+    match client.request_nodes(env.pid(), tag) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(reason) => (atoms::error(), reason).encode(env),
+    }
+}
+
+#[rustler::nif]
+fn client_set_kernel(
+    client: ResourceArc<ClientRes>,
+    kernel: LocalPid,
+    acceptor: LocalPid,
+) -> rustler::Atom {
+    client.set_kernel(kernel, acceptor);
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn client_status(client: ResourceArc<ClientRes>) -> ClientStatusMap {
+    client.status()
 }

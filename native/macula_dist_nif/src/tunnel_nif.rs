@@ -9,8 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use macula_dist_node::tunnel::{NewTunnel, Tunnel, TunnelSink};
+use macula_relay_proto::wire::packet::Packet;
 use macula_relay_proto::Mode;
-use rustler::{Encoder, Env, LocalPid, Monitor, NewBinary, OwnedEnv, Resource, ResourceArc, Term};
+use rustler::{
+    Binary, Encoder, Env, LocalPid, Monitor, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc,
+    Term, TermType,
+};
 
 use crate::atoms;
 
@@ -207,4 +211,121 @@ impl TunnelInfo {
             send_pending: t.queued() as u64,
         }
     }
+}
+
+// ---- the NIFs on a tunnel ----
+
+/// Queues iodata for the peer: `ok`, `busy` (queued, but stop until
+/// `writable`), or `{error, closed}`. `Packets` counts what it holds.
+#[rustler::nif]
+fn tunnel_send<'a>(
+    env: Env<'a>,
+    tunnel: ResourceArc<TunnelRes>,
+    data: Term<'a>,
+    packets: u64,
+) -> NifResult<Term<'a>> {
+    send(env, tunnel, data, packets)
+}
+
+/// `tunnel_send` for large iodata, on a dirty scheduler.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn tunnel_send_dirty<'a>(
+    env: Env<'a>,
+    tunnel: ResourceArc<TunnelRes>,
+    data: Term<'a>,
+    packets: u64,
+) -> NifResult<Term<'a>> {
+    send(env, tunnel, data, packets)
+}
+
+fn send<'a>(
+    env: Env<'a>,
+    tunnel: ResourceArc<TunnelRes>,
+    data: Term<'a>,
+    packets: u64,
+) -> NifResult<Term<'a>> {
+    let bytes = flatten_iodata(data)?;
+    Ok(match tunnel.tunnel.send(bytes, packets) {
+        Ok(false) => atoms::ok().encode(env),
+        Ok(true) => atoms::busy().encode(env),
+        Err(_) => (atoms::error(), atoms::closed()).encode(env),
+    })
+}
+
+#[rustler::nif]
+fn tunnel_set_owner(env: Env, tunnel: ResourceArc<TunnelRes>, owner: LocalPid) -> Term {
+    if tunnel.tunnel.is_closed() {
+        return (atoms::error(), atoms::closed()).encode(env);
+    }
+    set_owner(&tunnel, Some(env), owner);
+    atoms::ok().encode(env)
+}
+
+#[rustler::nif]
+fn tunnel_set_packet(tunnel: ResourceArc<TunnelRes>, header: u32) -> NifResult<rustler::Atom> {
+    let packet = Packet::from_header_len(header).ok_or(rustler::Error::BadArg)?;
+    tunnel.tunnel.set_packet(packet);
+    Ok(atoms::ok())
+}
+
+/// Allows `N` more `{data, Frames}` messages to the owner.
+#[rustler::nif]
+fn tunnel_activate(tunnel: ResourceArc<TunnelRes>, n: u32) -> rustler::Atom {
+    tunnel.tunnel.add_credit(n);
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn tunnel_close(tunnel: ResourceArc<TunnelRes>) -> rustler::Atom {
+    tunnel.tunnel.close(true);
+    atoms::ok()
+}
+
+/// `{RecvPackets, SendPackets, SendPendingBytes}`, for `mf_getstat`.
+#[rustler::nif]
+fn tunnel_getstat(tunnel: ResourceArc<TunnelRes>) -> (u64, u64, u64) {
+    let c = &tunnel.tunnel.counters;
+    (
+        c.recv_packets.load(Ordering::Relaxed),
+        c.send_packets.load(Ordering::Relaxed),
+        tunnel.tunnel.queued() as u64,
+    )
+}
+
+#[rustler::nif]
+fn tunnel_info(tunnel: ResourceArc<TunnelRes>) -> TunnelInfo {
+    TunnelInfo::of(&tunnel.tunnel)
+}
+
+/// Copies iodata (nested lists of binaries and bytes, binary tails) into
+/// one buffer, in order, without recursion.
+fn flatten_iodata(term: Term) -> NifResult<Bytes> {
+    fn walk<'a>(term: Term<'a>, mut visit: impl FnMut(&[u8])) -> NifResult<()> {
+        let mut stack = vec![term];
+        while let Some(t) = stack.pop() {
+            match t.get_type() {
+                TermType::Binary => visit(Binary::from_term(t)?.as_slice()),
+                TermType::Integer => {
+                    let b: u8 = t.decode()?;
+                    visit(&[b]);
+                }
+                TermType::List => {
+                    if let Ok((head, tail)) = t.list_get_cell() {
+                        stack.push(tail);
+                        stack.push(head);
+                    }
+                }
+                _ => return Err(rustler::Error::BadArg),
+            }
+        }
+        Ok(())
+    }
+    if let Ok(bin) = Binary::from_term(term) {
+        return Ok(Bytes::copy_from_slice(bin.as_slice()));
+    }
+    let mut len = 0;
+    walk(term, |b| len += b.len())?;
+    let mut out = Vec::with_capacity(len);
+    walk(term, |b| out.extend_from_slice(b))?;
+    Ok(Bytes::from(out))
 }

@@ -20,8 +20,9 @@ Control port commands (one per line; each reply is one line starting with `ok` o
                                  up.blackholed=.. up.duplicated=.. up.reordered=.. up.queued=.. down.(same)
   show                           current impairments of both directions
   blackhole on|off [up|down]     drop everything (also what is already queued); both ways by default
-  set PARAM [up=|down=]VALUE     PARAM: delay, jitter, reorder-hold (milliseconds),
-                                 loss, duplicate, reorder (probability 0..1); both ways by default
+  set PARAM [up=|down=]VALUE     PARAM: delay, jitter, reorder-hold, queue (milliseconds),
+                                 loss, duplicate, reorder (probability 0..1), rate (Mbit/s,
+                                 0: none); both ways by default
   clear [up|down]                no impairment at all (blackhole off too)
   reset                          zero the counters
   help                           this list (one line)
@@ -40,6 +41,10 @@ pub enum Param {
     Loss,
     Duplicate,
     Reorder,
+    /// The bottleneck's rate, in Mbit/s (0: none).
+    RateMbit,
+    /// The bottleneck's drop-tail queue, in milliseconds at that rate.
+    Queue,
 }
 
 impl Param {
@@ -51,9 +56,11 @@ impl Param {
             "loss" => Param::Loss,
             "duplicate" | "dup" => Param::Duplicate,
             "reorder" => Param::Reorder,
+            "rate" | "rate-mbit" => Param::RateMbit,
+            "queue" | "queue-ms" => Param::Queue,
             _ => {
                 return Err(format!(
-                "unknown parameter {s:?} (delay, jitter, reorder-hold, loss, duplicate, reorder)"
+                "unknown parameter {s:?} (delay, jitter, reorder-hold, loss, duplicate, reorder, rate, queue)"
             ))
             }
         })
@@ -70,6 +77,8 @@ impl Param {
             Ok(value)
         } else if self.is_probability() {
             Err(format!("{value} is not a probability (0..1)"))
+        } else if self == Param::RateMbit {
+            Err(format!("{value} is not a rate in Mbit/s (0..{MAX_MS})"))
         } else {
             Err(format!(
                 "{value} is not a number of milliseconds (0..{MAX_MS})"
@@ -87,6 +96,8 @@ impl Param {
             Param::Loss => p.loss = value,
             Param::Duplicate => p.duplicate = value,
             Param::Reorder => p.reorder = value,
+            Param::RateMbit => p.rate = (value * 1e6 / 8.0) as u64,
+            Param::Queue => p.queue = ms(),
         }
     }
 }
@@ -212,14 +223,16 @@ pub fn format_params(controls: &Controls) -> String {
         let p = controls.params(d);
         parts.push(format!(
             "{name}.delay={} {name}.jitter={} {name}.loss={} {name}.duplicate={} {name}.reorder={} \
-             {name}.reorder-hold={} {name}.blackhole={}",
+             {name}.reorder-hold={} {name}.blackhole={} {name}.rate={} {name}.queue={}",
             fmt_ms(p.delay),
             fmt_ms(p.jitter),
             p.loss,
             p.duplicate,
             p.reorder,
             fmt_ms(p.reorder_hold),
-            if p.blackhole { "on" } else { "off" }
+            if p.blackhole { "on" } else { "off" },
+            p.rate as f64 * 8.0 / 1e6,
+            fmt_ms(p.queue)
         ));
     }
     parts.join(" ")
@@ -229,7 +242,7 @@ pub fn format_params(controls: &Controls) -> String {
 pub fn execute(controls: &Controls, cmd: &Command) -> String {
     match *cmd {
         Command::Help => "ok commands: stats | show | blackhole on|off [up|down] | \
-                          set delay|jitter|reorder-hold|loss|duplicate|reorder [up=|down=]VALUE | \
+                          set delay|jitter|reorder-hold|loss|duplicate|reorder|rate|queue [up=|down=]VALUE | \
                           clear [up|down] | reset | quit"
             .to_owned(),
         Command::Stats => format!("ok {}", format_stats(controls)),

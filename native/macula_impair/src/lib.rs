@@ -15,7 +15,20 @@
 //!   has been sent (or `reorder-hold` past its deadline if none comes);
 //! - blackhole: drop everything, including what is already queued.
 //!
+//! - rate and queue: a bottleneck of so many Mbit/s with a drop-tail queue
+//!   of so many milliseconds (datagrams leave it in order, then take the
+//!   delay).
+//!
 //! A seed fixes every random decision (per client and direction).
+//!
+//! # Tun mode
+//!
+//! With `--tun-a A --tun-b B` it is a WAN for every IP packet, TCP too:
+//! it opens two point-to-point tun devices; move each into a network
+//! namespace and address it (`bench/wan.sh` does), and what one namespace
+//! sends the other gets through the `up` (A to B) or `down` impairments.
+//! Jitter keeps packets in order there, as a path's queueing does. See
+//! [`tun`].
 //!
 //! # Design
 //!
@@ -71,6 +84,7 @@ pub mod controls;
 pub mod link;
 pub mod proxy;
 pub mod rng;
+pub mod tun;
 
 pub use controls::{Controls, Direction, Dirs, Stats};
 pub use link::{Counters, Decision, DropReason, Link, Params};

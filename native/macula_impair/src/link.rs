@@ -44,6 +44,13 @@ pub struct Params {
     /// Drop everything, including datagrams already queued when it is
     /// switched on.
     pub blackhole: bool,
+    /// A bottleneck of this many bytes per second (0: none). Datagrams
+    /// leave it one after another at this rate, then take `delay`.
+    pub rate: u64,
+    /// The bottleneck's drop-tail queue, as the time it takes to drain at
+    /// `rate`: a datagram that would wait longer is dropped (zero: no
+    /// limit but the link's queue limit).
+    pub queue: Duration,
 }
 
 impl Default for Params {
@@ -56,6 +63,8 @@ impl Default for Params {
             reorder: 0.0,
             reorder_hold: DEFAULT_REORDER_HOLD,
             blackhole: false,
+            rate: 0,
+            queue: Duration::ZERO,
         }
     }
 }
@@ -66,6 +75,8 @@ pub enum DropReason {
     Blackhole,
     Loss,
     QueueFull,
+    /// The bottleneck's queue was full (drop-tail).
+    Bottleneck,
 }
 
 /// The fate of one datagram.
@@ -190,6 +201,13 @@ pub struct Link<T> {
     next_seq: u64,
     next_order: u64,
     limit: usize,
+    /// When the bottleneck has sent everything it took so far.
+    busy_until: Option<Instant>,
+    /// Jitter keeps datagrams in order (a path's queueing delay varies,
+    /// it does not reorder); `reorder` still reorders.
+    keep_order: bool,
+    /// The latest delivery time given so far (for `keep_order`).
+    last_at: Option<Instant>,
 }
 
 impl<T: Clone> Link<T> {
@@ -207,7 +225,17 @@ impl<T: Clone> Link<T> {
             next_seq: 0,
             next_order: 0,
             limit,
+            busy_until: None,
+            keep_order: false,
+            last_at: None,
         }
+    }
+
+    /// Jitter no longer reorders datagrams (as on a wired path): each is
+    /// delivered no earlier than the one before it.
+    pub fn keep_order(mut self) -> Self {
+        self.keep_order = true;
+        self
     }
 
     /// Datagrams waiting (queued or held).
@@ -220,7 +248,8 @@ impl<T: Clone> Link<T> {
     }
 
     /// A datagram arrives at `now`: decides its fate with `params`, queues
-    /// it unless dropped, and counts it in `counters`.
+    /// it unless dropped, and counts it in `counters`. Its size does not
+    /// count (see [`Link::push_sized`]).
     pub fn push(
         &mut self,
         params: &Params,
@@ -228,12 +257,42 @@ impl<T: Clone> Link<T> {
         now: Instant,
         item: T,
     ) -> Decision {
+        self.push_sized(params, counters, now, item, 0)
+    }
+
+    /// [`Link::push`] for a datagram of `len` bytes, which the bottleneck
+    /// (`params.rate`) takes `len / rate` to send.
+    pub fn push_sized(
+        &mut self,
+        params: &Params,
+        counters: &mut Counters,
+        now: Instant,
+        item: T,
+        len: usize,
+    ) -> Decision {
         counters.received += 1;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut decision = decide(params, &mut self.rng, now);
+        if params.blackhole {
+            counters.drop_for(DropReason::Blackhole);
+            return Decision::Drop(DropReason::Blackhole);
+        }
+        let sent = match self.bottleneck(params, now, len) {
+            Some(sent) => sent,
+            None => {
+                counters.drop_for(DropReason::Bottleneck);
+                return Decision::Drop(DropReason::Bottleneck);
+            }
+        };
+        let mut decision = decide(params, &mut self.rng, sent);
         if matches!(decision, Decision::Deliver { .. }) && self.len() >= self.limit {
             decision = Decision::Drop(DropReason::QueueFull);
+        }
+        if let (true, Decision::Deliver { at, .. }) = (self.keep_order, &mut decision) {
+            if let Some(last) = self.last_at {
+                *at = (*at).max(last);
+            }
+            self.last_at = Some(*at);
         }
         match decision {
             Decision::Drop(reason) => counters.drop_for(reason),
@@ -279,6 +338,21 @@ impl<T: Clone> Link<T> {
             counters.forwarded += 1;
             return Some(entry.item);
         }
+    }
+
+    /// When a datagram of `len` bytes arriving at `now` has left the
+    /// bottleneck, or `None` if its queue is full (drop-tail).
+    fn bottleneck(&mut self, params: &Params, now: Instant, len: usize) -> Option<Instant> {
+        if params.rate == 0 {
+            return Some(now);
+        }
+        let start = self.busy_until.map_or(now, |b| b.max(now));
+        if !params.queue.is_zero() && start - now > params.queue {
+            return None;
+        }
+        let serialize = Duration::from_secs_f64(len as f64 / params.rate as f64);
+        self.busy_until = Some(start + serialize);
+        Some(start + serialize)
     }
 
     /// When [`Link::poll`] next has something to do, if ever.
@@ -734,6 +808,7 @@ mod tests {
             reorder: 0.1,
             reorder_hold: ms(5),
             blackhole: false,
+            ..Params::default()
         };
         let mut c = Counters::default();
         let mut link = Link::new(1234);
@@ -751,5 +826,63 @@ mod tests {
         assert_eq!(out, c.forwarded);
         assert_eq!(c.queued(), 0);
         assert!(c.dropped > 0 && c.duplicated > 0 && c.reordered > 0);
+    }
+    #[test]
+    fn the_bottleneck_sends_at_its_rate_and_drops_the_tail() {
+        let t0 = Instant::now();
+        let params = Params {
+            rate: 1_000_000, // 1 MB/s: 1000 bytes take 1 ms
+            queue: Duration::from_millis(5),
+            delay: Duration::from_millis(10),
+            ..Params::default()
+        };
+        let mut link = Link::new(1);
+        let mut counters = Counters::default();
+        let mut delivered = vec![];
+        for n in 0..10u32 {
+            if let Decision::Deliver { at, .. } =
+                link.push_sized(&params, &mut counters, t0, n, 1000)
+            {
+                delivered.push((n, at - t0));
+            }
+        }
+        // Datagram k leaves after (k+1) ms; those that would wait over 5 ms
+        // in the queue are dropped.
+        let expected: Vec<(u32, Duration)> = (0..6)
+            .map(|k| (k, Duration::from_millis(10 + u64::from(k) + 1)))
+            .collect();
+        assert_eq!(delivered, expected);
+        assert_eq!(counters.dropped, 4);
+        // Once drained, the queue takes datagrams again.
+        let later = t0 + Duration::from_millis(20);
+        assert!(matches!(
+            link.push_sized(&params, &mut counters, later, 99, 1000),
+            Decision::Deliver { .. }
+        ));
+    }
+
+    #[test]
+    fn jitter_keeps_order_when_asked() {
+        let t0 = Instant::now();
+        let params = Params {
+            jitter: Duration::from_millis(50),
+            ..Params::default()
+        };
+        let mut link = Link::new(7).keep_order();
+        let mut counters = Counters::default();
+        for n in 0..200u32 {
+            link.push(
+                &params,
+                &mut counters,
+                t0 + Duration::from_micros(u64::from(n)),
+                n,
+            );
+        }
+        let mut out = vec![];
+        let end = t0 + Duration::from_secs(1);
+        while let Some(n) = link.poll(&params, &mut counters, end) {
+            out.push(n);
+        }
+        assert_eq!(out, (0..200).collect::<Vec<_>>());
     }
 }

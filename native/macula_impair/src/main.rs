@@ -17,6 +17,9 @@ fn ms(s: &str) -> Result<Setting, String> {
 fn probability(s: &str) -> Result<Setting, String> {
     parse_setting(Param::Loss, s)
 }
+fn rate(s: &str) -> Result<Setting, String> {
+    parse_setting(Param::RateMbit, s)
+}
 
 /// UDP impairment proxy: forwards datagrams from clients to --upstream (one
 /// upstream socket per client, like a NAT) and the replies back, with
@@ -26,6 +29,9 @@ fn probability(s: &str) -> Result<Setting, String> {
 /// Impairment options take `VALUE` (both directions) or `up=VALUE` (client
 /// to upstream) or `down=VALUE` (upstream to client), and may be repeated.
 /// On start it prints `listen=ADDR control=ADDR seed=N` on stdout.
+///
+/// Tun mode (--tun-a, --tun-b): every IP packet between two tun devices,
+/// `up` being A to B; it prints `tun control=ADDR seed=N`.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_help = COMMANDS)]
 struct Args {
@@ -33,9 +39,20 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
 
-    /// UDP address datagrams are forwarded to.
-    #[arg(long)]
-    upstream: SocketAddr,
+    /// UDP address datagrams are forwarded to (UDP proxy mode).
+    #[arg(long, required_unless_present = "tun_a")]
+    upstream: Option<SocketAddr>,
+
+    /// Tun mode: the tun device whose packets go `up` (made if missing);
+    /// with --tun-b, every IP packet between the two is impaired, not only
+    /// UDP to one address. Move each device into its network namespace
+    /// and address it after start (`bench/wan.sh` shows how).
+    #[arg(long, requires = "tun_b", conflicts_with = "upstream")]
+    tun_a: Option<String>,
+
+    /// Tun mode: the tun device `up` packets come out of.
+    #[arg(long, requires = "tun_a")]
+    tun_b: Option<String>,
 
     /// Loopback TCP address of the line-based control port (port 0: any
     /// free port, printed). See the commands below.
@@ -67,6 +84,14 @@ struct Args {
     /// deadline, before it is sent anyway [default: 50].
     #[arg(long, value_name = "[DIR=]MS", value_parser = ms)]
     reorder_hold_ms: Vec<Setting>,
+
+    /// A bottleneck rate in Mbit/s ([up=|down=]MBIT; 0: none).
+    #[arg(long, value_name = "[DIR=]MBIT", value_parser = rate)]
+    rate_mbit: Vec<Setting>,
+
+    /// The bottleneck's drop-tail queue, in milliseconds at its rate.
+    #[arg(long, value_name = "[DIR=]MS", value_parser = ms)]
+    queue_ms: Vec<Setting>,
 
     /// Start with the blackhole on (both directions, or `up`/`down`).
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "both",
@@ -111,11 +136,6 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0);
         macula_impair::rng::mix(nanos ^ u64::from(std::process::id()))
     });
-    let mut config = Config::new(args.listen, args.upstream);
-    config.control = args.control;
-    config.seed = seed;
-    config.queue_limit = args.queue_limit;
-    config.session_idle = Duration::from_secs(args.session_idle_secs);
     let (mut up, mut down) = (Params::default(), Params::default());
     apply(&mut up, &mut down, Param::Delay, &args.delay_ms);
     apply(&mut up, &mut down, Param::Jitter, &args.jitter_ms);
@@ -128,10 +148,37 @@ async fn main() -> anyhow::Result<()> {
         Param::ReorderHold,
         &args.reorder_hold_ms,
     );
+    apply(&mut up, &mut down, Param::RateMbit, &args.rate_mbit);
+    apply(&mut up, &mut down, Param::Queue, &args.queue_ms);
     if let Some(dirs) = args.blackhole {
         up.blackhole = dirs != Dirs::Down;
         down.blackhole = dirs != Dirs::Up;
     }
+    if let (Some(a), Some(b)) = (args.tun_a, args.tun_b) {
+        let tun = macula_impair::tun::start(macula_impair::tun::TunConfig {
+            a,
+            b,
+            control: args.control,
+            up,
+            down,
+            seed,
+        })
+        .await?;
+        let control = tun
+            .control_addr()
+            .map_or_else(|| "none".to_owned(), |a| a.to_string());
+        println!("tun control={control} seed={seed}");
+        tracing::info!(up = ?up, down = ?down, seed, "impairments (tun mode)");
+        return wait_for_signal().await;
+    }
+    let Some(upstream) = args.upstream else {
+        anyhow::bail!("--upstream (UDP proxy) or --tun-a and --tun-b (tun mode)");
+    };
+    let mut config = Config::new(args.listen, upstream);
+    config.control = args.control;
+    config.seed = seed;
+    config.queue_limit = args.queue_limit;
+    config.session_idle = Duration::from_secs(args.session_idle_secs);
     config.up = up;
     config.down = down;
     let proxy = Impair::start(config).await?;
@@ -143,11 +190,16 @@ async fn main() -> anyhow::Result<()> {
         proxy.local_addr()
     );
     tracing::info!(up = ?up, down = ?down, seed, "impairments");
+    wait_for_signal().await?;
+    proxy.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate() => {}
     }
-    proxy.stop().await;
     Ok(())
 }
 

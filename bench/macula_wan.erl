@@ -1,0 +1,275 @@
+%% The WAN benchmark: node A and node B in two network namespaces joined by
+%% macula-impair's tun mode (bench/wan.sh sets them up, with the relay in
+%% B's namespace), the same metrics for every carrier on each profile.
+%%
+%% Metrics, run on A against B: idle rtt of 64-byte ping-pongs (p50/p99),
+%% small one-way messages per second, bulk MB/s (1 MiB messages for a fixed
+%% time), connection setup, and latency under load: ping-pongs from one
+%% process while another streams 1 MiB messages to B (acked every 8, at
+%% most 32 MiB unacknowledged), p50/p99/max and how many finished in time.
+-module(macula_wan).
+
+-export([main/0]).
+%% Run on node A.
+-export([idle_rtt/1, small/1, bulk/1, setup/1, loaded_rtt/1]).
+%% Run on node B.
+-export([echo/0, counter/2]).
+
+-define(PINGS, 200).
+-define(LOADED_PINGS, 100).
+-define(SMALL_COUNT, 20000).
+-define(BULK_SECONDS, 10).
+-define(LOADED_SECONDS, 60).
+-define(SETUPS, 5).
+-define(ALL_CARRIERS, [macula_direct, macula_e2e, macula_stream, inet_tcp, inet_tls]).
+
+%% Profiles: {Name, [emulator settings, both directions]}.
+profiles() ->
+    #{metro => ["set delay 5", "set rate 100", "set queue 20", "set loss 0"],
+      continental => ["set delay 20", "set rate 50", "set queue 50", "set loss 0.001"],
+      lossy => ["set delay 75", "set rate 20", "set queue 100", "set loss 0.01"]}.
+
+env(Name) ->
+    case os:getenv(Name) of
+        false -> error({missing_env, Name});
+        V -> V
+    end.
+
+list_env(Name, Default) ->
+    case os:getenv(Name) of
+        false -> Default;
+        V -> [list_to_atom(X) || X <- string:lexemes(V, ",")]
+    end.
+
+%% ---- controller ----
+
+main() ->
+    Reps = list_to_integer(env("MACULA_WAN_REPS")),
+    Profiles = list_env("MACULA_WAN_PROFILES", [metro, continental, lossy]),
+    Carriers = list_env("MACULA_BENCH_CARRIERS", ?ALL_CARRIERS),
+    Env = #{root => env("MACULA_ROOT"), ns_a => env("MACULA_WAN_NS_A"),
+            ns_b => env("MACULA_WAN_NS_B"), addr_a => env("MACULA_WAN_ADDR_A"),
+            addr_b => env("MACULA_WAN_ADDR_B"), url => env("MACULA_WAN_RELAY"),
+            pin => env("MACULA_WAN_PIN"), tls => macula_bench:tls_optfile(env("MACULA_WAN_TMP")),
+            control => list_to_integer(env("MACULA_WAN_CONTROL"))},
+    Results = [begin
+                   configure(Env, Profile),
+                   io:format("== ~p: ~p~n", [Profile, maps:get(Profile, profiles())]),
+                   Runs = [{C, run_pair(C, Rep, Env)} || Rep <- lists:seq(1, Reps), C <- Carriers],
+                   {Profile, Runs}
+               end || Profile <- Profiles],
+    [report(Profile, Carriers, Runs) || {Profile, Runs} <- Results],
+    halt(0).
+
+configure(#{control := Port}, Profile) ->
+    {ok, S} = gen_tcp:connect({127, 0, 0, 1}, Port, [binary, {packet, line}, {active, false}]),
+    [begin
+         ok = gen_tcp:send(S, [Cmd, $\n]),
+         {ok, <<"ok", _/binary>>} = gen_tcp:recv(S, 0, 5000)
+     end || Cmd <- ["clear" | maps:get(Profile, profiles())]],
+    gen_tcp:close(S).
+
+carrier_args(macula_direct, Env) ->
+    macula_args(Env) ++ ["-macula_dist", "direct", "true"];
+carrier_args(macula_e2e, Env) ->
+    macula_args(Env) ++ ["-macula_dist", "direct", "false"];
+carrier_args(macula_stream, Env) ->
+    macula_args(Env) ++ ["-macula_dist", "tunnel", "stream"];
+carrier_args(inet_tcp, _) ->
+    [];
+carrier_args(inet_tls, #{tls := OptFile}) ->
+    ["-proto_dist", "inet_tls", "-ssl_dist_optfile", OptFile].
+
+%% A long path: the relay connection's idle timeout is raised so that the
+%% lossy profile's queues are not taken for a dead relay.
+macula_args(#{url := Url, pin := Pin}) ->
+    ["-proto_dist", "macula", "-no_epmd", "-macula_dist", "relay", "\"" ++ Url ++ "\"",
+     "-macula_dist", "pin_sha256", "\"" ++ Pin ++ "\"", "-macula_dist", "idle_timeout", "10000"].
+
+start_node(Name, Ns, Addr, Carrier, #{root := Root} = Env) ->
+    Paths = ["-pa", filename:join(Root, "_build/default/lib/macula_dist/ebin"),
+             "-pa", filename:join(Root, "bench/ebin")],
+    {ok, Peer, Node} = peer:start(#{name => Name, host => Addr, longnames => true,
+                                    connection => standard_io,
+                                    exec => {os:find_executable("ip"),
+                                             ["netns", "exec", Ns, os:find_executable("erl")]},
+                                    args => ["-setcookie", "macula_wan"] ++ Paths
+                                        ++ carrier_args(Carrier, Env),
+                                    wait_boot => 60000}),
+    {Peer, Node}.
+
+run_pair(Carrier, Rep, #{ns_a := NsA, ns_b := NsB, addr_a := AddrA, addr_b := AddrB} = Env) ->
+    Suffix = "_" ++ atom_to_list(Carrier) ++ "_" ++ integer_to_list(Rep),
+    {B, BN} = start_node(list_to_atom("wan_b" ++ Suffix), NsB, AddrB, Carrier, Env),
+    {A, _} = start_node(list_to_atom("wan_a" ++ Suffix), NsA, AddrA, Carrier, Env),
+    try
+        pong = peer:call(A, net_adm, ping, [BN], 60000),
+        Carrier =:= macula_direct andalso wait_direct(A, BN, 100),
+        Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 900000) end,
+        {P50, P99} = Call(idle_rtt),
+        Small = Call(small),
+        Bulk = Call(bulk),
+        Setup = Call(setup),
+        Loaded = Call(loaded_rtt),
+        R = maps:merge(#{rtt_p50 => P50, rtt_p99 => P99, small => Small, bulk => Bulk,
+                         setup => Setup}, Loaded),
+        io:format("  rep ~b ~-14s ~p~n", [Rep, Carrier, R]),
+        R
+    after
+        try peer:stop(A) catch _:_ -> ok end,
+        try peer:stop(B) catch _:_ -> ok end
+    end.
+
+wait_direct(_A, BN, 0) -> error({no_direct_path, BN});
+wait_direct(A, BN, N) ->
+    Direct = [S || Client <- peer:call(A, macula_dist_cluster, status, []),
+                   S <- maps:get(sessions, Client, []), maps:get(path, S) =/= relay],
+    case Direct of
+        [_ | _] -> true;
+        [] -> timer:sleep(100), wait_direct(A, BN, N - 1)
+    end.
+
+%% ---- run on A (times in ms) ----
+
+idle_rtt(B) ->
+    Echo = spawn(B, ?MODULE, echo, []),
+    Msg = binary:copy(<<7>>, 64),
+    _ = [ping(Echo, Msg) || _ <- lists:seq(1, 10)],
+    Times = lists:sort([ping(Echo, Msg) || _ <- lists:seq(1, ?PINGS)]),
+    exit(Echo, kill),
+    {percentile(Times, 50), percentile(Times, 99)}.
+
+ping(Echo, Msg) ->
+    T0 = erlang:monotonic_time(microsecond),
+    Echo ! {self(), Msg},
+    receive {Echo, _} -> ok end,
+    (erlang:monotonic_time(microsecond) - T0) / 1000.
+
+percentile([], _) -> infinity;
+percentile(Sorted, P) ->
+    lists:nth(max(1, round(length(Sorted) * P / 100)), Sorted).
+
+echo() ->
+    receive {From, Msg} -> From ! {self(), Msg}, echo() end.
+
+%% One-way 100-byte messages per second; acked every 1000, at most 10 000
+%% unacknowledged.
+small(B) ->
+    Counter = spawn(B, ?MODULE, counter, [self(), 1000]),
+    T0 = erlang:monotonic_time(microsecond),
+    Acked = send_window(Counter, binary:copy(<<1>>, 100), 0, 0, ?SMALL_COUNT, 10000, infinity),
+    Us = erlang:monotonic_time(microsecond) - T0,
+    exit(Counter, kill),
+    Acked / (Us / 1.0e6).
+
+%% 1 MiB messages for ?BULK_SECONDS (acked one by one, at most 8
+%% unacknowledged): MB/s of what was acknowledged.
+bulk(B) ->
+    Counter = spawn(B, ?MODULE, counter, [self(), 1]),
+    Deadline = erlang:monotonic_time(millisecond) + ?BULK_SECONDS * 1000,
+    T0 = erlang:monotonic_time(microsecond),
+    Acked = send_window(Counter, crypto:strong_rand_bytes(1 bsl 20), 0, 0, 1 bsl 30, 8, Deadline),
+    Us = erlang:monotonic_time(microsecond) - T0,
+    exit(Counter, kill),
+    Acked * (1 bsl 20) / Us.
+
+%% Sends until `N' are acked or the deadline passes; returns the acked count.
+send_window(_Counter, _Msg, _Sent, Acked, N, _Window, _Deadline) when Acked >= N ->
+    Acked;
+send_window(Counter, Msg, Sent, Acked, N, Window, Deadline) when Sent - Acked < Window ->
+    Counter ! Msg,
+    send_window(Counter, Msg, Sent + 1, Acked, N, Window, Deadline);
+send_window(Counter, Msg, Sent, Acked, N, Window, Deadline) ->
+    Wait = case Deadline of
+               infinity -> infinity;
+               _ -> max(0, Deadline - erlang:monotonic_time(millisecond))
+           end,
+    receive {ack, Count} -> send_window(Counter, Msg, Sent, Count, N, Window, Deadline)
+    after Wait -> Acked
+    end.
+
+counter(From, AckEvery) -> counter(From, AckEvery, 0).
+
+counter(From, AckEvery, Count) ->
+    receive _ ->
+            C = Count + 1,
+            C rem AckEvery =:= 0 andalso (From ! {ack, C}),
+            counter(From, AckEvery, C)
+    end.
+
+%% net_adm:ping on a fresh connection, median of ?SETUPS, in ms.
+setup(B) ->
+    Times = [begin
+                 erlang:disconnect_node(B),
+                 wait_gone(B),
+                 T0 = erlang:monotonic_time(microsecond),
+                 pong = net_adm:ping(B),
+                 (erlang:monotonic_time(microsecond) - T0) / 1000
+             end || _ <- lists:seq(1, ?SETUPS)],
+    percentile(lists:sort(Times), 50).
+
+wait_gone(B) ->
+    case lists:member(B, nodes()) of
+        true -> timer:sleep(10), wait_gone(B);
+        false -> ok
+    end.
+
+%% Ping-pongs while another process streams 1 MiB messages to B (acked
+%% every 8, at most 32 unacknowledged), for at most ?LOADED_SECONDS.
+loaded_rtt(B) ->
+    Self = self(),
+    Streamer = spawn(fun() ->
+                             Counter = spawn(B, ?MODULE, counter, [self(), 8]),
+                             Self ! streaming,
+                             send_window(Counter, crypto:strong_rand_bytes(1 bsl 20), 0, 0,
+                                         1 bsl 30, 32, infinity)
+                     end),
+    receive streaming -> ok end,
+    timer:sleep(1000),
+    Echo = spawn(B, ?MODULE, echo, []),
+    Deadline = erlang:monotonic_time(millisecond) + ?LOADED_SECONDS * 1000,
+    Times = loaded_pings(Echo, binary:copy(<<7>>, 64), ?LOADED_PINGS, Deadline, []),
+    exit(Streamer, kill),
+    exit(Echo, kill),
+    Sorted = lists:sort(Times),
+    #{loaded_p50 => percentile(Sorted, 50), loaded_p99 => percentile(Sorted, 99),
+      loaded_max => case Sorted of [] -> infinity; _ -> lists:last(Sorted) end,
+      loaded_done => length(Sorted)}.
+
+loaded_pings(_Echo, _Msg, 0, _Deadline, Acc) ->
+    Acc;
+loaded_pings(Echo, Msg, N, Deadline, Acc) ->
+    Left = Deadline - erlang:monotonic_time(millisecond),
+    T0 = erlang:monotonic_time(microsecond),
+    Echo ! {self(), Msg},
+    receive {Echo, _} ->
+            T = (erlang:monotonic_time(microsecond) - T0) / 1000,
+            loaded_pings(Echo, Msg, N - 1, Deadline, [T | Acc])
+    after max(0, Left) -> Acc
+    end.
+
+%% ---- report ----
+
+report(Profile, Carriers, Runs) ->
+    Metrics = [{rtt_p50, "rtt p50 (ms)"}, {rtt_p99, "rtt p99 (ms)"},
+               {small, "small (msgs/s)"}, {bulk, "bulk (MB/s)"}, {setup, "setup (ms)"},
+               {loaded_p50, "loaded rtt p50 (ms)"}, {loaded_p99, "loaded rtt p99 (ms)"},
+               {loaded_max, "loaded rtt max (ms)"}, {loaded_done, "loaded pings done"}],
+    Of = fun(C, Key) -> [maps:get(Key, R) || {C1, R} <- Runs, C1 =:= C] end,
+    Med = fun(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)) end,
+    Row = "~-22s" ++ lists:append(lists:duplicate(length(Carriers), " ~-14s")) ++ "~n",
+    io:format("~n~p (medians of ~b)~n" ++ Row,
+              [Profile, length(Of(hd(Carriers), rtt_p50)), "metric"
+               | [atom_to_list(C) || C <- Carriers]]),
+    [io:format(Row, [Label | [case Of(C, Key) of
+                                  [] -> "-";
+                                  L -> fmt(Med(L))
+                              end || C <- Carriers]])
+     || {Key, Label} <- Metrics],
+    ok.
+
+fmt(infinity) -> "starved";
+fmt(X) when is_integer(X) -> integer_to_list(X);
+fmt(X) when X >= 1000 -> integer_to_list(round(X));
+fmt(X) when X >= 10 -> float_to_list(X * 1.0, [{decimals, 1}]);
+fmt(X) -> float_to_list(X * 1.0, [{decimals, 2}]).
