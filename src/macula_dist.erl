@@ -19,7 +19,9 @@
 %% Per connection, as in OTP's gen_tcp_dist example: the handshake process
 %% (which then runs dist_util's connection loop, ticks included), a
 %% controller process (handshake I/O, then output: it pulls
-%% `dist_ctrl_get_data' and hands whole batches to the NIF), and an input
+%% `dist_ctrl_get_data' and hands whole batches to the NIF, which in an
+%% e2e session puts each sending process's packets on a QUIC stream of
+%% their own, so no process waits behind another's), and an input
 %% process (owns the tunnel after the handshake; feeds
 %% `dist_ctrl_put_data' from batches that the NIF framed).
 -module(macula_dist).
@@ -243,13 +245,27 @@ hs_data(Ctrl, Tunnel) ->
              mf_tick = fun(_C) -> tick(Tunnel) end,
              mf_getstat = fun(_C) -> getstat(Tunnel) end,
              mf_setopts = fun(_C, _Opts) -> {error, enotsup} end,
-             mf_getopts = fun(_C, Opts) -> getopts_tunnel(Tunnel, Opts) end}.
+             mf_getopts = fun(_C, Opts) -> getopts_tunnel(Tunnel, Opts) end,
+             reject_flags = reject_flags(Tunnel)}.
 
-%% `net_kernel:getopts(Node, [mode, peer, tunnel_id, path])': how the
-%% connection runs; `path' is `relay' or `{direct, "ip:port"}'.
+%% An e2e session carries each sending process on a stream of its own
+%% (macula_dist_nif:tunnel_split_by_sender/1), so only the order between
+%% two processes holds: the VM must not use what needs one order for all
+%% (the atom cache). A stream tunnel keeps one stream, and every flag.
+reject_flags(Tunnel) ->
+    case macula_dist_nif:tunnel_info(Tunnel) of
+        #{mode := e2e} -> dist_util:strict_order_flags();
+        #{mode := stream} -> 0
+    end.
+
+%% `net_kernel:getopts(Node, [mode, peer, tunnel_id, path, lanes, fences])':
+%% how the connection runs; `path' is `relay' or `{direct, "ip:port"}';
+%% `lanes' the streams by sender used so far to send, `fences' the packets
+%% sent behind a fence (no sender to route them by).
 getopts_tunnel(Tunnel, Opts) ->
     Info = macula_dist_nif:tunnel_info(Tunnel),
-    Keys = #{mode => mode, peer => peer, tunnel_id => id, path => path},
+    Keys = #{mode => mode, peer => peer, tunnel_id => id, path => path,
+             lanes => lanes, fences => fences},
     {ok, [{Opt, maps:get(Key, Info)} || Opt <- Opts, {ok, Key} <- [maps:find(Opt, Keys)]]}.
 
 node_address(Node) ->
@@ -347,6 +363,7 @@ start_data_path(Tunnel, DHandle) ->
         {error, closed} -> exit(connection_closed)
     end,
     Input ! {Tunnel, owner},
+    _ = macula_dist_nif:tunnel_split_by_sender(Tunnel),
     process_flag(priority, normal),
     _ = erlang:dist_ctrl_set_opt(DHandle, get_size, true),
     erlang:dist_ctrl_get_data_notification(DHandle),

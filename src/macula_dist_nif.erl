@@ -32,6 +32,10 @@
 %%     `tunnel_close(T)' sends what is queued, then finishes the stream.</li>
 %% <li>`tunnel_getstat(T)' gives `{RecvPackets, SendPackets, SendPendingBytes}';
 %%     `tunnel_info(T)' a map with byte counts, id, peer and direction.</li>
+%% <li>`tunnel_split_by_sender(T)': from now on (the distribution handshake
+%%     is done, the strict-order flags rejected) each sending process's
+%%     packets go on a QUIC stream of their own; `{error, not_e2e}' on a
+%%     stream tunnel.</li>
 %% </ul>
 -module(macula_dist_nif).
 
@@ -39,7 +43,8 @@
 -export([client_start/1, client_stop/1, client_request_tunnel/4, client_close_tunnel/2,
          client_set_kernel/3, client_status/1, client_cookie/3, client_nodes/2]).
 -export([tunnel_send/3, tunnel_send_dirty/3, tunnel_set_owner/2, tunnel_set_packet/2,
-         tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1]).
+         tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1,
+         tunnel_split_by_sender/1]).
 -export([relay_start/1, relay_info/1, relay_stop/1, live_counts/0]).
 
 -define(STATE, {?MODULE, load_state}).
@@ -100,6 +105,7 @@ tunnel_activate(Tunnel, N) -> not_loaded(?FUNCTION_NAME, [Tunnel, N]).
 tunnel_close(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
 tunnel_getstat(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
 tunnel_info(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
+tunnel_split_by_sender(Tunnel) -> not_loaded(?FUNCTION_NAME, [Tunnel]).
 
 relay_start(Opts) -> not_loaded(?FUNCTION_NAME, [Opts]).
 relay_info(Relay) -> not_loaded(?FUNCTION_NAME, [Relay]).

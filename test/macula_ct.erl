@@ -11,7 +11,9 @@
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
          checked_send/4, checked_send/5, checked_receiver/2, checked_result/2,
-         capture_log/0, logged/1, mailbox_sampler/1, mailbox_max/1]).
+         capture_log/0, logged/1, mailbox_sampler/1, mailbox_max/1,
+         echo_server/1, pingers/4, pid_ordered_receiver/2, pid_ordered_senders/4,
+         last_words/1, name_monitor_order/3]).
 %% logger handler callback (capture_log/0).
 -export([log/2]).
 
@@ -332,6 +334,83 @@ check_failed(Reason) ->
 checked_result(Name, Timeout) ->
     whereis(Name) ! {result, self()},
     receive {checked, Result} -> Result after Timeout -> timeout end.
+
+%% Registers Name: answers `{echo, Seq, Payload}' to each `{ping, From, Seq,
+%% Payload}'.
+echo_server(Name) ->
+    register(Name, spawn(fun Loop() ->
+                                 receive {ping, From, Seq, P} -> From ! {echo, Seq, P} end,
+                                 Loop()
+                         end)),
+    ok.
+
+%% Pingers processes, each Count round trips of 64 random bytes with the
+%% echo server Name on Node: `ok' when every answer came back intact and
+%% in order, else the first pinger's complaint.
+pingers(Node, Name, Pingers, Count) ->
+    Self = self(),
+    Pids = [spawn_link(fun() -> Self ! {pinged, self(), ping_loop({Name, Node}, 1, Count)} end)
+            || _ <- lists:seq(1, Pingers)],
+    Results = [receive {pinged, P, R} -> R end || P <- Pids],
+    case lists:usort(Results) of
+        [ok] -> ok;
+        Bad -> {error, Bad -- [ok]}
+    end.
+
+ping_loop(_To, Seq, Count) when Seq > Count ->
+    ok;
+ping_loop(To, Seq, Count) ->
+    P = crypto:strong_rand_bytes(64),
+    To ! {ping, self(), Seq, P},
+    receive
+        {echo, Seq, P} -> ping_loop(To, Seq + 1, Count);
+        {echo, Other, _} -> {out_of_order, Seq, Other}
+    after 120000 -> {timeout, Seq}
+    end.
+
+%% Registers Name: checks that each sending process's numbers arrive 1, 2,
+%% 3..., Total messages in all (receiver_result/1 gives the outcome).
+pid_ordered_receiver(Name, Total) ->
+    register(Name, spawn(fun() -> receive_in_order(#{}, Total) end)),
+    ok.
+
+%% Senders processes, each sending 1..Count to Name on Node.
+pid_ordered_senders(Node, Name, Senders, Count) ->
+    Self = self(),
+    Pids = [spawn_link(fun() ->
+                               [{Name, Node} ! {seq, self(), I} || I <- lists:seq(1, Count)],
+                               Self ! {sent, self()}
+                       end) || _ <- lists:seq(1, Senders)],
+    [receive {sent, P} -> ok end || P <- Pids],
+    ok.
+
+%% Registers a process as Name that answers the first `{hello, From}' with
+%% `last_words' and exits: its DOWN, to a monitor by name, names no pid.
+last_words(Name) ->
+    Pid = spawn(fun() -> receive {hello, From} -> From ! last_words end end),
+    register(Name, Pid),
+    ok.
+
+%% Count times: a process on Node registered as Name (last_words/1) is
+%% monitored by name, greeted, and must say its last words before its DOWN
+%% arrives. `ok' or the first round where the DOWN came first.
+name_monitor_order(Node, Name, Count) ->
+    name_monitor_order(Node, Name, 1, Count).
+
+name_monitor_order(_Node, _Name, I, Count) when I > Count ->
+    ok;
+name_monitor_order(Node, Name, I, Count) ->
+    ok = erpc:call(Node, ?MODULE, last_words, [Name]),
+    Ref = monitor(process, {Name, Node}),
+    {Name, Node} ! {hello, self()},
+    receive
+        last_words ->
+            receive {'DOWN', Ref, process, _, _} -> name_monitor_order(Node, Name, I + 1, Count)
+            after 30000 -> {no_down, I}
+            end;
+        {'DOWN', Ref, process, _, Reason} ->
+            {down_first, I, Reason}
+    end.
 
 %% Keeps this node's log messages from now on, for logged/1.
 capture_log() ->

@@ -15,7 +15,8 @@
          second_node_with_a_live_name_fails_to_boot/1, cluster_ca_mode/1, kill_9_seen_with_default_ticktime/1,
          relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1,
          direct_path_on_loopback/1, direct_false_stays_relayed/1,
-         keeper_answers_sys_while_reconnecting/1, deprecated_calls_answer_as_before/1]).
+         keeper_answers_sys_while_reconnecting/1, deprecated_calls_answer_as_before/1,
+         bulk_beside_pingers_in_order/1, name_monitor_down_after_last_words/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -31,7 +32,8 @@ groups() ->
              hidden_node, net_kernel_start_later, missing_relay_fails_boot,
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
-             autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime],
+             autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime,
+             bulk_beside_pingers_in_order, name_monitor_down_after_last_words],
     [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed,
                          keeper_answers_sys_while_reconnecting, deprecated_calls_answer_as_before]},
      {stream, [], Cases}].
@@ -188,6 +190,64 @@ full_mesh_of_five_in_order(Config) ->
     Results = [call(P, macula_ct, receiver_result, [macula_seq]) || {P, _} <- Peers],
     Prev = [lists:last(Nodes) | lists:droplast(Nodes)],
     ?assertEqual([{ok, #{From => PerSender}} || From <- Prev], Results).
+
+%% A bulk transfer (64 MiB in 1 MiB messages) and, beside it, 8 pingers
+%% (200 round trips each) and 8 one-way senders (5000 numbered messages
+%% each) from other processes: every message of every sender arrives once,
+%% in order, intact. In an e2e session the senders went on several lanes,
+%% and none behind a fence (the router named every sender the VM wrote).
+bulk_beside_pingers_in_order(Config) ->
+    [{A, _}, {B, BN}] = peers(Config, [pa20, pb20]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ok = call(B, macula_ct, checked_receiver, [macula_bulk, 64]),
+    ok = call(B, macula_ct, echo_server, [macula_echo]),
+    ok = call(B, macula_ct, pid_ordered_receiver, [macula_pseq, 8 * 5000]),
+    Self = self(),
+    spawn_link(fun() ->
+                       Self ! {bulk, call(A, macula_ct, checked_send, [BN, macula_bulk, 64, 1 bsl 20])}
+               end),
+    spawn_link(fun() ->
+                       Self ! {seq, call(A, macula_ct, pid_ordered_senders, [BN, macula_pseq, 8, 5000])}
+               end),
+    ?assertEqual(ok, call(A, macula_ct, pingers, [BN, macula_echo, 8, 200])),
+    receive {bulk, Bulk} -> ?assertEqual(ok, Bulk) end,
+    receive {seq, Seq} -> ?assertEqual(ok, Seq) end,
+    ?assertMatch({ok, 64, _, _}, call(B, macula_ct, checked_result, [macula_bulk, 120000])),
+    {ok, Seen} = call(B, macula_ct, receiver_result, [macula_pseq]),
+    ?assertEqual(lists:duplicate(8, 5000), maps:values(Seen)),
+    case ?config(mode, Config) of
+        e2e ->
+            {ok, [{lanes, Lanes}, {fences, Fences}]} =
+                call(A, net_kernel, getopts, [BN, [lanes, fences]]),
+            ct:pal("lanes used ~b, fences ~b", [Lanes, Fences]),
+            ?assert(Lanes > 1),
+            ?assertEqual(0, Fences);
+        stream ->
+            ?assertEqual({ok, [{lanes, 0}]}, call(A, net_kernel, getopts, [BN, [lanes]]))
+    end.
+
+%% The DOWN of a monitor by name names no pid, so it goes behind a fence;
+%% it still comes after the process's last message, 300 times, with a bulk
+%% transfer the other way beside it.
+name_monitor_down_after_last_words(Config) ->
+    [{A, AN}, {B, BN}] = peers(Config, [pa21, pb21]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ok = call(A, macula_ct, checked_receiver, [macula_bulk, 32]),
+    Self = self(),
+    spawn_link(fun() ->
+                       Self ! {bulk, call(B, macula_ct, checked_send, [AN, macula_bulk, 32, 1 bsl 20])}
+               end),
+    ?assertEqual(ok, call(A, macula_ct, name_monitor_order, [BN, macula_last, 300])),
+    receive {bulk, Bulk} -> ?assertEqual(ok, Bulk) end,
+    ?assertMatch({ok, 32, _, _}, call(A, macula_ct, checked_result, [macula_bulk, 120000])),
+    case ?config(mode, Config) of
+        e2e ->
+            {ok, [{fences, Fences}]} = call(B, net_kernel, getopts, [AN, [fences]]),
+            ct:pal("fences ~b", [Fences]),
+            ?assert(Fences >= 300);
+        stream ->
+            ok
+    end.
 
 restarted_peer_reachable_again(Config) ->
     [{A, _}, {B, BN}] = peers(Config, [pa7, pb7]),

@@ -1,7 +1,7 @@
 //! The atoms the NIF answers with.
 
 rustler::atoms! {
-    ok, error, closed, busy, timeout,
+    ok, error, closed, busy, timeout, not_e2e,
     macula_client, macula_tunnel, macula_tunnel_reply,
     identified, connect_failed, log, warning, info,
     unreachable, tls, tls_config, refused, protocol_error,

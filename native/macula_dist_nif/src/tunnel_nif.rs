@@ -181,6 +181,10 @@ pub(crate) struct TunnelInfo {
     send_bytes: u64,
     send_packets: u64,
     send_pending: u64,
+    /// Lanes (streams by sender) used so far; 0 until split.
+    lanes: u32,
+    /// Packets sent behind a fence (no sender the router could name).
+    fences: u64,
 }
 
 fn load(a: &AtomicU64) -> u64 {
@@ -209,6 +213,8 @@ impl TunnelInfo {
             send_bytes: load(&c.send_bytes),
             send_packets: load(&c.send_packets),
             send_pending: t.queued() as u64,
+            lanes: t.lane_stats().0,
+            fences: t.lane_stats().1,
         }
     }
 }
@@ -266,6 +272,16 @@ fn tunnel_set_packet(tunnel: ResourceArc<TunnelRes>, header: u32) -> NifResult<r
     let packet = Packet::from_header_len(header).ok_or(rustler::Error::BadArg)?;
     tunnel.tunnel.set_packet(packet);
     Ok(atoms::ok())
+}
+
+/// The distribution handshake is done: each sending process's packets go
+/// on a lane of their own. `{error, not_e2e}` on a stream tunnel.
+#[rustler::nif]
+fn tunnel_split_by_sender(env: Env, tunnel: ResourceArc<TunnelRes>) -> Term {
+    match tunnel.tunnel.split_by_sender() {
+        Ok(()) => atoms::ok().encode(env),
+        Err(_) => (atoms::error(), atoms::not_e2e()).encode(env),
+    }
 }
 
 /// Allows `N` more `{data, Frames}` messages to the owner.

@@ -27,6 +27,7 @@ pub mod e2e_node;
 pub mod e2e_session;
 pub mod endpoint;
 pub mod identity;
+pub mod lanes;
 pub mod node_socket;
 pub mod registry;
 pub mod relay_client;

@@ -12,9 +12,14 @@
 //!
 //! What the owner hears goes through a [`TunnelSink`]: frames, `writable`,
 //! `closed`. The tunnel does not know who its owner is.
+//!
+//! An e2e tunnel whose owner asks for it ([`Tunnel::split_by_sender`], once
+//! the distribution handshake is done) carries each sending process's
+//! packets on a lane of its own ([`crate::lanes`]); the tunnel's stream
+//! then carries ticks and fences, first.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,15 +27,21 @@ use macula_relay_proto::wire::packet::{Framer, Packet};
 use macula_relay_proto::{Mode, TunnelId};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::lanes::{fence_of, LaneInbox, Outbox, Turn, LANES};
 use crate::node_socket::NodeSocket;
 
 /// Queued outbound bytes over which `send` answers `busy`.
 pub const HIGH_WATER: usize = 4 << 20;
 /// Queued outbound bytes under which a busy tunnel becomes `writable`.
 pub const LOW_WATER: usize = 1 << 20;
+/// The same, once split by sender: the VM's one queue for every process
+/// is drained into the lanes, so that one process's transfer (as long as
+/// it waits for its peer now and then) does not suspend every sender.
+pub const SPLIT_HIGH_WATER: usize = 24 << 20;
+pub const SPLIT_LOW_WATER: usize = 8 << 20;
 /// Largest inbound packet accepted in packet mode.
 const MAX_FRAME: usize = 1 << 30;
 /// Most bytes and frames in one `{data, Frames}` message.
@@ -48,13 +59,16 @@ pub struct Counters {
     pub send_packets: AtomicU64,
 }
 
+/// Splitting by sender needs an e2e session (its own QUIC connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotE2e;
+
 pub struct Tunnel {
     pub id: TunnelId,
     pub peer: String,
     pub outbound: bool,
     pub mode: Mode,
-    out: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
-    queued: AtomicUsize,
+    outbox: Outbox,
     want_writable: AtomicBool,
     credit: AtomicU32,
     credit_added: Notify,
@@ -140,7 +154,6 @@ pub struct TunnelIo {
     recv: RecvStream,
     early: Bytes,
     conn: Option<quinn::Connection>,
-    queue: mpsc::UnboundedReceiver<Bytes>,
 }
 
 /// A tunnel made, whose reader and writer start once its owner's side is
@@ -170,7 +183,6 @@ impl Tunnel {
         open_count: Arc<AtomicUsize>,
         rt: Handle,
     ) -> NewTunnel {
-        let (tx, rx) = mpsc::unbounded_channel();
         open_count.fetch_add(1, Ordering::Relaxed);
         LIVE_TUNNELS.fetch_add(1, Ordering::Relaxed);
         let tunnel = Arc::new(Tunnel {
@@ -182,8 +194,7 @@ impl Tunnel {
                 .socket
                 .clone()
                 .zip(streams.conn.as_ref().map(|c| c.remote_address())),
-            out: Mutex::new(Some(tx)),
-            queued: AtomicUsize::new(0),
+            outbox: Outbox::default(),
             want_writable: AtomicBool::new(false),
             credit: AtomicU32::new(0),
             credit_added: Notify::new(),
@@ -202,7 +213,6 @@ impl Tunnel {
                 recv: streams.recv,
                 early: streams.early,
                 conn: streams.conn,
-                queue: rx,
             },
         }
     }
@@ -211,16 +221,21 @@ impl Tunnel {
 impl TunnelIo {
     /// Starts the reader and the writer; each tells its own sink.
     pub fn start(self, tunnel: &Arc<Tunnel>, mut sink: impl FnMut() -> Box<dyn TunnelSink>) {
-        tunnel
-            .rt
-            .spawn(read_loop(tunnel.clone(), self.recv, self.early, sink()));
-        tunnel.rt.spawn(write_loop(
+        let _guard = tunnel.rt.enter();
+        let lanes = self
+            .conn
+            .clone()
+            .map(|conn| LaneInbox::start(conn, MAX_FRAME, tunnel.stop_reading.clone()));
+        tunnel.rt.spawn(read_loop(
             tunnel.clone(),
-            self.send,
-            self.queue,
-            self.conn,
+            self.recv,
+            self.early,
+            lanes,
             sink(),
         ));
+        tunnel
+            .rt
+            .spawn(write_loop(tunnel.clone(), self.send, self.conn, sink()));
     }
 }
 
@@ -247,31 +262,51 @@ impl Tunnel {
     }
 
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.outbox.queued()
+    }
+
+    /// From now on (the distribution handshake is done), each sending
+    /// process's packets go on its own lane.
+    pub fn split_by_sender(&self) -> Result<(), NotE2e> {
+        if self.mode != Mode::E2e {
+            return Err(NotE2e);
+        }
+        self.outbox.split_by_sender();
+        Ok(())
+    }
+
+    /// Lanes used so far, and packets sent behind a fence.
+    pub fn lane_stats(&self) -> (u32, u64) {
+        (
+            self.outbox.lanes_used(),
+            self.outbox.fences.load(Ordering::Relaxed),
+        )
+    }
+
+    fn water_marks(&self) -> (usize, usize) {
+        if self.outbox.is_split() {
+            (SPLIT_HIGH_WATER, SPLIT_LOW_WATER)
+        } else {
+            (HIGH_WATER, LOW_WATER)
+        }
     }
 
     /// Queues bytes for the peer. `Ok(true)` means over the high-water mark:
     /// stop sending until `writable`.
     pub fn send(&self, data: Bytes, packets: u64) -> Result<bool, TunnelClosed> {
         let len = data.len();
-        let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = out.as_ref() else {
-            return Err(TunnelClosed);
-        };
-        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
-        if tx.send(data).is_err() {
-            return Err(TunnelClosed);
-        }
+        let queued = self.outbox.push(data).map_err(|_| TunnelClosed)?;
         self.counters
             .send_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         self.counters
             .send_packets
             .fetch_add(packets, Ordering::Relaxed);
-        if queued > HIGH_WATER {
+        let (high, low) = self.water_marks();
+        if queued > high {
             self.want_writable.store(true, Ordering::Release);
             // The writer may have drained everything in between.
-            if self.queued() <= LOW_WATER {
+            if self.queued() <= low {
                 self.want_writable.store(false, Ordering::Release);
                 return Ok(false);
             }
@@ -288,7 +323,7 @@ impl Tunnel {
         }
         self.open_count.fetch_sub(1, Ordering::Relaxed);
         self.stop_reading.cancel();
-        self.out.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.outbox.close();
         if graceful {
             let abort = self.abort_writing.clone();
             self.rt.spawn(async move {
@@ -314,11 +349,14 @@ async fn read_loop(
     tunnel: Arc<Tunnel>,
     mut recv: RecvStream,
     early: Bytes,
+    mut lanes: Option<LaneInbox>,
     mut sink: Box<dyn TunnelSink>,
 ) {
     let mut framer = Framer::new(Packet::Raw, MAX_FRAME);
     framer.push(&early);
     let mut batch: Vec<Bytes> = Vec::new();
+    // Lane budget, given back once the batch is delivered.
+    let mut permits = Vec::new();
     // Taken from quinn in one call: whatever arrived since the last read.
     let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
     loop {
@@ -339,11 +377,36 @@ async fn read_loop(
         // During the handshake (2-byte packets) one packet per message, so the
         // switch to 4-byte packets can come between any two.
         let max_frames = if mode == Packet::Two { 1 } else { BATCH_FRAMES };
+        // Lanes carry the data phase only (4-byte packets).
+        let mut lanes_now = lanes.as_mut().filter(|_| mode == Packet::Four);
         let mut bytes = 0;
         while batch.len() < max_frames && bytes < BATCH_BYTES {
+            if let Some(inbox) = lanes_now.as_deref_mut() {
+                if let Err(why) = inbox.poll_lanes() {
+                    return closed_by_peer(sink.as_mut(), &tunnel, &why);
+                }
+                if let Some((packet, permit)) = inbox.next_ready() {
+                    tunnel.counters.recv_packets.fetch_add(1, Ordering::Relaxed);
+                    let len = packet.len() as u64 + 4;
+                    tunnel.counters.recv_bytes.fetch_add(len, Ordering::Relaxed);
+                    bytes += packet.len();
+                    batch.push(packet);
+                    permits.extend(permit);
+                    continue;
+                }
+                if inbox.fence_waits() {
+                    break;
+                }
+            }
             match framer.next_frame() {
                 Ok(Some(frame)) => {
                     tunnel.counters.recv_packets.fetch_add(1, Ordering::Relaxed);
+                    if let Some(inbox) = lanes_now.as_deref_mut() {
+                        if let Some(fence) = fence_of(&frame) {
+                            inbox.hold_fence(fence);
+                            continue;
+                        }
+                    }
                     // Empty packets are ticks: counted (that is what keeps the
                     // connection alive), not delivered.
                     if !frame.is_empty() || mode == Packet::Raw {
@@ -365,10 +428,24 @@ async fn read_loop(
             tunnel.credit.fetch_sub(1, Ordering::AcqRel);
             sink.data(&mut batch);
             batch.clear();
+            permits.clear();
             continue;
         }
+        // Nothing to deliver: wait for the tunnel's stream (unless a fence
+        // holds it) or a lane.
+        let fence_waits = lanes_now.as_deref().is_some_and(LaneInbox::fence_waits);
+        let lane_event = async {
+            match lanes_now {
+                Some(inbox) => inbox.wait().await,
+                None => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
-            read = recv.read_chunks(&mut chunks) => read,
+            read = recv.read_chunks(&mut chunks), if !fence_waits => read,
+            lane = lane_event => match lane {
+                Ok(()) => continue,
+                Err(why) => return closed_by_peer(sink.as_mut(), &tunnel, &why),
+            },
             _ = tunnel.stop_reading.cancelled() => return,
         };
         match read {
@@ -391,58 +468,99 @@ async fn read_loop(
 async fn write_loop(
     tunnel: Arc<Tunnel>,
     send: SendStream,
-    queue: mpsc::UnboundedReceiver<Bytes>,
     conn: Option<quinn::Connection>,
     mut sink: Box<dyn TunnelSink>,
 ) {
-    write_all(&tunnel, send, queue, sink.as_mut()).await;
+    let mut streams = Writers {
+        control: send,
+        lanes: (0..LANES).map(|_| None).collect(),
+        conn: conn.clone(),
+    };
+    streams.control.set_priority(1).ok();
+    write_all(&tunnel, &mut streams, sink.as_mut()).await;
     if let Some(conn) = conn {
         conn.close(CLOSED_CODE, b"tunnel closed");
     }
 }
 
-async fn write_all(
-    tunnel: &Tunnel,
-    mut send: SendStream,
-    mut queue: mpsc::UnboundedReceiver<Bytes>,
-    sink: &mut dyn TunnelSink,
-) {
+/// The streams a tunnel writes: its own, and the lanes it opened.
+struct Writers {
+    control: SendStream,
+    lanes: Vec<Option<SendStream>>,
+    conn: Option<quinn::Connection>,
+}
+
+impl Writers {
+    fn all(&mut self) -> impl Iterator<Item = &mut SendStream> {
+        std::iter::once(&mut self.control).chain(self.lanes.iter_mut().flatten())
+    }
+
+    fn reset(&mut self) {
+        for s in self.all() {
+            let _ = s.reset(CLOSED_CODE);
+        }
+    }
+
+    /// The stream of `turn`, opening a lane on its first turn.
+    async fn get(&mut self, turn: Turn) -> Result<&mut SendStream, String> {
+        let lane = match turn {
+            Turn::Control => return Ok(&mut self.control),
+            Turn::Lane(lane) => lane,
+        };
+        if self.lanes[lane].is_none() {
+            let conn = self.conn.as_ref().ok_or("a lane without a connection")?;
+            let send = conn.open_uni().await.map_err(|e| e.to_string())?;
+            self.lanes[lane] = Some(send);
+        }
+        Ok(self.lanes[lane].as_mut().expect("opened"))
+    }
+}
+
+async fn write_all(tunnel: &Tunnel, streams: &mut Writers, sink: &mut dyn TunnelSink) {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
     loop {
-        let got = tokio::select! {
+        let turn = tokio::select! {
             biased;
-            _ = tunnel.abort_writing.cancelled() => {
-                let _ = send.reset(CLOSED_CODE);
-                return;
-            }
-            got = queue.recv_many(&mut chunks, 64) => got,
+            _ = tunnel.abort_writing.cancelled() => return streams.reset(),
+            turn = tunnel.outbox.next_turn(&mut chunks) => turn,
         };
-        if got == 0 {
+        let Some(turn) = turn else {
             // Closed gracefully: everything queued went out; wait (bounded)
             // until the peer has it all.
-            let _ = send.finish();
+            let mut stopped = Vec::new();
+            for s in streams.all() {
+                let _ = s.finish();
+                stopped.push(s.stopped());
+            }
             tokio::select! {
                 _ = tunnel.abort_writing.cancelled() => {}
-                _ = send.stopped() => {}
+                _ = futures_join_all(stopped) => {}
             }
             return;
-        }
+        };
         let len: usize = chunks.iter().map(|c| c.len()).sum();
         let written = tokio::select! {
             biased;
-            _ = tunnel.abort_writing.cancelled() => {
-                let _ = send.reset(CLOSED_CODE);
-                return;
-            }
-            written = send.write_all_chunks(&mut chunks) => written,
+            _ = tunnel.abort_writing.cancelled() => return streams.reset(),
+            written = async {
+                let stream = streams.get(turn).await?;
+                stream.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())
+            } => written,
         };
         chunks.clear();
         if let Err(e) = written {
             return closed_by_peer(sink, tunnel, &e);
         }
-        let left = tunnel.queued.fetch_sub(len, Ordering::AcqRel) - len;
-        if left <= LOW_WATER && tunnel.want_writable.swap(false, Ordering::AcqRel) {
+        let left = tunnel.outbox.written(len);
+        if left <= tunnel.water_marks().1 && tunnel.want_writable.swap(false, Ordering::AcqRel) {
             sink.writable();
         }
+    }
+}
+
+/// Waits for every future (a few streams' `stopped`).
+async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) {
+    for f in futures {
+        f.await;
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use macula_relay_proto::node::dist_route::LANES;
 use macula_relay_proto::wire::dataplane::HEADER_LEN;
 
 /// QUIC transport settings shared by relay and client.
@@ -109,6 +110,8 @@ impl Transport {
     pub fn e2e_quinn_config(&self) -> anyhow::Result<quinn::TransportConfig> {
         let mut t = self.quinn_config()?;
         t.max_concurrent_bidi_streams(4u32.into())
+            // The peer's lanes (one per sender group).
+            .max_concurrent_uni_streams((LANES as u32).into())
             .max_idle_timeout(Some(E2E_IDLE_TIMEOUT.try_into()?))
             .keep_alive_interval(Some(E2E_KEEP_ALIVE));
 

@@ -28,8 +28,11 @@ pub use wire::tunnel_id::TunnelId;
 
 /// ALPN protocol id spoken on every relay connection.
 pub const ALPN: &[u8] = b"macula-dist";
-/// ALPN protocol id of the QUIC connection of an e2e session (node to node).
-pub const ALPN_E2E: &[u8] = b"macula-dist-e2e";
+/// ALPN protocol id of the QUIC connection of an e2e session (node to
+/// node). `/2`: the data phase runs on lanes by sender
+/// ([`node::dist_route`]); a node of the first e2e version has no lanes,
+/// so it fails the TLS handshake rather than stall.
+pub const ALPN_E2E: &[u8] = b"macula-dist-e2e/2";
 /// The relay's default UDP port.
 pub const DEFAULT_PORT: u16 = 4434;
 /// The protocol version this crate speaks (sent as `v` in identify and

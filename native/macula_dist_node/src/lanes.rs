@@ -1,0 +1,596 @@
+//! Streams by sender: an e2e session carries each sending process's
+//! packets on a lane (a unidirectional QUIC stream, one of
+//! [`LANES`]) picked from its pid by [`DistRouter`], so that a small
+//! message never waits behind another process's megabytes, in the
+//! carrier's queues or behind a lost packet.
+//!
+//! - [`Outbox`]: what the owner sent, routed into per-stream queues (the
+//!   control stream, and one queue per lane); one writer takes turns
+//!   between them, the control stream first, so each turn hands quinn at
+//!   most [`TURN_BYTES`] of one stream.
+//! - [`LaneInbox`]: the peer's lanes, read by a task each into one channel
+//!   (each with its own byte budget, past which it stops reading and QUIC
+//!   flow control holds that lane alone), and fences held until every
+//!   lane has passed their barrier.
+//!
+//! On the wire, lane frames are 4-byte-length packets as on the control
+//! stream. A fence (a packet whose sender the router cannot name) is a
+//! barrier frame `[0, Id:64]` on every lane used so far, and on the control
+//! stream `[1, Id:64, Lanes:32, Packet]`: the receiver delivers the packet
+//! once `Lanes` barriers `Id` arrived, so it comes after everything sent
+//! before it. Dist packets start with 131 or 112 and ticks are empty, so
+//! the two cannot be mistaken for them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+pub use macula_relay_proto::node::dist_route::LANES;
+use macula_relay_proto::node::dist_route::{DistRouter, Route};
+use macula_relay_proto::wire::packet::{Framer, Packet};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Most bytes of one stream handed to quinn in one turn.
+pub const TURN_BYTES: usize = 32 * 1024;
+/// Undelivered bytes one lane may hold on the receiving side.
+const LANE_BUDGET: usize = 1 << 20;
+/// Fences a receiver keeps count of at once.
+const MAX_OPEN_FENCES: usize = 1024;
+const BARRIER: u8 = 0;
+const FENCE: u8 = 1;
+const BARRIER_LEN: usize = 9;
+const FENCE_HEADER: usize = 13;
+
+/// Which stream a turn writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// The tunnel's own (bidirectional) stream.
+    Control,
+    /// Lane `n`, opened on its first turn.
+    Lane(usize),
+}
+
+/// The outbound queues of one tunnel.
+#[derive(Default)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    ready: Notify,
+    /// Bytes queued and not yet handed to quinn.
+    queued: AtomicUsize,
+    /// Packets sent behind a fence.
+    pub fences: AtomicU64,
+}
+
+struct OutboxState {
+    closed: bool,
+    control: VecDeque<Bytes>,
+    lanes: Vec<VecDeque<Bytes>>,
+    /// Lanes that ever had a packet (a fence must pass them all).
+    used: u32,
+    /// Set once the data phase routes by sender.
+    router: Option<DistRouter>,
+    next_fence: u64,
+    /// The lane whose turn is next.
+    cursor: usize,
+}
+
+impl Default for OutboxState {
+    fn default() -> Self {
+        OutboxState {
+            closed: false,
+            control: VecDeque::new(),
+            lanes: (0..LANES).map(|_| VecDeque::new()).collect(),
+            used: 0,
+            router: None,
+            next_fence: 0,
+            cursor: 0,
+        }
+    }
+}
+
+/// Nothing more can be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxClosed;
+
+impl Outbox {
+    /// From now on, `push` takes 4-byte-framed dist packets and routes
+    /// each by its sender.
+    pub fn split_by_sender(&self) {
+        self.lock().router.get_or_insert_with(DistRouter::new);
+    }
+
+    /// Whether packets are routed by sender.
+    pub fn is_split(&self) -> bool {
+        self.lock().router.is_some()
+    }
+
+    /// Lanes used so far.
+    pub fn lanes_used(&self) -> u32 {
+        self.lock().used.count_ones()
+    }
+
+    /// Bytes queued, not yet handed to quinn.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `data`; answers the bytes queued after it.
+    pub fn push(&self, data: Bytes) -> Result<usize, OutboxClosed> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err(OutboxClosed);
+        }
+        let added = if s.router.is_some() {
+            s.route_batch(data, &self.fences)
+        } else {
+            let len = data.len();
+            s.control.push_back(data);
+            len
+        };
+        drop(s);
+        self.ready.notify_one();
+        Ok(self.queued.fetch_add(added, Ordering::AcqRel) + added)
+    }
+
+    /// No more pushes; the writer sends what is queued, then finishes.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// The next turn: its stream and its chunks (in `out`), or `None` once
+    /// closed and drained.
+    pub async fn next_turn(&self, out: &mut Vec<Bytes>) -> Option<Turn> {
+        loop {
+            {
+                let mut s = self.lock();
+                if let Some(turn) = s.take_turn(out) {
+                    return Some(turn);
+                }
+                if s.closed {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// `len` bytes of a turn are in quinn's hands; answers what is left.
+    pub fn written(&self, len: usize) -> usize {
+        self.queued.fetch_sub(len, Ordering::AcqRel) - len
+    }
+}
+
+impl OutboxState {
+    /// Splits a batch of `<<Size:32, Packet>>` into the queues; answers the
+    /// bytes queued (barriers and fence headers included).
+    fn route_batch(&mut self, mut data: Bytes, fences: &AtomicU64) -> usize {
+        let mut added = 0;
+        while data.len() >= 4 {
+            let size = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            if size > data.len() - 4 {
+                break;
+            }
+            let frame = data.split_to(4 + size);
+            let router = self.router.as_mut().expect("routing");
+            added += match router.route(&frame[4..]) {
+                Route::Control => {
+                    let len = frame.len();
+                    self.control.push_back(frame);
+                    len
+                }
+                Route::Lane(lane) => {
+                    self.used |= 1 << lane;
+                    let len = frame.len();
+                    self.lanes[lane].push_back(frame);
+                    len
+                }
+                Route::Fence => {
+                    fences.fetch_add(1, Ordering::Relaxed);
+                    self.fence(frame.slice(4..))
+                }
+            };
+        }
+        // Not whole packets (the VM never gives those): kept in order, on
+        // the control stream.
+        if !data.is_empty() {
+            added += data.len();
+            self.control.push_back(data);
+        }
+        added
+    }
+
+    fn fence(&mut self, packet: Bytes) -> usize {
+        let id = self.next_fence;
+        self.next_fence += 1;
+        let mut barrier = BytesMut::with_capacity(4 + BARRIER_LEN);
+        barrier.put_u32(BARRIER_LEN as u32);
+        barrier.put_u8(BARRIER);
+        barrier.put_u64(id);
+        let barrier = barrier.freeze();
+        let mut added = 0;
+        for lane in (0..LANES).filter(|l| self.used & (1 << l) != 0) {
+            added += barrier.len();
+            self.lanes[lane].push_back(barrier.clone());
+        }
+        let mut head = BytesMut::with_capacity(4 + FENCE_HEADER);
+        head.put_u32((FENCE_HEADER + packet.len()) as u32);
+        head.put_u8(FENCE);
+        head.put_u64(id);
+        head.put_u32(self.used.count_ones());
+        added += head.len() + packet.len();
+        self.control.push_back(head.freeze());
+        self.control.push_back(packet);
+        added
+    }
+
+    fn take_turn(&mut self, out: &mut Vec<Bytes>) -> Option<Turn> {
+        if !self.control.is_empty() {
+            take_chunks(&mut self.control, out);
+            return Some(Turn::Control);
+        }
+        let lane = (0..LANES)
+            .map(|i| (self.cursor + i) % LANES)
+            .find(|&l| !self.lanes[l].is_empty())?;
+        take_chunks(&mut self.lanes[lane], out);
+        self.cursor = (lane + 1) % LANES;
+        Some(Turn::Lane(lane))
+    }
+}
+
+/// Whole chunks from the front of `queue`, at least one, up to
+/// [`TURN_BYTES`] (a fence's header and packet go together).
+fn take_chunks(queue: &mut VecDeque<Bytes>, out: &mut Vec<Bytes>) {
+    let mut bytes = 0;
+    while let Some(front) = queue.front() {
+        if bytes > 0 && bytes + front.len() > TURN_BYTES {
+            break;
+        }
+        bytes += front.len();
+        out.push(queue.pop_front().expect("front"));
+    }
+}
+
+/// What a lane reader tells the tunnel's reader.
+pub enum LaneEvent {
+    /// A packet; its budget comes back when the permit is dropped.
+    Packet(Bytes, OwnedSemaphorePermit),
+    /// A lane passed barrier `id`.
+    Barrier(u64),
+    /// A lane broke the framing.
+    Broken(String),
+}
+
+/// Accepts the peer's lanes on `conn` and reads each, until `stop`.
+pub fn read_lanes(
+    conn: quinn::Connection,
+    max_frame: usize,
+    stop: CancellationToken,
+) -> mpsc::UnboundedReceiver<LaneEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let recv = tokio::select! {
+                recv = conn.accept_uni() => recv,
+                _ = stop.cancelled() => return,
+            };
+            let Ok(recv) = recv else { return };
+            tokio::spawn(read_lane(recv, max_frame, tx.clone(), stop.clone()));
+        }
+    });
+    rx
+}
+
+async fn read_lane(
+    mut recv: quinn::RecvStream,
+    max_frame: usize,
+    tx: mpsc::UnboundedSender<LaneEvent>,
+    stop: CancellationToken,
+) {
+    let budget = Arc::new(Semaphore::new(LANE_BUDGET));
+    let mut framer = Framer::new(Packet::Four, max_frame);
+    let mut chunks: Vec<Bytes> = vec![Bytes::new(); 32];
+    loop {
+        loop {
+            let frame = match framer.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(LaneEvent::Broken(format!("lane packet of {} bytes", e.len)));
+                    return;
+                }
+            };
+            let event = match barrier_id(&frame) {
+                Some(id) => LaneEvent::Barrier(id),
+                None => {
+                    let need = frame.len().clamp(1, LANE_BUDGET) as u32;
+                    let permit = tokio::select! {
+                        p = budget.clone().acquire_many_owned(need) => p,
+                        _ = stop.cancelled() => return,
+                    };
+                    let Ok(permit) = permit else { return };
+                    LaneEvent::Packet(frame, permit)
+                }
+            };
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+        let read = tokio::select! {
+            read = recv.read_chunks(&mut chunks) => read,
+            _ = stop.cancelled() => return,
+        };
+        match read {
+            Ok(Some(n)) => {
+                for chunk in &mut chunks[..n] {
+                    framer.push(chunk);
+                    *chunk = Bytes::new();
+                }
+            }
+            // Finished, or reset with the connection: the control stream
+            // tells the tunnel.
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+fn barrier_id(frame: &[u8]) -> Option<u64> {
+    match frame {
+        [BARRIER, id @ ..] if id.len() == 8 => Some(u64::from_be_bytes(id.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// A fence read from the control stream: `(id, lanes, packet)`.
+pub fn fence_of(frame: &Bytes) -> Option<(u64, u32, Bytes)> {
+    if frame.len() < FENCE_HEADER || frame[0] != FENCE {
+        return None;
+    }
+    let id = u64::from_be_bytes(frame[1..9].try_into().ok()?);
+    let lanes = u32::from_be_bytes(frame[9..13].try_into().ok()?);
+    Some((id, lanes, frame.slice(FENCE_HEADER..)))
+}
+
+/// The receiving side of the lanes: packets ready to deliver, in each
+/// lane's order, and at most one fence waiting for its barriers.
+pub struct LaneInbox {
+    rx: mpsc::UnboundedReceiver<LaneEvent>,
+    barriers: HashMap<u64, u32>,
+    fence: Option<(u64, u32, Bytes)>,
+    ready: VecDeque<(Bytes, Option<OwnedSemaphorePermit>)>,
+}
+
+impl LaneInbox {
+    /// Reads the peer's lanes on `conn` until `stop`.
+    pub fn start(conn: quinn::Connection, max_frame: usize, stop: CancellationToken) -> Self {
+        LaneInbox {
+            rx: read_lanes(conn, max_frame, stop),
+            barriers: HashMap::new(),
+            fence: None,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Whether a fence waits (the control stream is not read meanwhile).
+    pub fn fence_waits(&self) -> bool {
+        self.fence.is_some()
+    }
+
+    /// Holds a fence until its barriers are in.
+    pub fn hold_fence(&mut self, fence: (u64, u32, Bytes)) {
+        self.fence = Some(fence);
+        self.release_fence();
+    }
+
+    /// Takes what the lanes have sent, without waiting.
+    pub fn poll_lanes(&mut self) -> Result<(), String> {
+        while let Ok(event) = self.rx.try_recv() {
+            self.take(event)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the lanes' next event (never, once they are all gone).
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match self.rx.recv().await {
+            Some(event) => self.take(event),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn take(&mut self, event: LaneEvent) -> Result<(), String> {
+        match event {
+            LaneEvent::Packet(packet, permit) => self.ready.push_back((packet, Some(permit))),
+            LaneEvent::Barrier(id) => {
+                if self.barriers.len() >= MAX_OPEN_FENCES && !self.barriers.contains_key(&id) {
+                    return Err("too many open fences".into());
+                }
+                *self.barriers.entry(id).or_default() += 1;
+                self.release_fence();
+            }
+            LaneEvent::Broken(why) => return Err(why),
+        }
+        Ok(())
+    }
+
+    fn release_fence(&mut self) {
+        let Some((id, lanes, _)) = &self.fence else {
+            return;
+        };
+        let passed = self.barriers.get(id).copied().unwrap_or(0);
+        if passed >= *lanes {
+            let (id, _, packet) = self.fence.take().expect("fence");
+            self.barriers.remove(&id);
+            self.ready.push_back((packet, None));
+        }
+    }
+
+    /// The next packet ready to deliver.
+    pub fn next_ready(&mut self) -> Option<(Bytes, Option<OwnedSemaphorePermit>)> {
+        self.ready.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(sender_id: u32, body: &[u8]) -> Vec<u8> {
+        // 112, {22, Pid, Pid}: SEND_SENDER from a pid with that number.
+        let mut p = vec![112, 131, 104, 3, 97, 22];
+        for id in [sender_id, 1] {
+            p.extend([88, 119, 3]);
+            p.extend(b"a@b");
+            p.extend(id.to_be_bytes());
+            p.extend([0, 0, 0, 0, 0, 0, 0, 1]);
+        }
+        p.extend(body);
+        let mut framed = (p.len() as u32).to_be_bytes().to_vec();
+        framed.extend(p);
+        framed
+    }
+
+    fn turns(outbox: &Outbox) -> Vec<(Turn, Vec<Bytes>)> {
+        let mut s = outbox.lock();
+        let mut out = vec![];
+        loop {
+            let mut chunks = vec![];
+            match s.take_turn(&mut chunks) {
+                Some(t) => out.push((t, chunks)),
+                None => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn before_the_split_everything_is_one_stream() {
+        let outbox = Outbox::default();
+        outbox.push(Bytes::from(packet(1, b"x"))).unwrap();
+        outbox.push(Bytes::from_static(&[0, 0, 0, 0])).unwrap();
+        let t = turns(&outbox);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].0, Turn::Control);
+        assert_eq!(t[0].1.len(), 2);
+    }
+
+    #[test]
+    fn senders_get_lanes_and_a_sender_keeps_its_lane() {
+        let outbox = Outbox::default();
+        outbox.split_by_sender();
+        let mut batch = vec![];
+        for i in 0..64 {
+            batch.extend(packet(i % 8, &[i as u8]));
+        }
+        batch.extend([0, 0, 0, 0]); // a tick
+        let queued = outbox.push(Bytes::from(batch.clone())).unwrap();
+        assert_eq!(queued, batch.len());
+        let t = turns(&outbox);
+        assert_eq!(t[0].0, Turn::Control, "the tick goes first");
+        let mut per_lane: HashMap<usize, Vec<u8>> = HashMap::new();
+        for (turn, chunks) in &t[1..] {
+            let Turn::Lane(l) = turn else {
+                panic!("{turn:?}")
+            };
+            for c in chunks {
+                per_lane.entry(*l).or_default().push(*c.last().unwrap());
+            }
+        }
+        assert!(per_lane.len() > 1);
+        // Each lane holds whole senders, in the order they sent.
+        for bodies in per_lane.values() {
+            let mut last = HashMap::new();
+            for b in bodies {
+                let prev = last.insert(b % 8, *b);
+                assert!(prev.is_none_or(|p| p < *b));
+            }
+        }
+        let total: usize = per_lane.values().map(|v| v.len()).sum();
+        assert_eq!(total, 64);
+        assert_eq!(outbox.fences.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn an_unnamed_sender_goes_behind_a_barrier_on_every_used_lane() {
+        let outbox = Outbox::default();
+        outbox.split_by_sender();
+        let mut batch = packet(1, b"a");
+        batch.extend(packet(2, b"b"));
+        batch.extend([0, 0, 0, 3, 112, 131, 106]); // not a control message
+        outbox.push(Bytes::from(batch)).unwrap();
+        let used = outbox.lanes_used();
+        let t = turns(&outbox);
+        let (turn, chunks) = &t[0];
+        assert_eq!(*turn, Turn::Control);
+        let head = chunks[0].clone();
+        let (id, lanes, _) = fence_of(&head.slice(4..)).unwrap();
+        assert_eq!((id, lanes), (0, used));
+        assert_eq!(&chunks[1][..], &[112, 131, 106]);
+        let barriers = t[1..]
+            .iter()
+            .filter(|(_, c)| c.last().and_then(|c| barrier_id(&c[4..])) == Some(0))
+            .count();
+        assert_eq!(barriers as u32, used);
+    }
+
+    #[test]
+    fn a_turn_is_bounded_so_lanes_take_turns() {
+        let outbox = Outbox::default();
+        outbox.split_by_sender();
+        let big = vec![7u8; 20_000];
+        let mut batch = vec![];
+        for _ in 0..10 {
+            batch.extend(packet(3, &big));
+        }
+        // A pinger on another lane than the bulk sender's.
+        let mut router = DistRouter::new();
+        let mut lane = |id| router.route(&packet(id, b"")[4..]);
+        let bulk_lane = lane(3);
+        let pinger = (4..).find(|&id| lane(id) != bulk_lane).unwrap();
+        batch.extend(packet(pinger, b"ping"));
+        outbox.push(Bytes::from(batch)).unwrap();
+        let t = turns(&outbox);
+        let ping_turn = t
+            .iter()
+            .position(|(_, c)| c.iter().any(|c| c.ends_with(b"ping")))
+            .unwrap();
+        assert!(ping_turn <= 2, "the ping waited {ping_turn} turns");
+        for (_, chunks) in &t {
+            let len: usize = chunks.iter().map(|c| c.len()).sum();
+            assert!(chunks.len() == 1 || len <= TURN_BYTES);
+        }
+    }
+
+    #[test]
+    fn a_fence_waits_for_every_barrier() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inbox = LaneInbox {
+            rx,
+            barriers: HashMap::new(),
+            fence: None,
+            ready: VecDeque::new(),
+        };
+        let sem = Arc::new(Semaphore::new(10));
+        let permit = || sem.clone().try_acquire_owned().unwrap();
+        tx.send(LaneEvent::Packet(Bytes::from_static(b"a1"), permit()))
+            .unwrap();
+        tx.send(LaneEvent::Barrier(5)).unwrap();
+        inbox.poll_lanes().unwrap();
+        inbox.hold_fence((5, 2, Bytes::from_static(b"fenced")));
+        assert!(inbox.fence_waits());
+        tx.send(LaneEvent::Packet(Bytes::from_static(b"b1"), permit()))
+            .unwrap();
+        tx.send(LaneEvent::Barrier(5)).unwrap();
+        inbox.poll_lanes().unwrap();
+        assert!(!inbox.fence_waits());
+        let order: Vec<_> = std::iter::from_fn(|| inbox.next_ready())
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(order, vec!["a1", "b1", "fenced"]);
+    }
+}
