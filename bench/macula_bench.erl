@@ -9,7 +9,7 @@
 -export([main/1]).
 %% Shared with macula_wan.
 -export([tls_optfile/1]).
-%% Run on node A.
+%% Run on node A (and macula_wan:loaded_rtt/3: latency under load).
 -export([rtt/1, small/1, bulk/1, setup/1, mem_start/1, mem_status/0, mem_finish/0]).
 %% Run on node B.
 -export([echo/0, counter/3, checker/1]).
@@ -128,10 +128,11 @@ run_pair(Carrier, Rep, Env) ->
         Bulk = Call(bulk),
         RelayCpu = (cpu_seconds(maps:get(relay_pid, Env)) - Cpu0) / (?BULK_COUNT * 1048576 / 1.0e9),
         Setup = Call(setup),
+        Loaded = peer:call(A, macula_wan, loaded_rtt, [BN, 200, 60], 600000),
         Mem = memory(A, B, BN, Env#{carrier => Carrier}),
         R = #{rtt_p50 => P50, rtt_p99 => P99, small => Small, bulk => Bulk, setup => Setup,
               relay_cpu => RelayCpu},
-        Result = maps:merge(R, Mem),
+        Result = maps:merge(maps:merge(R, Loaded), Mem),
         io:format("  rep ~b ~-8s ~p~n", [Rep, Carrier, Result]),
         Result
     after
@@ -345,7 +346,9 @@ report(Runs) ->
                {small, "small (msgs/s)", high}, {bulk, "bulk (MB/s)", high},
                {setup, "setup (ms)", low}, {mem_a_mib, "memory A (MiB)", low},
                {mem_relay_mib, "memory relay (MiB)", low},
-               {relay_cpu, "relay CPU (s/GB)", low}],
+               {relay_cpu, "relay CPU (s/GB)", low},
+               {loaded_p50, "loaded rtt p50 (ms)", low}, {loaded_p99, "loaded rtt p99 (ms)", low},
+               {loaded_max, "loaded rtt max (ms)", low}, {loaded_done, "loaded pings done", high}],
     Of = fun(Carrier, Key) -> [maps:get(Key, R) || {C, R} <- Runs, C =:= Carrier] end,
     Med = fun(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)) end,
     Row = "~-20s" ++ lists:append(lists:duplicate(length(?ALL_CARRIERS), " ~-24s"))
@@ -370,10 +373,12 @@ report(Runs) ->
                 maps:get(mem_intact, R)])
      || {C, R} <- Runs].
 
+fmt(infinity) -> "starved";
 fmt(X) when is_integer(X) -> integer_to_list(X);
 fmt(X) when X >= 1000 -> integer_to_list(round(X));
 fmt(X) -> float_to_list(X * 1.0, [{decimals, 1}]).
 
+ratio(X, Y) when not is_number(X); not is_number(Y) -> "-";
 ratio(_, 0) -> "-";
 ratio(_, Y) when Y == 0 -> "-";
 ratio(X, Y) -> float_to_list(X / Y, [{decimals, 2}]).

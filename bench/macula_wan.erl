@@ -11,7 +11,7 @@
 
 -export([main/0]).
 %% Run on node A.
--export([idle_rtt/1, small/1, bulk/1, setup/1, loaded_rtt/1]).
+-export([idle_rtt/1, small/1, bulk/1, setup/1, loaded_rtt/1, loaded_rtt/3]).
 %% Run on node B.
 -export([echo/0, counter/2]).
 
@@ -73,6 +73,14 @@ carrier_args(macula_direct, Env) ->
     macula_args(Env) ++ ["-macula_dist", "direct", "true"];
 carrier_args(macula_e2e, Env) ->
     macula_args(Env) ++ ["-macula_dist", "direct", "false"];
+carrier_args(macula_direct_bbr, Env) ->
+    carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "bbr"];
+carrier_args(macula_e2e_bbr, Env) ->
+    carrier_args(macula_e2e, Env) ++ ["-macula_dist", "congestion", "bbr"];
+carrier_args(macula_direct_cubic, Env) ->
+    carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "cubic"];
+carrier_args(macula_e2e_cubic, Env) ->
+    carrier_args(macula_e2e, Env) ++ ["-macula_dist", "congestion", "cubic"];
 carrier_args(macula_stream, Env) ->
     macula_args(Env) ++ ["-macula_dist", "tunnel", "stream"];
 carrier_args(inet_tcp, _) ->
@@ -104,7 +112,7 @@ run_pair(Carrier, Rep, #{ns_a := NsA, ns_b := NsB, addr_a := AddrA, addr_b := Ad
     {A, _} = start_node(list_to_atom("wan_a" ++ Suffix), NsA, AddrA, Carrier, Env),
     try
         pong = peer:call(A, net_adm, ping, [BN], 60000),
-        Carrier =:= macula_direct andalso wait_direct(A, BN, 100),
+        lists:prefix("macula_direct", atom_to_list(Carrier)) andalso wait_direct(A, BN, 100),
         Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 900000) end,
         {P50, P99} = Call(idle_rtt),
         Small = Call(small),
@@ -217,6 +225,12 @@ wait_gone(B) ->
 %% Ping-pongs while another process streams 1 MiB messages to B (acked
 %% every 8, at most 32 unacknowledged), for at most ?LOADED_SECONDS.
 loaded_rtt(B) ->
+    loaded_rtt(B, ?LOADED_PINGS, ?LOADED_SECONDS).
+
+%% Pings ping-pongs (ms), for at most Seconds. Also counted: how often
+%% the connection was busy (busy_dist_port: every sender suspended) and the
+%% most bytes the carrier held unsent (net_kernel's `pending').
+loaded_rtt(B, Pings, Seconds) ->
     Self = self(),
     Streamer = spawn(fun() ->
                              Counter = spawn(B, ?MODULE, counter, [self(), 8]),
@@ -226,15 +240,31 @@ loaded_rtt(B) ->
                      end),
     receive streaming -> ok end,
     timer:sleep(1000),
+    Watcher = spawn(fun() -> watch_busy(B, 0, 0) end),
     Echo = spawn(B, ?MODULE, echo, []),
-    Deadline = erlang:monotonic_time(millisecond) + ?LOADED_SECONDS * 1000,
-    Times = loaded_pings(Echo, binary:copy(<<7>>, 64), ?LOADED_PINGS, Deadline, []),
+    Deadline = erlang:monotonic_time(millisecond) + Seconds * 1000,
+    Times = loaded_pings(Echo, binary:copy(<<7>>, 64), Pings, Deadline, []),
+    Watcher ! {done, self()},
+    {Busy, Pending} = receive {busy, Bu, Pe} -> {Bu, Pe} after 5000 -> {-1, -1} end,
     exit(Streamer, kill),
     exit(Echo, kill),
     Sorted = lists:sort(Times),
     #{loaded_p50 => percentile(Sorted, 50), loaded_p99 => percentile(Sorted, 99),
       loaded_max => case Sorted of [] -> infinity; _ -> lists:last(Sorted) end,
-      loaded_done => length(Sorted)}.
+      loaded_done => length(Sorted), loaded_busy => Busy, loaded_pending_mib => Pending / 1048576}.
+
+watch_busy(B, Busy, Pending) ->
+    erlang:system_monitor(self(), [busy_dist_port]),
+    watch_busy_loop(B, Busy, Pending).
+
+watch_busy_loop(B, Busy, Pending) ->
+    receive
+        {monitor, _, busy_dist_port, _} -> watch_busy_loop(B, Busy + 1, Pending);
+        {done, From} -> From ! {busy, Busy, Pending}
+    after 50 ->
+            P = case net_kernel:node_info(B, pending) of {ok, N} -> N; _ -> 0 end,
+            watch_busy_loop(B, Busy, max(P, Pending))
+    end.
 
 loaded_pings(_Echo, _Msg, 0, _Deadline, Acc) ->
     Acc;
@@ -254,7 +284,9 @@ report(Profile, Carriers, Runs) ->
     Metrics = [{rtt_p50, "rtt p50 (ms)"}, {rtt_p99, "rtt p99 (ms)"},
                {small, "small (msgs/s)"}, {bulk, "bulk (MB/s)"}, {setup, "setup (ms)"},
                {loaded_p50, "loaded rtt p50 (ms)"}, {loaded_p99, "loaded rtt p99 (ms)"},
-               {loaded_max, "loaded rtt max (ms)"}, {loaded_done, "loaded pings done"}],
+               {loaded_max, "loaded rtt max (ms)"}, {loaded_done, "loaded pings done"},
+               {loaded_busy, "busy_dist_port (loaded)"},
+               {loaded_pending_mib, "max unsent (MiB, loaded)"}],
     Of = fun(C, Key) -> [maps:get(Key, R) || {C1, R} <- Runs, C1 =:= C] end,
     Med = fun(L) -> lists:nth((length(L) + 1) div 2, lists:sort(L)) end,
     Row = "~-22s" ++ lists:append(lists:duplicate(length(Carriers), " ~-14s")) ++ "~n",

@@ -7,6 +7,6 @@ reps=${1:-3}
 cargo build --release --quiet -p macula_dist_relay
 rebar3 compile >/dev/null
 mkdir -p bench/ebin
-erlc -o bench/ebin bench/macula_bench.erl
+erlc -o bench/ebin bench/macula_bench.erl bench/macula_wan.erl
 erl -noshell -pa bench/ebin -pa _build/default/lib/macula_dist/ebin \
     -eval "macula_bench:main($reps)"

@@ -197,7 +197,7 @@ full_mesh_of_five_in_order(Config) ->
 %% in order, intact. In an e2e session the senders went on several lanes,
 %% and none behind a fence (the router named every sender the VM wrote).
 bulk_beside_pingers_in_order(Config) ->
-    [{A, _}, {B, BN}] = peers(Config, [pa20, pb20]),
+    [{A, _}, {B, BN}] = peers(Config, [pa30, pb30]),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
     ok = call(B, macula_ct, checked_receiver, [macula_bulk, 64]),
     ok = call(B, macula_ct, echo_server, [macula_echo]),
@@ -230,7 +230,7 @@ bulk_beside_pingers_in_order(Config) ->
 %% it still comes after the process's last message, 300 times, with a bulk
 %% transfer the other way beside it.
 name_monitor_down_after_last_words(Config) ->
-    [{A, AN}, {B, BN}] = peers(Config, [pa21, pb21]),
+    [{A, AN}, {B, BN}] = peers(Config, [pa31, pb31]),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
     ok = call(A, macula_ct, checked_receiver, [macula_bulk, 32]),
     Self = self(),
