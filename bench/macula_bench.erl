@@ -8,7 +8,7 @@
 
 -export([main/1]).
 %% Shared with macula_wan.
--export([tls_optfile/1]).
+-export([tls_optfile/1, rtt/3, setup/2]).
 %% Run on node A (and macula_wan:loaded_rtt/3: latency under load).
 -export([rtt/1, small/1, bulk/1, setup/1, mem_start/1, mem_status/0, mem_finish/0]).
 %% Run on node B.
@@ -174,10 +174,15 @@ rss(OsPid) ->
 %% ---- run on A ----
 
 rtt(B) ->
+    rtt(B, 2000, 20000).
+
+%% Round trips of a 64-byte message to an echo process on B, after
+%% Warmup of them: {P50, P99} in microseconds.
+rtt(B, Warmup, Count) ->
     Echo = spawn(B, ?MODULE, echo, []),
     Msg = binary:copy(<<7>>, 64),
-    _ = [ping(Echo, Msg) || _ <- lists:seq(1, 2000)],
-    Times = lists:sort([ping(Echo, Msg) || _ <- lists:seq(1, 20000)]),
+    _ = [ping(Echo, Msg) || _ <- lists:seq(1, Warmup)],
+    Times = lists:sort([ping(Echo, Msg) || _ <- lists:seq(1, Count)]),
     exit(Echo, kill),
     {percentile(Times, 50), percentile(Times, 99)}.
 
@@ -232,13 +237,16 @@ counter(From, N, AckEvery, Count) ->
 
 %% Time of net_adm:ping on a fresh connection, median of 20, in ms.
 setup(B) ->
+    setup(B, 20).
+
+setup(B, Count) ->
     Times = [begin
                  erlang:disconnect_node(B),
                  wait_gone(B),
                  T0 = erlang:monotonic_time(microsecond),
                  pong = net_adm:ping(B),
                  (erlang:monotonic_time(microsecond) - T0) / 1000
-             end || _ <- lists:seq(1, 20)],
+             end || _ <- lists:seq(1, Count)],
     percentile(lists:sort(Times), 50).
 
 wait_gone(B) ->

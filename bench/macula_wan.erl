@@ -13,14 +13,15 @@
 %% Run on node A.
 -export([idle_rtt/1, small/1, bulk/1, setup/1, loaded_rtt/1, loaded_rtt/3]).
 %% Run on node B.
--export([echo/0, counter/2]).
+-export([counter/2]).
 
--define(PINGS, 200).
+%% Sized so that one carrier on one profile takes about a minute.
+-define(PINGS, 100).
 -define(LOADED_PINGS, 100).
--define(SMALL_COUNT, 20000).
--define(BULK_SECONDS, 10).
--define(LOADED_SECONDS, 60).
--define(SETUPS, 5).
+-define(SMALL_COUNT, 10000).
+-define(BULK_SECONDS, 8).
+-define(LOADED_SECONDS, 30).
+-define(SETUPS, 3).
 -define(ALL_CARRIERS, [macula_direct, macula_e2e, macula_stream, inet_tcp, inet_tls]).
 
 %% Profiles: {Name, [emulator settings, both directions]}.
@@ -140,25 +141,12 @@ wait_direct(A, BN, N) ->
 %% ---- run on A (times in ms) ----
 
 idle_rtt(B) ->
-    Echo = spawn(B, ?MODULE, echo, []),
-    Msg = binary:copy(<<7>>, 64),
-    _ = [ping(Echo, Msg) || _ <- lists:seq(1, 10)],
-    Times = lists:sort([ping(Echo, Msg) || _ <- lists:seq(1, ?PINGS)]),
-    exit(Echo, kill),
-    {percentile(Times, 50), percentile(Times, 99)}.
-
-ping(Echo, Msg) ->
-    T0 = erlang:monotonic_time(microsecond),
-    Echo ! {self(), Msg},
-    receive {Echo, _} -> ok end,
-    (erlang:monotonic_time(microsecond) - T0) / 1000.
+    {P50, P99} = macula_bench:rtt(B, 10, ?PINGS),
+    {P50 / 1000, P99 / 1000}.
 
 percentile([], _) -> infinity;
 percentile(Sorted, P) ->
     lists:nth(max(1, round(length(Sorted) * P / 100)), Sorted).
-
-echo() ->
-    receive {From, Msg} -> From ! {self(), Msg}, echo() end.
 
 %% One-way 100-byte messages per second; acked every 1000, at most 10 000
 %% unacknowledged.
@@ -184,16 +172,21 @@ bulk(B) ->
 %% Sends until `N' are acked or the deadline passes; returns the acked count.
 send_window(_Counter, _Msg, _Sent, Acked, N, _Window, _Deadline) when Acked >= N ->
     Acked;
-send_window(Counter, Msg, Sent, Acked, N, Window, Deadline) when Sent - Acked < Window ->
-    Counter ! Msg,
-    send_window(Counter, Msg, Sent + 1, Acked, N, Window, Deadline);
 send_window(Counter, Msg, Sent, Acked, N, Window, Deadline) ->
-    Wait = case Deadline of
+    Left = case Deadline of
                infinity -> infinity;
-               _ -> max(0, Deadline - erlang:monotonic_time(millisecond))
+               _ -> Deadline - erlang:monotonic_time(millisecond)
            end,
-    receive {ack, Count} -> send_window(Counter, Msg, Sent, Count, N, Window, Deadline)
-    after Wait -> Acked
+    if
+        Left =/= infinity, Left =< 0 ->
+            Acked;
+        Sent - Acked < Window ->
+            Counter ! Msg,
+            send_window(Counter, Msg, Sent + 1, Acked, N, Window, Deadline);
+        true ->
+            receive {ack, Count} -> send_window(Counter, Msg, Sent, Count, N, Window, Deadline)
+            after Left -> Acked
+            end
     end.
 
 counter(From, AckEvery) -> counter(From, AckEvery, 0).
@@ -207,20 +200,7 @@ counter(From, AckEvery, Count) ->
 
 %% net_adm:ping on a fresh connection, median of ?SETUPS, in ms.
 setup(B) ->
-    Times = [begin
-                 erlang:disconnect_node(B),
-                 wait_gone(B),
-                 T0 = erlang:monotonic_time(microsecond),
-                 pong = net_adm:ping(B),
-                 (erlang:monotonic_time(microsecond) - T0) / 1000
-             end || _ <- lists:seq(1, ?SETUPS)],
-    percentile(lists:sort(Times), 50).
-
-wait_gone(B) ->
-    case lists:member(B, nodes()) of
-        true -> timer:sleep(10), wait_gone(B);
-        false -> ok
-    end.
+    macula_bench:setup(B, ?SETUPS).
 
 %% Ping-pongs while another process streams 1 MiB messages to B (acked
 %% every 8, at most 32 unacknowledged), for at most ?LOADED_SECONDS.
@@ -228,8 +208,8 @@ loaded_rtt(B) ->
     loaded_rtt(B, ?LOADED_PINGS, ?LOADED_SECONDS).
 
 %% Pings ping-pongs (ms), for at most Seconds. Also counted: how often
-%% the connection was busy (busy_dist_port: every sender suspended) and the
-%% most bytes the carrier held unsent (net_kernel's `pending').
+%% the connection was busy (busy_dist_port: a sender suspended) and the
+%% most bytes the carrier held unsent (macula's `send_pending').
 loaded_rtt(B, Pings, Seconds) ->
     Self = self(),
     Streamer = spawn(fun() ->
@@ -241,17 +221,37 @@ loaded_rtt(B, Pings, Seconds) ->
     receive streaming -> ok end,
     timer:sleep(1000),
     Watcher = spawn(fun() -> watch_busy(B, 0, 0) end),
-    Echo = spawn(B, ?MODULE, echo, []),
+    Echo = spawn(B, macula_bench, echo, []),
     Deadline = erlang:monotonic_time(millisecond) + Seconds * 1000,
-    Times = loaded_pings(Echo, binary:copy(<<7>>, 64), Pings, Deadline, []),
+    %% The pinger runs apart: a sender the VM suspended (busy_dist_port)
+    %% does not see its own deadline.
+    Pinger = spawn(fun() -> loaded_pings(Self, Echo, binary:copy(<<7>>, 64), Pings) end),
+    Times = collect_pings(Pings, Deadline, []),
     Watcher ! {done, self()},
     {Busy, Pending} = receive {busy, Bu, Pe} -> {Bu, Pe} after 5000 -> {-1, -1} end,
+    %% Local exits only: an exit signal to B could itself wait behind the
+    %% busy connection. B's processes go with B.
+    exit(Pinger, kill),
     exit(Streamer, kill),
-    exit(Echo, kill),
     Sorted = lists:sort(Times),
     #{loaded_p50 => percentile(Sorted, 50), loaded_p99 => percentile(Sorted, 99),
       loaded_max => case Sorted of [] -> infinity; _ -> lists:last(Sorted) end,
       loaded_done => length(Sorted), loaded_busy => Busy, loaded_pending_mib => Pending / 1048576}.
+
+loaded_pings(_Parent, _Echo, _Msg, 0) ->
+    ok;
+loaded_pings(Parent, Echo, Msg, N) ->
+    T0 = erlang:monotonic_time(microsecond),
+    Echo ! {self(), Msg},
+    receive {Echo, _} -> Parent ! {pinged, (erlang:monotonic_time(microsecond) - T0) / 1000} end,
+    loaded_pings(Parent, Echo, Msg, N - 1).
+
+collect_pings(0, _Deadline, Acc) ->
+    Acc;
+collect_pings(N, Deadline, Acc) ->
+    receive {pinged, T} -> collect_pings(N - 1, Deadline, [T | Acc])
+    after max(0, Deadline - erlang:monotonic_time(millisecond)) -> Acc
+    end.
 
 watch_busy(B, Busy, Pending) ->
     erlang:system_monitor(self(), [busy_dist_port]),
@@ -262,20 +262,11 @@ watch_busy_loop(B, Busy, Pending) ->
         {monitor, _, busy_dist_port, _} -> watch_busy_loop(B, Busy + 1, Pending);
         {done, From} -> From ! {busy, Busy, Pending}
     after 50 ->
-            P = case net_kernel:node_info(B, pending) of {ok, N} -> N; _ -> 0 end,
+            P = case net_kernel:getopts(B, [send_pending]) of
+                    {ok, [{send_pending, N}]} -> N;
+                    _ -> 0
+                end,
             watch_busy_loop(B, Busy, max(P, Pending))
-    end.
-
-loaded_pings(_Echo, _Msg, 0, _Deadline, Acc) ->
-    Acc;
-loaded_pings(Echo, Msg, N, Deadline, Acc) ->
-    Left = Deadline - erlang:monotonic_time(millisecond),
-    T0 = erlang:monotonic_time(microsecond),
-    Echo ! {self(), Msg},
-    receive {Echo, _} ->
-            T = (erlang:monotonic_time(microsecond) - T0) / 1000,
-            loaded_pings(Echo, Msg, N - 1, Deadline, [T | Acc])
-    after max(0, Left) -> Acc
     end.
 
 %% ---- report ----

@@ -28,6 +28,21 @@ if command -v dpkg >/dev/null; then
   fi
 fi
 
+# Kernel NATs for macula_dist_nat_SUITE (iptables, conntrack): installed
+# when root; without them that suite says why and skips.
+if command -v dpkg >/dev/null && [ "$(id -u)" -eq 0 ]; then
+  nat_missing=()
+  for p in iptables conntrack; do
+    dpkg -s "$p" >/dev/null 2>&1 || nat_missing+=("$p")
+  done
+  if [ ${#nat_missing[@]} -gt 0 ]; then
+    echo "installing: ${nat_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${nat_missing[@]}"
+  fi
+fi
+
 # Installed or not by dpkg, the commands must be on PATH.
 for c in "${commands[@]}"; do
   if ! command -v "${c%%:*}" >/dev/null; then

@@ -258,14 +258,15 @@ reject_flags(Tunnel) ->
         #{mode := stream} -> 0
     end.
 
-%% `net_kernel:getopts(Node, [mode, peer, tunnel_id, path, lanes, fences])':
-%% how the connection runs; `path' is `relay' or `{direct, "ip:port"}';
-%% `lanes' the streams by sender used so far to send, `fences' the packets
-%% sent behind a fence (no sender to route them by).
+%% `net_kernel:getopts(Node, [mode, peer, tunnel_id, path, lanes, fences,
+%% send_pending])': how the connection runs; `path' is `relay' or
+%% `{direct, "ip:port"}'; `lanes' the streams by sender used so far to
+%% send, `fences' the packets sent behind a fence (no sender to route them
+%% by), `send_pending' the bytes the carrier holds not yet handed to QUIC.
 getopts_tunnel(Tunnel, Opts) ->
     Info = macula_dist_nif:tunnel_info(Tunnel),
     Keys = #{mode => mode, peer => peer, tunnel_id => id, path => path,
-             lanes => lanes, fences => fences},
+             lanes => lanes, fences => fences, send_pending => send_pending},
     {ok, [{Opt, maps:get(Key, Info)} || Opt <- Opts, {ok, Key} <- [maps:find(Opt, Keys)]]}.
 
 node_address(Node) ->
