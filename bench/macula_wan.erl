@@ -149,11 +149,12 @@ percentile(Sorted, P) ->
     lists:nth(max(1, round(length(Sorted) * P / 100)), Sorted).
 
 %% One-way 100-byte messages per second; acked every 1000, at most 10 000
-%% unacknowledged.
+%% unacknowledged, for at most ?BULK_SECONDS.
 small(B) ->
     Counter = spawn(B, ?MODULE, counter, [self(), 1000]),
+    Deadline = erlang:monotonic_time(millisecond) + ?BULK_SECONDS * 1000,
     T0 = erlang:monotonic_time(microsecond),
-    Acked = send_window(Counter, binary:copy(<<1>>, 100), 0, 0, ?SMALL_COUNT, 10000, infinity),
+    Acked = send_window(Counter, binary:copy(<<1>>, 100), 0, 0, ?SMALL_COUNT, 10000, Deadline),
     Us = erlang:monotonic_time(microsecond) - T0,
     exit(Counter, kill),
     Acked / (Us / 1.0e6).

@@ -5,9 +5,10 @@
 //! carrier's queues or behind a lost packet.
 //!
 //! - [`Outbox`]: what the owner sent, routed into per-stream queues (the
-//!   control stream, and one queue per lane); one writer takes turns
-//!   between them, the control stream first, so each turn hands quinn at
-//!   most [`TURN_BYTES`] of one stream.
+//!   control stream, and one queue per lane), each drained by a writer of
+//!   its own ([`Outbox::next_chunks`]), [`TURN_BYTES`] at a time: a lane
+//!   waiting for QUIC flow control (its peer has not read a hole a lost
+//!   packet left) holds up that lane alone.
 //! - [`LaneInbox`]: the peer's lanes, read by a task each into one channel
 //!   (each with its own byte budget, past which it stops reading and QUIC
 //!   flow control holds that lane alone), and fences held until every
@@ -53,10 +54,10 @@ pub enum Turn {
 }
 
 /// The outbound queues of one tunnel.
-#[derive(Default)]
 pub struct Outbox {
     state: Mutex<OutboxState>,
-    ready: Notify,
+    /// Wakes the writer of the control stream (0) or of lane `n` (n + 1).
+    ready: Vec<Notify>,
     /// Bytes queued and not yet handed to quinn.
     queued: AtomicUsize,
     /// Packets sent behind a fence.
@@ -72,8 +73,6 @@ struct OutboxState {
     /// Set once the data phase routes by sender.
     router: Option<DistRouter>,
     next_fence: u64,
-    /// The lane whose turn is next.
-    cursor: usize,
 }
 
 impl Default for OutboxState {
@@ -85,8 +84,25 @@ impl Default for OutboxState {
             used: 0,
             router: None,
             next_fence: 0,
-            cursor: 0,
         }
+    }
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            state: Mutex::default(),
+            ready: (0..=LANES).map(|_| Notify::new()).collect(),
+            queued: AtomicUsize::new(0),
+            fences: AtomicU64::new(0),
+        }
+    }
+}
+
+fn slot(turn: Turn) -> usize {
+    match turn {
+        Turn::Control => 0,
+        Turn::Lane(lane) => lane + 1,
     }
 }
 
@@ -126,6 +142,7 @@ impl Outbox {
         if s.closed {
             return Err(OutboxClosed);
         }
+        let before = s.waiting();
         let added = if s.router.is_some() {
             s.route_batch(data, &self.fences)
         } else {
@@ -133,31 +150,40 @@ impl Outbox {
             s.control.push_back(data);
             len
         };
+        let woken = s.waiting() & !before;
         drop(s);
-        self.ready.notify_one();
+        for (i, ready) in self.ready.iter().enumerate() {
+            if woken & (1 << i) != 0 {
+                ready.notify_one();
+            }
+        }
         Ok(self.queued.fetch_add(added, Ordering::AcqRel) + added)
     }
 
     /// No more pushes; the writer sends what is queued, then finishes.
     pub fn close(&self) {
         self.lock().closed = true;
-        self.ready.notify_one();
+        for ready in &self.ready {
+            ready.notify_one();
+        }
     }
 
-    /// The next turn: its stream and its chunks (in `out`), or `None` once
-    /// closed and drained.
-    pub async fn next_turn(&self, out: &mut Vec<Bytes>) -> Option<Turn> {
+    /// The next chunks of `stream` (in `out`, at most [`TURN_BYTES`]):
+    /// `false` once the outbox is closed and that stream's queue drained.
+    pub async fn next_chunks(&self, stream: Turn, out: &mut Vec<Bytes>) -> bool {
         loop {
             {
                 let mut s = self.lock();
-                if let Some(turn) = s.take_turn(out) {
-                    return Some(turn);
+                let queue = s.queue(stream);
+                if !queue.is_empty() {
+                    take_chunks(queue, out);
+                    return true;
                 }
                 if s.closed {
-                    return None;
+                    return false;
                 }
             }
-            self.ready.notified().await;
+            self.ready[slot(stream)].notified().await;
         }
     }
 
@@ -230,26 +256,35 @@ impl OutboxState {
         added
     }
 
-    fn take_turn(&mut self, out: &mut Vec<Bytes>) -> Option<Turn> {
-        if !self.control.is_empty() {
-            take_chunks(&mut self.control, out);
-            return Some(Turn::Control);
+    fn queue(&mut self, stream: Turn) -> &mut VecDeque<Bytes> {
+        match stream {
+            Turn::Control => &mut self.control,
+            Turn::Lane(lane) => &mut self.lanes[lane],
         }
-        let lane = (0..LANES)
-            .map(|i| (self.cursor + i) % LANES)
-            .find(|&l| !self.lanes[l].is_empty())?;
-        take_chunks(&mut self.lanes[lane], out);
-        self.cursor = (lane + 1) % LANES;
-        Some(Turn::Lane(lane))
+    }
+
+    /// A bit per stream with something queued (as [`slot`] numbers them).
+    fn waiting(&self) -> u32 {
+        let lanes = (0..LANES)
+            .filter(|&l| !self.lanes[l].is_empty())
+            .fold(0, |bits, l| bits | 1 << (l + 1));
+        lanes | u32::from(!self.control.is_empty())
     }
 }
 
-/// Whole chunks from the front of `queue`, at least one, up to
-/// [`TURN_BYTES`] (a fence's header and packet go together).
+/// Up to [`TURN_BYTES`] from the front of `queue`, cutting a large packet
+/// (its rest stays first in the queue): a 1 MiB message is many turns, so
+/// a small one on another lane waits for one turn, not for the megabyte
+/// to get into quinn's buffer.
 fn take_chunks(queue: &mut VecDeque<Bytes>, out: &mut Vec<Bytes>) {
     let mut bytes = 0;
-    while let Some(front) = queue.front() {
-        if bytes > 0 && bytes + front.len() > TURN_BYTES {
+    while bytes < TURN_BYTES {
+        let Some(front) = queue.front_mut() else {
+            break;
+        };
+        let room = TURN_BYTES - bytes;
+        if front.len() > room {
+            out.push(front.split_to(room));
             break;
         }
         bytes += front.len();
@@ -456,16 +491,19 @@ mod tests {
         framed
     }
 
+    /// Every stream's turns as its writer would take them: the control
+    /// stream's, then each lane's.
     fn turns(outbox: &Outbox) -> Vec<(Turn, Vec<Bytes>)> {
         let mut s = outbox.lock();
         let mut out = vec![];
-        loop {
-            let mut chunks = vec![];
-            match s.take_turn(&mut chunks) {
-                Some(t) => out.push((t, chunks)),
-                None => return out,
+        for turn in std::iter::once(Turn::Control).chain((0..LANES).map(Turn::Lane)) {
+            while !s.queue(turn).is_empty() {
+                let mut chunks = vec![];
+                take_chunks(s.queue(turn), &mut chunks);
+                out.push((turn, chunks));
             }
         }
+        out
     }
 
     #[test]
@@ -538,11 +576,11 @@ mod tests {
         assert_eq!(barriers as u32, used);
     }
 
-    #[test]
-    fn a_turn_is_bounded_so_lanes_take_turns() {
+    #[tokio::test]
+    async fn a_lanes_writer_does_not_wait_for_another_lane() {
         let outbox = Outbox::default();
         outbox.split_by_sender();
-        let big = vec![7u8; 20_000];
+        let big = vec![7u8; 100_000];
         let mut batch = vec![];
         for _ in 0..10 {
             batch.extend(packet(3, &big));
@@ -550,20 +588,46 @@ mod tests {
         // A pinger on another lane than the bulk sender's.
         let mut router = DistRouter::new();
         let mut lane = |id| router.route(&packet(id, b"")[4..]);
-        let bulk_lane = lane(3);
-        let pinger = (4..).find(|&id| lane(id) != bulk_lane).unwrap();
+        let Route::Lane(bulk) = lane(3) else { panic!() };
+        let pinger = (4..).find(|&id| lane(id) != Route::Lane(bulk)).unwrap();
+        let Route::Lane(ping) = lane(pinger) else {
+            panic!()
+        };
         batch.extend(packet(pinger, b"ping"));
         outbox.push(Bytes::from(batch)).unwrap();
-        let t = turns(&outbox);
-        let ping_turn = t
-            .iter()
-            .position(|(_, c)| c.iter().any(|c| c.ends_with(b"ping")))
-            .unwrap();
-        assert!(ping_turn <= 2, "the ping waited {ping_turn} turns");
-        for (_, chunks) in &t {
-            let len: usize = chunks.iter().map(|c| c.len()).sum();
-            assert!(chunks.len() == 1 || len <= TURN_BYTES);
+        // The bulk lane's writer has taken one turn (and is stuck in quinn,
+        // say); the pinger's writer gets the ping at once.
+        let mut chunks = vec![];
+        assert!(outbox.next_chunks(Turn::Lane(bulk), &mut chunks).await);
+        assert!(chunks.iter().map(|c| c.len()).sum::<usize>() <= TURN_BYTES);
+        let mut chunks = vec![];
+        assert!(outbox.next_chunks(Turn::Lane(ping), &mut chunks).await);
+        assert!(chunks.concat().ends_with(b"ping"));
+        // Closed: each writer drains its own queue, then hears the end.
+        outbox.close();
+        let mut n = 0;
+        while outbox.next_chunks(Turn::Lane(bulk), &mut vec![]).await {
+            n += 1;
         }
+        assert!(n > 20);
+        assert!(!outbox.next_chunks(Turn::Lane(ping), &mut vec![]).await);
+    }
+
+    #[test]
+    fn cut_packets_go_out_whole_and_in_order() {
+        let outbox = Outbox::default();
+        outbox.split_by_sender();
+        let mut batch = vec![];
+        for i in 0..5u8 {
+            batch.extend(packet(9, &vec![i; 70_000 + usize::from(i)]));
+        }
+        outbox.push(Bytes::from(batch.clone())).unwrap();
+        let sent: Vec<u8> = turns(&outbox)
+            .into_iter()
+            .flat_map(|(_, chunks)| chunks)
+            .flat_map(|c| c.to_vec())
+            .collect();
+        assert_eq!(sent, batch);
     }
 
     #[test]

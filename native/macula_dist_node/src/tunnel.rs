@@ -27,7 +27,7 @@ use macula_relay_proto::wire::packet::{Framer, Packet};
 use macula_relay_proto::{Mode, TunnelId};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::runtime::Handle;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::lanes::{fence_of, LaneInbox, Outbox, Turn, LANES};
@@ -469,103 +469,156 @@ async fn read_loop(
 }
 
 /// Writes until the tunnel closes, then ends an e2e session's connection
-/// (once what was written is acknowledged, on a graceful close).
+/// (once what was written is acknowledged, on a graceful close). Each lane
+/// has a writer task of its own ([`write_lane`]); this one writes the
+/// control stream, keeps the byte count and tells the sink.
 async fn write_loop(
     tunnel: Arc<Tunnel>,
-    send: SendStream,
+    mut control: SendStream,
     conn: Option<quinn::Connection>,
     mut sink: Box<dyn TunnelSink>,
 ) {
-    let mut streams = Writers {
-        control: send,
-        lanes: (0..LANES).map(|_| None).collect(),
-        conn: conn.clone(),
-    };
-    streams.control.set_priority(1).ok();
-    write_all(&tunnel, &mut streams, sink.as_mut()).await;
+    let _ = control.set_priority(1);
+    let (events, mut lane_events) = mpsc::unbounded_channel();
+    if let Some(conn) = &conn {
+        for lane in 0..LANES {
+            tunnel.rt.spawn(write_lane(
+                tunnel.clone(),
+                lane,
+                conn.clone(),
+                events.clone(),
+            ));
+        }
+    }
+    drop(events);
+    write_control(&tunnel, &mut control, &mut lane_events, sink.as_mut()).await;
     if let Some(conn) = conn {
         conn.close(CLOSED_CODE, b"tunnel closed");
     }
 }
 
-/// The streams a tunnel writes: its own, and the lanes it opened.
-struct Writers {
-    control: SendStream,
-    lanes: Vec<Option<SendStream>>,
-    conn: Option<quinn::Connection>,
+/// What a lane's writer tells the control stream's.
+enum LaneWriterEvent {
+    /// That many bytes are in quinn's hands.
+    Written(usize),
+    /// The lane could not be opened or written.
+    Failed(String),
 }
 
-impl Writers {
-    fn all(&mut self) -> impl Iterator<Item = &mut SendStream> {
-        std::iter::once(&mut self.control).chain(self.lanes.iter_mut().flatten())
-    }
-
-    fn reset(&mut self) {
-        for s in self.all() {
-            let _ = s.reset(CLOSED_CODE);
-        }
-    }
-
-    /// The stream of `turn`, opening a lane on its first turn.
-    async fn get(&mut self, turn: Turn) -> Result<&mut SendStream, String> {
-        let lane = match turn {
-            Turn::Control => return Ok(&mut self.control),
-            Turn::Lane(lane) => lane,
-        };
-        if self.lanes[lane].is_none() {
-            let conn = self.conn.as_ref().ok_or("a lane without a connection")?;
-            let send = conn.open_uni().await.map_err(|e| e.to_string())?;
-            self.lanes[lane] = Some(send);
-        }
-        Ok(self.lanes[lane].as_mut().expect("opened"))
-    }
-}
-
-async fn write_all(tunnel: &Tunnel, streams: &mut Writers, sink: &mut dyn TunnelSink) {
+async fn write_control(
+    tunnel: &Tunnel,
+    control: &mut SendStream,
+    lane_events: &mut mpsc::UnboundedReceiver<LaneWriterEvent>,
+    sink: &mut dyn TunnelSink,
+) {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(64);
+    let mut drained = false;
+    let mut lanes_done = false;
     loop {
-        let turn = tokio::select! {
-            biased;
-            _ = tunnel.abort_writing.cancelled() => return streams.reset(),
-            turn = tunnel.outbox.next_turn(&mut chunks) => turn,
-        };
-        let Some(turn) = turn else {
-            // Closed gracefully: everything queued went out; wait (bounded)
-            // until the peer has it all.
-            let mut stopped = Vec::new();
-            for s in streams.all() {
-                let _ = s.finish();
-                stopped.push(s.stopped());
-            }
+        if drained && lanes_done {
+            // Closed gracefully: the lanes are finished and acknowledged;
+            // the control stream goes last, and is waited for (bounded).
+            let _ = control.finish();
             tokio::select! {
                 _ = tunnel.abort_writing.cancelled() => {}
-                _ = futures_join_all(stopped) => {}
+                _ = control.stopped() => {}
             }
             return;
-        };
-        let len: usize = chunks.iter().map(|c| c.len()).sum();
-        let written = tokio::select! {
-            biased;
-            _ = tunnel.abort_writing.cancelled() => return streams.reset(),
-            written = async {
-                let stream = streams.get(turn).await?;
-                stream.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())
-            } => written,
-        };
-        chunks.clear();
-        if let Err(e) = written {
-            return closed_by_peer(sink, tunnel, &e);
         }
-        let left = tunnel.outbox.written(len);
-        if left <= tunnel.water_marks().1 && tunnel.want_writable.swap(false, Ordering::AcqRel) {
-            sink.writable();
+        tokio::select! {
+            biased;
+            _ = tunnel.abort_writing.cancelled() => {
+                let _ = control.reset(CLOSED_CODE);
+                return;
+            }
+            event = lane_events.recv(), if !lanes_done => match event {
+                Some(LaneWriterEvent::Written(len)) => written(tunnel, len, sink),
+                Some(LaneWriterEvent::Failed(e)) => return closed_by_peer(sink, tunnel, &e),
+                None => lanes_done = true,
+            },
+            more = tunnel.outbox.next_chunks(Turn::Control, &mut chunks), if !drained => {
+                if !more {
+                    drained = true;
+                    continue;
+                }
+                let len: usize = chunks.iter().map(|c| c.len()).sum();
+                let result = tokio::select! {
+                    biased;
+                    _ = tunnel.abort_writing.cancelled() => {
+                        let _ = control.reset(CLOSED_CODE);
+                        return;
+                    }
+                    result = control.write_all_chunks(&mut chunks) => result,
+                };
+                chunks.clear();
+                if let Err(e) = result {
+                    return closed_by_peer(sink, tunnel, &e);
+                }
+                written(tunnel, len, sink);
+            }
         }
     }
 }
 
-/// Waits for every future (a few streams' `stopped`).
-async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) {
-    for f in futures {
-        f.await;
+/// `len` bytes went to quinn: under the low-water mark after a `busy`,
+/// the owner hears `writable`.
+fn written(tunnel: &Tunnel, len: usize, sink: &mut dyn TunnelSink) {
+    let left = tunnel.outbox.written(len);
+    if left <= tunnel.water_marks().1 && tunnel.want_writable.swap(false, Ordering::AcqRel) {
+        sink.writable();
+    }
+}
+
+/// Writes lane `lane`: opens its stream on its first packet, finishes it
+/// once the outbox is closed and its queue drained.
+async fn write_lane(
+    tunnel: Arc<Tunnel>,
+    lane: usize,
+    conn: quinn::Connection,
+    events: mpsc::UnboundedSender<LaneWriterEvent>,
+) {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(16);
+    let mut stream: Option<SendStream> = None;
+    let abort = tunnel.abort_writing.clone();
+    loop {
+        let more = tokio::select! {
+            biased;
+            _ = abort.cancelled() => break,
+            more = tunnel.outbox.next_chunks(Turn::Lane(lane), &mut chunks) => more,
+        };
+        if !more {
+            if let Some(mut send) = stream {
+                let _ = send.finish();
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    _ = send.stopped() => {}
+                }
+            }
+            return;
+        }
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        let result = tokio::select! {
+            biased;
+            _ = abort.cancelled() => break,
+            result = async {
+                if stream.is_none() {
+                    stream = Some(conn.open_uni().await.map_err(|e| e.to_string())?);
+                }
+                let send = stream.as_mut().expect("opened");
+                send.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())
+            } => result,
+        };
+        chunks.clear();
+        let event = match result {
+            Ok(()) => LaneWriterEvent::Written(len),
+            Err(e) => LaneWriterEvent::Failed(e),
+        };
+        let failed = matches!(event, LaneWriterEvent::Failed(_));
+        if events.send(event).is_err() || failed {
+            return;
+        }
+    }
+    if let Some(mut send) = stream {
+        let _ = send.reset(CLOSED_CODE);
     }
 }
