@@ -35,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Most bytes of one stream handed to quinn in one turn.
 pub const TURN_BYTES: usize = 32 * 1024;
-/// Undelivered bytes one lane may hold on the receiving side.
-const LANE_BUDGET: usize = 1 << 20;
+/// Undelivered bytes one lane may hold on the receiving side (a larger
+/// packet takes it whole): with [`LANES`] lanes, at most 16 MiB a session.
+const LANE_BUDGET: usize = 256 * 1024;
 /// Fences a receiver keeps count of at once.
 const MAX_OPEN_FENCES: usize = 1024;
 const BARRIER: u8 = 0;
@@ -69,7 +70,7 @@ struct OutboxState {
     control: VecDeque<Bytes>,
     lanes: Vec<VecDeque<Bytes>>,
     /// Lanes that ever had a packet (a fence must pass them all).
-    used: u32,
+    used: u64,
     /// Set once the data phase routes by sender.
     router: Option<DistRouter>,
     next_fence: u64,
@@ -153,7 +154,7 @@ impl Outbox {
         let woken = s.waiting() & !before;
         drop(s);
         for (i, ready) in self.ready.iter().enumerate() {
-            if woken & (1 << i) != 0 {
+            if woken & (1u128 << i) != 0 {
                 ready.notify_one();
             }
         }
@@ -212,7 +213,7 @@ impl OutboxState {
                     len
                 }
                 Route::Lane(lane) => {
-                    self.used |= 1 << lane;
+                    self.used |= 1u64 << lane;
                     let len = frame.len();
                     self.lanes[lane].push_back(frame);
                     len
@@ -241,7 +242,7 @@ impl OutboxState {
         barrier.put_u64(id);
         let barrier = barrier.freeze();
         let mut added = 0;
-        for lane in (0..LANES).filter(|l| self.used & (1 << l) != 0) {
+        for lane in (0..LANES).filter(|l| self.used & (1u64 << l) != 0) {
             added += barrier.len();
             self.lanes[lane].push_back(barrier.clone());
         }
@@ -264,11 +265,11 @@ impl OutboxState {
     }
 
     /// A bit per stream with something queued (as [`slot`] numbers them).
-    fn waiting(&self) -> u32 {
+    fn waiting(&self) -> u128 {
         let lanes = (0..LANES)
             .filter(|&l| !self.lanes[l].is_empty())
-            .fold(0, |bits, l| bits | 1 << (l + 1));
-        lanes | u32::from(!self.control.is_empty())
+            .fold(0, |bits, l| bits | 1u128 << (l + 1));
+        lanes | u128::from(!self.control.is_empty())
     }
 }
 
