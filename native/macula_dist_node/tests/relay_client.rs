@@ -38,7 +38,9 @@ fn options(relay: &Relay, port: u16, node: &str, key: Arc<NodeIdentity>) -> Clie
     }
 }
 
-/// The next event that is not a log line.
+/// The next event that is not a log line. (Tests run in parallel in one
+/// process, where a node's name picks its one endpoint: each test names
+/// its nodes apart.)
 async fn next_event(events: &mut UnboundedReceiver<ClientEvent>) -> ClientEvent {
     loop {
         match timeout(WAIT, events.recv()).await {
@@ -67,7 +69,7 @@ async fn a_node_whose_name_was_given_to_its_newer_connection_hears_replaced() {
     let rt = tokio::runtime::Handle::current();
 
     let (_old, mut old_events) = Client::start(
-        options(&relay, proxy.local_addr().port(), "n@h", key.clone()),
+        options(&relay, proxy.local_addr().port(), "replaced@h", key.clone()),
         rt.clone(),
     )
     .unwrap();
@@ -79,12 +81,16 @@ async fn a_node_whose_name_was_given_to_its_newer_connection_hears_replaced() {
     // The old connection goes silent towards the relay (its probe gets no
     // answer), but still hears the relay.
     proxy.controls().blackhole_dirs(Dirs::Up, true);
-    let (_new, mut new_events) =
-        Client::start(options(&relay, relay.local_addr().port(), "n@h", key), rt).unwrap();
-    assert!(matches!(
-        next_event(&mut new_events).await,
-        ClientEvent::Identified
-    ));
+    let (_new, mut new_events) = Client::start(
+        options(&relay, relay.local_addr().port(), "replaced@h", key),
+        rt,
+    )
+    .unwrap();
+    match next_event(&mut new_events).await {
+        ClientEvent::Identified => {}
+        ClientEvent::ConnectFailed(e) => panic!("the newer connection failed: {e:?}"),
+        _ => panic!("expected the newer connection to be identified"),
+    }
     match next_event(&mut old_events).await {
         ClientEvent::Closed(why) => assert_eq!(why, CloseReason::Replaced),
         _ => panic!("expected the old connection to close"),
@@ -103,7 +109,7 @@ async fn another_key_cannot_take_a_live_name() {
         options(
             &relay,
             port,
-            "n@h",
+            "held@h",
             Arc::new(NodeIdentity::generate().unwrap()),
         ),
         rt.clone(),
@@ -117,7 +123,7 @@ async fn another_key_cannot_take_a_live_name() {
         options(
             &relay,
             port,
-            "n@h",
+            "held@h",
             Arc::new(NodeIdentity::generate().unwrap()),
         ),
         rt,
