@@ -310,7 +310,12 @@ mapping_changes_mid_transfer(Config) ->
     ?assert(is_integer(Ms)),
     Before = path(Pa, BN),
     Self = self(),
-    spawn_link(fun() -> Self ! {traffic, catch traffic_intact(A, B, 300, 16 * 1024, 20)} end),
+    spawn_link(fun() ->
+                       Result = try traffic_intact(A, B, 300, 16 * 1024, 20)
+                                catch Class:Reason -> {Class, Reason}
+                                end,
+                       Self ! {traffic, Result}
+               end),
     timer:sleep(1500),
     nat("mnNA", hard),
     Result = receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end,
