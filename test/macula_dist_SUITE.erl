@@ -195,7 +195,9 @@ full_mesh_of_five_in_order(Config) ->
 %% (200 round trips each) and 8 one-way senders (5000 numbered messages
 %% each) from other processes: every message of every sender arrives once,
 %% in order, intact. In an e2e session the senders went on several lanes,
-%% and none behind a fence (the router named every sender the VM wrote).
+%% and next to none behind a fence: the router names the sender of every
+%% control message OTP 25 and 27 write; OTP 29 sent two (of thousands) it
+%% does not know, which a fence keeps in order.
 bulk_beside_pingers_in_order(Config) ->
     [{A, _}, {B, BN}] = peers(Config, [pa30, pb30]),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
@@ -221,7 +223,7 @@ bulk_beside_pingers_in_order(Config) ->
                 call(A, net_kernel, getopts, [BN, [lanes, fences]]),
             ct:pal("lanes used ~b, fences ~b", [Lanes, Fences]),
             ?assert(Lanes > 1),
-            ?assertEqual(0, Fences);
+            ?assert(Fences =< 4);
         stream ->
             ?assertEqual({ok, [{lanes, 0}]}, call(A, net_kernel, getopts, [BN, [lanes]]))
     end.
