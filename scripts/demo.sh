@@ -14,6 +14,9 @@ relay_pid=""
 cleanup() {
   [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null || true
   [ -n "${bob_pid:-}" ] && kill "$bob_pid" 2>/dev/null || true
+  # The relay writes its state as it stops: wait before removing its directory.
+  [ -n "$relay_pid" ] && wait "$relay_pid" 2>/dev/null || true
+  [ -n "${bob_pid:-}" ] && wait "$bob_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
