@@ -6,7 +6,7 @@
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
--export([spawn_os/2, wait_for_file/2, checked_both_ways/7]).
+-export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2]).
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
@@ -232,6 +232,12 @@ random_with_md5(Size) ->
 
 %% Watches Node from here: monitor_node and a process monitor on a process
 %% there. watch_result/1 says how both ended.
+%% The relays (their URLs) whose clients carry a session with Peer, in a
+%% node's macula_dist_cluster:status().
+session_relay(Status, Peer) ->
+    Name = atom_to_binary(Peer, utf8),
+    [Url || #{relay_url := Url, sessions := Ss} <- Status, #{peer := N} <- Ss, N =:= Name].
+
 watch(Node, Name) ->
     Parent = self(),
     Pid = spawn(fun() ->

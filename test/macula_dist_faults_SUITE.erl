@@ -247,10 +247,7 @@ on_relays(Relays) ->
     #{url => [U || #{url := U} <- Relays], fingerprint => [F || #{fingerprint := F} <- Relays]}.
 
 %% The relay (its URL) whose client carries Peer's session, per status.
-relay_of(P, Peer) ->
-    Name = atom_to_binary(Peer, utf8),
-    [Url || #{relay_url := Url, sessions := Ss} <- call(P, macula_dist_cluster, status, []),
-            #{peer := N} <- Ss, N =:= Name].
+relay_of(P, Peer) -> macula_ct:session_relay(call(P, macula_dist_cluster, status, []), Peer).
 
 %% Two nodes on the same two relays, checked traffic both ways; the relay
 %% that carries their session (the first, in both lists) is killed (kill

@@ -22,7 +22,7 @@
          end_per_testcase/2]).
 -export([easy_nats_go_direct/1, easy_nats_without_firewall/1, one_hard_nat/1, both_hard_nats_stay_relayed/1,
          same_nat_direct_on_the_lan/1, mapping_changes_mid_transfer/1,
-         udp_blocked_between_lans_stays_relayed/1]).
+         udp_blocked_between_lans_stays_relayed/1, one_side_loses_its_relay/1]).
 
 -define(PUB, "10.78.0").
 -define(LAN_A, "192.168.71").
@@ -35,7 +35,7 @@ suite() -> [{timetrap, {minutes, 4}}].
 all() ->
     [easy_nats_go_direct, easy_nats_without_firewall, one_hard_nat, both_hard_nats_stay_relayed,
      same_nat_direct_on_the_lan, mapping_changes_mid_transfer,
-     udp_blocked_between_lans_stays_relayed].
+     udp_blocked_between_lans_stays_relayed, one_side_loses_its_relay].
 
 init_per_suite(Config) ->
     teardown(),
@@ -168,19 +168,21 @@ flush_mappings(Ns) ->
 
 %% ---- relay, peers ----
 
-start_relay(Config) ->
-    Dir = filename:join(?config(priv_dir, Config), "relay"),
+start_relay(Config) -> start_relay(Config, 4434).
+
+start_relay(Config, Port) ->
+    Dir = filename:join(?config(priv_dir, Config), "relay" ++ integer_to_list(Port)),
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     FpFile = filename:join(Dir, "fingerprint"),
     _ = file:delete(FpFile),
     Addr = ?PUB ++ ".3",
-    Cmd = lists:flatten(io_lib:format("exec ip netns exec mnR '~ts' --listen ~ts:4434 "
+    Cmd = lists:flatten(io_lib:format("exec ip netns exec mnR '~ts' --listen ~ts:~b "
                                       "--state-dir '~ts' --allow-anonymous "
                                       "--fingerprint-file '~ts'",
-                                      [?config(relay_bin, Config), Addr, Dir, FpFile])),
+                                      [?config(relay_bin, Config), Addr, Port, Dir, FpFile])),
     _ = macula_ct:spawn_os(Cmd, filename:join(Dir, "relay.log")),
     Fp = macula_ct:wait_for_file(FpFile, 100),
-    #{url => iolist_to_binary(["quic://", Addr, ":4434"]), fingerprint => Fp}.
+    #{url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Addr, Port])), fingerprint => Fp}.
 
 peer(Name, Ns, Relay) ->
     Exec = {os:find_executable("ip"), ["netns", "exec", Ns, os:find_executable("erl")]},
@@ -333,3 +335,47 @@ udp_blocked_between_lans_stays_relayed(Config) ->
     ?assertEqual(false, Ms),
     traffic_intact(A, B, 100, 32 * 1024, 0),
     ?assertEqual(relay, path(Pa, BN)).
+
+%% Both nodes on the same two relays, their session relayed (UDP between
+%% the LANs is blocked) through relay 1. In the middle of checked traffic
+%% A's NAT drops everything to and from relay 1: A loses it, B does not.
+%% Relay 1 cannot tell a dead A from a cut-off one; A claims the session
+%% at relay 2, which tells B, and B moves it there too: no nodedown,
+%% nothing lost, and B is still on relay 1 afterwards.
+one_side_loses_its_relay(Config) ->
+    ok = sh("ip netns exec mnNA iptables -A FORWARD -p udp -d " ?PUB ".2 -j DROP"),
+    ok = sh("ip netns exec mnNB iptables -A FORWARD -p udp -d " ?PUB ".1 -j DROP"),
+    nat("mnNA", easy),
+    nat("mnNB", easy),
+    #{url := Url1} = R1 = start_relay(Config, 4434),
+    #{url := Url2} = R2 = start_relay(Config, 4435),
+    Both = #{url => [Url1, Url2], fingerprint => [maps:get(fingerprint, R) || R <- [R1, R2]]},
+    {A, AN} = peer(mna_lost, "mnA", Both),
+    {B, BN} = peer(mnb_lost, "mnB", Both),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ?assertEqual([Url1], relay_of(A, BN)),
+    ?assertEqual([Url1], relay_of(B, AN)),
+    ok = call(A, macula_ct, watch, [BN, macula_nat_watch]),
+    Self = self(),
+    spawn_link(fun() ->
+                       Result = try traffic_intact({A, AN}, {B, BN}, 500, 16 * 1024, 20)
+                                catch Class:Reason -> {Class, Reason}
+                                end,
+                       Self ! {traffic, Result}
+               end),
+    timer:sleep(1500),
+    T0 = erlang:monotonic_time(millisecond),
+    [ok = sh("ip netns exec mnNA iptables -I FORWARD -p udp " ++ Match ++ " -j DROP")
+     || Match <- ["-d " ?PUB ".3 --dport 4434", "-s " ?PUB ".3 --sport 4434"]],
+    ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, [], 30000])),
+    Stall = erlang:monotonic_time(millisecond) - T0,
+    Result = receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end,
+    ct:pal("A lost relay 1, B did not: first call answered ~b ms after the cut", [Stall]),
+    ?assertEqual(ok, Result),
+    ?assertEqual([Url2], relay_of(A, BN)),
+    ?assertEqual([Url2], relay_of(B, AN)),
+    ?assertMatch([#{relay_url := Url1, connection := connected} | _],
+                 call(B, macula_dist_cluster, status, [])).
+
+%% The relay (its URL) whose client carries P's session with Peer.
+relay_of(P, Peer) -> macula_ct:session_relay(call(P, macula_dist_cluster, status, []), Peer).

@@ -430,3 +430,21 @@ fn watch(setup: &SessionSetup, path: &SessionRoute, tunnel: TunnelId, conn: quin
         node.session_closed(&tunnel);
     });
 }
+
+/// When a session's datagrams are rerouted (its relay lost), QUIC learns
+/// it only at its next transmission, which after seconds of silence waits
+/// for a backed-off probe timeout. A few tiny datagrams sent now, and a
+/// little later (the route opens once both sides have claimed it), are
+/// acknowledged as soon as it does: the ack resets that back-off and marks
+/// what was lost meanwhile as lost, so it goes out again at once.
+pub fn nudge_after_move(conn: quinn::Connection, rt: &Handle) {
+    const AFTER_MS: [u64; 8] = [0, 25, 25, 50, 100, 200, 400, 800];
+    rt.spawn(async move {
+        for ms in AFTER_MS {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if conn.close_reason().is_some() || conn.send_datagram(Bytes::new()).is_err() {
+                return;
+            }
+        }
+    });
+}

@@ -39,6 +39,9 @@ pub trait SessionCarrier: Send + Sync {
     /// Takes sessions another client carried (claims them at its relay);
     /// gives them back when it cannot carry them now.
     fn adopt(&self, sessions: Sessions) -> Result<(), Sessions>;
+    /// Gives up the session it carries with `peer` (to move it to another
+    /// client); `None` if it carries no such session.
+    fn release(&self, tunnel: &TunnelId, peer: &str) -> Option<CarriedSession>;
     /// A session's connection ended: forget it and tell the relay; `true`
     /// if this client carried it.
     fn session_closed(&self, tunnel: &TunnelId) -> bool;
@@ -212,6 +215,37 @@ impl Node {
                 node.wait(expired.endpoint, live, &handle);
             }
         });
+    }
+
+    /// `peer` claimed `tunnel` at the relay of client `at` (it lost the
+    /// relay that carried the session, or came back to this one): the
+    /// client carrying it, or the sessions waiting for a client, hand it
+    /// over, and `at` claims it too, so the two sides meet there.
+    pub fn claimed_at(&self, at: &dyn SessionCarrier, tunnel: &TunnelId, peer: &str) {
+        let at_ptr = at as *const dyn SessionCarrier as *const ();
+        let from_waiting = || {
+            let mut state = self.lock();
+            let w = state.waiting.as_mut()?;
+            let i = w
+                .sessions
+                .iter()
+                .position(|(t, s)| t == tunnel && s.state.peer == peer)?;
+            Some(w.sessions.swap_remove(i).1)
+        };
+        let session = self
+            .clients()
+            .into_iter()
+            .filter(|c| Arc::as_ptr(c) as *const () != at_ptr)
+            .find_map(|c| c.release(tunnel, peer))
+            .or_else(from_waiting);
+        let Some(session) = session else {
+            return;
+        };
+        if let Err(back) = at.adopt(vec![(*tunnel, session)]) {
+            for (_, s) in back {
+                s.conn.close(0u32.into(), b"relay connection lost");
+            }
+        }
     }
 
     /// The node's next client takes the waiting sessions, to claim them.

@@ -359,13 +359,7 @@ impl Client {
             ..
         } = &mut *state;
         let route = self.route.get();
-        let on_direct = |tunnel: &TunnelId| {
-            let conn = session_conns.get(tunnel);
-            route
-                .zip(conn)
-                .is_some_and(|(r, c)| r.socket.direct_of(&c.remote_address()).is_some())
-        };
-        let handled = control.handle(msg, now, on_direct);
+        let handled = control.handle(msg, now, |t| on_direct(route, session_conns, t));
         let matched = match handled {
             Handled::Matcher(Message::TunnelOk { tunnel, .. }) => {
                 state.matcher.on_tunnel_ok(tunnel, now)
@@ -426,6 +420,11 @@ impl Client {
                     self.tell(ClientEvent::CookieWanted { source, tag });
                     matched
                 }
+            }
+            Handled::ClaimedHere { tunnel, peer } => {
+                self.act(state);
+                self.node.claimed_at(self.as_ref(), &tunnel, &peer);
+                return;
             }
             Handled::InboundWithdrawn { tunnel, vaddr } => {
                 state.matcher.forget_inbound(&tunnel);
@@ -857,13 +856,18 @@ impl SessionCarrier for Client {
         let states = sessions.into_iter().map(|(t, s)| (t, s.state)).collect();
         match state.control.adopt(states, Instant::now()) {
             Ok(claimed) => {
+                let mut moved = Vec::with_capacity(claimed.len());
                 for tunnel in claimed {
                     if let Some(conn) = conns.remove(&tunnel) {
                         route.socket.reroute(&conn.remote_address(), route.relay);
-                        state.session_conns.insert(tunnel, conn);
+                        state.session_conns.insert(tunnel, conn.clone());
+                        moved.push(conn);
                     }
                 }
                 self.act(state);
+                for conn in moved {
+                    e2e_session::nudge_after_move(conn, &self.rt);
+                }
                 Ok(())
             }
             Err(states) => Err(states
@@ -879,6 +883,18 @@ impl SessionCarrier for Client {
                 })
                 .collect()),
         }
+    }
+
+    fn release(&self, tunnel: &TunnelId, peer: &str) -> Option<CarriedSession> {
+        let mut state = self.lock();
+        let conn = state.session_conns.get(tunnel)?.clone();
+        let session = state.control.release(tunnel, peer)?;
+        state.session_conns.remove(tunnel);
+        self.act(state);
+        Some(CarriedSession {
+            conn,
+            state: session,
+        })
     }
 
     fn session_closed(&self, tunnel: &TunnelId) -> bool {
@@ -1166,13 +1182,33 @@ async fn housekeeping(client: Arc<Client>) {
         let now = Instant::now();
         let expired = {
             let mut state = client.lock();
-            state.control.expire(now);
-            state.matcher.expire(now, MATCH_WAIT)
+            let State {
+                control,
+                session_conns,
+                matcher,
+                ..
+            } = &mut *state;
+            let route = client.route.get();
+            control.expire(now, |t| on_direct(route, session_conns, t));
+            let expired = matcher.expire(now, MATCH_WAIT);
+            client.act(state);
+            expired
         };
         for m in expired {
             client.dispatch(m);
         }
     }
+}
+
+/// Whether a session of this client runs on a direct path now.
+fn on_direct(
+    route: Option<&SessionRoute>,
+    conns: &HashMap<TunnelId, quinn::Connection>,
+    tunnel: &TunnelId,
+) -> bool {
+    route
+        .zip(conns.get(tunnel))
+        .is_some_and(|(r, c)| r.socket.direct_of(&c.remote_address()).is_some())
 }
 
 /// Candidates worth probing: no unspecified, multicast, broadcast or

@@ -11,7 +11,7 @@ use macula_relay_proto::relay::admission::{Admission, Decision};
 use macula_relay_proto::relay::router::{Claim, ConnId, IdentifyRefusal, KeyId, Router, Tunnel};
 use macula_relay_proto::relay::sessions::{self, Claims, Kept, SessionTable};
 use macula_relay_proto::{
-    FrameDecoder, Message, Mode, TunnelId, PROTOCOL_VERSION, REFLEXIVE_VERSION,
+    FrameDecoder, Message, Mode, TunnelId, MOVE_VERSION, PROTOCOL_VERSION, REFLEXIVE_VERSION,
 };
 use quinn::{RecvStream, SendStream, VarInt};
 use subtle::ConstantTimeEq;
@@ -339,14 +339,45 @@ impl State {
         }
         let now = std::time::Instant::now();
         for (t, session) in gone {
-            if departed {
+            let remembered = departed && {
                 let present = [t.requester, t.target].map(|c| self.nodes.contains_key(&c));
                 let names = [t.requester_name.clone(), t.target_name.clone()];
-                self.claims.remember(&session, names, present, now);
-            }
+                self.claims.remember(&session, names, present, now)
+            };
             for side in [t.requester, t.target] {
-                self.send_to(side, Message::TunnelClose { tunnel: t.id });
+                // The relay cannot tell a dead peer from one that lost only
+                // its path here: a side that can follow the session to
+                // another relay hears `sess_lost`, and keeps it a while.
+                let msg = match self.nodes.get(&side) {
+                    Some(n) if remembered && n.version >= MOVE_VERSION => {
+                        Message::SessionLost { tunnel: t.id }
+                    }
+                    _ => Message::TunnelClose { tunnel: t.id },
+                };
+                self.send_to(side, msg);
             }
+        }
+    }
+
+    /// `claimant` claimed `tunnel` naming `peer`: the peer, if it is here
+    /// and can follow, hears of it (once per claim entry or pairing, so
+    /// no more often than claims are capped).
+    fn tell_claimed(&self, tunnel: TunnelId, claimant: &str, peer: &str) {
+        let Some(conn) = self.router.conn_of(peer) else {
+            return;
+        };
+        if self
+            .nodes
+            .get(&conn)
+            .is_some_and(|n| n.version >= MOVE_VERSION)
+        {
+            self.send_to(
+                conn,
+                Message::SessionClaimed {
+                    tunnel,
+                    source: claimant.to_owned(),
+                },
+            );
         }
     }
 
@@ -983,6 +1014,7 @@ impl Session {
             .nodes
             .get(&self.conn_id)
             .map_or(self.remote, |n| n.seen);
+        let first_claim = !state.claims.contains(&tunnel);
         let kept = {
             let live = self.shared.sessions();
             let router = &state.router;
@@ -1059,6 +1091,12 @@ impl Session {
             Kept::Waiting => Ok("waiting"),
             Kept::Refused(refusal) => Err(refusal.as_str()),
         };
+        // The peer may carry the session through another relay (it did not
+        // lose this one's predecessor), or wait for it here: either way it
+        // follows now, not after its own detection.
+        if outcome == Ok("restored") || (outcome == Ok("waiting") && first_claim) {
+            state.tell_claimed(tunnel, &name, &peer);
+        }
         drop(guard);
         let label = match outcome {
             Ok(o) | Err(o) => o,

@@ -36,19 +36,25 @@ pub const ALPN_E2E: &[u8] = b"macula-dist-e2e/2";
 /// The relay's default UDP port.
 pub const DEFAULT_PORT: u16 = 4434;
 /// The protocol version this crate speaks (sent as `v` in identify and
-/// `id_ok`): 4 = 3, but the relay forwards no candidates between nodes
+/// `id_ok`): 5 = 4, but when a node's relay connection ends, the relay
+/// tells its sessions' other sides `sess_lost` (not `tun_close`), and
+/// when a node claims a session (`sess_keep`) the relay tells the peer
+/// named, if it is here, `sess_claimed`: so a session whose one side lost
+/// a relay meets again at another relay both share. 4 = 3, but the relay forwards no candidates between nodes
 /// (nodes exchange them inside their authenticated e2e session); right
 /// after `id_ok` it tells a node of version 4 or more the address it sees
 /// that node at (`cand` without `tid`: the node's reflexive address), and
 /// again when that address changes; a node's own `cand` is ignored. 3 adds
 /// direct paths (`cand`, `sess_path`); 2 adds end-to-end sessions; 1 is
 /// stream tunnels only.
-pub const PROTOCOL_VERSION: u64 = 4;
+pub const PROTOCOL_VERSION: u64 = 5;
 /// The first version with direct paths (`sess_path`, `cand`).
 pub const DIRECT_VERSION: u64 = 3;
 /// The first version the relay tells its reflexive address (`cand`
 /// without `tid`) and forwards no candidates to.
 pub const REFLEXIVE_VERSION: u64 = 4;
+/// The first version told `sess_lost` and `sess_claimed`.
+pub const MOVE_VERSION: u64 = 5;
 
 /// How long a session that lost a side waits for its sides to claim it
 /// back (`sess_keep`): a node's reconnect, or a relay restart.

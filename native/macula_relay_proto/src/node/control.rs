@@ -18,7 +18,9 @@
 //!   comes up, [`relay_lost`](RelayControl::relay_lost) at the end, and
 //!   [`expire`](RelayControl::expire) about once a second.
 //! - **Commands** (from the node): [`adopt`](RelayControl::adopt) sessions
-//!   another relay carried, [`discard`](RelayControl::discard) a tunnel.
+//!   another relay carried, [`release`](RelayControl::release) one to
+//!   another client of the node, [`discard`](RelayControl::discard) a
+//!   tunnel.
 //! - **Output**: after any of those, [`poll_action`](RelayControl::poll_action)
 //!   until it returns `None`: control messages to send, sessions to close or
 //!   to probe, log lines. [`handle`](RelayControl::handle) also returns what
@@ -66,6 +68,10 @@ pub struct SessionState {
     /// The relay said the peer left it while the session was on a direct
     /// path: it ends if that path goes silent.
     pub peer_left: bool,
+    /// When the relay said the peer's relay connection ended
+    /// (`sess_lost`): the peer has [`KEEP_WAIT`] to claim it back, here or
+    /// at another relay both share.
+    pub peer_lost_at: Option<Instant>,
 }
 
 impl SessionState {
@@ -77,6 +83,7 @@ impl SessionState {
             claimed_at: None,
             requester,
             peer_left: false,
+            peer_lost_at: None,
         }
     }
 }
@@ -172,6 +179,15 @@ pub enum Handled {
         tunnel: TunnelId,
         /// Where its datagrams would have come from, if routed.
         vaddr: Option<SocketAddr>,
+    },
+    /// The peer claimed, at this client's relay, a session another client
+    /// of the node carries (`sess_claimed`): move it here.
+    ClaimedHere {
+        /// The session.
+        tunnel: TunnelId,
+        /// The claimant (the relay's word: the session moves only if its
+        /// peer has this name).
+        peer: String,
     },
     /// Nothing else to do.
     Done,
@@ -308,18 +324,34 @@ impl RelayControl {
             | Message::TunnelNotify { .. }
             | Message::TunnelError { .. }) => Handled::Matcher(msg),
             Message::Nodes { nodes } => Handled::Nodes(nodes),
-            Message::TunnelClose { tunnel } => match self.pending.remove(&tunnel) {
-                Some(pending) => {
-                    self.cookie_waits.retain(|_, w| w.tunnel != tunnel);
-                    Handled::InboundWithdrawn {
-                        tunnel,
-                        vaddr: pending.vaddr,
-                    }
-                }
+            Message::TunnelClose { tunnel } => match self.withdraw_pending(tunnel) {
+                Some(withdrawn) => withdrawn,
                 None => {
                     self.peer_left(tunnel, now, on_direct(&tunnel));
                     Handled::Done
                 }
+            },
+            Message::SessionLost { tunnel } => match self.withdraw_pending(tunnel) {
+                Some(withdrawn) => withdrawn,
+                None => {
+                    if let Some(s) = self.sessions.get_mut(&tunnel) {
+                        s.peer_lost_at.get_or_insert(now);
+                    }
+                    Handled::Done
+                }
+            },
+            Message::SessionClaimed { tunnel, source } => match self.sessions.get_mut(&tunnel) {
+                Some(s) => {
+                    // The peer is back at this relay.
+                    if s.peer == source {
+                        s.peer_lost_at = None;
+                    }
+                    Handled::Done
+                }
+                None => Handled::ClaimedHere {
+                    tunnel,
+                    peer: source,
+                },
             },
             Message::Candidates {
                 tunnel: None,
@@ -346,6 +378,17 @@ impl RelayControl {
                 Handled::Done
             }
         }
+    }
+
+    /// An inbound session announced but not up yet will not come (its peer
+    /// left): forgotten, with its cookie request.
+    fn withdraw_pending(&mut self, tunnel: TunnelId) -> Option<Handled> {
+        let pending = self.pending.remove(&tunnel)?;
+        self.cookie_waits.retain(|_, w| w.tunnel != tunnel);
+        Some(Handled::InboundWithdrawn {
+            tunnel,
+            vaddr: pending.vaddr,
+        })
     }
 
     /// An inbound e2e session announced: admitted within the caps, then the
@@ -525,10 +568,23 @@ impl RelayControl {
                 peer: s.peer.clone(),
             }));
             s.claimed_at = Some(now);
+            s.peer_lost_at = None;
             self.sessions.insert(tunnel, s);
             claimed.push(tunnel);
         }
         Ok(claimed)
+    }
+
+    /// Gives up a session this client carries with `peer`, for another
+    /// client of the node (its peer claimed it at that one's relay); the
+    /// relay is told. `None` if this client does not carry it with `peer`.
+    pub fn release(&mut self, tunnel: &TunnelId, peer: &str) -> Option<SessionState> {
+        if self.sessions.get(tunnel)?.peer != peer {
+            return None;
+        }
+        let s = self.sessions.remove(tunnel)?;
+        self.discard(*tunnel);
+        Some(s)
     }
 
     /// Tells the relay this node will not use the tunnel.
@@ -546,12 +602,38 @@ impl RelayControl {
         self.sessions.drain().collect()
     }
 
-    /// Forgets cookie requests and pending sessions that waited too long.
-    pub fn expire(&mut self, now: Instant) {
+    /// Forgets cookie requests and pending sessions that waited too long,
+    /// and ends sessions whose peer lost the relay and did not come back
+    /// within [`KEEP_WAIT`] (one on a direct path then ends when that path
+    /// goes silent). `on_direct` as for [`handle`](RelayControl::handle).
+    pub fn expire(&mut self, now: Instant, on_direct: impl Fn(&TunnelId) -> bool) {
         self.cookie_waits
             .retain(|_, w| now.duration_since(w.at) < COOKIE_WAIT);
         self.pending
             .retain(|_, p| now.duration_since(p.at) < PENDING_INBOUND_FOR);
+        let gone: Vec<TunnelId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.peer_lost_at
+                    .is_some_and(|t| now.duration_since(t) >= KEEP_WAIT)
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for tunnel in gone {
+            if let Some(s) = self.sessions.get_mut(&tunnel) {
+                s.peer_lost_at = None;
+                s.peer_left = true;
+            }
+            let action = match on_direct(&tunnel) {
+                true => Action::CheckDirect { tunnel },
+                false => Action::CloseSession {
+                    tunnel,
+                    reason: "peer lost the relay and did not come back",
+                },
+            };
+            self.actions.push_back(action);
+        }
     }
 
     fn log(&mut self, level: Level, text: String) {
@@ -739,7 +821,7 @@ mod tests {
             bind: Some(BIND),
         };
         assert_eq!(c.handle(over.clone(), now, not_direct), Handled::Done);
-        c.expire(now + PENDING_INBOUND_FOR);
+        c.expire(now + PENDING_INBOUND_FOR, not_direct);
         assert!(matches!(
             c.handle(over, now + PENDING_INBOUND_FOR, not_direct),
             Handled::InboundAnnounced { .. }
@@ -777,7 +859,7 @@ mod tests {
         ) else {
             panic!("not announced")
         };
-        c.expire(now + COOKIE_WAIT);
+        c.expire(now + COOKIE_WAIT, not_direct);
         assert_eq!(c.cookie_answered(tag), None, "too late");
     }
 
@@ -861,6 +943,88 @@ mod tests {
                 reason: "peer left the relay"
             }]
         );
+    }
+
+    #[test]
+    fn a_peer_that_lost_the_relay_has_keep_wait_to_come_back() {
+        let mut c = connected(true);
+        let now = Instant::now();
+        for n in 1..=3 {
+            c.session_up(tid(n), SessionState::new(BIND, "a@h", true));
+            c.handle(Message::SessionLost { tunnel: tid(n) }, now, not_direct);
+        }
+        assert!(actions(&mut c).is_empty(), "not closed at once");
+        // Session 1's peer claims it back here: it stays.
+        let back = Message::SessionClaimed {
+            tunnel: tid(1),
+            source: "a@h".into(),
+        };
+        assert_eq!(c.handle(back, now, not_direct), Handled::Done);
+        // A claim in another node's name does not count.
+        let other = Message::SessionClaimed {
+            tunnel: tid(2),
+            source: "m@h".into(),
+        };
+        assert_eq!(c.handle(other, now, not_direct), Handled::Done);
+        c.expire(now + KEEP_WAIT / 2, not_direct);
+        assert!(actions(&mut c).is_empty());
+        // The others did not come back: closed, or checked if direct.
+        c.expire(now + KEEP_WAIT, |t| *t == tid(3));
+        let acts = actions(&mut c);
+        assert_eq!(acts.len(), 2, "{acts:?}");
+        assert!(acts.contains(&Action::CloseSession {
+            tunnel: tid(2),
+            reason: "peer lost the relay and did not come back"
+        }));
+        assert!(acts.contains(&Action::CheckDirect { tunnel: tid(3) }));
+        c.expire(now + 2 * KEEP_WAIT, not_direct);
+        assert!(actions(&mut c).is_empty(), "once");
+    }
+
+    #[test]
+    fn a_session_claimed_at_another_relay_moves_there() {
+        let mut here = connected(true);
+        let mut there = connected(true);
+        let now = Instant::now();
+        here.session_up(tid(1), SessionState::new(BIND, "a@h", true));
+        here.handle(Message::SessionLost { tunnel: tid(1) }, now, not_direct);
+        // The other relay says a@h claimed it there: that client asks the
+        // node to move it.
+        let h = there.handle(
+            Message::SessionClaimed {
+                tunnel: tid(1),
+                source: "a@h".into(),
+            },
+            now,
+            not_direct,
+        );
+        assert_eq!(
+            h,
+            Handled::ClaimedHere {
+                tunnel: tid(1),
+                peer: "a@h".into()
+            }
+        );
+        // Only to the peer it has.
+        assert_eq!(here.release(&tid(1), "m@h"), None);
+        let s = here.release(&tid(1), "a@h").expect("released");
+        assert_eq!(
+            sends(&mut here),
+            vec![Message::TunnelClose { tunnel: tid(1) }]
+        );
+        assert!(here.session(&tid(1)).is_none());
+        assert_eq!(there.adopt(vec![(tid(1), s)], now), Ok(vec![tid(1)]));
+        assert_eq!(
+            sends(&mut there),
+            vec![Message::SessionKeep {
+                tunnel: tid(1),
+                bind: BIND,
+                peer: "a@h".into()
+            }]
+        );
+        // Claimed afresh: the old relay's loss no longer counts.
+        there.expire(now + KEEP_WAIT, not_direct);
+        assert!(actions(&mut there).is_empty());
     }
 
     #[test]

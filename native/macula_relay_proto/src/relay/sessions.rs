@@ -383,6 +383,11 @@ impl Claims {
         self.waiting.len()
     }
 
+    /// This session waits to be claimed back.
+    pub fn contains(&self, tunnel: &TunnelId) -> bool {
+        self.waiting.contains_key(tunnel)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }

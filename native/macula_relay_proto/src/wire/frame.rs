@@ -80,6 +80,18 @@ pub enum Message {
     /// session went direct (true) or back through the relay (false); the
     /// relay counts it.
     SessionPath { tunnel: TunnelId, direct: bool },
+    /// relay → node (version 5), instead of `tun_close` when the peer's
+    /// relay connection ended (it did not close the session): `t:
+    /// "sess_lost"`, `tid`. The peer may be dead, or may have lost only
+    /// its path to this relay; it may claim the session back here or at
+    /// another relay both share ([`KEEP_WAIT`](crate::KEEP_WAIT)).
+    SessionLost { tunnel: TunnelId },
+    /// relay → node (version 5): `t: "sess_claimed"`, `tid`, `src`: node
+    /// `src` claimed the session here (`sess_keep`) naming this node as
+    /// its peer. A node that carries that session with `src` through
+    /// another relay moves it here; one that carries it here knows its
+    /// peer is back.
+    SessionClaimed { tunnel: TunnelId, source: String },
 }
 
 /// Candidates in one `cand` message, at most.
@@ -170,6 +182,8 @@ impl Message {
             Message::Nodes { .. } => "nodes_ok",
             Message::Candidates { .. } => "cand",
             Message::SessionPath { .. } => "sess_path",
+            Message::SessionLost { .. } => "sess_lost",
+            Message::SessionClaimed { .. } => "sess_claimed",
         }
     }
 
@@ -233,7 +247,13 @@ impl Message {
                 fields.push(("tid", tid(tunnel)));
                 e2e(&mut fields, bind);
             }
-            Message::TunnelClose { tunnel } => fields.push(("tid", tid(tunnel))),
+            Message::TunnelClose { tunnel } | Message::SessionLost { tunnel } => {
+                fields.push(("tid", tid(tunnel)))
+            }
+            Message::SessionClaimed { tunnel, source } => {
+                fields.push(("tid", tid(tunnel)));
+                fields.push(("src", text(source)));
+            }
             Message::SessionKeep { tunnel, bind, peer } => {
                 fields.push(("tid", tid(tunnel)));
                 fields.push(("bind", Value::from(hex(bind))));
@@ -367,6 +387,13 @@ impl Message {
                         })
                     }
                 },
+            }),
+            "sess_lost" => Ok(Message::SessionLost {
+                tunnel: map.tunnel_id("sess_lost")?,
+            }),
+            "sess_claimed" => Ok(Message::SessionClaimed {
+                tunnel: map.tunnel_id("sess_claimed")?,
+                source: map.text("sess_claimed", "src")?,
             }),
             _ => Err(DecodeError::UnknownType(t)),
         }
@@ -634,6 +661,11 @@ mod tests {
                 tunnel,
                 direct: true,
             },
+            Message::SessionLost { tunnel },
+            Message::SessionClaimed {
+                tunnel,
+                source: "a@host".into(),
+            },
         ]
     }
 
@@ -883,6 +915,10 @@ mod tests {
                     .prop_map(|(tunnel, addrs)| Message::Candidates { tunnel, addrs }),
                 (tid.clone(), any::<bool>())
                     .prop_map(|(tunnel, direct)| Message::SessionPath { tunnel, direct }),
+                tid.clone()
+                    .prop_map(|tunnel| Message::SessionLost { tunnel }),
+                (tid.clone(), text())
+                    .prop_map(|(tunnel, source)| Message::SessionClaimed { tunnel, source }),
             ]
         }
 
