@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use macula_dist_quic::nudge::nudge;
 use macula_relay_proto::node::paths::Route;
 use macula_relay_proto::node::session_auth::{self, Role, SessionAuth};
 use macula_relay_proto::wire::dataplane::session_id;
@@ -431,18 +432,22 @@ fn watch(setup: &SessionSetup, path: &SessionRoute, tunnel: TunnelId, conn: quin
     });
 }
 
-/// When a session's datagrams are rerouted (its relay lost), QUIC learns
-/// it only at its next transmission, which after seconds of silence waits
-/// for a backed-off probe timeout. A few tiny datagrams sent now, and a
-/// little later (the route opens once both sides have claimed it), are
-/// acknowledged as soon as it does: the ack resets that back-off and marks
-/// what was lost meanwhile as lost, so it goes out again at once.
+/// When a session's datagrams are rerouted (its relay lost), every packet
+/// sent meanwhile still counts as in flight: the congestion window is
+/// full, and QUIC would wait for its backed-off probe timeout (seconds).
+/// A tiny datagram sent now past the window ([`nudge`]), and again a little
+/// later (the new route opens once both sides have claimed the session),
+/// is acknowledged as soon as the route works: that marks what was lost
+/// meanwhile as lost, so it goes out again at once.
 pub fn nudge_after_move(conn: quinn::Connection, rt: &Handle) {
     const AFTER_MS: [u64; 8] = [0, 25, 25, 50, 100, 200, 400, 800];
     rt.spawn(async move {
         for ms in AFTER_MS {
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            if conn.close_reason().is_some() || conn.send_datagram(Bytes::new()).is_err() {
+            if conn.close_reason().is_some() || !nudge(&conn) {
+                return;
+            }
+            if conn.send_datagram(Bytes::new()).is_err() {
                 return;
             }
         }

@@ -1,12 +1,14 @@
 #![warn(missing_docs)]
 //! The QUIC plumbing the relay and the node share: the UDP socket under
 //! quinn ([`udp`]), transport settings ([`transport`]), the control
-//! stream's writer ([`control_stream`]), and how a relay reads a node's key
+//! stream's writer ([`control_stream`]), a congestion controller that can
+//! be nudged past its window after a reroute ([`nudge`]), and how a relay reads a node's key
 //! ([`node_key`]). Neither side's logic lives here: `macula_dist_relay`
 //! and `macula_dist_node` both build on it, and not on each other.
 
 pub mod control_stream;
 pub mod node_key;
+pub mod nudge;
 pub mod transport;
 pub mod udp;
 

@@ -9,6 +9,8 @@ use anyhow::Context;
 use macula_relay_proto::node::dist_route::LANES;
 use macula_relay_proto::wire::dataplane::HEADER_LEN;
 
+use crate::nudge::NudgeFactory;
+
 /// QUIC transport settings shared by relay and client.
 #[derive(Debug, Clone)]
 pub struct Transport {
@@ -114,6 +116,13 @@ impl Transport {
             .max_concurrent_uni_streams((LANES as u32).into())
             .max_idle_timeout(Some(E2E_IDLE_TIMEOUT.try_into()?))
             .keep_alive_interval(Some(E2E_KEEP_ALIVE));
+        // The configured controller, nudgeable after a reroute.
+        let inner: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
+            match self.congestion {
+                Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+                Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            };
+        t.congestion_controller_factory(Arc::new(NudgeFactory::new(inner)));
 
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload - HEADER_LEN as u16);
