@@ -22,7 +22,8 @@
          end_per_testcase/2]).
 -export([easy_nats_go_direct/1, easy_nats_without_firewall/1, one_hard_nat/1, both_hard_nats_stay_relayed/1,
          same_nat_direct_on_the_lan/1, mapping_changes_mid_transfer/1,
-         udp_blocked_between_lans_stays_relayed/1, one_side_loses_its_relay/1]).
+         udp_blocked_between_lans_stays_relayed/1, one_side_loses_its_relay/1,
+         mapping_expires_mid_transfer/1]).
 
 -define(PUB, "10.78.0").
 -define(LAN_A, "192.168.71").
@@ -34,7 +35,7 @@ suite() -> [{timetrap, {minutes, 4}}].
 
 all() ->
     [easy_nats_go_direct, easy_nats_without_firewall, one_hard_nat, both_hard_nats_stay_relayed,
-     same_nat_direct_on_the_lan, mapping_changes_mid_transfer,
+     same_nat_direct_on_the_lan, mapping_changes_mid_transfer, mapping_expires_mid_transfer,
      udp_blocked_between_lans_stays_relayed, one_side_loses_its_relay].
 
 init_per_suite(Config) ->
@@ -324,6 +325,31 @@ mapping_changes_mid_transfer(Config) ->
     ?assertEqual(ok, Result),
     ct:pal("A's NAT changed its mappings mid-transfer: path before ~p, after ~p",
            [Before, path(Pa, BN)]).
+
+%% Direct through easy NATs, then both NATs forget every mapping (conntrack
+%% flushed, as when mappings time out) in the middle of checked traffic,
+%% twice: the session carries on, no nodedown, nothing lost, and is direct
+%% again afterwards (the NATs, still port-preserving, map it anew).
+mapping_expires_mid_transfer(Config) ->
+    {{Pa, _} = A, {Pb, BN} = B, Ms} = pair(Config, {"mnA", easy}, {"mnB", easy},
+                                           {?PUB ++ ".2:", ?PUB ++ ".1:"}, 15000),
+    ?assert(is_integer(Ms)),
+    Self = self(),
+    spawn_link(fun() ->
+                       Result = try traffic_intact(A, B, 300, 16 * 1024, 20)
+                                catch Class:Reason -> {Class, Reason}
+                                end,
+                       Self ! {traffic, Result}
+               end),
+    [begin timer:sleep(1500), flush_mappings("mnNA"), flush_mappings("mnNB") end || _ <- [1, 2]],
+    Result = receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end,
+    ?assertEqual(ok, Result),
+    {_, AN} = A,
+    Again = ms_until(fun() -> direct_to(Pa, BN, ?PUB ++ ".2:") andalso
+                                  direct_to(Pb, AN, ?PUB ++ ".1:") end, 30000),
+    ct:pal("mappings flushed twice mid-transfer: direct again ~p ms after the traffic ended",
+           [Again]),
+    ?assert(is_integer(Again)).
 
 %% UDP between the two NATs is dropped (each may reach the relay): the
 %% session stays on the relay, its traffic undisturbed.

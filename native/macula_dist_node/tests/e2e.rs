@@ -180,11 +180,84 @@ async fn the_other_side_hears_when_a_node_leaves() {
     let (a_end, _b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
     let a_end = a_end.unwrap();
     b.relay_conn.close(0u32.into(), b"gone");
-    assert_eq!(a.next().await.unwrap(), Message::TunnelClose { tunnel });
+    // The relay cannot tell a dead node from one that lost only its path
+    // here: `sess_lost`, and the peer may claim the session back for a
+    // while (`tun_close` is for a session a side closed).
+    assert_eq!(a.next().await.unwrap(), Message::SessionLost { tunnel });
     assert_eq!(relay.stats().sessions, 0);
     // The e2e connection itself has not noticed yet: that is the node's
-    // job once it hears tun_close.
+    // job once it hears sess_lost.
     assert!(a_end.close_reason().is_none());
+}
+
+/// A session on relay 1; A loses relay 1, B does not, and both are on
+/// relay 2 too. A's claim at relay 2 is told to B there (`sess_claimed`),
+/// B's claim pairs it, and A hears that its peer holds it. A token holder
+/// claiming a made-up session in B's name reaches B once, however often
+/// it repeats the claim.
+#[tokio::test]
+async fn a_claim_at_another_relay_is_told_to_the_peer_there() {
+    let r1 = relay().await;
+    let r2 = relay().await;
+    let mut a1 = join(&r1, "a@h").await;
+    let mut b1 = join(&r1, "b@h").await;
+    let mut a2 = join(&r2, "a@h").await;
+    let mut b2 = join(&r2, "b@h").await;
+    let s = e2e_node::session(&mut a1, &mut b1, b"cookie", b"cookie")
+        .await
+        .unwrap();
+    let tunnel = s.tunnel;
+    a1.relay_conn.close(0u32.into(), b"path lost");
+    assert_eq!(b1.next().await.unwrap(), Message::SessionLost { tunnel });
+
+    let claim = |bind, peer: &str| Message::SessionKeep {
+        tunnel,
+        bind,
+        peer: peer.into(),
+    };
+    a2.send(claim(s.binds[0], "b@h")).await.unwrap();
+    assert_eq!(
+        b2.next().await.unwrap(),
+        Message::SessionClaimed {
+            tunnel,
+            source: "a@h".into()
+        }
+    );
+    b2.send(claim(s.binds[1], "a@h")).await.unwrap();
+    assert_eq!(
+        a2.next().await.unwrap(),
+        Message::SessionClaimed {
+            tunnel,
+            source: "b@h".into()
+        }
+    );
+    assert_eq!(r2.stats().sessions, 1, "restored at relay 2");
+
+    let mut m = join(&r2, "m@h").await;
+    let made_up = TunnelId::from_bytes([7; 16]);
+    for _ in 0..5 {
+        m.send(Message::SessionKeep {
+            tunnel: made_up,
+            bind: [1; 8],
+            peer: "b@h".into(),
+        })
+        .await
+        .unwrap();
+    }
+    m.send(Message::NodesRequest).await.unwrap();
+    assert!(matches!(m.next().await.unwrap(), Message::Nodes { .. }));
+    b2.send(Message::NodesRequest).await.unwrap();
+    assert_eq!(
+        b2.next().await.unwrap(),
+        Message::SessionClaimed {
+            tunnel: made_up,
+            source: "m@h".into()
+        }
+    );
+    assert!(
+        matches!(b2.next().await.unwrap(), Message::Nodes { .. }),
+        "told once"
+    );
 }
 
 #[tokio::test]
