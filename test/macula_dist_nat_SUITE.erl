@@ -220,18 +220,21 @@ ms_until(Fun, Limit, T0) ->
     end.
 
 %% A pair behind the NATs as given, connected, with a nodedown watcher on
-%% A; the ms from the first ping to a direct path both ways (through
-%% addresses starting with PrefixB and PrefixA) or `false' after Limit.
+%% A; the ms from the first ping (sent before any connection) to a direct
+%% path both ways (through addresses starting with PrefixB and PrefixA), or
+%% `false' after Limit.
 pair(Config, {NsA, NatA}, {NsB, NatB}, Prefixes, Limit) ->
     nat("mnNA", NatA),
     nat("mnNB", NatB),
     Relay = start_relay(Config),
     {A, AN} = peer(list_to_atom(string:lowercase(NsA) ++ "_n"), NsA, Relay),
     {B, BN} = peer(list_to_atom(string:lowercase(NsB) ++ "_n"), NsB, Relay),
+    T0 = erlang:monotonic_time(millisecond),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
-    ok = call(A, macula_ct, watch, [BN, macula_nat_watch]),
     {PrefixB, PrefixA} = Prefixes,
-    Ms = ms_until(fun() -> direct_to(A, BN, PrefixB) andalso direct_to(B, AN, PrefixA) end, Limit),
+    Ms = ms_until(fun() -> direct_to(A, BN, PrefixB) andalso direct_to(B, AN, PrefixA) end,
+                  Limit, T0),
+    ok = call(A, macula_ct, watch, [BN, macula_nat_watch]),
     Ms =:= false andalso
         ct:pal("not direct after ~b ms:~nA ~p~nB ~p~nmnNA conntrack:~n~ts~nmnNB conntrack:~n~ts",
                [Limit, call(A, macula_dist_cluster, status, []),
@@ -254,7 +257,7 @@ traffic_intact({A, AN}, {B, BN}, Count, Size, PauseMs) ->
 %% direct, to the other NAT's public address.
 easy_nats_go_direct(Config) ->
     {A, B, Ms} = pair(Config, {"mnA", easy}, {"mnB", easy}, {?PUB ++ ".2:", ?PUB ++ ".1:"}, 15000),
-    ct:pal("easy NAT to easy NAT: direct both ways ~p ms after the first ping", [Ms]),
+    ct:pal("easy NAT to easy NAT: direct both ways ~p ms after the first ping was sent", [Ms]),
     ?assert(is_integer(Ms)),
     traffic_intact(A, B, 100, 32 * 1024, 0).
 
@@ -299,7 +302,7 @@ both_hard_nats_stay_relayed(Config) ->
 same_nat_direct_on_the_lan(Config) ->
     {A, B, Ms} = pair(Config, {"mnA", easy}, {"mnA2", easy},
                       {?LAN_A ++ ".3:", ?LAN_A ++ ".2:"}, 15000),
-    ct:pal("same NAT: direct on the LAN ~p ms after the first ping", [Ms]),
+    ct:pal("same NAT: direct on the LAN ~p ms after the first ping was sent", [Ms]),
     ?assert(is_integer(Ms)),
     traffic_intact(A, B, 100, 32 * 1024, 0).
 

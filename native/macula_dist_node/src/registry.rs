@@ -20,8 +20,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use macula_relay_proto::node::control::SessionState;
 use macula_relay_proto::{TunnelId, KEEP_WAIT};
 use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 
 use crate::endpoint::NodeEndpoint;
+
+/// How long [`Node::peer_elsewhere`] waits for a relay's answer.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A live session: its connection, and what its client knows of it.
 #[derive(Clone)]
@@ -39,6 +43,8 @@ pub trait SessionCarrier: Send + Sync {
     /// Takes sessions another client carried (claims them at its relay);
     /// gives them back when it cannot carry them now.
     fn adopt(&self, sessions: Sessions) -> Result<(), Sessions>;
+    /// Asks its relay which nodes are there (`None`: not connected).
+    fn nodes(&self) -> Option<oneshot::Receiver<Vec<String>>>;
     /// Gives up the session it carries with `peer` (to move it to another
     /// client); `None` if it carries no such session.
     fn release(&self, tunnel: &TunnelId, peer: &str) -> Option<CarriedSession>;
@@ -246,6 +252,27 @@ impl Node {
                 s.conn.close(0u32.into(), b"relay connection lost");
             }
         }
+    }
+
+    /// Whether `peer` is on a relay of another connected client than
+    /// `from` (where it would claim a session `from`'s relay lost it on).
+    pub async fn peer_elsewhere(&self, from: &dyn SessionCarrier, peer: &str) -> bool {
+        let asked: Vec<_> = {
+            let from = from as *const dyn SessionCarrier as *const ();
+            self.clients()
+                .into_iter()
+                .filter(|c| Arc::as_ptr(c) as *const () != from)
+                .filter_map(|c| c.nodes())
+                .collect()
+        };
+        for answer in asked {
+            if let Ok(Ok(nodes)) = tokio::time::timeout(ANSWER_WAIT, answer).await {
+                if nodes.iter().any(|n| n == peer) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// The node's next client takes the waiting sessions, to claim them.

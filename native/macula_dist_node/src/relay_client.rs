@@ -421,6 +421,10 @@ impl Client {
                     matched
                 }
             }
+            Handled::PeerLost { tunnel, peer } => {
+                self.rt.spawn(look_for_peer(self.clone(), tunnel, peer));
+                None
+            }
             Handled::ClaimedHere { tunnel, peer } => {
                 self.act(state);
                 self.node.claimed_at(self.as_ref(), &tunnel, &peer);
@@ -885,6 +889,10 @@ impl SessionCarrier for Client {
         }
     }
 
+    fn nodes(&self) -> Option<oneshot::Receiver<Vec<String>>> {
+        self.request_nodes().ok()
+    }
+
     fn release(&self, tunnel: &TunnelId, peer: &str) -> Option<CarriedSession> {
         let mut state = self.lock();
         let conn = state.session_conns.get(tunnel)?.clone();
@@ -1197,6 +1205,25 @@ async fn housekeeping(client: Arc<Client>) {
         for m in expired {
             client.dispatch(m);
         }
+    }
+}
+
+/// How often a lost peer is looked for on the node's other relays.
+const PEER_LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// The relay lost a relayed session's peer. While the session waits for
+/// the peer's claim, the peer is looked for on the node's other relays
+/// (a dead one leaves them all within their idle timeout); on none of
+/// them, the session ends now rather than after the wait.
+async fn look_for_peer(client: Arc<Client>, tunnel: TunnelId, peer: String) {
+    while client.lock().control.is_peer_lost(&tunnel) {
+        if !client.node.peer_elsewhere(client.as_ref(), &peer).await {
+            let mut state = client.lock();
+            state.control.peer_gone(&tunnel);
+            client.act(state);
+            return;
+        }
+        tokio::time::sleep(PEER_LOOK_EVERY).await;
     }
 }
 

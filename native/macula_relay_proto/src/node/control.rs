@@ -189,6 +189,16 @@ pub enum Handled {
         /// peer has this name).
         peer: String,
     },
+    /// The relay lost the peer of a relayed session (`sess_lost`): it
+    /// stays for now. The caller checks whether the peer is still on
+    /// another relay of the node's, where it would claim the session, and
+    /// calls [`peer_gone`](RelayControl::peer_gone) if it is on none.
+    PeerLost {
+        /// The session.
+        tunnel: TunnelId,
+        /// Its peer.
+        peer: String,
+    },
     /// Nothing else to do.
     Done,
 }
@@ -333,12 +343,7 @@ impl RelayControl {
             },
             Message::SessionLost { tunnel } => match self.withdraw_pending(tunnel) {
                 Some(withdrawn) => withdrawn,
-                None => {
-                    if let Some(s) = self.sessions.get_mut(&tunnel) {
-                        s.peer_lost_at.get_or_insert(now);
-                    }
-                    Handled::Done
-                }
+                None => self.peer_lost(tunnel, now, on_direct(&tunnel)),
             },
             Message::SessionClaimed { tunnel, source } => match self.sessions.get_mut(&tunnel) {
                 Some(s) => {
@@ -463,6 +468,51 @@ impl RelayControl {
         self.actions.push_back(action);
     }
 
+    /// The relay lost the session's peer, which may be dead or cut off
+    /// from this relay alone: the session waits [`KEEP_WAIT`] for the
+    /// peer's claim, here or at another relay. On a direct path its path
+    /// is probed at once (a dead peer stops answering, and the session
+    /// ends when the path is lost); a relayed one's peer is looked for on
+    /// the node's other relays ([`Handled::PeerLost`]).
+    fn peer_lost(&mut self, tunnel: TunnelId, now: Instant, on_direct: bool) -> Handled {
+        let Some(s) = self.sessions.get_mut(&tunnel) else {
+            return Handled::Done;
+        };
+        s.peer_lost_at.get_or_insert(now);
+        if on_direct {
+            self.actions.push_back(Action::CheckDirect { tunnel });
+            return Handled::Done;
+        }
+        Handled::PeerLost {
+            tunnel,
+            peer: s.peer.clone(),
+        }
+    }
+
+    /// The peer of a session whose relay lost it is on none of the node's
+    /// other relays: it is gone, and the session ends now. Nothing if the
+    /// session has moved or its peer came back meanwhile.
+    pub fn peer_gone(&mut self, tunnel: &TunnelId) {
+        if self
+            .sessions
+            .get(tunnel)
+            .is_some_and(|s| s.peer_lost_at.is_some())
+        {
+            self.actions.push_back(Action::CloseSession {
+                tunnel: *tunnel,
+                reason: "peer lost the relay and is on no other",
+            });
+        }
+    }
+
+    /// Whether this session's peer is lost to this relay and has not come
+    /// back.
+    pub fn is_peer_lost(&self, tunnel: &TunnelId) -> bool {
+        self.sessions
+            .get(tunnel)
+            .is_some_and(|s| s.peer_lost_at.is_some())
+    }
+
     /// A stream tunnel offered to a node in e2e mode: the relay could read
     /// and write it, so no byte of it reaches Erlang.
     fn refuse_downgrade(&mut self, tunnel: TunnelId, now: Instant, what: &str) {
@@ -533,7 +583,7 @@ impl RelayControl {
             return;
         };
         let peer = s.peer.clone();
-        if direct.is_none() && s.peer_left {
+        if direct.is_none() && (s.peer_left || s.peer_lost_at.is_some()) {
             self.actions.push_back(Action::CloseSession {
                 tunnel: *tunnel,
                 reason: "peer left the relay and the direct path",
@@ -951,7 +1001,15 @@ mod tests {
         let now = Instant::now();
         for n in 1..=3 {
             c.session_up(tid(n), SessionState::new(BIND, "a@h", true));
-            c.handle(Message::SessionLost { tunnel: tid(n) }, now, not_direct);
+            let h = c.handle(Message::SessionLost { tunnel: tid(n) }, now, not_direct);
+            assert_eq!(
+                h,
+                Handled::PeerLost {
+                    tunnel: tid(n),
+                    peer: "a@h".into()
+                },
+                "look for the peer on the other relays"
+            );
         }
         assert!(actions(&mut c).is_empty(), "not closed at once");
         // Session 1's peer claims it back here: it stays.
@@ -979,6 +1037,36 @@ mod tests {
         assert!(acts.contains(&Action::CheckDirect { tunnel: tid(3) }));
         c.expire(now + 2 * KEEP_WAIT, not_direct);
         assert!(actions(&mut c).is_empty(), "once");
+    }
+
+    #[test]
+    fn a_lost_peer_on_no_other_relay_ends_its_session_and_a_direct_one_is_probed() {
+        let mut c = connected(true);
+        let now = Instant::now();
+        c.session_up(tid(1), SessionState::new(BIND, "a@h", true));
+        c.session_up(tid(2), SessionState::new(BIND, "b@h", true));
+        c.handle(Message::SessionLost { tunnel: tid(1) }, now, not_direct);
+        assert!(c.is_peer_lost(&tid(1)));
+        c.peer_gone(&tid(1));
+        assert_eq!(
+            actions(&mut c),
+            vec![Action::CloseSession {
+                tunnel: tid(1),
+                reason: "peer lost the relay and is on no other"
+            }]
+        );
+        // On a direct path: probed now, and ended when the path is lost.
+        let h = c.handle(Message::SessionLost { tunnel: tid(2) }, now, |_| true);
+        assert_eq!(h, Handled::Done);
+        assert_eq!(
+            actions(&mut c),
+            vec![Action::CheckDirect { tunnel: tid(2) }]
+        );
+        c.path_changed(&tid(2), None);
+        assert!(actions(&mut c).contains(&Action::CloseSession {
+            tunnel: tid(2),
+            reason: "peer left the relay and the direct path"
+        }));
     }
 
     #[test]

@@ -5,4 +5,5 @@ pub mod direct;
 pub mod dist_route;
 pub mod matcher;
 pub mod paths;
+pub mod relay_set;
 pub mod session_auth;
