@@ -50,6 +50,11 @@ main([Out]) ->
           rec({34, From, FarRef, {trace, token}}, 1.5, From),
           rec({35, 1 bsl 70, From, To}, none, From),
           rec({36, 12345, From, To}, none, From),
+          %% ALTACT_SIG_SEND (OTP 28: priority messages, exits through an
+          %% alias): {37, Flags, From, To} or, with a token, a fifth element.
+          rec({37, 0, From, To}, hello, From),
+          rec({37, 2, From, make_ref(), {trace, token}}, {'EXIT', Big}, From),
+          rec({37, 1, From, registered_name}, x, From),
           rec({5}, none, undefined),
           rec({99, From, To}, none, undefined)]
          || From <- Pids, To <- [hd(Pids), lists:last(Pids)]]),

@@ -61,7 +61,7 @@ listen(Name, Host) ->
     Node = iolist_to_binary([atom_to_list(Name), "@", Host]),
     case macula_dist_config:boot_config() of
         {ok, Urls, Opts} ->
-            case ensure_client(Urls, Node, Opts) of
+            case ensure_client(Urls, Node, maps:remove(homes, Opts)) of
                 {ok, Client} ->
                     maps:get(autoconnect, Opts, false) andalso macula_dist_sup:start_autoconnect(),
                     {ok, {Client, address(Host), creation()}};
@@ -87,7 +87,13 @@ ensure_client(Url, Node, Opts) ->
         _ ->
             ok
     end,
-    macula_dist_sup:start_client(Url, Node, Opts).
+    case maps:take(relay_set, Opts) of
+        {true, ClientOpts} ->
+            K = maps:get(homes, Opts, macula_dist_relay_set:default_homes()),
+            macula_dist_sup:start_set_client(Url, K, Node, ClientOpts);
+        error ->
+            macula_dist_sup:start_client(Url, Node, Opts)
+    end.
 
 %% @doc Deprecated: use `macula_dist_cluster:relay_nodes/0'.
 -spec relay_nodes() -> [node() | binary()].
@@ -169,7 +175,7 @@ setup(Node, Type, MyNode, LongOrShortNames, SetupTime) ->
 
 do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
-    case is_node_name(Node) andalso macula_dist_relay_client:clients() of
+    case is_node_name(Node) andalso dial_clients(Node) of
         [_ | _] = Clients ->
             case request_tunnel(Clients, atom_to_binary(Node, utf8), []) of
                 {ok, _ConnRef, Tunnel} ->
@@ -186,6 +192,20 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
             ?shutdown2(Node, bad_node_name);
         [] ->
             ?shutdown2(Node, no_relay_client)
+    end.
+
+%% The relay clients to ask for a tunnel to Node, in order: every client of
+%% a relay list; with a relay set, the target's home relays (one this node
+%% shares first), joined now if this node is not on them yet.
+dial_clients(Node) ->
+    case macula_dist_sup:relay_set() of
+        undefined ->
+            macula_dist_relay_client:clients();
+        {Set, K} ->
+            Mine = macula_dist_relay_set:homes(atom_to_binary(node(), utf8), Set, K),
+            Theirs = macula_dist_relay_set:homes(atom_to_binary(Node, utf8), Set, K),
+            [Pid || Url <- macula_dist_relay_set:meeting_order(Mine, Theirs),
+                    Pid <- [macula_dist_sup:ensure_relay(Url)], is_pid(Pid)]
     end.
 
 %% Through the node's relays in order: the first that has the target gives

@@ -232,6 +232,8 @@ boot_config() ->
     boot_config(init_args(), fun app_env/1, fun os:getenv/1).
 
 -define(BOOT_KEYS, [{relay, "MACULA_DIST_RELAY", list},
+                    {relay_set, "MACULA_DIST_RELAY_SET", list},
+                    {homes, "MACULA_DIST_HOMES", integer},
                     {token, "MACULA_DIST_TOKEN", string},
                     {token_file, "MACULA_DIST_TOKEN_FILE", string},
                     {pin_sha256, "MACULA_DIST_PIN_SHA256", list},
@@ -256,6 +258,24 @@ boot_config() ->
 boot_config(InitArgs, AppEnv, OsEnv) ->
     Found = [{K, V} || {K, Var, Type} <- ?BOOT_KEYS,
                        V <- [lookup(K, Var, Type, InitArgs, AppEnv, OsEnv)], V =/= undefined],
+    case relay_or_set(Found) of
+        {error, _} = Error -> Error;
+        Relays -> relays(Relays)
+    end.
+
+%% `relay_set' (a set the node joins its home relays of) stands for
+%% `relay'; not both. The set is then marked in the options.
+relay_or_set(Found) ->
+    case {lists:keymember(relay, 1, Found), lists:keytake(relay_set, 1, Found)} of
+        {true, {value, _, _}} ->
+            {error, {conflicting_boot_options, relay, relay_set}};
+        {false, {value, {relay_set, Set}, Rest}} ->
+            [{relay, Set}, {relay_set, true} | Rest];
+        {_, false} ->
+            Found
+    end.
+
+relays(Found) ->
     case lists:keytake(relay, 1, Found) of
         false ->
             {error, {no_relay_configured,
@@ -264,11 +284,15 @@ boot_config(InitArgs, AppEnv, OsEnv) ->
         {value, {relay, {bad, Raw}}, _} ->
             {error, {bad_relay_url, Raw}};
         {value, {relay, Urls}, Rest} ->
-            case [K || {K, {bad, _}} <- Rest] of
+            case [K || {K, V} <- Rest, bad_boot_value(K, V)] of
                 [] -> with_files(Urls, maps:from_list(Rest));
                 [Bad | _] -> {error, {bad_boot_option, Bad, proplists:get_value(Bad, Rest)}}
             end
     end.
+
+bad_boot_value(homes, K) -> not (is_integer(K) andalso K > 0);
+bad_boot_value(_, {bad, _}) -> true;
+bad_boot_value(_, _) -> false.
 
 %% The token file is read here; the other files only checked (the NIF
 %% reads them), so a missing one is named at boot.

@@ -9,6 +9,7 @@
 -behaviour(supervisor).
 
 -export([start_link/0, start_client/3, stop_client/0, start_autoconnect/0]).
+-export([start_set_client/4, ensure_relay/1, relay_set/0]).
 -export([init/1]).
 
 start_link() ->
@@ -32,6 +33,53 @@ start_client(Urls, Node, Opts) ->
         {ok, _} = Ok -> Ok;
         {error, _} = Error -> stop_client(), Error
     end.
+
+%% A relay set: the node joins its K home relays now (a client for each,
+%% named by the relay's place in the set), and a target's homes when it
+%% first dials it (ensure_relay/1). clients() lists the homes first.
+-spec start_set_client([binary() | string()], pos_integer(), binary(), map()) ->
+          {ok, pid()} | {error, term()}.
+start_set_client(Urls, K, Node, Opts) ->
+    stop_client(),
+    Set = [unicode:characters_to_binary(U) || U <- Urls],
+    Homes = macula_dist_relay_set:homes(Node, Set, K),
+    Order = Homes ++ (Set -- Homes),
+    persistent_term:put({macula_dist, relay_clients}, [set_client_name(U, Set) || U <- Order]),
+    persistent_term:put({macula_dist, relay_set}, {Set, K, Node, Opts}),
+    Mode = case Homes of [_] -> required; _ -> optional end,
+    Started = [start_keeper(set_index(U, Set), set_client_name(U, Set), U, Node, Opts, Mode)
+               || U <- Homes],
+    case booted(Homes, Started) of
+        {ok, _} = Ok -> Ok;
+        {error, _} = Error -> stop_client(), Error
+    end.
+
+%% The node's relay set and how many homes a name has, if it runs on one.
+-spec relay_set() -> {[binary()], pos_integer()} | undefined.
+relay_set() ->
+    case persistent_term:get({macula_dist, relay_set}, undefined) of
+        {Set, K, _Node, _Opts} -> {Set, K};
+        undefined -> undefined
+    end.
+
+%% The client of relay Url of the set, joined now if it is not (its keeper
+%% then keeps it, as a home's): the pid, or `undefined' if it is not
+%% connected.
+-spec ensure_relay(binary()) -> pid() | undefined.
+ensure_relay(Url) ->
+    {Set, _K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
+    Name = set_client_name(Url, Set),
+    case whereis(Name) of
+        undefined ->
+            _ = start_keeper(set_index(Url, Set), Name, Url, Node, Opts, optional),
+            whereis(Name);
+        Pid ->
+            Pid
+    end.
+
+set_index(Url, Set) -> length(lists:takewhile(fun(U) -> U =/= Url end, Set)) + 1.
+
+set_client_name(Url, Set) -> macula_dist_relay_client:client_name(set_index(Url, Set)).
 
 urls([First | _] = Urls) when is_list(First); is_binary(First) -> Urls;
 urls(Url) -> [Url].
@@ -74,6 +122,7 @@ start_autoconnect() ->
     end.
 
 stop_client() ->
+    _ = persistent_term:erase({macula_dist, relay_set}),
     Keepers = [Id || {{macula_dist_keeper, _} = Id, _, _, _} <- supervisor:which_children(?MODULE)],
     [begin
          _ = supervisor:terminate_child(?MODULE, Id),

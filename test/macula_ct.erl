@@ -6,7 +6,8 @@
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
--export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2]).
+-export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2, free_udp_port/0,
+         relay_process/3, case_started/0, case_ended/0]).
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
@@ -184,8 +185,13 @@ peer_args(#{url := Url, fingerprint := Pin} = Info, Extra) ->
                #{tunnel := T} -> ["-macula_dist", "tunnel", atom_to_list(T)];
                _ -> []
            end,
+    %% `set' in Info: the URLs are a relay set (the node joins its homes).
+    Key = case Info of
+              #{set := true} -> "relay_set";
+              _ -> "relay"
+          end,
     ["-proto_dist", "macula", "-no_epmd",
-     "-macula_dist", "relay", term_arg(Url),
+     "-macula_dist", Key, term_arg(Url),
      "-setcookie", "macula_ct_cookie"] ++ Trust ++ Mode ++ Paths ++ Extra.
 
 %% A binary, or a list of them, as an Erlang string term for -macula_dist.
@@ -232,6 +238,38 @@ random_with_md5(Size) ->
 
 %% Watches Node from here: monitor_node and a process monitor on a process
 %% there. watch_result/1 says how both ended.
+%% A case that starts peers (put in `peers') and OS processes (spawn_os/2)
+%% begins with case_started/0 and ends with case_ended/0, which stops them.
+case_started() ->
+    put(os_pids, []),
+    put(peers, []),
+    ok.
+
+case_ended() ->
+    [stop_peer(P) || P <- get(peers)],
+    [os:cmd("kill -9 " ++ P) || P <- get(os_pids)],
+    ok.
+
+free_udp_port() ->
+    {ok, S} = gen_udp:open(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Port} = inet:port(S),
+    ok = gen_udp:close(S),
+    Port.
+
+%% The relay binary Bin on 127.0.0.1:Port, its identity kept in Dir (so a
+%% restart keeps the certificate that nodes pin). #{os_pid, url, fingerprint}.
+relay_process(Bin, Dir, Port) ->
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    FpFile = filename:join(Dir, "fingerprint"),
+    _ = file:delete(FpFile),
+    Cmd = lists:flatten(io_lib:format("exec '~ts' --listen 127.0.0.1:~b --state-dir '~ts' "
+                                      "--allow-anonymous --fingerprint-file '~ts'",
+                                      [Bin, Port, Dir, FpFile])),
+    Pid = spawn_os(Cmd, filename:join(Dir, "relay.log")),
+    Fp = wait_for_file(FpFile, 100),
+    #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://127.0.0.1:~b", [Port])),
+      fingerprint => Fp}.
+
 %% The relays (their URLs) whose clients carry a session with Peer, in a
 %% node's macula_dist_cluster:status().
 session_relay(Status, Peer) ->

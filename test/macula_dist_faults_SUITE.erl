@@ -39,36 +39,18 @@ end_per_suite(_Config) ->
     ok.
 
 init_per_testcase(_Case, Config) ->
-    put(os_pids, []),
-    put(peers, []),
+    ok = macula_ct:case_started(),
     Config.
 
 end_per_testcase(_Case, _Config) ->
-    [macula_ct:stop_peer(P) || P <- get(peers)],
-    [os:cmd("kill -9 " ++ P) || P <- get(os_pids)],
+    ok = macula_ct:case_ended(),
     ok.
 
 %% ---- helpers ----
 
-free_udp_port() ->
-    {ok, S} = gen_udp:open(0, [{ip, {127, 0, 0, 1}}]),
-    {ok, Port} = inet:port(S),
-    ok = gen_udp:close(S),
-    Port.
+free_udp_port() -> macula_ct:free_udp_port().
 
-%% The relay binary on 127.0.0.1:Port, its identity kept in Dir (so a
-%% restart keeps the certificate that nodes pin). #{os_pid, url, fingerprint}.
-start_relay(Config, Dir, Port) ->
-    ok = filelib:ensure_dir(filename:join(Dir, "x")),
-    FpFile = filename:join(Dir, "fingerprint"),
-    _ = file:delete(FpFile),
-    Cmd = lists:flatten(io_lib:format("exec '~ts' --listen 127.0.0.1:~b --state-dir '~ts' "
-                                      "--allow-anonymous --fingerprint-file '~ts'",
-                                      [?config(relay_bin, Config), Port, Dir, FpFile])),
-    Pid = macula_ct:spawn_os(Cmd, filename:join(Dir, "relay.log")),
-    Fp = macula_ct:wait_for_file(FpFile, 100),
-    #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://127.0.0.1:~b", [Port])),
-      fingerprint => Fp}.
+start_relay(Config, Dir, Port) -> macula_ct:relay_process(?config(relay_bin, Config), Dir, Port).
 
 %% macula-impair between nodes and the relay at Upstream; its listen port.
 start_impair(Config, Upstream, Args) ->

@@ -59,13 +59,11 @@ end_per_suite(_Config) ->
     ok.
 
 init_per_testcase(_Case, Config) ->
-    put(os_pids, []),
-    put(peers, []),
+    ok = macula_ct:case_started(),
     Config.
 
 end_per_testcase(_Case, _Config) ->
-    [macula_ct:stop_peer(P) || P <- get(peers)],
-    [os:cmd("kill -9 " ++ P) || P <- get(os_pids)],
+    ok = macula_ct:case_ended(),
     [nat(N, none) || N <- ["mnNA", "mnNB"]],
     [os:cmd("ip netns exec " ++ N ++ " iptables -F " ++ Chain)
      || N <- ["mnNA", "mnNB"], Chain <- ["FORWARD", "INPUT"]],

@@ -896,7 +896,7 @@ impl SessionCarrier for Client {
     fn release(&self, tunnel: &TunnelId, peer: &str) -> Option<CarriedSession> {
         let mut state = self.lock();
         let conn = state.session_conns.get(tunnel)?.clone();
-        let session = state.control.release(tunnel, peer)?;
+        let session = state.control.release(tunnel, peer, Instant::now())?;
         state.session_conns.remove(tunnel);
         self.act(state);
         Some(CarriedSession {

@@ -627,9 +627,17 @@ impl RelayControl {
 
     /// Gives up a session this client carries with `peer`, for another
     /// client of the node (its peer claimed it at that one's relay); the
-    /// relay is told. `None` if this client does not carry it with `peer`.
-    pub fn release(&mut self, tunnel: &TunnelId, peer: &str) -> Option<SessionState> {
-        if self.sessions.get(tunnel)?.peer != peer {
+    /// relay is told. `None` if this client does not carry it with `peer`,
+    /// or if this side is the session's target and has itself just
+    /// claimed it here: when both sides lost the relay and claimed at
+    /// different relays, the requester follows the target, never both
+    /// each other.
+    pub fn release(&mut self, tunnel: &TunnelId, peer: &str, now: Instant) -> Option<SessionState> {
+        let s = self.sessions.get(tunnel)?;
+        let just_claimed = s
+            .claimed_at
+            .is_some_and(|t| now.duration_since(t) < KEEP_WAIT);
+        if s.peer != peer || (just_claimed && !s.requester) {
             return None;
         }
         let s = self.sessions.remove(tunnel)?;
@@ -1094,8 +1102,8 @@ mod tests {
             }
         );
         // Only to the peer it has.
-        assert_eq!(here.release(&tid(1), "m@h"), None);
-        let s = here.release(&tid(1), "a@h").expect("released");
+        assert_eq!(here.release(&tid(1), "m@h", now), None);
+        let s = here.release(&tid(1), "a@h", now).expect("released");
         assert_eq!(
             sends(&mut here),
             vec![Message::TunnelClose { tunnel: tid(1) }]
@@ -1113,6 +1121,24 @@ mod tests {
         // Claimed afresh: the old relay's loss no longer counts.
         there.expire(now + KEEP_WAIT, not_direct);
         assert!(actions(&mut there).is_empty());
+    }
+
+    #[test]
+    fn after_claims_at_two_relays_the_requester_follows_the_target() {
+        let now = Instant::now();
+        let claimed = |requester| {
+            let mut c = connected(true);
+            let s = SessionState::new(BIND, "p@h", requester);
+            c.adopt(vec![(tid(1), s)], now).unwrap();
+            c
+        };
+        // The target just claimed it at its relay: it stays there.
+        assert_eq!(claimed(false).release(&tid(1), "p@h", now), None);
+        // Later (its peer never came), or as the requester, it follows.
+        assert!(claimed(false)
+            .release(&tid(1), "p@h", now + KEEP_WAIT)
+            .is_some());
+        assert!(claimed(true).release(&tid(1), "p@h", now).is_some());
     }
 
     #[test]

@@ -203,8 +203,9 @@ fn sender_of_control(r: &mut Reader) -> Parse<Option<u64>> {
         // PAYLOAD_MONITOR_P_EXIT, ALIAS_SEND(_TT).
         1 | 3 | 4 | 6 | 7 | 8 | 13 | 16 | 18..=28 | 33 | 34 => 1,
         // SPAWN_REQUEST(_TT) {Op, ReqId, From, ...}; UNLINK_ID(_ACK)
-        // {Op, Id, From, To}.
-        29 | 30 | 35 | 36 => 2,
+        // {Op, Id, From, To}; ALTACT_SIG_SEND {Op, Flags, From, To[, Token]}
+        // (OTP 28 on: priority messages, signals through an alias).
+        29 | 30 | 35 | 36 | 37 => 2,
         // SPAWN_REPLY(_TT) {Op, ReqId, To, Flags, Result}: the new process.
         31 | 32 => 4,
         // SEND, SEND_TT (no sender), NODE_LINK, and anything newer.

@@ -61,6 +61,13 @@ mod tests {
         (0..n).map(|i| format!("relay{i}.example:4434")).collect()
     }
 
+    /// The same value `macula_dist_relay_set_tests` asserts in Erlang:
+    /// both sides place names alike.
+    #[test]
+    fn the_weight_is_the_one_erlang_computes() {
+        assert_eq!(weight("relay0.example:4434", "a@h"), 3565356807364408549);
+    }
+
     #[test]
     fn homes_are_the_heaviest_and_the_same_everywhere() {
         let set = relays(10);

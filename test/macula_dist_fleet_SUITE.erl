@@ -1,0 +1,132 @@
+%% A relay set on loopback: five relay processes, nodes started with
+%% `-macula_dist relay_set [...]'. Each node joins its two home relays
+%% (rendezvous hashing of its name over the set, macula_dist_relay_set) and
+%% a target's homes when it first dials it; a session runs on a home of
+%% its target. Sessions stay on the relays (`direct false'): on loopback
+%% they would go direct, around the relays this suite tests.
+-module(macula_dist_fleet_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
+         end_per_testcase/2]).
+-export([nodes_live_on_their_homes/1, a_relay_of_the_set_dies/1]).
+
+-define(RELAYS, 5).
+
+suite() -> [{timetrap, {minutes, 5}}].
+
+all() -> [nodes_live_on_their_homes, a_relay_of_the_set_dies].
+
+init_per_suite(Config) ->
+    Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
+    Out = os:cmd("cd '" ++ Root ++ "' && cargo build --release --quiet -p macula_dist_relay "
+                 "2>&1; echo exit=$?"),
+    ?assertNotEqual(nomatch, string:find(Out, "exit=0"), Out),
+    [{relay_bin, filename:join([Root, "target", "release", "macula-dist-relay"])} | Config].
+
+end_per_suite(_Config) ->
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    ok = macula_ct:case_started(),
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    ok = macula_ct:case_ended(),
+    ok.
+
+%% ---- helpers ----
+
+fleet(Config, Tag) ->
+    Dir = ?config(priv_dir, Config),
+    [macula_ct:relay_process(?config(relay_bin, Config),
+                             filename:join(Dir, Tag ++ integer_to_list(I)),
+                             macula_ct:free_udp_port())
+     || I <- lists:seq(1, ?RELAYS)].
+
+set_info(Relays) ->
+    #{set => true, url => [U || #{url := U} <- Relays],
+      fingerprint => [F || #{fingerprint := F} <- Relays]}.
+
+peers(Relays, Names) ->
+    Info = set_info(Relays),
+    [begin
+         {Peer, Node} = macula_ct:start_peer(Name, Info, ["-macula_dist", "direct", "false"]),
+         put(peers, [Peer | get(peers)]),
+         {Peer, Node}
+     end || Name <- Names].
+
+call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 120000).
+
+homes(Node, Relays) ->
+    macula_dist_relay_set:homes(atom_to_binary(Node, utf8), [U || #{url := U} <- Relays], 2).
+
+%% The connected relays of P, per status.
+connected(P) ->
+    [Url || #{relay_url := Url, connection := connected} <- call(P, macula_dist_cluster, status, [])].
+
+%% Every node connects to every other; each pair's session (seen from
+%% both sides) runs on one relay, a home of one of the two.
+mesh(Peers, Relays) ->
+    Nodes = [N || {_, N} <- Peers],
+    [?assertEqual(lists:sort(Nodes -- [N]), call(P, macula_ct, connect_all, [Nodes]) -- [N])
+     || {P, N} <- Peers],
+    [begin
+         [Relay] = macula_ct:session_relay(call(P, macula_dist_cluster, status, []), Other),
+         ?assert(lists:member(Relay, homes(N, Relays) ++ homes(Other, Relays)))
+     end || {P, N} <- Peers, {_, Other} <- Peers, Other =/= N],
+    ok.
+
+%% ---- cases ----
+
+%% Each node is on its two homes from the start, and on no relay that is
+%% neither a home of its own nor of a node it reached; every session runs
+%% on a home of one side, so the sessions spread over the set instead of
+%% all running on the first relay.
+nodes_live_on_their_homes(Config) ->
+    Relays = fleet(Config, "h"),
+    Peers = peers(Relays, [list_to_atom("fh" ++ integer_to_list(I)) || I <- lists:seq(1, 8)]),
+    [?assertEqual([], homes(N, Relays) -- connected(P)) || {P, N} <- Peers],
+    ok = mesh(Peers, Relays),
+    AllHomes = lists:usort(lists:append([homes(N, Relays) || {_, N} <- Peers])),
+    [?assertEqual([], connected(P) -- AllHomes) || {P, _} <- Peers],
+    Used = lists:usort([R || {P, _} <- Peers, {_, O} <- Peers,
+                             R <- macula_ct:session_relay(call(P, macula_dist_cluster, status, []), O)]),
+    ct:pal("8 nodes over ~b relays: sessions on ~b of them; relays per node ~p",
+           [?RELAYS, length(Used), [length(connected(P)) || {P, _} <- Peers]]),
+    ?assert(length(Used) > 1).
+
+%% Checked traffic both ways between pairs; the relay that carries the
+%% most sessions is killed (kill -9) mid-transfer. Every session moves to
+%% another relay of the set: no nodedown, everything arrives once, in
+%% order, intact, and the mesh is whole afterwards.
+a_relay_of_the_set_dies(Config) ->
+    Relays = fleet(Config, "k"),
+    Peers = peers(Relays, [list_to_atom("fk" ++ integer_to_list(I)) || I <- lists:seq(1, 6)]),
+    ok = mesh(Peers, Relays),
+    Carried = [R || {P, _} <- Peers, {_, O} <- Peers,
+                    R <- macula_ct:session_relay(call(P, macula_dist_cluster, status, []), O)],
+    {_, Busiest} = lists:max([{length([X || X <- Carried, X =:= R]), R} || #{url := R} <- Relays]),
+    [#{os_pid := Victim}] = [R || #{url := U} = R <- Relays, U =:= Busiest],
+    Pairs = lists:zip(lists:sublist(Peers, 3), lists:nthtail(3, Peers)),
+    [ok = call(A, macula_ct, watch, [BN, fleet_watch]) || {{A, _}, {_, BN}} <- Pairs],
+    Self = self(),
+    [spawn_link(fun() ->
+                        Self ! {traffic, A, macula_ct:checked_both_ways(A, AN, B, BN, 300, 16 * 1024, 20)}
+                end) || {{A, AN}, {B, BN}} <- Pairs],
+    timer:sleep(1500),
+    os:cmd("kill -9 " ++ Victim),
+    [receive
+         {traffic, A, Results} -> [?assertMatch({ok, 300, _, _}, R) || R <- Results]
+     after 120000 -> error({no_traffic_result, A})
+     end || {{A, _}, _} <- Pairs],
+    [?assertEqual(timeout, call(A, macula_ct, watch_result, [{fleet_watch, 100}]))
+     || {{A, _}, _} <- Pairs],
+    Nodes = [N || {_, N} <- Peers],
+    [?assertEqual(lists:sort(Nodes -- [N]), lists:sort(call(P, erlang, nodes, [])))
+     || {P, N} <- Peers],
+    [?assertNotEqual([Busiest], macula_ct:session_relay(call(P, macula_dist_cluster, status, []), O))
+     || {P, N} <- Peers, {_, O} <- Peers, O =/= N],
+    ct:pal("killed ~ts, which carried ~b session ends; all moved",
+           [Busiest, length([X || X <- Carried, X =:= Busiest])]).

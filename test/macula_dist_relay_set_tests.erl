@@ -1,0 +1,23 @@
+-module(macula_dist_relay_set_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+%% The same value the Rust side's test asserts: both sides place names alike.
+weight_matches_the_rust_side_test() ->
+    ?assertEqual(3565356807364408549,
+                 macula_dist_relay_set:weight(<<"relay0.example:4434">>, <<"a@h">>)).
+
+homes_are_the_heaviest_in_any_order_test() ->
+    Set = [iolist_to_binary(["quic://r", integer_to_list(I), ":4434"]) || I <- lists:seq(1, 10)],
+    Homes = macula_dist_relay_set:homes(<<"a@h">>, Set, 2),
+    ?assertEqual(2, length(Homes)),
+    Sorted = lists:reverse(lists:sort([macula_dist_relay_set:weight(R, <<"a@h">>) || R <- Set])),
+    ?assertEqual(lists:sublist(Sorted, 2),
+                 [macula_dist_relay_set:weight(R, <<"a@h">>) || R <- Homes]),
+    ?assertEqual(Homes, macula_dist_relay_set:homes(<<"a@h">>, lists:reverse(Set), 2)),
+    ?assertEqual([hd(Set)], macula_dist_relay_set:homes(<<"a@h">>, [hd(Set), hd(Set)], 2)).
+
+meeting_order_puts_a_shared_home_first_test() ->
+    ?assertEqual([<<"r2">>, <<"r3">>],
+                 macula_dist_relay_set:meeting_order([<<"r1">>, <<"r2">>], [<<"r3">>, <<"r2">>])),
+    ?assertEqual([<<"r3">>, <<"r4">>],
+                 macula_dist_relay_set:meeting_order([<<"r1">>], [<<"r3">>, <<"r4">>])).
