@@ -200,3 +200,14 @@ direct_and_advertise_test() ->
     ?assertMatch({ok, _, #{direct := false, advertise := ["203.0.113.7:4500"]}},
                  boot([{"relay", "c"}, {"direct", "false"}], [],
                       [{"MACULA_DIST_ADVERTISE", "203.0.113.7:4500"}])).
+
+boot_relay_set_test() ->
+    %% A relay set stands for the relay list, and is marked in the options.
+    ?assertEqual({ok, ["quic://a:1", "quic://b:1"], #{relay_set => true, homes => 3}},
+                 boot([{"relay_set", "[\"quic://a:1\",\"quic://b:1\"]"}, {"homes", "3"}], [], [])),
+    ?assertEqual({ok, ["a", "b"], #{relay_set => true}},
+                 boot([], [], [{"MACULA_DIST_RELAY_SET", "a,b"}])),
+    ?assertEqual({error, {conflicting_boot_options, relay, relay_set}},
+                 boot([{"relay", "a"}, {"relay_set", "b"}], [], [])),
+    ?assertMatch({error, {bad_boot_option, homes, 0}},
+                 boot([{"relay_set", "a"}, {"homes", "0"}], [], [])).
