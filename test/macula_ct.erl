@@ -1,13 +1,16 @@
 %% Helpers shared by the Common Test suites: relays, raw NIF clients,
 %% tunnel I/O, and peer nodes running -proto_dist macula.
 -module(macula_ct).
+-include_lib("stdlib/include/assert.hrl").
 
 -export([start_relay/0, start_relay/1, raw_client/3, raw_client/4, request/2, request/3,
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
 -export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2, free_udp_port/0,
-         relay_process/3, case_started/0, case_ended/0]).
+         relay_process/3, case_started/0, case_ended/0, sh/1, all_ok/1, ms_until/2, ms_until/3,
+         session_path/2, netns_peer/3, release_dir/1, netns_relay/5, relay_bin/0,
+         namespace_suite/4]).
 %% Run on peer nodes.
 -export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
@@ -238,6 +241,91 @@ random_with_md5(Size) ->
 
 %% Watches Node from here: monitor_node and a process monitor on a process
 %% there. watch_result/1 says how both ended.
+%% The release binaries of Packages, built now: the directory they are in.
+release_dir(Packages) ->
+    Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
+    Out = os:cmd("cd '" ++ Root ++ "' && cargo build --release --quiet"
+                 ++ lists:append([" -p " ++ P || P <- Packages]) ++ " 2>&1; echo exit=$?"),
+    ?assertNotEqual(nomatch, string:find(Out, "exit=0"), Out),
+    filename:join([Root, "target", "release"]).
+
+%% The relay binary, built now.
+relay_bin() ->
+    filename:join(release_dir(["macula_dist_relay"]), "macula-dist-relay").
+
+%% init_per_suite of a suite in network namespaces: Setup() makes them
+%% (after Teardown() clears what a crashed run left); the relay binary is
+%% built. Where they cannot be made, the suite is skipped, saying why
+%% (What names the suite in that line).
+namespace_suite(Config, Setup, Teardown, What) ->
+    Teardown(),
+    case Setup() of
+        ok ->
+            [{relay_bin, relay_bin()} | Config];
+        {error, Why} ->
+            Teardown(),
+            Reason = What ++ " cannot be made here (" ++ Why ++ "): suite skipped",
+            io:format(user, "~nNOTE: ~ts~n", [Reason]),
+            {skip, Reason}
+    end.
+
+%% A shell command: ok, or {error, Text} with its output.
+sh(Cmd) ->
+    Out = os:cmd(Cmd ++ " 2>&1; echo \"exit=$?\""),
+    case string:find(Out, "exit=0\n") of
+        nomatch -> {error, string:trim(Cmd ++ ": " ++ Out)};
+        _ -> ok
+    end.
+
+%% Shell commands in order, up to the first that fails.
+all_ok([]) -> ok;
+all_ok([Cmd | Rest]) ->
+    case sh(Cmd) of
+        ok -> all_ok(Rest);
+        Error -> Error
+    end.
+
+%% Ms until Fun() is true (since T0, default now), polling every 50 ms, or
+%% false after Limit ms.
+ms_until(Fun, Limit) -> ms_until(Fun, Limit, erlang:monotonic_time(millisecond)).
+ms_until(Fun, Limit, T0) ->
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    case Fun() of
+        true -> Ms;
+        false when Ms > Limit -> false;
+        false -> timer:sleep(50), ms_until(Fun, Limit, T0)
+    end.
+
+%% The path of the session with Peer in a node's
+%% macula_dist_cluster:status(): relay, {direct, Address}, or none.
+session_path(Status, Peer) ->
+    Name = atom_to_binary(Peer, utf8),
+    case [Path || #{sessions := Ss} <- Status, #{peer := N, path := Path} <- Ss, N =:= Name] of
+        [Path] -> Path;
+        [] -> none
+    end.
+
+%% The relay binary in network namespace Ns, on Addr:4434, its identity in
+%% Dir; Extra: more arguments. #{url, fingerprint}.
+netns_relay(Bin, Ns, {Addr, Port}, Dir, Extra) ->
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    FpFile = filename:join(Dir, "fingerprint"),
+    _ = file:delete(FpFile),
+    Cmd = lists:flatten(io_lib:format("exec ip netns exec ~ts '~ts' --listen ~ts:~b "
+                                      "--state-dir '~ts' --allow-anonymous "
+                                      "--fingerprint-file '~ts' ~ts",
+                                      [Ns, Bin, Addr, Port, Dir, FpFile, Extra])),
+    _ = spawn_os(Cmd, filename:join(Dir, "relay.log")),
+    Fp = wait_for_file(FpFile, 100),
+    #{url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Addr, Port])), fingerprint => Fp}.
+
+%% A peer on Relay inside network namespace Ns (recorded in `peers').
+netns_peer(Name, Ns, Relay) ->
+    Exec = {os:find_executable("ip"), ["netns", "exec", Ns, os:find_executable("erl")]},
+    {Peer, Node} = start_peer(Name, Relay, [], #{exec => Exec}),
+    put(peers, [Peer | get(peers)]),
+    {Peer, Node}.
+
 %% A case that starts peers (put in `peers') and OS processes (spawn_os/2)
 %% begins with case_started/0 and ends with case_ended/0, which stops them.
 case_started() ->

@@ -26,34 +26,19 @@ all() ->
     [direct_reachable, direct_blocked, direct_cut_mid_transfer].
 
 init_per_suite(Config) ->
-    teardown(),
-    case setup() of
-        ok ->
-            Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
-            Out = os:cmd("cd '" ++ Root ++ "' && cargo build --release --quiet -p macula_dist_relay "
-                         "2>&1; echo exit=$?"),
-            ?assertNotEqual(nomatch, string:find(Out, "exit=0"), Out),
-            [{relay_bin, filename:join([Root, "target", "release", "macula-dist-relay"])} | Config];
-        {error, Why} ->
-            teardown(),
-            Reason = "network namespaces cannot be made here (" ++ Why ++ "): direct-path suite skipped",
-            io:format(user, "~nNOTE: ~ts~n", [Reason]),
-            {skip, Reason}
-    end.
+    macula_ct:namespace_suite(Config, fun setup/0, fun teardown/0, "network namespaces").
 
 end_per_suite(_Config) ->
     teardown(),
     ok.
 
 init_per_testcase(_Case, Config) ->
-    put(os_pids, []),
-    put(peers, []),
+    ok = macula_ct:case_started(),
     open_route(),
     Config.
 
 end_per_testcase(_Case, _Config) ->
-    [macula_ct:stop_peer(P) || P <- get(peers)],
-    [os:cmd("kill -9 " ++ P) || P <- get(os_pids)],
+    ok = macula_ct:case_ended(),
     open_route(),
     ok.
 
@@ -63,19 +48,9 @@ ns_addr(?A) -> ?NET ++ ".1";
 ns_addr(?B) -> ?NET ++ ".2";
 ns_addr(?R) -> ?NET ++ ".3".
 
-sh(Cmd) ->
-    Out = os:cmd(Cmd ++ " 2>&1; echo \"exit=$?\""),
-    case string:find(Out, "exit=0\n") of
-        nomatch -> {error, string:trim(Cmd ++ ": " ++ Out)};
-        _ -> ok
-    end.
+sh(Cmd) -> macula_ct:sh(Cmd).
 
-all_ok([]) -> ok;
-all_ok([Cmd | Rest]) ->
-    case sh(Cmd) of
-        ok -> all_ok(Rest);
-        Error -> Error
-    end.
+all_ok(Cmds) -> macula_ct:all_ok(Cmds).
 
 setup() ->
     case os:find_executable("ip") of
@@ -120,24 +95,13 @@ open_route() ->
 
 start_relay(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "relay"),
-    ok = filelib:ensure_dir(filename:join(Dir, "x")),
-    FpFile = filename:join(Dir, "fingerprint"),
-    _ = file:delete(FpFile),
     Addr = ns_addr(?R),
-    Cmd = lists:flatten(io_lib:format("exec ip netns exec " ?R " '~ts' --listen ~ts:4434 "
-                                      "--state-dir '~ts' --allow-anonymous "
-                                      "--fingerprint-file '~ts' --metrics ~ts:9434",
-                                      [?config(relay_bin, Config), Addr, Dir, FpFile, Addr])),
-    _ = macula_ct:spawn_os(Cmd, filename:join(Dir, "relay.log")),
-    Fp = macula_ct:wait_for_file(FpFile, 100),
-    #{url => iolist_to_binary(["quic://", Addr, ":4434"]), fingerprint => Fp}.
+    macula_ct:netns_relay(?config(relay_bin, Config), ?R, {Addr, 4434}, Dir,
+                          "--metrics " ++ Addr ++ ":9434").
 
 %% A BEAM node inside namespace Ns.
 peer(Name, Ns, Relay) ->
-    Exec = {os:find_executable("ip"), ["netns", "exec", Ns, os:find_executable("erl")]},
-    {Peer, Node} = macula_ct:start_peer(Name, Relay, [], #{exec => Exec}),
-    put(peers, [Peer | get(peers)]),
-    {Peer, Node}.
+    macula_ct:netns_peer(Name, Ns, Relay).
 
 call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 120000).
 
@@ -162,12 +126,7 @@ recv_all(S, Acc) ->
 
 %% The path of P's session with Peer: relay, or {direct, Address}.
 path(P, Peer) ->
-    Name = atom_to_binary(Peer, utf8),
-    case [Path || #{sessions := Ss} <- call(P, macula_dist_cluster, status, []),
-                  #{peer := N, path := Path} <- Ss, N =:= Name] of
-        [Path] -> Path;
-        [] -> none
-    end.
+    macula_ct:session_path(call(P, macula_dist_cluster, status, []), Peer).
 
 is_direct(P, Peer, Ns) ->
     Want = list_to_binary(ns_addr(Ns) ++ ":"),
@@ -176,15 +135,6 @@ is_direct(P, Peer, Ns) ->
         _ -> false
     end.
 
-%% Ms until Fun() is true, polling every 50 ms, or false after Limit ms.
-ms_until(Fun, Limit) -> ms_until(Fun, Limit, erlang:monotonic_time(millisecond)).
-ms_until(Fun, Limit, T0) ->
-    Ms = erlang:monotonic_time(millisecond) - T0,
-    case Fun() of
-        true -> Ms;
-        false when Ms > Limit -> false;
-        false -> timer:sleep(50), ms_until(Fun, Limit, T0)
-    end.
 
 connected_pair(Config) ->
     Relay = start_relay(Config),
@@ -203,7 +153,7 @@ checked(A, AN, B, BN, Count, Size, PauseMs) ->
 %% none of the checked traffic that follows.
 direct_reachable(Config) ->
     {{A, AN}, {B, BN}} = connected_pair(Config),
-    Ms = ms_until(fun() -> is_direct(A, BN, ?B) andalso is_direct(B, AN, ?A) end, 10000),
+    Ms = macula_ct:ms_until(fun() -> is_direct(A, BN, ?B) andalso is_direct(B, AN, ?A) end, 10000),
     ct:pal("direct path in namespaces: both sides direct ~p ms after the first ping", [Ms]),
     ?assert(is_integer(Ms)),
     Before = forwarded(),
@@ -233,21 +183,21 @@ direct_blocked(Config) ->
 %% back, the session goes direct again.
 direct_cut_mid_transfer(Config) ->
     {{A, AN}, {B, BN}} = connected_pair(Config),
-    ?assert(is_integer(ms_until(fun() -> is_direct(A, BN, ?B) end, 10000))),
+    ?assert(is_integer(macula_ct:ms_until(fun() -> is_direct(A, BN, ?B) end, 10000))),
     ok = call(A, macula_ct, watch, [BN, macula_cut_watch]),
     Self = self(),
     %% About 8 s of traffic: 400 messages of 16 KiB each way, 20 ms apart.
     Traffic = spawn_link(fun() -> Self ! {traffic, checked(A, AN, B, BN, 400, 16 * 1024, 20)} end),
     timer:sleep(1500),
     cut_route(),
-    Fallback = ms_until(fun() -> path(A, BN) =:= relay andalso path(B, AN) =:= relay end, 10000),
+    Fallback = macula_ct:ms_until(fun() -> path(A, BN) =:= relay andalso path(B, AN) =:= relay end, 10000),
     ct:pal("direct route cut: both sides back on the relay after ~p ms", [Fallback]),
     ?assert(is_integer(Fallback)),
     Results = receive {traffic, R} -> R after 90000 -> error({no_traffic_result, Traffic}) end,
     [?assertMatch({ok, 400, _, _}, R) || R <- Results],
     ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_cut_watch, 100}])),
     open_route(),
-    Again = ms_until(fun() -> is_direct(A, BN, ?B) andalso is_direct(B, AN, ?A) end, 20000),
+    Again = macula_ct:ms_until(fun() -> is_direct(A, BN, ?B) andalso is_direct(B, AN, ?A) end, 20000),
     ct:pal("route restored: direct again after ~p ms", [Again]),
     ?assert(is_integer(Again)),
     ?assertEqual([BN], call(A, erlang, nodes, [])).

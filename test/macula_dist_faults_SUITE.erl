@@ -13,8 +13,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
-         end_per_testcase/2]).
+-export([all/0, suite/0, init_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
 -export([lossy_link_delivers_everything/1, relay_killed_and_restarted/1, relay_stopped_5s/1,
          stopped_receiver_bounds_memory/1, sigterm_with_relay_stopped/1,
          one_of_two_relays_killed/1, no_relay_in_common/1]).
@@ -27,16 +26,9 @@ all() ->
      no_relay_in_common].
 
 init_per_suite(Config) ->
-    Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
-    Cargo = "cd '" ++ Root ++ "' && cargo build --release --quiet -p macula_dist_relay "
-        "-p macula_impair 2>&1; echo exit=$?",
-    Out = os:cmd(Cargo),
-    ?assertNotEqual(nomatch, string:find(Out, "exit=0"), Out),
-    Bin = fun(Name) -> filename:join([Root, "target", "release", Name]) end,
+    Dir = macula_ct:release_dir(["macula_dist_relay", "macula_impair"]),
+    Bin = fun(Name) -> filename:join(Dir, Name) end,
     [{relay_bin, Bin("macula-dist-relay")}, {impair_bin, Bin("macula-impair")} | Config].
-
-end_per_suite(_Config) ->
-    ok.
 
 init_per_testcase(_Case, Config) ->
     ok = macula_ct:case_started(),

@@ -39,20 +39,7 @@ all() ->
      udp_blocked_between_lans_stays_relayed, one_side_loses_its_relay].
 
 init_per_suite(Config) ->
-    teardown(),
-    case setup() of
-        ok ->
-            Root = filename:absname(filename:join(code:lib_dir(macula_dist), "../../../..")),
-            Out = os:cmd("cd '" ++ Root ++ "' && cargo build --release --quiet -p macula_dist_relay "
-                         "2>&1; echo exit=$?"),
-            ?assertNotEqual(nomatch, string:find(Out, "exit=0"), Out),
-            [{relay_bin, filename:join([Root, "target", "release", "macula-dist-relay"])} | Config];
-        {error, Why} ->
-            teardown(),
-            Reason = "NATs in network namespaces cannot be made here (" ++ Why ++ "): NAT suite skipped",
-            io:format(user, "~nNOTE: ~ts~n", [Reason]),
-            {skip, Reason}
-    end.
+    macula_ct:namespace_suite(Config, fun setup/0, fun teardown/0, "NATs in network namespaces").
 
 end_per_suite(_Config) ->
     teardown(),
@@ -71,19 +58,9 @@ end_per_testcase(_Case, _Config) ->
 
 %% ---- the namespaces ----
 
-sh(Cmd) ->
-    Out = os:cmd(Cmd ++ " 2>&1; echo \"exit=$?\""),
-    case string:find(Out, "exit=0\n") of
-        nomatch -> {error, string:trim(Cmd ++ ": " ++ Out)};
-        _ -> ok
-    end.
+sh(Cmd) -> macula_ct:sh(Cmd).
 
-all_ok([]) -> ok;
-all_ok([Cmd | Rest]) ->
-    case sh(Cmd) of
-        ok -> all_ok(Rest);
-        Error -> Error
-    end.
+all_ok(Cmds) -> macula_ct:all_ok(Cmds).
 
 setup() ->
     Missing = [C || C <- ["ip", "iptables", "conntrack"], os:find_executable(C) =:= false],
@@ -171,34 +148,16 @@ start_relay(Config) -> start_relay(Config, 4434).
 
 start_relay(Config, Port) ->
     Dir = filename:join(?config(priv_dir, Config), "relay" ++ integer_to_list(Port)),
-    ok = filelib:ensure_dir(filename:join(Dir, "x")),
-    FpFile = filename:join(Dir, "fingerprint"),
-    _ = file:delete(FpFile),
-    Addr = ?PUB ++ ".3",
-    Cmd = lists:flatten(io_lib:format("exec ip netns exec mnR '~ts' --listen ~ts:~b "
-                                      "--state-dir '~ts' --allow-anonymous "
-                                      "--fingerprint-file '~ts'",
-                                      [?config(relay_bin, Config), Addr, Port, Dir, FpFile])),
-    _ = macula_ct:spawn_os(Cmd, filename:join(Dir, "relay.log")),
-    Fp = macula_ct:wait_for_file(FpFile, 100),
-    #{url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Addr, Port])), fingerprint => Fp}.
+    macula_ct:netns_relay(?config(relay_bin, Config), "mnR", {?PUB ++ ".3", Port}, Dir, "").
 
 peer(Name, Ns, Relay) ->
-    Exec = {os:find_executable("ip"), ["netns", "exec", Ns, os:find_executable("erl")]},
-    {Peer, Node} = macula_ct:start_peer(Name, Relay, [], #{exec => Exec}),
-    put(peers, [Peer | get(peers)]),
-    {Peer, Node}.
+    macula_ct:netns_peer(Name, Ns, Relay).
 
 call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 120000).
 
 %% The path of P's session with Peer: relay, {direct, Address}, or none.
 path(P, Peer) ->
-    Name = atom_to_binary(Peer, utf8),
-    case [Path || #{sessions := Ss} <- call(P, macula_dist_cluster, status, []),
-                  #{peer := N, path := Path} <- Ss, N =:= Name] of
-        [Path] -> Path;
-        [] -> none
-    end.
+    macula_ct:session_path(call(P, macula_dist_cluster, status, []), Peer).
 
 %% Direct, to an address that starts with Prefix.
 direct_to(P, Peer, Prefix) ->
@@ -207,15 +166,6 @@ direct_to(P, Peer, Prefix) ->
         _ -> false
     end.
 
-%% Ms until Fun() is true, polling every 50 ms, or false after Limit ms.
-ms_until(Fun, Limit) -> ms_until(Fun, Limit, erlang:monotonic_time(millisecond)).
-ms_until(Fun, Limit, T0) ->
-    Ms = erlang:monotonic_time(millisecond) - T0,
-    case Fun() of
-        true -> Ms;
-        false when Ms > Limit -> false;
-        false -> timer:sleep(50), ms_until(Fun, Limit, T0)
-    end.
 
 %% A pair behind the NATs as given, connected, with a nodedown watcher on
 %% A; the ms from the first ping (sent before any connection) to a direct
@@ -230,7 +180,7 @@ pair(Config, {NsA, NatA}, {NsB, NatB}, Prefixes, Limit) ->
     T0 = erlang:monotonic_time(millisecond),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
     {PrefixB, PrefixA} = Prefixes,
-    Ms = ms_until(fun() -> direct_to(A, BN, PrefixB) andalso direct_to(B, AN, PrefixA) end,
+    Ms = macula_ct:ms_until(fun() -> direct_to(A, BN, PrefixB) andalso direct_to(B, AN, PrefixA) end,
                   Limit, T0),
     ok = call(A, macula_ct, watch, [BN, macula_nat_watch]),
     Ms =:= false andalso
@@ -247,6 +197,20 @@ traffic_intact({A, AN}, {B, BN}, Count, Size, PauseMs) ->
     [?assertMatch({ok, Count, _, _}, R) || R <- Results],
     ?assertEqual(timeout, call(A, macula_ct, watch_result, [{macula_nat_watch, 100}])),
     ?assertEqual([BN], call(A, erlang, nodes, [])).
+
+%% traffic_intact/5 of Count 16 KiB messages each way, 20 ms apart; 1.5 s
+%% in, Disturb() runs. ok, or what failed.
+traffic_intact_while(A, B, Count, Disturb) ->
+    Self = self(),
+    spawn_link(fun() ->
+                       Result = try traffic_intact(A, B, Count, 16 * 1024, 20)
+                                catch Class:Reason -> {Class, Reason}
+                                end,
+                       Self ! {traffic, Result}
+               end),
+    timer:sleep(1500),
+    Disturb(),
+    receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end.
 
 %% ---- cases ----
 
@@ -313,17 +277,7 @@ mapping_changes_mid_transfer(Config) ->
                                           {?PUB ++ ".2:", ?PUB ++ ".1:"}, 15000),
     ?assert(is_integer(Ms)),
     Before = path(Pa, BN),
-    Self = self(),
-    spawn_link(fun() ->
-                       Result = try traffic_intact(A, B, 300, 16 * 1024, 20)
-                                catch Class:Reason -> {Class, Reason}
-                                end,
-                       Self ! {traffic, Result}
-               end),
-    timer:sleep(1500),
-    nat("mnNA", hard),
-    Result = receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end,
-    ?assertEqual(ok, Result),
+    ?assertEqual(ok, traffic_intact_while(A, B, 300, fun() -> nat("mnNA", hard) end)),
     ct:pal("A's NAT changed its mappings mid-transfer: path before ~p, after ~p",
            [Before, path(Pa, BN)]).
 
@@ -335,18 +289,10 @@ mapping_expires_mid_transfer(Config) ->
     {{Pa, _} = A, {Pb, BN} = B, Ms} = pair(Config, {"mnA", easy}, {"mnB", easy},
                                            {?PUB ++ ".2:", ?PUB ++ ".1:"}, 15000),
     ?assert(is_integer(Ms)),
-    Self = self(),
-    spawn_link(fun() ->
-                       Result = try traffic_intact(A, B, 300, 16 * 1024, 20)
-                                catch Class:Reason -> {Class, Reason}
-                                end,
-                       Self ! {traffic, Result}
-               end),
-    [begin timer:sleep(1500), flush_mappings("mnNA"), flush_mappings("mnNB") end || _ <- [1, 2]],
-    Result = receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end,
-    ?assertEqual(ok, Result),
+    Flush = fun() -> flush_mappings("mnNA"), flush_mappings("mnNB") end,
+    ?assertEqual(ok, traffic_intact_while(A, B, 300, fun() -> Flush(), timer:sleep(1500), Flush() end)),
     {_, AN} = A,
-    Again = ms_until(fun() -> direct_to(Pa, BN, ?PUB ++ ".2:") andalso
+    Again = macula_ct:ms_until(fun() -> direct_to(Pa, BN, ?PUB ++ ".2:") andalso
                                   direct_to(Pb, AN, ?PUB ++ ".1:") end, 30000),
     ct:pal("mappings flushed twice mid-transfer: direct again ~p ms after the traffic ended",
            [Again]),
@@ -383,21 +329,15 @@ one_side_loses_its_relay(Config) ->
     ?assertEqual([Url1], relay_of(A, BN)),
     ?assertEqual([Url1], relay_of(B, AN)),
     ok = call(A, macula_ct, watch, [BN, macula_nat_watch]),
-    Self = self(),
-    spawn_link(fun() ->
-                       Result = try traffic_intact({A, AN}, {B, BN}, 500, 16 * 1024, 20)
-                                catch Class:Reason -> {Class, Reason}
-                                end,
-                       Self ! {traffic, Result}
-               end),
-    timer:sleep(1500),
-    T0 = erlang:monotonic_time(millisecond),
-    [ok = sh("ip netns exec mnNA iptables -I FORWARD -p udp " ++ Match ++ " -j DROP")
-     || Match <- ["-d " ?PUB ".3 --dport 4434", "-s " ?PUB ".3 --sport 4434"]],
-    ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, [], 30000])),
-    Stall = erlang:monotonic_time(millisecond) - T0,
-    Result = receive {traffic, R} -> R after 180000 -> error(no_traffic_result) end,
-    ct:pal("A lost relay 1, B did not: first call answered ~b ms after the cut", [Stall]),
+    Cut = fun() ->
+                  T0 = erlang:monotonic_time(millisecond),
+                  [ok = sh("ip netns exec mnNA iptables -I FORWARD -p udp " ++ Match ++ " -j DROP")
+                   || Match <- ["-d " ?PUB ".3 --dport 4434", "-s " ?PUB ".3 --sport 4434"]],
+                  ?assertEqual(BN, call(A, erpc, call, [BN, erlang, node, [], 30000])),
+                  put(stall, erlang:monotonic_time(millisecond) - T0)
+          end,
+    Result = traffic_intact_while({A, AN}, {B, BN}, 500, Cut),
+    ct:pal("A lost relay 1, B did not: first call answered ~b ms after the cut", [get(stall)]),
     ?assertEqual(ok, Result),
     ?assertEqual([Url2], relay_of(A, BN)),
     ?assertEqual([Url2], relay_of(B, AN)),
