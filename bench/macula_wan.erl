@@ -118,6 +118,10 @@ run_pair(Carrier, Rep, #{ns_a := NsA, ns_b := NsB, addr_a := AddrA, addr_b := Ad
         {P50, P99} = Call(idle_rtt),
         Small = Call(small),
         Bulk = Call(bulk),
+        %% The QUIC path after the bulk transfer: what bounds it.
+        lists:prefix("macula", atom_to_list(Carrier)) andalso
+            io:format("  rep ~b ~-14s after bulk: ~p~n",
+                      [Rep, Carrier, peer:call(A, net_kernel, getopts, [BN, [quic]])]),
         Setup = Call(setup),
         Loaded = Call(loaded_rtt),
         R = maps:merge(#{rtt_p50 => P50, rtt_p99 => P99, small => Small, bulk => Bulk,

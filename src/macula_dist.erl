@@ -279,14 +279,17 @@ reject_flags(Tunnel) ->
     end.
 
 %% `net_kernel:getopts(Node, [mode, peer, tunnel_id, path, lanes, fences,
-%% send_pending])': how the connection runs; `path' is `relay' or
+%% send_pending, quic])': how the connection runs; `path' is `relay' or
 %% `{direct, "ip:port"}'; `lanes' the streams by sender used so far to
 %% send, `fences' the packets sent behind a fence (no sender to route them
-%% by), `send_pending' the bytes the carrier holds not yet handed to QUIC.
+%% by), `send_pending' the bytes the carrier holds not yet handed to QUIC,
+%% `quic' the e2e session's path (`#{rtt_us, min_rtt_us, cwnd,
+%% congestion_events, lost_packets, lost_bytes, sent_packets, mtu}'),
+%% `undefined' in stream mode.
 getopts_tunnel(Tunnel, Opts) ->
     Info = macula_dist_nif:tunnel_info(Tunnel),
     Keys = #{mode => mode, peer => peer, tunnel_id => id, path => path,
-             lanes => lanes, fences => fences, send_pending => send_pending},
+             lanes => lanes, fences => fences, send_pending => send_pending, quic => quic},
     {ok, [{Opt, maps:get(Key, Info)} || Opt <- Opts, {ok, Key} <- [maps:find(Opt, Keys)]]}.
 
 node_address(Node) ->

@@ -46,6 +46,7 @@
          tunnel_activate/2, tunnel_close/1, tunnel_getstat/1, tunnel_info/1,
          tunnel_split_by_sender/1]).
 -export([relay_start/1, relay_info/1, relay_stop/1, live_counts/0]).
+-export([dist_routes/1, dist_lane_of_pid/1]).
 
 -define(STATE, {?MODULE, load_state}).
 
@@ -113,3 +114,13 @@ relay_stop(Relay) -> not_loaded(?FUNCTION_NAME, [Relay]).
 
 %% @doc `#{tunnels, clients}' alive in the NIF, for leak checks.
 live_counts() -> not_loaded(?FUNCTION_NAME, []).
+
+%% @doc Where an e2e session's router sends each packet of a list, as
+%% `dist_ctrl_get_data' gave them (in order; later fragments follow their
+%% first): `control', `fence' or `{lane, N}'. For tests of what the VM sends.
+-spec dist_routes([binary()]) -> [control | fence | {lane, non_neg_integer()}].
+dist_routes(Packets) -> not_loaded(?FUNCTION_NAME, [Packets]).
+
+%% @doc The lane of a pid's packets, from `term_to_binary(Pid)'.
+-spec dist_lane_of_pid(binary()) -> non_neg_integer() | undefined.
+dist_lane_of_pid(PidTerm) -> not_loaded(?FUNCTION_NAME, [PidTerm]).

@@ -16,7 +16,8 @@
          relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1,
          direct_path_on_loopback/1, direct_false_stays_relayed/1,
          keeper_answers_sys_while_reconnecting/1, deprecated_calls_answer_as_before/1,
-         bulk_beside_pingers_in_order/1, name_monitor_down_after_last_words/1]).
+         bulk_beside_pingers_in_order/1, name_monitor_down_after_last_words/1,
+         vm_packets_routed_by_sender/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
@@ -33,7 +34,8 @@ groups() ->
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
              autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime,
-             bulk_beside_pingers_in_order, name_monitor_down_after_last_words],
+             bulk_beside_pingers_in_order, name_monitor_down_after_last_words,
+             vm_packets_routed_by_sender],
     [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed,
                          keeper_answers_sys_while_reconnecting, deprecated_calls_answer_as_before]},
      {stream, [], Cases}].
@@ -92,6 +94,13 @@ ping_both_directions(Config) ->
     Mode = ?config(mode, Config),
     ?assertEqual({ok, [{mode, Mode}]}, call(A, net_kernel, getopts, [BN, [mode]])),
     ?assertEqual({ok, [{mode, Mode}]}, call(B, net_kernel, getopts, [AN, [mode]])),
+    %% An e2e session shows its QUIC path; a stream tunnel shares the relay's.
+    case {Mode, call(A, net_kernel, getopts, [BN, [quic]])} of
+        {e2e, {ok, [{quic, #{sent_packets := Sent, rtt_us := Rtt, cwnd := Cwnd}}]}} ->
+            ?assert(Sent > 0 andalso Rtt > 0 andalso Cwnd > 0);
+        {stream, Quic} ->
+            ?assertEqual({ok, [{quic, undefined}]}, Quic)
+    end,
     true = call(A, erlang, disconnect_node, [BN]),
     ?assertEqual([], call(A, erlang, nodes, [])),
     %% B hears of it through the tunnel's close; a ping from B while its
@@ -587,3 +596,14 @@ direct_false_stays_relayed(Config) ->
     ?assertEqual([relay], session_paths(A, BN)),
     ?assertEqual({ok, [{path, relay}]}, call(A, net_kernel, getopts, [BN, [path]])),
     _ = B.
+
+%% The router against what this VM really hands the carrier: every control
+%% message that names a sender, captured from dist_ctrl_get_data on a live
+%% connection (macula_dist_capture), goes on the lane of the process it
+%% concerns. In stream mode the VM uses the atom cache, so the packets
+%% have cache headers; in e2e mode it does not.
+vm_packets_routed_by_sender(Config) ->
+    [{A, _}, {_, BN}] = peers(Config, [pa_cap, pb_cap], ["-hidden"]),
+    Steps = call(A, macula_dist_capture, check, [BN]),
+    ct:log("steps and their packet counts: ~p", [Steps]),
+    ?assert(length(Steps) >= 29).

@@ -16,6 +16,8 @@ rustler::atoms! {
     identify_timeout, open_failed, stream_timeout,
     mode_unsupported, e2e_handshake_failed,
     name_taken, not_allowed, relay_without_e2e, downgrade_refused,
+    // Routes of distribution packets (`dist_routes`).
+    control, fence, lane,
 }
 
 /// The atom for a reason the relay or client is known to send.

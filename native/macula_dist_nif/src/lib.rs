@@ -35,4 +35,36 @@ fn live_counts() -> LiveCounts {
     }
 }
 
+/// Where the e2e router sends each of `packets` (as `dist_ctrl_get_data`
+/// gave them, in order, one router for all): `control`, `fence` or
+/// `{lane, N}`. For tests that capture what the VM really sends.
+#[rustler::nif]
+fn dist_routes<'a>(
+    env: rustler::Env<'a>,
+    packets: Vec<rustler::Binary<'a>>,
+) -> Vec<rustler::Term<'a>> {
+    use macula_relay_proto::node::dist_route::{DistRouter, Route};
+    use rustler::Encoder;
+    let mut router = DistRouter::new();
+    packets
+        .iter()
+        .map(|packet| match router.route(packet.as_slice()) {
+            Route::Control => atoms::control().encode(env),
+            Route::Fence => atoms::fence().encode(env),
+            Route::Lane(lane) => (atoms::lane(), lane).encode(env),
+        })
+        .collect()
+}
+
+/// The lane of a pid given as `term_to_binary` output, or `nil` when it is
+/// not one (`undefined`): what [`dist_routes`] gives that pid's packets.
+#[rustler::nif]
+fn dist_lane_of_pid<'a>(env: rustler::Env<'a>, pid: rustler::Binary<'a>) -> rustler::Term<'a> {
+    use rustler::Encoder;
+    match macula_relay_proto::node::dist_route::lane_of_pid(pid.as_slice()) {
+        Some(lane) => lane.encode(env),
+        None => atoms::undefined().encode(env),
+    }
+}
+
 rustler::init!("macula_dist_nif");

@@ -167,6 +167,48 @@ impl<'a> rustler::Decoder<'a> for PathTerm {
     }
 }
 
+/// An e2e session's QUIC path, as `quic` in `tunnel_info/1`: a map, or
+/// `undefined` for a stream tunnel (the relay's connection is shared).
+pub(crate) struct QuicTerm(pub(crate) Option<quinn::PathStats>);
+
+#[derive(rustler::NifMap)]
+struct QuicPath {
+    rtt_us: u64,
+    min_rtt_us: u64,
+    cwnd: u64,
+    congestion_events: u64,
+    lost_packets: u64,
+    lost_bytes: u64,
+    sent_packets: u64,
+    mtu: u16,
+}
+
+impl Encoder for QuicTerm {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        match &self.0 {
+            Some(p) => QuicPath {
+                rtt_us: p.rtt.as_micros() as u64,
+                min_rtt_us: p.min_rtt.as_micros() as u64,
+                cwnd: p.cwnd,
+                congestion_events: p.congestion_events,
+                lost_packets: p.lost_packets,
+                lost_bytes: p.lost_bytes,
+                sent_packets: p.sent_packets,
+                mtu: p.current_mtu,
+            }
+            .encode(env),
+            None => atoms::undefined().encode(env),
+        }
+    }
+}
+
+/// `TunnelInfo` is only ever sent to Erlang; its derive asks for this.
+impl<'a> rustler::Decoder<'a> for QuicTerm {
+    fn decode(_term: Term<'a>) -> rustler::NifResult<Self> {
+        Err(rustler::Error::BadArg)
+    }
+}
+
 /// What `tunnel_info/1` answers.
 #[derive(rustler::NifMap)]
 pub(crate) struct TunnelInfo {
@@ -185,6 +227,7 @@ pub(crate) struct TunnelInfo {
     lanes: u32,
     /// Packets sent behind a fence (no sender the router could name).
     fences: u64,
+    quic: QuicTerm,
 }
 
 fn load(a: &AtomicU64) -> u64 {
@@ -215,6 +258,7 @@ impl TunnelInfo {
             send_pending: t.queued() as u64,
             lanes: t.lane_stats().0,
             fences: t.lane_stats().1,
+            quic: QuicTerm(t.path_stats()),
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct Tunnel {
     open_count: Arc<AtomicUsize>,
     /// An e2e session's socket and virtual address: where its path is.
     pub route: Option<(Arc<NodeSocket>, std::net::SocketAddr)>,
+    /// An e2e session's connection, for its path statistics (its writer
+    /// closes it when the tunnel ends).
+    conn: Option<quinn::Connection>,
     rt: Handle,
 }
 
@@ -114,6 +117,11 @@ impl Tunnel {
     pub fn direct(&self) -> Option<std::net::SocketAddr> {
         let (socket, vaddr) = self.route.as_ref()?;
         socket.direct_of(vaddr)
+    }
+
+    /// An e2e session's QUIC path: rtt, congestion window, losses.
+    pub fn path_stats(&self) -> Option<quinn::PathStats> {
+        self.conn.as_ref().map(|c| c.stats().path)
     }
 }
 
@@ -199,6 +207,7 @@ impl Tunnel {
                 .socket
                 .clone()
                 .zip(streams.conn.as_ref().map(|c| c.remote_address())),
+            conn: streams.conn.clone(),
             outbox: Outbox::default(),
             want_writable: AtomicBool::new(false),
             credit: AtomicU32::new(0),
