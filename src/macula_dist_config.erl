@@ -63,7 +63,7 @@ checked(Orig, Host, Port) ->
 %% `connect_timeout', `tunnel_timeout', `idle_timeout', `keep_alive'
 %% (milliseconds), `tunnel' (`e2e', the default, or `stream'), `cookie'
 %% (the cookie that keys e2e sessions when distribution is not running),
-%% `congestion' (`cubic', the default, or `bbr'),
+%% `congestion' (`cubic', the default, `bbr' or `bbr_bounded'),
 %% `key_file' (PEM: the node's key at the relay), `cluster_ca', `node_cert',
 %% `node_key' (PEM paths, all three: cluster-CA mode, where e2e sessions are
 %% authenticated by certificates the CA issued naming `macula://NODE').
@@ -163,6 +163,7 @@ check_opts([{advertise, V} | Rest]) when is_binary(V); is_list(V) ->
 check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, cubic} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, bbr} | Rest]) -> check_opts(Rest);
+check_opts([{congestion, bbr_bounded} | Rest]) -> check_opts(Rest);
 check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
 check_opts([{K, V} | Rest])

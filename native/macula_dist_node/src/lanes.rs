@@ -196,41 +196,59 @@ impl Outbox {
 
 impl OutboxState {
     /// Splits a batch of `<<Size:32, Packet>>` into the queues; answers the
-    /// bytes queued (barriers and fence headers included).
-    fn route_batch(&mut self, mut data: Bytes, fences: &AtomicU64) -> usize {
+    /// bytes queued (barriers and fence headers included). Consecutive
+    /// packets of one lane stay one slice of the batch: a sender's burst
+    /// of small messages is one chunk for quinn, not one each.
+    fn route_batch(&mut self, data: Bytes, fences: &AtomicU64) -> usize {
         let mut added = 0;
-        while data.len() >= 4 {
-            let size = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
-            if size > data.len() - 4 {
+        let mut pos = 0;
+        // The lane of the packets from `run_start` to `pos`, not yet queued.
+        let mut run: Option<(usize, usize)> = None;
+        while data.len() - pos >= 4 {
+            let size = u32::from_be_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+            if size > data.len() - pos - 4 {
                 break;
             }
-            let frame = data.split_to(4 + size);
+            let end = pos + 4 + size;
             let router = self.router.as_mut().expect("routing");
-            added += match router.route(&frame[4..]) {
-                Route::Control => {
-                    let len = frame.len();
-                    self.control.push_back(frame);
-                    len
+            let route = router.route(&data[pos + 4..end]);
+            match (route, run) {
+                (Route::Lane(lane), Some((run_lane, _))) if lane == run_lane => {}
+                (Route::Lane(lane), _) => {
+                    added += self.end_run(&data, run, pos);
+                    run = Some((lane, pos));
                 }
-                Route::Lane(lane) => {
-                    self.used |= 1u64 << lane;
-                    let len = frame.len();
-                    self.lanes[lane].push_back(frame);
-                    len
+                (Route::Control, _) => {
+                    added += self.end_run(&data, run.take(), pos);
+                    added += end - pos;
+                    self.control.push_back(data.slice(pos..end));
                 }
-                Route::Fence => {
+                (Route::Fence, _) => {
+                    added += self.end_run(&data, run.take(), pos);
                     fences.fetch_add(1, Ordering::Relaxed);
-                    self.fence(frame.slice(4..))
+                    added += self.fence(data.slice(pos + 4..end));
                 }
-            };
+            }
+            pos = end;
         }
+        added += self.end_run(&data, run, pos);
         // Not whole packets (the VM never gives those): kept in order, on
         // the control stream.
-        if !data.is_empty() {
-            added += data.len();
-            self.control.push_back(data);
+        if pos < data.len() {
+            added += data.len() - pos;
+            self.control.push_back(data.slice(pos..));
         }
         added
+    }
+
+    /// Queues a run of one lane's packets, `data[start..end]`.
+    fn end_run(&mut self, data: &Bytes, run: Option<(usize, usize)>, end: usize) -> usize {
+        let Some((lane, start)) = run else {
+            return 0;
+        };
+        self.used |= 1u64 << lane;
+        self.lanes[lane].push_back(data.slice(start..end));
+        end - start
     }
 
     fn fence(&mut self, packet: Bytes) -> usize {
@@ -295,8 +313,9 @@ fn take_chunks(queue: &mut VecDeque<Bytes>, out: &mut Vec<Bytes>) {
 
 /// What a lane reader tells the tunnel's reader.
 pub enum LaneEvent {
-    /// A packet; its budget comes back when the permit is dropped.
-    Packet(Bytes, OwnedSemaphorePermit),
+    /// Packets in order; their budget comes back when the permit (given
+    /// with the last of them) is dropped.
+    Packets(Vec<Bytes>, OwnedSemaphorePermit),
     /// A lane passed barrier `id`.
     Barrier(u64),
     /// A lane broke the framing.
@@ -332,7 +351,11 @@ async fn read_lane(
     let budget = Arc::new(Semaphore::new(LANE_BUDGET));
     let mut framer = Framer::new(Packet::Four, max_frame);
     let mut chunks: Vec<Bytes> = vec![Bytes::new(); 32];
+    let mut packets: Vec<Bytes> = vec![];
     loop {
+        // Every whole packet read so far goes in one event (up to the
+        // budget, and up to a barrier, which keeps its place).
+        let mut bytes = 0;
         loop {
             let frame = match framer.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -342,21 +365,21 @@ async fn read_lane(
                     return;
                 }
             };
-            let event = match barrier_id(&frame) {
-                Some(id) => LaneEvent::Barrier(id),
-                None => {
-                    let need = frame.len().clamp(1, LANE_BUDGET) as u32;
-                    let permit = tokio::select! {
-                        p = budget.clone().acquire_many_owned(need) => p,
-                        _ = stop.cancelled() => return,
-                    };
-                    let Ok(permit) = permit else { return };
-                    LaneEvent::Packet(frame, permit)
-                }
-            };
-            if tx.send(event).is_err() {
-                return;
+            let barrier = barrier_id(&frame);
+            if barrier.is_none() {
+                bytes += frame.len();
+                packets.push(frame);
             }
+            if barrier.is_some() || bytes >= LANE_BUDGET {
+                let sent = hand_over(&mut packets, bytes, &budget, &tx, &stop).await;
+                bytes = 0;
+                if !sent || barrier.is_some_and(|id| tx.send(LaneEvent::Barrier(id)).is_err()) {
+                    return;
+                }
+            }
+        }
+        if !hand_over(&mut packets, bytes, &budget, &tx, &stop).await {
+            return;
         }
         let read = tokio::select! {
             read = recv.read_chunks(&mut chunks) => read,
@@ -374,6 +397,28 @@ async fn read_lane(
             Ok(None) | Err(_) => return,
         }
     }
+}
+
+/// Sends `packets` (`bytes` in all) as one event once the lane's budget
+/// has room for them; false when the tunnel is gone.
+async fn hand_over(
+    packets: &mut Vec<Bytes>,
+    bytes: usize,
+    budget: &Arc<Semaphore>,
+    tx: &mpsc::UnboundedSender<LaneEvent>,
+    stop: &CancellationToken,
+) -> bool {
+    if packets.is_empty() {
+        return true;
+    }
+    let need = bytes.clamp(1, LANE_BUDGET) as u32;
+    let permit = tokio::select! {
+        p = budget.clone().acquire_many_owned(need) => p,
+        _ = stop.cancelled() => return false,
+    };
+    let Ok(permit) = permit else { return false };
+    tx.send(LaneEvent::Packets(std::mem::take(packets), permit))
+        .is_ok()
 }
 
 fn barrier_id(frame: &[u8]) -> Option<u64> {
@@ -442,7 +487,14 @@ impl LaneInbox {
 
     fn take(&mut self, event: LaneEvent) -> Result<(), String> {
         match event {
-            LaneEvent::Packet(packet, permit) => self.ready.push_back((packet, Some(permit))),
+            LaneEvent::Packets(packets, permit) => {
+                let last = packets.len().saturating_sub(1);
+                let mut permit = Some(permit);
+                for (i, packet) in packets.into_iter().enumerate() {
+                    self.ready
+                        .push_back((packet, if i == last { permit.take() } else { None }));
+                }
+            }
             LaneEvent::Barrier(id) => {
                 if self.barriers.len() >= MAX_OPEN_FENCES && !self.barriers.contains_key(&id) {
                     return Err("too many open fences".into());
@@ -531,15 +583,28 @@ mod tests {
         assert_eq!(queued, batch.len());
         let t = turns(&outbox);
         assert_eq!(t[0].0, Turn::Control, "the tick goes first");
-        let mut per_lane: HashMap<usize, Vec<u8>> = HashMap::new();
+        let mut lane_bytes: HashMap<usize, Vec<u8>> = HashMap::new();
         for (turn, chunks) in &t[1..] {
             let Turn::Lane(l) = turn else {
                 panic!("{turn:?}")
             };
             for c in chunks {
-                per_lane.entry(*l).or_default().push(*c.last().unwrap());
+                lane_bytes.entry(*l).or_default().extend_from_slice(c);
             }
         }
+        // Each packet's body is its last byte.
+        let per_lane: HashMap<usize, Vec<u8>> = lane_bytes
+            .into_iter()
+            .map(|(lane, mut bytes)| {
+                let mut bodies = vec![];
+                while !bytes.is_empty() {
+                    let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+                    bodies.push(bytes[3 + len]);
+                    bytes.drain(..4 + len);
+                }
+                (lane, bodies)
+            })
+            .collect();
         assert!(per_lane.len() > 1);
         // Each lane holds whole senders, in the order they sent.
         for bodies in per_lane.values() {
@@ -552,6 +617,18 @@ mod tests {
         let total: usize = per_lane.values().map(|v| v.len()).sum();
         assert_eq!(total, 64);
         assert_eq!(outbox.fences.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_senders_burst_is_one_chunk() {
+        let outbox = Outbox::default();
+        outbox.split_by_sender();
+        let batch: Vec<u8> = (0..100).flat_map(|i| packet(7, &[i])).collect();
+        outbox.push(Bytes::from(batch.clone())).unwrap();
+        let t = turns(&outbox);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].1.len(), 1);
+        assert_eq!(&t[0].1[0][..], &batch[..]);
     }
 
     #[test]
@@ -642,14 +719,20 @@ mod tests {
         };
         let sem = Arc::new(Semaphore::new(10));
         let permit = || sem.clone().try_acquire_owned().unwrap();
-        tx.send(LaneEvent::Packet(Bytes::from_static(b"a1"), permit()))
-            .unwrap();
+        tx.send(LaneEvent::Packets(
+            vec![Bytes::from_static(b"a1")],
+            permit(),
+        ))
+        .unwrap();
         tx.send(LaneEvent::Barrier(5)).unwrap();
         inbox.poll_lanes().unwrap();
         inbox.hold_fence((5, 2, Bytes::from_static(b"fenced")));
         assert!(inbox.fence_waits());
-        tx.send(LaneEvent::Packet(Bytes::from_static(b"b1"), permit()))
-            .unwrap();
+        tx.send(LaneEvent::Packets(
+            vec![Bytes::from_static(b"b1")],
+            permit(),
+        ))
+        .unwrap();
         tx.send(LaneEvent::Barrier(5)).unwrap();
         inbox.poll_lanes().unwrap();
         assert!(!inbox.fence_waits());

@@ -6,6 +6,7 @@
 //! ([`node_key`]). Neither side's logic lives here: `macula_dist_relay`
 //! and `macula_dist_node` both build on it, and not on each other.
 
+pub mod bounded_bbr;
 pub mod control_stream;
 pub mod node_key;
 pub mod nudge;

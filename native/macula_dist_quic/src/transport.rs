@@ -9,6 +9,7 @@ use anyhow::Context;
 use macula_relay_proto::node::dist_route::LANES;
 use macula_relay_proto::wire::dataplane::HEADER_LEN;
 
+use crate::bounded_bbr::BoundedBbrFactory;
 use crate::nudge::NudgeFactory;
 
 /// QUIC transport settings shared by relay and client.
@@ -40,6 +41,10 @@ pub enum Congestion {
     /// and RTT, so random loss costs little (8.6 MB/s on that link), at
     /// some loss of loopback bulk speed.
     Bbr,
+    /// quinn's BBR with what is in flight held near the bandwidth-delay
+    /// product it measured ([`crate::bounded_bbr`]): BBR's speed on a
+    /// lossy path without the queue it keeps there.
+    BoundedBbr,
 }
 
 impl std::str::FromStr for Congestion {
@@ -49,7 +54,10 @@ impl std::str::FromStr for Congestion {
         match s {
             "cubic" => Ok(Congestion::Cubic),
             "bbr" => Ok(Congestion::Bbr),
-            other => anyhow::bail!("unknown congestion controller {other:?} (cubic or bbr)"),
+            "bbr_bounded" => Ok(Congestion::BoundedBbr),
+            other => {
+                anyhow::bail!("unknown congestion controller {other:?} (cubic, bbr or bbr_bounded)")
+            }
         }
     }
 }
@@ -81,8 +89,14 @@ impl Transport {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
-        if self.congestion == Congestion::Bbr {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        match self.congestion {
+            Congestion::Cubic => {}
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+            Congestion::BoundedBbr => {
+                t.congestion_controller_factory(Arc::new(BoundedBbrFactory::default()));
+            }
         }
         Ok(t)
     }
@@ -121,6 +135,7 @@ impl Transport {
             match self.congestion {
                 Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
                 Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+                Congestion::BoundedBbr => Arc::new(BoundedBbrFactory::default()),
             };
         t.congestion_controller_factory(Arc::new(NudgeFactory::new(inner)));
 
