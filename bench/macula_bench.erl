@@ -87,6 +87,8 @@ carrier_args(macula_e2e, Env) ->
     macula_args(Env) ++ ["-macula_dist", "tunnel", "e2e", "-macula_dist", "direct", "false"];
 carrier_args(macula_stream, Env) ->
     macula_args(Env) ++ ["-macula_dist", "tunnel", "stream"];
+carrier_args(macula_direct_bbr_bounded, Env) ->
+    carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "bbr_bounded"];
 carrier_args(inet_tcp, _) ->
     [];
 carrier_args(inet_tls, #{tls := OptFile}) ->
@@ -120,7 +122,7 @@ run_pair(Carrier, Rep, Env) ->
     {B, BN} = start_node(list_to_atom("bench_b" ++ Suffix), 1, Carrier, Env),
     try
         pong = peer:call(A, net_adm, ping, [BN]),
-        Carrier =:= macula_direct andalso wait_direct(A, BN, 100),
+        lists:prefix("macula_direct", atom_to_list(Carrier)) andalso wait_direct(A, BN, 100),
         Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 600000) end,
         {P50, P99} = Call(rtt),
         Small = Call(small),
@@ -325,7 +327,7 @@ checker(Next, Problem) ->
             checker(Next, Problem)
     end.
 
-is_macula(Carrier) -> lists:member(Carrier, [macula_direct, macula_e2e, macula_stream]).
+is_macula(Carrier) -> lists:prefix("macula", atom_to_list(Carrier)).
 
 %% Waits (100 ms steps) until A's session with BN is on a direct path.
 wait_direct(_A, BN, 0) -> error({no_direct_path, BN});

@@ -468,5 +468,11 @@ input_loop(Ctrl, Tunnel, DHandle) ->
 put_data(_DHandle, []) ->
     ok;
 put_data(DHandle, [Packet | Rest]) ->
-    erlang:dist_ctrl_put_data(DHandle, Packet),
-    put_data(DHandle, Rest).
+    %% notsup: the VM took the connection down (a disconnect) and this
+    %% handler is about to go with its controller; what it read is for a
+    %% connection that no longer exists.
+    try erlang:dist_ctrl_put_data(DHandle, Packet) of
+        _ -> put_data(DHandle, Rest)
+    catch
+        error:notsup -> exit(connection_closed)
+    end.

@@ -9,7 +9,8 @@
 //! does not shrink its window, which is why it fills such a path where a
 //! loss-based controller cannot.
 //!
-//! [`BoundedBbr`] keeps what is in flight under [`BOUND`] times the
+//! A bounded controller ([`crate::nudge::NudgeFactory::bounded`]) keeps
+//! what is in flight under [`BOUND`] times the
 //! delivery rate it measures itself (bytes acknowledged per minimum RTT,
 //! the largest of the last [`RATE_WINDOW`] such intervals) times the
 //! minimum RTT: a queue of at most half a BDP, while a path with room
@@ -17,12 +18,7 @@
 //! not use BBR's own estimate: quinn's ran at 2.5 times the link on the
 //! continental profile (half the packets sent were dropped at the queue).
 
-use std::any::Any;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
-use quinn_proto::RttEstimator;
 
 /// In-flight bound in delivery-rate × min-RTT.
 pub const BOUND: f64 = 1.5;
@@ -32,29 +28,6 @@ pub const RATE_WINDOW: usize = 10;
 const MIN_INTERVAL: Duration = Duration::from_millis(1);
 /// Never below this many full packets (a window too small to probe).
 const MIN_PACKETS: u64 = 8;
-
-/// Builds [`BoundedBbr`] controllers.
-#[derive(Debug, Default)]
-pub struct BoundedBbrFactory {
-    inner: Arc<BbrConfig>,
-}
-
-impl ControllerFactory for BoundedBbrFactory {
-    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(BoundedBbr {
-            inner: self.inner.clone().build(now, current_mtu),
-            rate: DeliveryRate::default(),
-            mtu: current_mtu,
-        })
-    }
-}
-
-/// BBR whose window is bounded by its own bandwidth estimate.
-pub struct BoundedBbr {
-    inner: Box<dyn Controller>,
-    rate: DeliveryRate,
-    mtu: u16,
-}
 
 /// Bytes acknowledged per interval of a minimum RTT, the largest of the
 /// last [`RATE_WINDOW`] intervals (sans-IO: fed the acks' times).
@@ -93,80 +66,6 @@ impl DeliveryRate {
             .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))?;
         let bdp = rate * rtt.as_secs_f64();
         Some(((bdp * BOUND) as u64).max(MIN_PACKETS * u64::from(mtu)))
-    }
-}
-
-impl Controller for BoundedBbr {
-    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.inner.on_sent(now, bytes, last_packet_number)
-    }
-
-    fn on_ack(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        bytes: u64,
-        app_limited: bool,
-        rtt: &RttEstimator,
-    ) {
-        self.rate.on_ack(now, bytes, rtt.min());
-        self.inner.on_ack(now, sent, bytes, app_limited, rtt)
-    }
-
-    fn on_end_acks(
-        &mut self,
-        now: Instant,
-        in_flight: u64,
-        app_limited: bool,
-        largest_packet_num_acked: Option<u64>,
-    ) {
-        self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked)
-    }
-
-    fn on_congestion_event(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        is_persistent_congestion: bool,
-        lost_bytes: u64,
-    ) {
-        self.inner
-            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes)
-    }
-
-    fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.mtu = new_mtu;
-        self.inner.on_mtu_update(new_mtu)
-    }
-
-    fn window(&self) -> u64 {
-        let window = self.inner.window();
-        self.rate
-            .bound(self.mtu)
-            .map_or(window, |bound| window.min(bound))
-    }
-
-    fn metrics(&self) -> ControllerMetrics {
-        let mut metrics = self.inner.metrics();
-        metrics.congestion_window = self.window();
-        metrics
-    }
-
-    fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(BoundedBbr {
-            inner: self.inner.clone_box(),
-            rate: self.rate.clone(),
-            mtu: self.mtu,
-        })
-    }
-
-    fn initial_window(&self) -> u64 {
-        self.inner.initial_window()
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
     }
 }
 
@@ -231,9 +130,5 @@ mod tests {
             Duration::from_millis(10),
         );
         assert_eq!(r.bound(1200), Some(8 * 1200));
-        let factory = Arc::new(BoundedBbrFactory::default());
-        let c = factory.build(Instant::now(), 1200);
-        let inner = Arc::new(BbrConfig::default()).build(Instant::now(), 1200);
-        assert_eq!(c.window(), inner.window());
     }
 }

@@ -12,6 +12,9 @@
 //! at once; the acknowledgement marks what was lost as lost and ends the
 //! back-off, and the inner controller goes on from there as it would
 //! after a probe.
+//!
+//! [`NudgeFactory::bounded`] also holds the window under a bound from the
+//! delivery rate it measures ([`crate::bounded_bbr`]).
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,18 +24,32 @@ use std::time::Instant;
 use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
+use crate::bounded_bbr::DeliveryRate;
+
 /// Bytes one nudge lets past the window: two full packets.
 const ALLOWANCE: u64 = 2 * 1500;
 
 /// Builds [`Nudgeable`] controllers around those `inner` builds.
 pub struct NudgeFactory {
     inner: Arc<dyn ControllerFactory + Send + Sync>,
+    bounded: bool,
 }
 
 impl NudgeFactory {
     /// Wraps the controllers `inner` builds.
     pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>) -> Self {
-        NudgeFactory { inner }
+        NudgeFactory {
+            inner,
+            bounded: false,
+        }
+    }
+
+    /// The same, with in-flight held under the delivery-rate bound.
+    pub fn bounded(inner: Arc<dyn ControllerFactory + Send + Sync>) -> Self {
+        NudgeFactory {
+            inner,
+            bounded: true,
+        }
     }
 }
 
@@ -42,6 +59,8 @@ impl ControllerFactory for NudgeFactory {
             inner: self.inner.clone().build(now, current_mtu),
             allowance: Arc::default(),
             in_flight: 0,
+            rate: self.bounded.then(DeliveryRate::default),
+            mtu: current_mtu,
         })
     }
 }
@@ -55,6 +74,9 @@ pub struct Nudgeable {
     /// less those lost since: after a long silence it can be far above
     /// the inner window.
     in_flight: u64,
+    /// The delivery rate that bounds the window, when bounded.
+    rate: Option<DeliveryRate>,
+    mtu: u16,
 }
 
 /// Lets a connection built with [`NudgeFactory`] send about two packets
@@ -90,6 +112,9 @@ impl Controller for Nudgeable {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
+        if let Some(rate) = &mut self.rate {
+            rate.on_ack(now, bytes, rtt.min());
+        }
         self.inner.on_ack(now, sent, bytes, app_limited, rtt)
     }
 
@@ -118,11 +143,15 @@ impl Controller for Nudgeable {
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.mtu = new_mtu;
         self.inner.on_mtu_update(new_mtu)
     }
 
     fn window(&self) -> u64 {
-        let window = self.inner.window();
+        let mut window = self.inner.window();
+        if let Some(bound) = self.rate.as_ref().and_then(|r| r.bound(self.mtu)) {
+            window = window.min(bound);
+        }
         match self.allowance.load(Ordering::Relaxed) {
             0 => window,
             allowance => window.max(self.in_flight + allowance),
@@ -138,6 +167,8 @@ impl Controller for Nudgeable {
             inner: self.inner.clone_box(),
             allowance: self.allowance.clone(),
             in_flight: self.in_flight,
+            rate: self.rate.clone(),
+            mtu: self.mtu,
         })
     }
 

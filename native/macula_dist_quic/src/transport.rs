@@ -9,7 +9,6 @@ use anyhow::Context;
 use macula_relay_proto::node::dist_route::LANES;
 use macula_relay_proto::wire::dataplane::HEADER_LEN;
 
-use crate::bounded_bbr::BoundedBbrFactory;
 use crate::nudge::NudgeFactory;
 
 /// QUIC transport settings shared by relay and client.
@@ -89,14 +88,12 @@ impl Transport {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
-        match self.congestion {
-            Congestion::Cubic => {}
-            Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
-            }
-            Congestion::BoundedBbr => {
-                t.congestion_controller_factory(Arc::new(BoundedBbrFactory::default()));
-            }
+        // A relay connection carries e2e sessions' datagrams, each session
+        // with its own controller: under bounded BBR the relay connection
+        // runs plain BBR, so that it does not become a second, lossier
+        // bottleneck in front of the sessions' own.
+        if self.congestion != Congestion::Cubic {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
         Ok(t)
     }
@@ -131,13 +128,15 @@ impl Transport {
             .max_idle_timeout(Some(E2E_IDLE_TIMEOUT.try_into()?))
             .keep_alive_interval(Some(E2E_KEEP_ALIVE));
         // The configured controller, nudgeable after a reroute.
-        let inner: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
-            match self.congestion {
-                Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
-                Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
-                Congestion::BoundedBbr => Arc::new(BoundedBbrFactory::default()),
-            };
-        t.congestion_controller_factory(Arc::new(NudgeFactory::new(inner)));
+        let bbr = Arc::new(quinn::congestion::BbrConfig::default());
+        let controller = match self.congestion {
+            Congestion::Cubic => {
+                NudgeFactory::new(Arc::new(quinn::congestion::CubicConfig::default()))
+            }
+            Congestion::Bbr => NudgeFactory::new(bbr),
+            Congestion::BoundedBbr => NudgeFactory::bounded(bbr),
+        };
+        t.congestion_controller_factory(Arc::new(controller));
 
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload - HEADER_LEN as u16);
