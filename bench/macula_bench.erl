@@ -87,6 +87,10 @@ carrier_args(macula_e2e, Env) ->
     macula_args(Env) ++ ["-macula_dist", "tunnel", "e2e", "-macula_dist", "direct", "false"];
 carrier_args(macula_stream, Env) ->
     macula_args(Env) ++ ["-macula_dist", "tunnel", "stream"];
+carrier_args(macula_direct_cubic_bounded, Env) ->
+    carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "cubic_bounded"];
+carrier_args(macula_e2e_bbr_bounded, Env) ->
+    carrier_args(macula_e2e, Env) ++ ["-macula_dist", "congestion", "bbr_bounded"];
 carrier_args(macula_direct_bbr_bounded, Env) ->
     carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "bbr_bounded"];
 carrier_args(inet_tcp, _) ->

@@ -78,6 +78,10 @@ carrier_args(macula_direct_bbr, Env) ->
     carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "bbr"];
 carrier_args(macula_e2e_bbr, Env) ->
     carrier_args(macula_e2e, Env) ++ ["-macula_dist", "congestion", "bbr"];
+carrier_args(macula_direct_cubic_bounded, Env) ->
+    carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "cubic_bounded"];
+carrier_args(macula_e2e_cubic_bounded, Env) ->
+    carrier_args(macula_e2e, Env) ++ ["-macula_dist", "congestion", "cubic_bounded"];
 carrier_args(macula_direct_bbr_bounded, Env) ->
     carrier_args(macula_direct, Env) ++ ["-macula_dist", "congestion", "bbr_bounded"];
 carrier_args(macula_e2e_bbr_bounded, Env) ->

@@ -61,7 +61,7 @@ listen(Name, Host) ->
     Node = iolist_to_binary([atom_to_list(Name), "@", Host]),
     case macula_dist_config:boot_config() of
         {ok, Urls, Opts} ->
-            case ensure_client(Urls, Node, maps:remove(homes, Opts)) of
+            case ensure_client(Urls, Node, Opts) of
                 {ok, Client} ->
                     maps:get(autoconnect, Opts, false) andalso macula_dist_sup:start_autoconnect(),
                     {ok, {Client, address(Host), creation()}};
@@ -87,12 +87,13 @@ ensure_client(Url, Node, Opts) ->
         _ ->
             ok
     end,
-    case maps:take(relay_set, Opts) of
-        {true, ClientOpts} ->
+    ClientOpts = maps:without([relay_set, homes], Opts),
+    case maps:get(relay_set, Opts, false) of
+        true ->
             K = maps:get(homes, Opts, macula_dist_relay_set:default_homes()),
             macula_dist_sup:start_set_client(Url, K, Node, ClientOpts);
-        error ->
-            macula_dist_sup:start_client(Url, Node, Opts)
+        false ->
+            macula_dist_sup:start_client(Url, Node, maps:remove(relay_set_nameserver, ClientOpts))
     end.
 
 %% @doc Deprecated: use `macula_dist_cluster:relay_nodes/0'.

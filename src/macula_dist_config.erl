@@ -164,6 +164,7 @@ check_opts([{tunnel, stream} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, cubic} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, bbr} | Rest]) -> check_opts(Rest);
 check_opts([{congestion, bbr_bounded} | Rest]) -> check_opts(Rest);
+check_opts([{congestion, cubic_bounded} | Rest]) -> check_opts(Rest);
 check_opts([{cookie, V} | Rest]) when is_atom(V); is_binary(V) -> check_opts(Rest);
 check_opts([{verify, verify_peer} | Rest]) -> check_opts(Rest);
 check_opts([{K, V} | Rest])
@@ -235,6 +236,7 @@ boot_config() ->
 -define(BOOT_KEYS, [{relay, "MACULA_DIST_RELAY", list},
                     {relay_set, "MACULA_DIST_RELAY_SET", list},
                     {homes, "MACULA_DIST_HOMES", integer},
+                    {relay_set_nameserver, "MACULA_DIST_RELAY_SET_NAMESERVER", string},
                     {token, "MACULA_DIST_TOKEN", string},
                     {token_file, "MACULA_DIST_TOKEN_FILE", string},
                     {pin_sha256, "MACULA_DIST_PIN_SHA256", list},

@@ -9,7 +9,8 @@
 -behaviour(supervisor).
 
 -export([start_link/0, start_client/3, stop_client/0, start_autoconnect/0]).
--export([start_set_client/4, ensure_relay/1, relay_set/0]).
+-export([start_set_client/4, ensure_relay/1, relay_set/0, set_changed/1, joined_relays/0,
+         leave_relay/1, homes/0]).
 -export([init/1]).
 
 start_link() ->
@@ -34,25 +35,83 @@ start_client(Urls, Node, Opts) ->
         {error, _} = Error -> stop_client(), Error
     end.
 
-%% A relay set: the node joins its K home relays now (a client for each,
-%% named by the relay's place in the set), and a target's homes when it
-%% first dials it (ensure_relay/1). clients() lists the homes first.
+%% A relay set: the node joins its K home relays now (a client for each),
+%% and a target's homes when it first dials it (ensure_relay/1).
+%% clients() lists the homes first. A set named in DNS is resolved now
+%% (the node does not start without it) and again as its TTL runs out by
+%% macula_dist_relay_set_server, which also closes joined relays once
+%% they carry nothing.
 -spec start_set_client([binary() | string()], pos_integer(), binary(), map()) ->
           {ok, pid()} | {error, term()}.
-start_set_client(Urls, K, Node, Opts) ->
+start_set_client(Urls, K, Node, Opts0) ->
     stop_client(),
-    Set = [unicode:characters_to_binary(U) || U <- Urls],
-    Homes = macula_dist_relay_set:homes(Node, Set, K),
-    Order = Homes ++ (Set -- Homes),
-    persistent_term:put({macula_dist, relay_clients}, [set_client_name(U, Set) || U <- Order]),
-    persistent_term:put({macula_dist, relay_set}, {Set, K, Node, Opts}),
-    Mode = case Homes of [_] -> required; _ -> optional end,
-    Started = [start_keeper(set_index(U, Set), set_client_name(U, Set), U, Node, Opts, Mode)
-               || U <- Homes],
-    case booted(Homes, Started) of
-        {ok, _} = Ok -> Ok;
-        {error, _} = Error -> stop_client(), Error
+    Nameserver = maps:get(relay_set_nameserver, Opts0, undefined),
+    Opts = maps:remove(relay_set_nameserver, Opts0),
+    Configured = [unicode:characters_to_binary(U) || U <- Urls],
+    case resolve_set(Configured, Nameserver) of
+        {ok, Source, DnsOpts, Set, Ttl} ->
+            persistent_term:put({macula_dist, relay_set}, {Set, K, Node, Opts}),
+            Homes = install_set(Set),
+            Mode = case Homes of [_] -> required; _ -> optional end,
+            Started = [start_keeper(relay_index(U), client_name(U), U, Node, Opts, Mode)
+                       || U <- Homes],
+            case booted(Homes, Started) of
+                {ok, _} = Ok ->
+                    {ok, _} = start_set_server(Source, DnsOpts, Ttl),
+                    Ok;
+                {error, _} = Error ->
+                    stop_client(),
+                    Error
+            end;
+        {error, _} = Error ->
+            Error
     end.
+
+resolve_set(Configured, Nameserver) ->
+    case {macula_dist_relay_set:source(Configured),
+          macula_dist_relay_set:nameserver_opts(Nameserver)} of
+        {{error, _} = Error, _} -> Error;
+        {_, {error, _} = Error} -> Error;
+        {Source, DnsOpts} ->
+            case macula_dist_relay_set:resolve(Source, DnsOpts) of
+                {ok, Set, Ttl} -> {ok, Source, DnsOpts, Set, Ttl};
+                {error, Why} -> {error, {relay_set_unresolved, Why}}
+            end
+    end.
+
+start_set_server(Source, DnsOpts, Ttl) ->
+    Spec = #{id => macula_dist_relay_set_server,
+             start => {macula_dist_relay_set_server, start_link, [Source, DnsOpts, Ttl]},
+             restart => permanent, shutdown => 5000, type => worker},
+    supervisor:start_child(?MODULE, Spec).
+
+%% The set is now Set (it changed in DNS): the node joins its homes there
+%% (its name is then claimed on them), and dials by it. Relays it no
+%% longer needs are closed by the set server once idle. Answers the homes.
+-spec set_changed([binary()]) -> [binary()].
+set_changed(Set) ->
+    {_Old, K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
+    persistent_term:put({macula_dist, relay_set}, {Set, K, Node, Opts}),
+    Homes = install_set(Set),
+    _ = [ensure_relay(U) || U <- Homes],
+    Homes.
+
+%% Gives each relay of the set a client name that stays its own while
+%% the set changes, and lists the clients (homes first).
+install_set(Set) ->
+    {_, K, Node, _} = persistent_term:get({macula_dist, relay_set}),
+    Index = persistent_term:get({macula_dist, relay_index}, #{}),
+    New = [U || U <- Set, not maps:is_key(U, Index)],
+    Next = lists:max([0 | maps:values(Index)]) + 1,
+    persistent_term:put({macula_dist, relay_index},
+                        maps:merge(Index, maps:from_list(lists:zip(New, lists:seq(Next, Next + length(New) - 1))))),
+    Homes = macula_dist_relay_set:homes(Node, Set, K),
+    %% Relays that left the set stay listed (last) while they carry sessions.
+    Left = maps:keys(Index) -- Set,
+    persistent_term:put({macula_dist, relay_clients},
+                        [client_name(U) || U <- Homes ++ (Set -- Homes)] ++
+                            [macula_dist_relay_client:client_name(maps:get(U, Index)) || U <- Left]),
+    Homes.
 
 %% The node's relay set and how many homes a name has, if it runs on one.
 -spec relay_set() -> {[binary()], pos_integer()} | undefined.
@@ -62,24 +121,45 @@ relay_set() ->
         undefined -> undefined
     end.
 
+%% This node's home relays in the set it runs on now.
+-spec homes() -> [binary()].
+homes() ->
+    {Set, K, Node, _Opts} = persistent_term:get({macula_dist, relay_set}),
+    macula_dist_relay_set:homes(Node, Set, K).
+
 %% The client of relay Url of the set, joined now if it is not (its keeper
-%% then keeps it, as a home's): the pid, or `undefined' if it is not
-%% connected.
+%% then keeps it until the set server closes it): the pid, or `undefined'
+%% if it is not connected.
 -spec ensure_relay(binary()) -> pid() | undefined.
 ensure_relay(Url) ->
-    {Set, _K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
-    Name = set_client_name(Url, Set),
+    {_Set, _K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
+    Name = client_name(Url),
     case whereis(Name) of
         undefined ->
-            _ = start_keeper(set_index(Url, Set), Name, Url, Node, Opts, optional),
+            _ = start_keeper(relay_index(Url), Name, Url, Node, Opts, optional),
             whereis(Name);
         Pid ->
             Pid
     end.
 
-set_index(Url, Set) -> length(lists:takewhile(fun(U) -> U =/= Url end, Set)) + 1.
+%% The relays of the set this node has a client for (joined), with it.
+-spec joined_relays() -> [{binary(), pid() | undefined}].
+joined_relays() ->
+    Index = persistent_term:get({macula_dist, relay_index}, #{}),
+    Running = [I || {{macula_dist_keeper, I}, _, _, _} <- supervisor:which_children(?MODULE)],
+    [{Url, whereis(client_name(Url))} || {Url, I} <- maps:to_list(Index), lists:member(I, Running)].
 
-set_client_name(Url, Set) -> macula_dist_relay_client:client_name(set_index(Url, Set)).
+%% Leaves relay Url of the set (its keeper and client stop).
+-spec leave_relay(binary()) -> ok.
+leave_relay(Url) ->
+    Id = {macula_dist_keeper, relay_index(Url)},
+    _ = supervisor:terminate_child(?MODULE, Id),
+    _ = supervisor:delete_child(?MODULE, Id),
+    ok.
+
+relay_index(Url) -> maps:get(Url, persistent_term:get({macula_dist, relay_index})).
+
+client_name(Url) -> macula_dist_relay_client:client_name(relay_index(Url)).
 
 urls([First | _] = Urls) when is_list(First); is_binary(First) -> Urls;
 urls(Url) -> [Url].
@@ -123,12 +203,17 @@ start_autoconnect() ->
 
 stop_client() ->
     _ = persistent_term:erase({macula_dist, relay_set}),
-    Keepers = [Id || {{macula_dist_keeper, _} = Id, _, _, _} <- supervisor:which_children(?MODULE)],
+    _ = persistent_term:erase({macula_dist, relay_index}),
+    Keepers = [Id || {Id, _, _, _} <- supervisor:which_children(?MODULE), is_client_child(Id)],
     [begin
          _ = supervisor:terminate_child(?MODULE, Id),
          _ = supervisor:delete_child(?MODULE, Id)
      end || Id <- Keepers],
     ok.
+
+is_client_child({macula_dist_keeper, _}) -> true;
+is_client_child(macula_dist_relay_set_server) -> true;
+is_client_child(_) -> false.
 
 init([]) ->
     {ok, {#{strategy => one_for_one, intensity => 5, period => 10}, []}}.

@@ -8,7 +8,8 @@
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
 -export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2, free_udp_port/0,
-         relay_process/3, case_started/0, case_ended/0, sh/1, all_ok/1, ms_until/2, ms_until/3,
+         relay_process/3, relay_process/4, dns_server/1, dns_zone/2, dns_stop/1,
+         case_started/0, case_ended/0, sh/1, all_ok/1, ms_until/2, ms_until/3,
          session_path/2, netns_peer/3, release_dir/1, netns_relay/5, relay_bin/0,
          namespace_suite/4]).
 %% Run on peer nodes.
@@ -347,16 +348,78 @@ free_udp_port() ->
 %% The relay binary Bin on 127.0.0.1:Port, its identity kept in Dir (so a
 %% restart keeps the certificate that nodes pin). #{os_pid, url, fingerprint}.
 relay_process(Bin, Dir, Port) ->
+    relay_process(Bin, Dir, "127.0.0.1", Port).
+
+%% ... listening on Ip (a loopback address).
+relay_process(Bin, Dir, Ip, Port) ->
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     FpFile = filename:join(Dir, "fingerprint"),
     _ = file:delete(FpFile),
-    Cmd = lists:flatten(io_lib:format("exec '~ts' --listen 127.0.0.1:~b --state-dir '~ts' "
+    Cmd = lists:flatten(io_lib:format("exec '~ts' --listen ~ts:~b --state-dir '~ts' "
                                       "--allow-anonymous --fingerprint-file '~ts'",
-                                      [Bin, Port, Dir, FpFile])),
+                                      [Bin, Ip, Port, Dir, FpFile])),
     Pid = spawn_os(Cmd, filename:join(Dir, "relay.log")),
     Fp = wait_for_file(FpFile, 100),
-    #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://127.0.0.1:~b", [Port])),
+    #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Ip, Port])),
       fingerprint => Fp}.
+
+%% ---- a DNS server on loopback ----
+
+%% Answers queries from Zone, `#{{Name, Type} => {Ttl, [Data]}}' (Type
+%% `a', `aaaa' or `srv', Data as inet_dns has it); a name it does not know
+%% is NXDOMAIN. Returns the server and its UDP port on 127.0.0.1.
+dns_server(Zone) ->
+    Parent = self(),
+    Pid = spawn(fun() ->
+                        {ok, S} = gen_udp:open(0, [binary, {ip, {127, 0, 0, 1}}, {active, true}]),
+                        {ok, Port} = inet:port(S),
+                        Parent ! {dns_port, self(), Port},
+                        dns_loop(S, Zone)
+                end),
+    receive {dns_port, Pid, Port} -> {Pid, Port} after 5000 -> error(no_dns_server) end.
+
+%% Replaces the zone (later queries see the new one).
+dns_zone(Server, Zone) ->
+    Server ! {zone, Zone, self()},
+    receive {zone_set, Server} -> ok after 5000 -> error(dns_server_gone) end.
+
+dns_stop(Server) ->
+    Server ! stop,
+    ok.
+
+dns_loop(S, Zone) ->
+    receive
+        {udp, S, Ip, Port, Query} ->
+            case catch dns_answer(Query, Zone) of
+                Answer when is_binary(Answer) -> _ = gen_udp:send(S, Ip, Port, Answer);
+                _ -> ok
+            end,
+            dns_loop(S, Zone);
+        {zone, New, From} ->
+            From ! {zone_set, self()},
+            dns_loop(S, New);
+        stop ->
+            gen_udp:close(S)
+    end.
+
+dns_answer(Query, Zone) ->
+    {ok, Msg} = inet_dns:decode(Query),
+    [Q] = inet_dns:msg(Msg, qdlist),
+    Name = string:lowercase(inet_dns:dns_query(Q, domain)),
+    Type = inet_dns:dns_query(Q, type),
+    Known = lists:member(Name, [N || {N, _} <- maps:keys(Zone)]),
+    {Rcode, Answers} =
+        case maps:find({Name, Type}, Zone) of
+            {ok, {Ttl, Data}} ->
+                {0, [inet_dns:make_rr([{domain, Name}, {type, Type}, {class, in}, {ttl, Ttl},
+                                       {data, D}]) || D <- Data]};
+            error when Known -> {0, []};
+            error -> {3, []}
+        end,
+    Header = inet_dns:make_header([{id, inet_dns:header(inet_dns:msg(Msg, header), id)},
+                                   {qr, true}, {aa, true}, {opcode, query}, {rd, true},
+                                   {ra, true}, {rcode, Rcode}]),
+    inet_dns:encode(inet_dns:make_msg([{header, Header}, {qdlist, [Q]}, {anlist, Answers}])).
 
 %% The relays (their URLs) whose clients carry a session with Peer, in a
 %% node's macula_dist_cluster:status().

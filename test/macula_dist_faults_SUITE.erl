@@ -13,7 +13,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, suite/0, init_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
+         end_per_testcase/2]).
 -export([lossy_link_delivers_everything/1, relay_killed_and_restarted/1, relay_stopped_5s/1,
          stopped_receiver_bounds_memory/1, sigterm_with_relay_stopped/1,
          one_of_two_relays_killed/1, no_relay_in_common/1]).
@@ -24,6 +25,9 @@ all() ->
     [lossy_link_delivers_everything, relay_killed_and_restarted, relay_stopped_5s,
      stopped_receiver_bounds_memory, sigterm_with_relay_stopped, one_of_two_relays_killed,
      no_relay_in_common].
+
+end_per_suite(_Config) ->
+    ok.
 
 init_per_suite(Config) ->
     Dir = macula_ct:release_dir(["macula_dist_relay", "macula_impair"]),

@@ -8,7 +8,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, suite/0, init_per_suite/1, init_per_testcase/2, end_per_testcase/2]).
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
+         end_per_testcase/2]).
 -export([nodes_live_on_their_homes/1, a_relay_of_the_set_dies/1]).
 
 -define(RELAYS, 5).
@@ -19,6 +20,9 @@ all() -> [nodes_live_on_their_homes, a_relay_of_the_set_dies].
 
 init_per_suite(Config) ->
     [{relay_bin, macula_ct:relay_bin()} | Config].
+
+end_per_suite(_Config) ->
+    ok.
 
 init_per_testcase(_Case, Config) ->
     ok = macula_ct:case_started(),

@@ -21,3 +21,28 @@ meeting_order_puts_a_shared_home_first_test() ->
                  macula_dist_relay_set:meeting_order([<<"r1">>, <<"r2">>], [<<"r3">>, <<"r2">>])),
     ?assertEqual([<<"r3">>, <<"r4">>],
                  macula_dist_relay_set:meeting_order([<<"r1">>], [<<"r3">>, <<"r4">>])).
+
+sources_test() ->
+    ?assertEqual({dns, "relays.example", 4434},
+                 macula_dist_relay_set:source([<<"dns://relays.example:4434">>])),
+    ?assertEqual({srv, "_macula._udp.example"},
+                 macula_dist_relay_set:source([<<"srv://_macula._udp.example">>])),
+    ?assertEqual({static, [<<"quic://a:1">>, <<"quic://b:1">>]},
+                 macula_dist_relay_set:source([<<"quic://a:1">>, <<"quic://b:1">>])),
+    ?assertEqual({error, {bad_relay_set, <<"dns://relays.example">>}},
+                 macula_dist_relay_set:source([<<"dns://relays.example">>])),
+    ?assertEqual({error, {bad_relay_set, <<"dns://relays.example:0">>}},
+                 macula_dist_relay_set:source([<<"dns://relays.example:0">>])),
+    ?assertEqual({ok, [<<"quic://a:1">>, <<"quic://b:1">>], infinity},
+                 macula_dist_relay_set:resolve({static, [<<"quic://b:1">>, <<"quic://a:1">>]}, [])),
+    %% An address needs no lookup (and is named as it is written).
+    ?assertEqual({ok, [<<"quic://[::1]:5">>], 300},
+                 macula_dist_relay_set:resolve({dns, "::1", 5}, [])).
+
+nameserver_test() ->
+    ?assertEqual([], macula_dist_relay_set:nameserver_opts(undefined)),
+    ?assertEqual([{nameservers, [{{127, 0, 0, 1}, 8600}]}],
+                 macula_dist_relay_set:nameserver_opts("127.0.0.1:8600")),
+    ?assertEqual([{nameservers, [{{0, 0, 0, 0, 0, 0, 0, 1}, 53}]}],
+                 macula_dist_relay_set:nameserver_opts(<<"[::1]:53">>)),
+    ?assertMatch({error, {bad_nameserver, _}}, macula_dist_relay_set:nameserver_opts("dns.example")).

@@ -24,8 +24,12 @@ use std::time::{Duration, Instant};
 pub const BOUND: f64 = 1.5;
 /// Intervals (each a minimum RTT) the delivery rate is the largest of.
 pub const RATE_WINDOW: usize = 10;
-/// Shortest interval a rate is measured over (loopback's RTT is less).
-const MIN_INTERVAL: Duration = Duration::from_millis(1);
+/// The shortest round trip the bound assumes, and the shortest interval
+/// a rate is measured over: under it (loopback, a LAN) the round trip
+/// under load is the nodes' processing time, not the path's, and a bound
+/// from the path's RTT alone would throttle the sender below what the
+/// nodes can process.
+const RTT_FLOOR: Duration = Duration::from_millis(1);
 /// Never below this many full packets (a window too small to probe).
 const MIN_PACKETS: u64 = 8;
 
@@ -46,7 +50,7 @@ impl DeliveryRate {
         let (start, acked) = self.interval.get_or_insert((now, 0));
         *acked += bytes;
         let elapsed = now.saturating_duration_since(*start);
-        if elapsed >= min_rtt.max(MIN_INTERVAL) {
+        if elapsed >= min_rtt.max(RTT_FLOOR) {
             self.rates.push_back(*acked as f64 / elapsed.as_secs_f64());
             if self.rates.len() > RATE_WINDOW {
                 self.rates.pop_front();
@@ -55,10 +59,10 @@ impl DeliveryRate {
         }
     }
 
-    /// [`BOUND`] × rate × min RTT, at least [`MIN_PACKETS`] of `mtu`; none
-    /// before a first interval ended.
+    /// [`BOUND`] × rate × min RTT (at least [`RTT_FLOOR`]), at least
+    /// [`MIN_PACKETS`] of `mtu`; none before a first interval ended.
     pub fn bound(&self, mtu: u16) -> Option<u64> {
-        let rtt = self.min_rtt.filter(|r| !r.is_zero())?;
+        let rtt = self.min_rtt?.max(RTT_FLOOR);
         let rate = self
             .rates
             .iter()
@@ -116,6 +120,21 @@ mod tests {
         // Back to slow: the fast intervals age out after RATE_WINDOW.
         feed(&mut r, t, 1_000_000, 200, rtt);
         assert!(r.bound(1200).unwrap() < slow * 11 / 10);
+    }
+
+    #[test]
+    fn a_short_path_is_bounded_as_if_its_rtt_were_the_floor() {
+        // 500 MB/s at 0.1 ms (loopback): 1.5 × 500 kB, not 1.5 × 50 kB.
+        let mut r = DeliveryRate::default();
+        feed(
+            &mut r,
+            Instant::now(),
+            500_000_000,
+            20,
+            Duration::from_micros(100),
+        );
+        let bound = r.bound(1200).unwrap() as f64;
+        assert!((bound - 750_000.0).abs() < 750_000.0 * 0.05, "{bound}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum Congestion {
     /// product it measured ([`crate::bounded_bbr`]): BBR's speed on a
     /// lossy path without the queue it keeps there.
     BoundedBbr,
+    /// quinn's cubic with the same bound.
+    BoundedCubic,
 }
 
 impl std::str::FromStr for Congestion {
@@ -54,8 +56,9 @@ impl std::str::FromStr for Congestion {
             "cubic" => Ok(Congestion::Cubic),
             "bbr" => Ok(Congestion::Bbr),
             "bbr_bounded" => Ok(Congestion::BoundedBbr),
+            "cubic_bounded" => Ok(Congestion::BoundedCubic),
             other => {
-                anyhow::bail!("unknown congestion controller {other:?} (cubic, bbr or bbr_bounded)")
+                anyhow::bail!("unknown congestion controller {other:?} (cubic, bbr, bbr_bounded or cubic_bounded)")
             }
         }
     }
@@ -92,7 +95,7 @@ impl Transport {
         // with its own controller: under bounded BBR the relay connection
         // runs plain BBR, so that it does not become a second, lossier
         // bottleneck in front of the sessions' own.
-        if self.congestion != Congestion::Cubic {
+        if matches!(self.congestion, Congestion::Bbr | Congestion::BoundedBbr) {
             t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
         Ok(t)
@@ -129,12 +132,12 @@ impl Transport {
             .keep_alive_interval(Some(E2E_KEEP_ALIVE));
         // The configured controller, nudgeable after a reroute.
         let bbr = Arc::new(quinn::congestion::BbrConfig::default());
+        let cubic = Arc::new(quinn::congestion::CubicConfig::default());
         let controller = match self.congestion {
-            Congestion::Cubic => {
-                NudgeFactory::new(Arc::new(quinn::congestion::CubicConfig::default()))
-            }
+            Congestion::Cubic => NudgeFactory::new(cubic),
             Congestion::Bbr => NudgeFactory::new(bbr),
             Congestion::BoundedBbr => NudgeFactory::bounded(bbr),
+            Congestion::BoundedCubic => NudgeFactory::bounded(cubic),
         };
         t.congestion_controller_factory(Arc::new(controller));
 

@@ -1,0 +1,192 @@
+%% A relay set named in DNS: relay processes on 127.0.0.11-14 (one port),
+%% a DNS server on loopback (macula_ct:dns_server/1) answering for
+%% relays.macula.test (A records, TTL 1 s) and an SRV name, and nodes
+%% started with `-macula_dist relay_set "dns://relays.macula.test:PORT"'
+%% and `relay_set_nameserver' pointing at that server. Sessions stay on
+%% the relays (`direct false').
+-module(macula_dist_dns_SUITE).
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
+         end_per_testcase/2]).
+-export([names_resolve_to_the_set/1, nodes_follow_the_set_as_dns_changes_it/1,
+         a_relay_joined_for_a_target_is_left_when_idle/1]).
+
+-define(NAME, "relays.macula.test").
+-define(SRV, "_macula._udp.macula.test").
+-define(IPS, ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]).
+
+suite() -> [{timetrap, {minutes, 5}}].
+
+all() ->
+    [names_resolve_to_the_set, nodes_follow_the_set_as_dns_changes_it,
+     a_relay_joined_for_a_target_is_left_when_idle].
+
+init_per_suite(Config) ->
+    Bin = macula_ct:relay_bin(),
+    Port = macula_ct:free_udp_port(),
+    Dir = ?config(priv_dir, Config),
+    Relays = [macula_ct:relay_process(Bin, filename:join(Dir, "r" ++ Ip), Ip, Port) || Ip <- ?IPS],
+    {Dns, DnsPort} = macula_ct:dns_server(zone(lists:sublist(Relays, 3))),
+    [{relays, Relays}, {port, Port}, {dns, Dns}, {dns_port, DnsPort} | Config].
+
+end_per_suite(Config) ->
+    macula_ct:dns_stop(?config(dns, Config)),
+    [os:cmd("kill " ++ P) || #{os_pid := P} <- ?config(relays, Config)],
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    ok = macula_ct:dns_zone(?config(dns, Config), zone(lists:sublist(?config(relays, Config), 3))),
+    put(peers, []),
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    [macula_ct:stop_peer(P) || P <- get(peers)],
+    ok.
+
+%% ---- helpers ----
+
+%% The A records of ?NAME and an SRV name (its targets named r1..r4 in
+%% macula.test), for Relays.
+zone(Relays) ->
+    Ips = [ip(R) || R <- Relays],
+    Targets = [{"r" ++ integer_to_list(I) ++ ".macula.test", Ip}
+               || {I, Ip} <- lists:zip(lists:seq(1, length(Ips)), Ips)],
+    maps:from_list([{{?NAME, a}, {1, Ips}},
+                    {{?SRV, srv}, {1, [{0, 0, port(R), T} || {R, {T, _}} <- lists:zip(Relays, Targets)]}}
+                    | [{{T, a}, {1, [Ip]}} || {T, Ip} <- Targets]]).
+
+ip(#{url := Url}) ->
+    [_, Host, _] = string:split(binary_to_list(Url), ":", all),
+    {ok, Ip} = inet:parse_address(string:trim(Host, leading, "/")),
+    Ip.
+
+port(#{url := Url}) ->
+    [_, _, Port] = string:split(binary_to_list(Url), ":", all),
+    list_to_integer(Port).
+
+urls(Relays) -> lists:sort([U || #{url := U} <- Relays]).
+
+peers(Config, Names) ->
+    peers(Config, Names, "dns://" ?NAME ":" ++ integer_to_list(?config(port, Config)), []).
+
+peers(Config, Names, SetUrl, Extra) ->
+    Relays = ?config(relays, Config),
+    Info = #{set => true, url => [list_to_binary(SetUrl)],
+             fingerprint => [F || #{fingerprint := F} <- Relays]},
+    Nameserver = "\"127.0.0.1:" ++ integer_to_list(?config(dns_port, Config)) ++ "\"",
+    [begin
+         {Peer, Node} = macula_ct:start_peer(Name, Info, ["-macula_dist", "direct", "false",
+                                                          "-macula_dist", "relay_set_nameserver",
+                                                          Nameserver | Extra]),
+         put(peers, [Peer | get(peers)]),
+         {Peer, Node}
+     end || Name <- Names].
+
+call(Peer, M, F, A) -> peer:call(Peer, M, F, A, 120000).
+
+homes(Node, Set) -> homes(Node, Set, 2).
+
+homes(Node, Set, K) ->
+    macula_dist_relay_set:homes(atom_to_binary(Node, utf8), Set, K).
+
+connected(P) ->
+    [Url || #{relay_url := Url, connection := connected} <- call(P, macula_dist_cluster, status, [])].
+
+watch_name(Node) -> list_to_atom("dns_watch_" ++ atom_to_list(Node)).
+
+on_relays(P, Urls) ->
+    lists:sort(Urls) =:= lists:sort(connected(P)).
+
+%% ---- cases ----
+
+%% Both forms resolve to the relays' addresses, sorted, with their TTL;
+%% a name DNS does not know is an error; a node started on the SRV name
+%% (with one home) joins its home among them.
+names_resolve_to_the_set(Config) ->
+    Relays = lists:sublist(?config(relays, Config), 3),
+    Opts = [{nameservers, [{{127, 0, 0, 1}, ?config(dns_port, Config)}]}],
+    Port = ?config(port, Config),
+    ?assertEqual({ok, urls(Relays), 1},
+                 macula_dist_relay_set:resolve({dns, ?NAME, Port}, Opts)),
+    ?assertEqual({ok, urls(Relays), 1}, macula_dist_relay_set:resolve({srv, ?SRV}, Opts)),
+    ?assertMatch({error, {dns, "nobody.macula.test", nxdomain}},
+                 macula_dist_relay_set:resolve({dns, "nobody.macula.test", Port}, Opts)),
+    [{P, N}] = peers(Config, [dns_srv1], "srv://" ?SRV, ["-macula_dist", "homes", "1"]),
+    ?assert(is_integer(macula_ct:ms_until(fun() -> on_relays(P, homes(N, urls(Relays), 1)) end,
+                                          10000))),
+    ?assertEqual({urls(Relays), 1}, call(P, macula_dist_sup, relay_set, [])).
+
+%% A mesh on the set of three; DNS then swaps the third relay for the
+%% fourth. Within a TTL or two every node is on its new homes, with no
+%% nodedown and no connection lost; a connection made after runs on a
+%% home in the new set; nodes leave the relay that left once it carries
+%% nothing.
+nodes_follow_the_set_as_dns_changes_it(Config) ->
+    All = ?config(relays, Config),
+    [_, _, Out, _In] = All,
+    Before = urls(lists:sublist(All, 3)),
+    After = urls(All -- [Out]),
+    Peers = peers(Config, [dns_f1, dns_f2, dns_f3, dns_f4]),
+    Nodes = [N || {_, N} <- Peers],
+    [?assert(is_integer(macula_ct:ms_until(fun() -> on_relays(P, homes(N, Before)) end, 10000)))
+     || {P, N} <- Peers],
+    [?assertEqual(lists:sort(Nodes -- [N]), call(P, macula_ct, connect_all, [Nodes]) -- [N])
+     || {P, N} <- Peers],
+    [ok = call(P, macula_ct, watch, [Other, watch_name(Other)])
+     || {P, N} <- Peers, Other <- Nodes, Other > N],
+    ok = macula_ct:dns_zone(?config(dns, Config), zone(All -- [Out])),
+    Joined = fun({P, N}) -> homes(N, After) -- connected(P) =:= [] end,
+    ?assert(is_integer(macula_ct:ms_until(fun() -> lists:all(Joined, Peers) end, 15000))),
+    [?assertEqual({After, 2}, call(P, macula_dist_sup, relay_set, [])) || {P, _} <- Peers],
+    ct:pal("homes before ~p~nafter ~p",
+           [[{N, homes(N, Before)} || N <- Nodes], [{N, homes(N, After)} || N <- Nodes]]),
+    %% Every connection is still there and carries an rpc; no node went
+    %% down.
+    [?assertEqual(Other, call(P, erpc, call, [Other, erlang, node, []]))
+     || {P, N} <- Peers, Other <- Nodes, Other =/= N],
+    [?assertEqual(timeout, call(P, macula_ct, watch_result, [{watch_name(Other), 100}]))
+     || {P, N} <- Peers, Other <- Nodes, Other > N],
+    %% Connections made again run on a home in the new set.
+    [{A, AN}, {_, BN} | _] = Peers,
+    true = call(A, erlang, disconnect_node, [BN]),
+    NoSession = fun() ->
+                        macula_ct:session_relay(call(A, macula_dist_cluster, status, []), BN) =:= []
+                end,
+    ?assert(is_integer(macula_ct:ms_until(NoSession, 10000))),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    [Relay] = macula_ct:session_relay(call(A, macula_dist_cluster, status, []), BN),
+    ?assert(lists:member(Relay, homes(AN, After) ++ homes(BN, After))),
+    %% The relay that left: once its sessions are gone (each pair on it
+    %% connects again, now on the new set), nobody stays on it.
+    OutUrl = maps:get(url, Out),
+    [begin
+         true = call(P, erlang, disconnect_node, [Other]),
+         pong = call(P, net_adm, ping, [Other])
+     end || {P, N} <- Peers, Other <- Nodes, Other > N,
+            macula_ct:session_relay(call(P, macula_dist_cluster, status, []), Other) =:= [OutUrl]],
+    Left = fun() -> not lists:any(fun({P, _}) -> lists:member(OutUrl, connected(P)) end, Peers) end,
+    ?assert(is_integer(macula_ct:ms_until(Left, 60000))).
+
+%% A node that dials a target with no home in common joins one of the
+%% target's homes; once the connection is gone it leaves that relay again.
+a_relay_joined_for_a_target_is_left_when_idle(Config) ->
+    All = ?config(relays, Config),
+    ok = macula_ct:dns_zone(?config(dns, Config), zone(All)),
+    Set = urls(All),
+    Names = [list_to_atom("dns_j" ++ integer_to_list(I)) || I <- lists:seq(1, 20)],
+    Homes = fun(Name) -> homes(macula_ct:node_name(Name), Set) end,
+    [{NameA, NameB} | _] = [{X, Y} || X <- Names, Y <- Names, X < Y,
+                                      Homes(X) -- Homes(Y) =:= Homes(X)],
+    [{A, _}, {_, BN}] = peers(Config, [NameA, NameB]),
+    TheirHomes = Homes(NameB),
+    ?assertEqual(TheirHomes, TheirHomes -- connected(A)),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    [Relay] = macula_ct:session_relay(call(A, macula_dist_cluster, status, []), BN),
+    ?assert(lists:member(Relay, TheirHomes)),
+    ?assert(lists:member(Relay, connected(A))),
+    true = call(A, erlang, disconnect_node, [BN]),
+    Gone = fun() -> TheirHomes -- connected(A) =:= TheirHomes end,
+    ?assert(is_integer(macula_ct:ms_until(Gone, 30000))),
+    ?assertEqual([], Homes(NameA) -- connected(A)).
