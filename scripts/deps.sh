@@ -28,11 +28,12 @@ if command -v dpkg >/dev/null; then
   fi
 fi
 
-# Kernel NATs for macula_dist_nat_SUITE (iptables, conntrack): installed
-# when root; without them that suite says why and skips.
+# Kernel NATs for macula_dist_nat_SUITE (iptables, conntrack) and a DNS
+# server for macula_dist_dns_SUITE (dnsmasq): installed when root; without
+# them those suites say why and skip.
 if command -v dpkg >/dev/null && [ "$(id -u)" -eq 0 ]; then
   nat_missing=()
-  for p in iptables conntrack; do
+  for p in iptables conntrack dnsmasq-base; do
     dpkg -s "$p" >/dev/null 2>&1 || nat_missing+=("$p")
   done
   if [ ${#nat_missing[@]} -gt 0 ]; then

@@ -63,7 +63,7 @@ checked(Orig, Host, Port) ->
 %% `connect_timeout', `tunnel_timeout', `idle_timeout', `keep_alive'
 %% (milliseconds), `tunnel' (`e2e', the default, or `stream'), `cookie'
 %% (the cookie that keys e2e sessions when distribution is not running),
-%% `congestion' (`cubic', the default, `bbr' or `bbr_bounded'),
+%% `congestion' (`cubic', the default, `bbr', `bbr_bounded' or `cubic_bounded'),
 %% `key_file' (PEM: the node's key at the relay), `cluster_ca', `node_cert',
 %% `node_key' (PEM paths, all three: cluster-CA mode, where e2e sessions are
 %% authenticated by certificates the CA issued naming `macula://NODE').

@@ -8,7 +8,7 @@
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
 -export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2, free_udp_port/0,
-         relay_process/3, relay_process/4, dns_server/1, dns_zone/2, dns_stop/1,
+         relay_process/3, relay_process/4, dns_server/3, dns_zone/2, dns_stop/1,
          case_started/0, case_ended/0, sh/1, all_ok/1, ms_until/2, ms_until/3,
          session_path/2, netns_peer/3, release_dir/1, netns_relay/5, relay_bin/0,
          namespace_suite/4]).
@@ -363,63 +363,44 @@ relay_process(Bin, Dir, Ip, Port) ->
     #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Ip, Port])),
       fingerprint => Fp}.
 
-%% ---- a DNS server on loopback ----
+%% ---- a DNS server on loopback (dnsmasq) ----
 
-%% Answers queries from Zone, `#{{Name, Type} => {Ttl, [Data]}}' (Type
-%% `a', `aaaa' or `srv', Data as inet_dns has it); a name it does not know
-%% is NXDOMAIN. Returns the server and its UDP port on 127.0.0.1.
-dns_server(Zone) ->
-    Parent = self(),
-    Pid = spawn(fun() ->
-                        {ok, S} = gen_udp:open(0, [binary, {ip, {127, 0, 0, 1}}, {active, true}]),
-                        {ok, Port} = inet:port(S),
-                        Parent ! {dns_port, self(), Port},
-                        dns_loop(S, Zone)
-                end),
-    receive {dns_port, Pid, Port} -> {Pid, Port} after 5000 -> error(no_dns_server) end.
-
-%% Replaces the zone (later queries see the new one).
-dns_zone(Server, Zone) ->
-    Server ! {zone, Zone, self()},
-    receive {zone_set, Server} -> ok after 5000 -> error(dns_server_gone) end.
-
-dns_stop(Server) ->
-    Server ! stop,
-    ok.
-
-dns_loop(S, Zone) ->
-    receive
-        {udp, S, Ip, Port, Query} ->
-            case catch dns_answer(Query, Zone) of
-                Answer when is_binary(Answer) -> _ = gen_udp:send(S, Ip, Port, Answer);
-                _ -> ok
-            end,
-            dns_loop(S, Zone);
-        {zone, New, From} ->
-            From ! {zone_set, self()},
-            dns_loop(S, New);
-        stop ->
-            gen_udp:close(S)
+%% dnsmasq on 127.0.0.1 (a free port), authoritative for macula.test with
+%% a TTL of 1 s: the A records of Hosts (`[{Name, [Ip]}]', in a hosts
+%% directory it reads again when a file there changes) and the SRV
+%% records Srvs (`[{Name, Target, Port}]', fixed). Returns
+%% `#{os_pid, port, dir}', or `{skip, Why}' without dnsmasq.
+dns_server(Dir, Hosts, Srvs) ->
+    case os:find_executable("dnsmasq") of
+        false ->
+            {skip, "dnsmasq is not installed (apt-get install dnsmasq-base)"};
+        Exe ->
+            HostsDir = filename:join(Dir, "hosts"),
+            ok = filelib:ensure_dir(filename:join(HostsDir, "x")),
+            Server = #{port => free_udp_port(), dir => HostsDir},
+            ok = dns_zone(Server, Hosts),
+            Args = ["-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll",
+                    "--bind-interfaces", "--listen-address=127.0.0.1",
+                    "--port=" ++ integer_to_list(maps:get(port, Server)), "--user=root",
+                    "--pid-file=", "--local=/macula.test/", "--local-ttl=1",
+                    "--hostsdir=" ++ HostsDir]
+                ++ ["--srv-host=" ++ Name ++ "," ++ Target ++ "," ++ integer_to_list(Port) ++ ",0,0"
+                    || {Name, Target, Port} <- Srvs],
+            Cmd = lists:flatten(["exec '", Exe, "'", [[" '", A, "'"] || A <- Args]]),
+            Pid = spawn_os(Cmd, filename:join(Dir, "dnsmasq.log")),
+            Server#{os_pid => Pid}
     end.
 
-dns_answer(Query, Zone) ->
-    {ok, Msg} = inet_dns:decode(Query),
-    [Q] = inet_dns:msg(Msg, qdlist),
-    Name = string:lowercase(inet_dns:dns_query(Q, domain)),
-    Type = inet_dns:dns_query(Q, type),
-    Known = lists:member(Name, [N || {N, _} <- maps:keys(Zone)]),
-    {Rcode, Answers} =
-        case maps:find({Name, Type}, Zone) of
-            {ok, {Ttl, Data}} ->
-                {0, [inet_dns:make_rr([{domain, Name}, {type, Type}, {class, in}, {ttl, Ttl},
-                                       {data, D}]) || D <- Data]};
-            error when Known -> {0, []};
-            error -> {3, []}
-        end,
-    Header = inet_dns:make_header([{id, inet_dns:header(inet_dns:msg(Msg, header), id)},
-                                   {qr, true}, {aa, true}, {opcode, query}, {rd, true},
-                                   {ra, true}, {rcode, Rcode}]),
-    inet_dns:encode(inet_dns:make_msg([{header, Header}, {qdlist, [Q]}, {anlist, Answers}])).
+%% Replaces the A records dnsmasq serves (it sees the file change).
+dns_zone(#{dir := HostsDir}, Hosts) ->
+    Lines = [[Ip, " ", Name, "\n"] || {Name, Ips} <- Hosts, Ip <- Ips],
+    Tmp = filename:join(filename:dirname(HostsDir), "zone.tmp"),
+    ok = file:write_file(Tmp, Lines),
+    file:rename(Tmp, filename:join(HostsDir, "zone")).
+
+dns_stop(#{os_pid := Pid}) ->
+    _ = os:cmd("kill " ++ Pid),
+    ok.
 
 %% The relays (their URLs) whose clients carry a session with Peer, in a
 %% node's macula_dist_cluster:status().

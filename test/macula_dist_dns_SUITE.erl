@@ -1,5 +1,5 @@
 %% A relay set named in DNS: relay processes on 127.0.0.11-14 (one port),
-%% a DNS server on loopback (macula_ct:dns_server/1) answering for
+%% dnsmasq on loopback (macula_ct:dns_server/3) answering for
 %% relays.macula.test (A records, TTL 1 s) and an SRV name, and nodes
 %% started with `-macula_dist relay_set "dns://relays.macula.test:PORT"'
 %% and `relay_set_nameserver' pointing at that server. Sessions stay on
@@ -28,8 +28,14 @@ init_per_suite(Config) ->
     Port = macula_ct:free_udp_port(),
     Dir = ?config(priv_dir, Config),
     Relays = [macula_ct:relay_process(Bin, filename:join(Dir, "r" ++ Ip), Ip, Port) || Ip <- ?IPS],
-    {Dns, DnsPort} = macula_ct:dns_server(zone(lists:sublist(Relays, 3))),
-    [{relays, Relays}, {port, Port}, {dns, Dns}, {dns_port, DnsPort} | Config].
+    Srvs = [{?SRV, target(I), Port} || I <- [1, 2, 3]],
+    case macula_ct:dns_server(filename:join(Dir, "dns"), zone(lists:sublist(Relays, 3), Relays), Srvs) of
+        {skip, _} = Skip ->
+            [os:cmd("kill " ++ P) || #{os_pid := P} <- Relays],
+            Skip;
+        Dns ->
+            [{relays, Relays}, {port, Port}, {dns, Dns} | Config]
+    end.
 
 end_per_suite(Config) ->
     macula_ct:dns_stop(?config(dns, Config)),
@@ -37,7 +43,7 @@ end_per_suite(Config) ->
     ok.
 
 init_per_testcase(_Case, Config) ->
-    ok = macula_ct:dns_zone(?config(dns, Config), zone(lists:sublist(?config(relays, Config), 3))),
+    ok = set_zone(Config, lists:sublist(?config(relays, Config), 3)),
     put(peers, []),
     Config.
 
@@ -47,24 +53,34 @@ end_per_testcase(_Case, _Config) ->
 
 %% ---- helpers ----
 
-%% The A records of ?NAME and an SRV name (its targets named r1..r4 in
-%% macula.test), for Relays.
-zone(Relays) ->
-    Ips = [ip(R) || R <- Relays],
-    Targets = [{"r" ++ integer_to_list(I) ++ ".macula.test", Ip}
-               || {I, Ip} <- lists:zip(lists:seq(1, length(Ips)), Ips)],
-    maps:from_list([{{?NAME, a}, {1, Ips}},
-                    {{?SRV, srv}, {1, [{0, 0, port(R), T} || {R, {T, _}} <- lists:zip(Relays, Targets)]}}
-                    | [{{T, a}, {1, [Ip]}} || {T, Ip} <- Targets]]).
+target(I) -> "r" ++ integer_to_list(I) ++ ".macula.test".
+
+%% The A records of ?NAME (Relays) and of the SRV targets r1..r4 (All,
+%% in order: dnsmasq's SRV records are fixed, only ?NAME changes).
+zone(Relays, All) ->
+    [{?NAME, [inet:ntoa(ip(R)) || R <- Relays]}
+     | [{target(I), [inet:ntoa(ip(R))]} || {I, R} <- lists:zip(lists:seq(1, length(All)), All)]].
+
+%% Serves ?NAME as Relays, and waits until dnsmasq answers so.
+set_zone(Config, Relays) ->
+    ok = macula_ct:dns_zone(?config(dns, Config), zone(Relays, ?config(relays, Config))),
+    Want = urls(Relays),
+    Served = fun() ->
+                     macula_dist_relay_set:resolve({dns, ?NAME, ?config(port, Config)},
+                                                   dns_opts(Config)) =:= {ok, Want, 1}
+             end,
+    case macula_ct:ms_until(Served, 10000) of
+        false -> error({dns_not_serving, Want});
+        _ -> ok
+    end.
+
+dns_opts(Config) ->
+    [{nameservers, [{{127, 0, 0, 1}, maps:get(port, ?config(dns, Config))}]}].
 
 ip(#{url := Url}) ->
     [_, Host, _] = string:split(binary_to_list(Url), ":", all),
     {ok, Ip} = inet:parse_address(string:trim(Host, leading, "/")),
     Ip.
-
-port(#{url := Url}) ->
-    [_, _, Port] = string:split(binary_to_list(Url), ":", all),
-    list_to_integer(Port).
 
 urls(Relays) -> lists:sort([U || #{url := U} <- Relays]).
 
@@ -75,7 +91,7 @@ peers(Config, Names, SetUrl, Extra) ->
     Relays = ?config(relays, Config),
     Info = #{set => true, url => [list_to_binary(SetUrl)],
              fingerprint => [F || #{fingerprint := F} <- Relays]},
-    Nameserver = "\"127.0.0.1:" ++ integer_to_list(?config(dns_port, Config)) ++ "\"",
+    Nameserver = "\"127.0.0.1:" ++ integer_to_list(maps:get(port, ?config(dns, Config))) ++ "\"",
     [begin
          {Peer, Node} = macula_ct:start_peer(Name, Info, ["-macula_dist", "direct", "false",
                                                           "-macula_dist", "relay_set_nameserver",
@@ -106,7 +122,7 @@ on_relays(P, Urls) ->
 %% (with one home) joins its home among them.
 names_resolve_to_the_set(Config) ->
     Relays = lists:sublist(?config(relays, Config), 3),
-    Opts = [{nameservers, [{{127, 0, 0, 1}, ?config(dns_port, Config)}]}],
+    Opts = dns_opts(Config),
     Port = ?config(port, Config),
     ?assertEqual({ok, urls(Relays), 1},
                  macula_dist_relay_set:resolve({dns, ?NAME, Port}, Opts)),
@@ -136,7 +152,7 @@ nodes_follow_the_set_as_dns_changes_it(Config) ->
      || {P, N} <- Peers],
     [ok = call(P, macula_ct, watch, [Other, watch_name(Other)])
      || {P, N} <- Peers, Other <- Nodes, Other > N],
-    ok = macula_ct:dns_zone(?config(dns, Config), zone(All -- [Out])),
+    ok = set_zone(Config, All -- [Out]),
     Joined = fun({P, N}) -> homes(N, After) -- connected(P) =:= [] end,
     ?assert(is_integer(macula_ct:ms_until(fun() -> lists:all(Joined, Peers) end, 15000))),
     [?assertEqual({After, 2}, call(P, macula_dist_sup, relay_set, [])) || {P, _} <- Peers],
@@ -161,8 +177,9 @@ nodes_follow_the_set_as_dns_changes_it(Config) ->
     %% The relay that left: once its sessions are gone (each pair on it
     %% connects again, now on the new set), nobody stays on it.
     OutUrl = maps:get(url, Out),
+    %% (global, seeing a connection go, may take down others itself.)
     [begin
-         true = call(P, erlang, disconnect_node, [Other]),
+         _ = call(P, erlang, disconnect_node, [Other]),
          pong = call(P, net_adm, ping, [Other])
      end || {P, N} <- Peers, Other <- Nodes, Other > N,
             macula_ct:session_relay(call(P, macula_dist_cluster, status, []), Other) =:= [OutUrl]],
@@ -173,7 +190,7 @@ nodes_follow_the_set_as_dns_changes_it(Config) ->
 %% target's homes; once the connection is gone it leaves that relay again.
 a_relay_joined_for_a_target_is_left_when_idle(Config) ->
     All = ?config(relays, Config),
-    ok = macula_ct:dns_zone(?config(dns, Config), zone(All)),
+    ok = set_zone(Config, All),
     Set = urls(All),
     Names = [list_to_atom("dns_j" ++ integer_to_list(I)) || I <- lists:seq(1, 20)],
     Homes = fun(Name) -> homes(macula_ct:node_name(Name), Set) end,
