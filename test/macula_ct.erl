@@ -8,7 +8,7 @@
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
 -export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2, free_udp_port/0,
-         relay_process/3, relay_process/4, dns_server/3, dns_zone/2, dns_stop/1,
+         relay_process/3, relay_process/4, relay_metric/2, dns_server/3, dns_zone/2, dns_stop/1,
          case_started/0, case_ended/0, sh/1, all_ok/1, ms_until/2, ms_until/3,
          session_path/2, netns_peer/3, release_dir/1, netns_relay/5, relay_bin/0,
          namespace_suite/4]).
@@ -355,13 +355,39 @@ relay_process(Bin, Dir, Ip, Port) ->
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     FpFile = filename:join(Dir, "fingerprint"),
     _ = file:delete(FpFile),
+    %% Its metrics on the same port number, over TCP.
     Cmd = lists:flatten(io_lib:format("exec '~ts' --listen ~ts:~b --state-dir '~ts' "
-                                      "--allow-anonymous --fingerprint-file '~ts'",
-                                      [Bin, Ip, Port, Dir, FpFile])),
+                                      "--allow-anonymous --fingerprint-file '~ts' "
+                                      "--metrics ~ts:~b",
+                                      [Bin, Ip, Port, Dir, FpFile, Ip, Port])),
     Pid = spawn_os(Cmd, filename:join(Dir, "relay.log")),
     Fp = wait_for_file(FpFile, 100),
     #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Ip, Port])),
-      fingerprint => Fp}.
+      fingerprint => Fp, metrics => {Ip, Port}}.
+
+%% A gauge or counter (no labels) of a relay_process's metrics, or
+%% `undefined' when the relay does not answer.
+relay_metric(#{metrics := {Ip, Port}}, Name) ->
+    {ok, Addr} = inet:parse_address(Ip),
+    case gen_tcp:connect(Addr, Port, [binary, {active, false}], 2000) of
+        {ok, S} ->
+            ok = gen_tcp:send(S, "GET /metrics HTTP/1.0\r\n\r\n"),
+            Body = recv_all(S, []),
+            Prefix = <<Name/binary, " ">>,
+            case [V || Line <- binary:split(Body, <<"\n">>, [global]),
+                       <<P:(byte_size(Prefix))/binary, V/binary>> <- [Line], P =:= Prefix] of
+                [V | _] -> binary_to_integer(string:trim(V));
+                [] -> undefined
+            end;
+        {error, _} ->
+            undefined
+    end.
+
+recv_all(S, Acc) ->
+    case gen_tcp:recv(S, 0, 5000) of
+        {ok, Data} -> recv_all(S, [Acc, Data]);
+        {error, _} -> gen_tcp:close(S), iolist_to_binary(Acc)
+    end.
 
 %% ---- a DNS server on loopback (dnsmasq) ----
 

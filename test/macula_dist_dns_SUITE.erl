@@ -11,17 +11,17 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
          end_per_testcase/2]).
 -export([names_resolve_to_the_set/1, nodes_follow_the_set_as_dns_changes_it/1,
-         a_relay_joined_for_a_target_is_left_when_idle/1]).
+         a_relay_joined_for_a_target_is_left_when_idle/1, forty_nodes_as_relays_join_and_die/1]).
 
 -define(NAME, "relays.macula.test").
 -define(SRV, "_macula._udp.macula.test").
 -define(IPS, ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]).
 
-suite() -> [{timetrap, {minutes, 5}}].
+suite() -> [{timetrap, {minutes, 8}}].
 
 all() ->
     [names_resolve_to_the_set, nodes_follow_the_set_as_dns_changes_it,
-     a_relay_joined_for_a_target_is_left_when_idle].
+     a_relay_joined_for_a_target_is_left_when_idle, forty_nodes_as_relays_join_and_die].
 
 init_per_suite(Config) ->
     Bin = macula_ct:relay_bin(),
@@ -65,9 +65,10 @@ zone(Relays, All) ->
 set_zone(Config, Relays) ->
     ok = macula_ct:dns_zone(?config(dns, Config), zone(Relays, ?config(relays, Config))),
     Want = urls(Relays),
+    Port = port(hd(Relays)),
     Served = fun() ->
-                     macula_dist_relay_set:resolve({dns, ?NAME, ?config(port, Config)},
-                                                   dns_opts(Config)) =:= {ok, Want, 1}
+                     macula_dist_relay_set:resolve({dns, ?NAME, Port}, dns_opts(Config))
+                         =:= {ok, Want, 1}
              end,
     case macula_ct:ms_until(Served, 10000) of
         false -> error({dns_not_serving, Want});
@@ -81,6 +82,10 @@ ip(#{url := Url}) ->
     [_, Host, _] = string:split(binary_to_list(Url), ":", all),
     {ok, Ip} = inet:parse_address(string:trim(Host, leading, "/")),
     Ip.
+
+port(#{url := Url}) ->
+    [_, _, Port] = string:split(binary_to_list(Url), ":", all),
+    list_to_integer(Port).
 
 urls(Relays) -> lists:sort([U || #{url := U} <- Relays]).
 
@@ -207,3 +212,85 @@ a_relay_joined_for_a_target_is_left_when_idle(Config) ->
     Gone = fun() -> TheirHomes -- connected(A) =:= TheirHomes end,
     ?assert(is_integer(macula_ct:ms_until(Gone, 30000))),
     ?assertEqual([], Homes(NameA) -- connected(A)).
+
+%% Forty nodes on a set of five relays (127.0.0.21-25), a full mesh, and
+%% checked traffic between ten pairs while DNS adds a sixth relay (the
+%% names whose homes moved join it) and then the relay that carries most
+%% nodes is killed (its sessions move inside the set): no nodedown,
+%% every message arrives once, in order, intact; the mesh is whole after.
+%% Where each node lives is seen from both sides: the nodes identified at
+%% the relays (their metrics) are the relay connections the nodes report.
+forty_nodes_as_relays_join_and_die(Config) ->
+    Port = macula_ct:free_udp_port(),
+    Dir = ?config(priv_dir, Config),
+    Fleet = [macula_ct:relay_process(macula_ct:relay_bin(), filename:join(Dir, "f" ++ Ip), Ip, Port)
+             || I <- lists:seq(21, 26), Ip <- ["127.0.0." ++ integer_to_list(I)]],
+    try
+        fleet_case(Config, Fleet, Port)
+    after
+        [os:cmd("kill " ++ P) || #{os_pid := P} <- Fleet]
+    end.
+
+fleet_case(Config, Fleet, Port) ->
+    {Five, [Sixth]} = lists:split(5, Fleet),
+    ok = set_zone(Config, Five),
+    Info = #{set => true, url => [iolist_to_binary(["dns://", ?NAME, ":", integer_to_list(Port)])],
+             fingerprint => [F || #{fingerprint := F} <- Fleet]},
+    Extra = ["-macula_dist", "direct", "false", "-macula_dist", "relay_set_nameserver",
+             "\"127.0.0.1:" ++ integer_to_list(maps:get(port, ?config(dns, Config))) ++ "\""],
+    T0 = erlang:monotonic_time(millisecond),
+    Peers = [begin
+                 {P, N} = macula_ct:start_peer(list_to_atom("dnsf" ++ integer_to_list(I)), Info, Extra),
+                 put(peers, [P | get(peers)]),
+                 {P, N}
+             end || I <- lists:seq(1, 40)],
+    Nodes = [N || {_, N} <- Peers],
+    T1 = erlang:monotonic_time(millisecond),
+    [call(P, macula_ct, connect_all, [Nodes]) || {P, _} <- Peers],
+    Meshed = fun() -> lists:all(fun({P, N}) -> lists:sort(call(P, erlang, nodes, [])) =:=
+                                                   lists:sort(Nodes -- [N]) end, Peers) end,
+    ?assert(is_integer(macula_ct:ms_until(Meshed, 60000))),
+    ct:pal("40 nodes up in ~b ms, full mesh in ~b ms", [T1 - T0, erlang:monotonic_time(millisecond) - T1]),
+    ok = lives_seen_from_both_sides(Peers, Five),
+    Pairs = lists:zip(lists:sublist(Peers, 10), lists:sublist(lists:nthtail(20, Peers), 10)),
+    [ok = call(A, macula_ct, watch, [BN, fleet_watch]) || {{A, _}, {_, BN}} <- Pairs],
+    Self = self(),
+    [spawn_link(fun() ->
+                        Self ! {traffic, A, macula_ct:checked_both_ways(A, AN, B, BN, 400, 8 * 1024, 25)}
+                end) || {{A, AN}, {B, BN}} <- Pairs],
+    %% DNS adds the sixth relay: the nodes it is a home of join it.
+    Six = urls(Fleet),
+    ok = set_zone(Config, Fleet),
+    Moved = [{P, N} || {P, N} <- Peers, lists:member(maps:get(url, Sixth), homes(N, Six))],
+    OnHomes = fun() -> lists:all(fun({P, N}) -> homes(N, Six) -- connected(P) =:= [] end, Peers) end,
+    ?assert(is_integer(macula_ct:ms_until(OnHomes, 30000))),
+    ct:pal("~b of 40 names have the added relay as a home", [length(Moved)]),
+    ?assert(length(Moved) > 0 andalso length(Moved) < 40),
+    %% The relay most nodes are on dies.
+    {_, Busiest} = lists:max([{macula_ct:relay_metric(R, <<"macula_relay_nodes">>), R} || R <- Five]),
+    os:cmd("kill -9 " ++ maps:get(os_pid, Busiest)),
+    [receive
+         {traffic, A, Results} -> [?assertMatch({ok, 400, _, _}, R) || R <- Results]
+     after 180000 -> error({no_traffic_result, A})
+     end || {{A, _}, _} <- Pairs],
+    [?assertEqual(timeout, call(A, macula_ct, watch_result, [{fleet_watch, 100}]))
+     || {{A, _}, _} <- Pairs],
+    ?assert(is_integer(macula_ct:ms_until(Meshed, 30000))),
+    Alive = Fleet -- [Busiest],
+    Dead = maps:get(url, Busiest),
+    Gone = fun() -> not lists:any(fun({P, _}) -> lists:member(Dead, connected(P)) end, Peers) end,
+    ?assert(is_integer(macula_ct:ms_until(Gone, 30000))),
+    ok = lives_seen_from_both_sides(Peers, Alive).
+
+%% The nodes each relay counts are the relay connections the nodes count.
+lives_seen_from_both_sides(Peers, Relays) ->
+    Same = fun() ->
+                   AtRelays = lists:sum([macula_ct:relay_metric(R, <<"macula_relay_nodes">>)
+                                         || R <- Relays]),
+                   OnNodes = lists:sum([length(connected(P)) || {P, _} <- Peers]),
+                   AtRelays =:= OnNodes
+           end,
+    ?assert(is_integer(macula_ct:ms_until(Same, 20000))),
+    ct:pal("relays: ~p", [[{maps:get(url, R), macula_ct:relay_metric(R, <<"macula_relay_nodes">>)}
+                            || R <- Relays]]),
+    ok.
