@@ -63,6 +63,8 @@ pub struct Outbox {
     queued: AtomicUsize,
     /// Packets sent behind a fence.
     pub fences: AtomicU64,
+    /// Wakes whoever starts lane writers: a lane got its first packet.
+    lane_added: Notify,
 }
 
 struct OutboxState {
@@ -96,6 +98,7 @@ impl Default for Outbox {
             ready: (0..=LANES).map(|_| Notify::new()).collect(),
             queued: AtomicUsize::new(0),
             fences: AtomicU64::new(0),
+            lane_added: Notify::new(),
         }
     }
 }
@@ -128,6 +131,17 @@ impl Outbox {
         self.lock().used.count_ones()
     }
 
+    /// A bit per lane that ever had a packet.
+    pub fn used_lanes(&self) -> u64 {
+        self.lock().used
+    }
+
+    /// Waits until a lane gets its first packet (at once if one did since
+    /// the last wait).
+    pub async fn lane_added(&self) {
+        self.lane_added.notified().await
+    }
+
     /// Bytes queued, not yet handed to quinn.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
@@ -144,6 +158,7 @@ impl Outbox {
             return Err(OutboxClosed);
         }
         let before = s.waiting();
+        let used_before = s.used;
         let added = if s.router.is_some() {
             s.route_batch(data, &self.fences)
         } else {
@@ -152,7 +167,11 @@ impl Outbox {
             len
         };
         let woken = s.waiting() & !before;
+        let new_lane = s.used != used_before;
         drop(s);
+        if new_lane {
+            self.lane_added.notify_one();
+        }
         for (i, ready) in self.ready.iter().enumerate() {
             if woken & (1u128 << i) != 0 {
                 ready.notify_one();

@@ -249,8 +249,15 @@ impl NodeSocket {
     /// datagram that arrived early for it is handed to quinn (so whoever
     /// accepts its connection knows of it first).
     pub fn add_session_then(&self, route: Route, ready: impl FnOnce(SocketAddr)) -> SocketAddr {
-        let (vaddr, held) = lock(&self.paths).add(route);
-        ready(vaddr);
+        // `ready` runs before the session's datagrams can be read: one read
+        // between the two would reach quinn before its session is expected
+        // (and be refused).
+        let (vaddr, held) = {
+            let mut paths = lock(&self.paths);
+            let (vaddr, held) = paths.add(route);
+            ready(vaddr);
+            (vaddr, held)
+        };
         if !held.is_empty() {
             let mut pending = lock(&self.pending);
             for d in held {

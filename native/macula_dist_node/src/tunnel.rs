@@ -479,8 +479,9 @@ async fn read_loop(
 
 /// Writes until the tunnel closes, then ends an e2e session's connection
 /// (once what was written is acknowledged, on a graceful close). Each lane
-/// has a writer task of its own ([`write_lane`]); this one writes the
-/// control stream, keeps the byte count and tells the sink.
+/// has a writer task of its own ([`write_lane`]), started when the lane
+/// gets its first packet; this one writes the control stream, starts the
+/// lane writers, keeps the byte count and tells the sink.
 async fn write_loop(
     tunnel: Arc<Tunnel>,
     mut control: SendStream,
@@ -489,20 +490,44 @@ async fn write_loop(
 ) {
     let _ = control.set_priority(1);
     let (events, mut lane_events) = mpsc::unbounded_channel();
-    if let Some(conn) = &conn {
-        for lane in 0..LANES {
+    let mut lanes = conn.clone().map(|conn| LaneWriters {
+        conn,
+        events,
+        started: 0,
+    });
+    write_control(
+        &tunnel,
+        &mut control,
+        &mut lanes,
+        &mut lane_events,
+        sink.as_mut(),
+    )
+    .await;
+    if let Some(conn) = conn {
+        conn.close(CLOSED_CODE, b"tunnel closed");
+    }
+}
+
+/// Starts a writer for each lane that has had a packet.
+struct LaneWriters {
+    conn: quinn::Connection,
+    events: mpsc::UnboundedSender<LaneWriterEvent>,
+    /// A bit per lane whose writer runs (or ran).
+    started: u64,
+}
+
+impl LaneWriters {
+    fn start_new(&mut self, tunnel: &Arc<Tunnel>) {
+        let new = tunnel.outbox.used_lanes() & !self.started;
+        for lane in (0..LANES).filter(|l| new & (1u64 << l) != 0) {
             tunnel.rt.spawn(write_lane(
                 tunnel.clone(),
                 lane,
-                conn.clone(),
-                events.clone(),
+                self.conn.clone(),
+                self.events.clone(),
             ));
         }
-    }
-    drop(events);
-    write_control(&tunnel, &mut control, &mut lane_events, sink.as_mut()).await;
-    if let Some(conn) = conn {
-        conn.close(CLOSED_CODE, b"tunnel closed");
+        self.started |= new;
     }
 }
 
@@ -515,8 +540,9 @@ enum LaneWriterEvent {
 }
 
 async fn write_control(
-    tunnel: &Tunnel,
+    tunnel: &Arc<Tunnel>,
     control: &mut SendStream,
+    lanes: &mut Option<LaneWriters>,
     lane_events: &mut mpsc::UnboundedReceiver<LaneWriterEvent>,
     sink: &mut dyn TunnelSink,
 ) {
@@ -540,6 +566,11 @@ async fn write_control(
                 let _ = control.reset(CLOSED_CODE);
                 return;
             }
+            _ = tunnel.outbox.lane_added(), if lanes.is_some() => {
+                if let Some(writers) = lanes.as_mut() {
+                    writers.start_new(tunnel);
+                }
+            }
             event = lane_events.recv(), if !lanes_done => match event {
                 Some(LaneWriterEvent::Written(len)) => written(tunnel, len, sink),
                 Some(LaneWriterEvent::Failed(e)) => return closed_by_peer(sink, tunnel, &e),
@@ -547,7 +578,13 @@ async fn write_control(
             },
             more = tunnel.outbox.next_chunks(Turn::Control, &mut chunks), if !drained => {
                 if !more {
+                    // Closed: no lane gets a first packet any more. The
+                    // lanes that did get one have writers to drain them;
+                    // the last sender of lane events goes with these.
                     drained = true;
+                    if let Some(mut writers) = lanes.take() {
+                        writers.start_new(tunnel);
+                    }
                     continue;
                 }
                 let len: usize = chunks.iter().map(|c| c.len()).sum();
