@@ -21,6 +21,9 @@
 -define(MIN_TTL, 1).
 -define(MAX_TTL, 300).
 -define(DNS_TIMEOUT, 2000).
+%% A set larger than this is refused (whoever answers DNS could make it
+%% any size): an error, not a cut, so that every node sees the same set.
+-define(MAX_RELAYS, 256).
 
 -type source() :: {static, [binary()]}
                 | {dns, Host :: string(), inet:port_number()}
@@ -86,18 +89,26 @@ nameserver_opts(Text) ->
 %% (`infinity' for a static list).
 -spec resolve(source(), [{atom(), term()}]) ->
           {ok, [binary()], pos_integer() | infinity} | {error, term()}.
-resolve({static, Urls}, _Opts) ->
+resolve(Source, Opts) ->
+    case resolve_source(Source, Opts) of
+        {ok, Set, _} when length(Set) > ?MAX_RELAYS -> {error, {too_many_relays, length(Set)}};
+        Answer -> Answer
+    end.
+
+resolve_source({static, Urls}, _Opts) ->
     {ok, lists:usort(Urls), infinity};
-resolve({dns, Host, Port}, Opts) ->
+resolve_source({dns, Host, Port}, Opts) ->
     case addresses(Host, Opts) of
         {ok, [], _} -> {error, {no_relays, Host}};
         {ok, Addrs, Ttl} -> {ok, lists:usort([url(A, Port) || A <- Addrs]), ttl(Ttl)};
         {error, _} = Error -> Error
     end;
-resolve({srv, Name}, Opts) ->
+resolve_source({srv, Name}, Opts) ->
     case lookup(Name, srv, Opts) of
         {ok, [], _} ->
             {error, {no_relays, Name}};
+        {ok, Targets, _} when length(Targets) > ?MAX_RELAYS ->
+            {error, {too_many_relays, length(Targets)}};
         {ok, Targets, SrvTtl} ->
             Found = [{T, Port, addresses(T, Opts)} || {_Prio, _Weight, Port, T} <- Targets],
             Urls = [url(A, Port) || {_, Port, {ok, As, _}} <- Found, A <- As],

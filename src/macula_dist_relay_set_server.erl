@@ -10,7 +10,8 @@
 %%     carried no tunnel or session at two checks in a row, and a relay
 %%     that left the set once it carries nothing. A relay that stopped
 %%     being a home is kept at least twice the TTL (and ?MIN_GRACE_MS)
-%%     longer, for peers that still resolve the set as it was.</li>
+%%     longer, for peers that still resolve the set as it was. Nothing is
+%%     left while none of the node's homes is up.</li>
 %% </ul>
 -module(macula_dist_relay_set_server).
 -behaviour(gen_server).
@@ -82,7 +83,12 @@ follow(Set, Ttl, #state{homes = Old, kept_until = Kept} = S) ->
 leave_idle(#state{homes = Homes, kept_until = Kept0, idle = Idle0} = S) ->
     Now = now_ms(),
     Kept = maps:filter(fun(_, Until) -> Until > Now end, Kept0),
-    Candidates = [{Url, Client} || {Url, Client} <- macula_dist_sup:joined_relays(),
+    Joined = macula_dist_sup:joined_relays(),
+    %% With no home up (the new set's relays do not answer, or not with a
+    %% trusted certificate) the relays that work are kept.
+    HomeUp = lists:any(fun({Url, Client}) -> lists:member(Url, Homes) andalso is_up(Client) end,
+                       Joined),
+    Candidates = [{Url, Client} || HomeUp, {Url, Client} <- Joined,
                                    not lists:member(Url, Homes), not maps:is_key(Url, Kept)],
     Idle = maps:from_list([{Url, maps:get(Url, Idle0, 0) + 1}
                            || {Url, Client} <- Candidates, not carries(Client)]),
@@ -92,6 +98,17 @@ leave_idle(#state{homes = Homes, kept_until = Kept0, idle = Idle0} = S) ->
          ok = macula_dist_sup:leave_relay(Url)
      end || Url <- Leave],
     S#state{kept_until = Kept, idle = maps:without(Leave, Idle)}.
+
+%% Whether a relay client is connected to its relay.
+is_up(undefined) ->
+    false;
+is_up(Client) ->
+    try macula_dist_relay_client:status(Client) of
+        #{connection := connected} -> true;
+        _ -> false
+    catch
+        exit:_ -> false
+    end.
 
 %% Whether a relay client has a tunnel or session (a client not connected
 %% carries nothing).

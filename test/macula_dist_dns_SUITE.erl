@@ -11,7 +11,8 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
          end_per_testcase/2]).
 -export([names_resolve_to_the_set/1, nodes_follow_the_set_as_dns_changes_it/1,
-         a_relay_joined_for_a_target_is_left_when_idle/1, forty_nodes_as_relays_join_and_die/1]).
+         a_relay_joined_for_a_target_is_left_when_idle/1, forty_nodes_as_relays_join_and_die/1,
+         an_answer_naming_no_relay_leaves_nothing/1]).
 
 -define(NAME, "relays.macula.test").
 -define(SRV, "_macula._udp.macula.test").
@@ -21,7 +22,8 @@ suite() -> [{timetrap, {minutes, 8}}].
 
 all() ->
     [names_resolve_to_the_set, nodes_follow_the_set_as_dns_changes_it,
-     a_relay_joined_for_a_target_is_left_when_idle, forty_nodes_as_relays_join_and_die].
+     a_relay_joined_for_a_target_is_left_when_idle, an_answer_naming_no_relay_leaves_nothing,
+     forty_nodes_as_relays_join_and_die].
 
 init_per_suite(Config) ->
     Bin = macula_ct:relay_bin(),
@@ -294,3 +296,24 @@ lives_seen_from_both_sides(Peers, Relays) ->
     ct:pal("relays: ~p", [[{maps:get(url, R), macula_ct:relay_metric(R, <<"macula_relay_nodes">>)}
                             || R <- Relays]]),
     ok.
+
+%% DNS (or whoever answers for it) names an address with no relay: the
+%% nodes take the set, cannot join its homes, and leave none of the
+%% relays they are on; their connection keeps working past the grace and
+%% two idle checks (25 s); a later answer that names relays brings them
+%% back to their homes.
+an_answer_naming_no_relay_leaves_nothing(Config) ->
+    Three = lists:sublist(?config(relays, Config), 3),
+    [{A, AN}, {B, BN}] = peers(Config, [dns_n1, dns_n2]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    Before = connected(A),
+    Nowhere = #{url => iolist_to_binary(["quic://127.0.0.99:", integer_to_list(?config(port, Config))])},
+    ok = macula_ct:dns_zone(?config(dns, Config), zone([Nowhere], ?config(relays, Config))),
+    Taken = fun() -> call(A, macula_dist_sup, relay_set, []) =:= {[maps:get(url, Nowhere)], 2} end,
+    ?assert(is_integer(macula_ct:ms_until(Taken, 10000))),
+    Pinged = [begin timer:sleep(1000), call(B, net_adm, ping, [AN]) end || _ <- lists:seq(1, 25)],
+    ?assertEqual([pong], lists:usort(Pinged)),
+    ?assertEqual([], Before -- connected(A)),
+    ok = set_zone(Config, Three),
+    Home = fun() -> homes(AN, urls(Three)) -- connected(A) =:= [] end,
+    ?assert(is_integer(macula_ct:ms_until(Home, 15000))).

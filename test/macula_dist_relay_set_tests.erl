@@ -46,3 +46,10 @@ nameserver_test() ->
     ?assertEqual([{nameservers, [{{0, 0, 0, 0, 0, 0, 0, 1}, 53}]}],
                  macula_dist_relay_set:nameserver_opts(<<"[::1]:53">>)),
     ?assertMatch({error, {bad_nameserver, _}}, macula_dist_relay_set:nameserver_opts("dns.example")).
+
+a_set_too_large_is_refused_test() ->
+    Urls = [iolist_to_binary(["quic://r", integer_to_list(I), ":1"]) || I <- lists:seq(1, 257)],
+    ?assertEqual({error, {too_many_relays, 257}},
+                 macula_dist_relay_set:resolve({static, Urls}, [])),
+    ?assertMatch({ok, [_ | _], infinity},
+                 macula_dist_relay_set:resolve({static, tl(Urls)}, [])).
