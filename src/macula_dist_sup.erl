@@ -50,8 +50,8 @@ start_set_client(Urls, K, Node, Opts0) ->
     Configured = [unicode:characters_to_binary(U) || U <- Urls],
     case resolve_set(Configured, Nameserver) of
         {ok, Source, DnsOpts, Set, Ttl} ->
+            Homes = install_set(Set, K, Node),
             persistent_term:put({macula_dist, relay_set}, {Set, K, Node, Opts}),
-            Homes = install_set(Set),
             Mode = case Homes of [_] -> required; _ -> optional end,
             Started = [start_keeper(relay_index(U), client_name(U), U, Node, Opts, Mode)
                        || U <- Homes],
@@ -91,20 +91,20 @@ start_set_server(Source, DnsOpts, Ttl) ->
 -spec set_changed([binary()]) -> [binary()].
 set_changed(Set) ->
     {_Old, K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
+    %% Every relay of the set has its client name before a dial can see it.
+    Homes = install_set(Set, K, Node),
     persistent_term:put({macula_dist, relay_set}, {Set, K, Node, Opts}),
-    Homes = install_set(Set),
     _ = [ensure_relay(U) || U <- Homes],
     Homes.
 
 %% Gives each relay of the set a client name that stays its own while
 %% the set changes, and lists the clients (homes first).
-install_set(Set) ->
-    {_, K, Node, _} = persistent_term:get({macula_dist, relay_set}),
+install_set(Set, K, Node) ->
     Index = persistent_term:get({macula_dist, relay_index}, #{}),
     New = [U || U <- Set, not maps:is_key(U, Index)],
     Next = lists:max([0 | maps:values(Index)]) + 1,
-    persistent_term:put({macula_dist, relay_index},
-                        maps:merge(Index, maps:from_list(lists:zip(New, lists:seq(Next, Next + length(New) - 1))))),
+    Numbered = lists:zip(New, lists:seq(Next, Next + length(New) - 1)),
+    persistent_term:put({macula_dist, relay_index}, maps:merge(Index, maps:from_list(Numbered))),
     Homes = macula_dist_relay_set:homes(Node, Set, K),
     %% Relays that left the set stay listed (last) while they carry sessions.
     Left = maps:keys(Index) -- Set,
