@@ -7,8 +7,10 @@
 %%     there) and dials go by the new set; a failed lookup keeps the set
 %%     and is retried;</li>
 %% <li>a relay the node joined for a target (not a home) is left once it
-%%     carried no tunnel or session at two checks in a row, and a relay
-%%     that left the set once it carries nothing. A relay that stopped
+%%     carried no tunnel or session at two checks in a row and is not a
+%%     home of a node this one is connected to (a session fails over to
+%%     its target's other home), and a relay that left the set once it
+%%     carries nothing. A relay that stopped
 %%     being a home is kept at least twice the TTL (and ?MIN_GRACE_MS)
 %%     longer, for peers that still resolve the set as it was. Nothing is
 %%     left while none of the node's homes is up.</li>
@@ -88,8 +90,11 @@ leave_idle(#state{homes = Homes, kept_until = Kept0, idle = Idle0} = S) ->
     %% trusted certificate) the relays that work are kept.
     HomeUp = lists:any(fun({Url, Client}) -> lists:member(Url, Homes) andalso is_up(Client) end,
                        Joined),
+    %% The homes of every node this one is connected to stay joined: a
+    %% session on one of a peer's homes fails over to its other home.
+    Needed = Homes ++ peers_homes(),
     Candidates = [{Url, Client} || HomeUp, {Url, Client} <- Joined,
-                                   not lists:member(Url, Homes), not maps:is_key(Url, Kept)],
+                                   not lists:member(Url, Needed), not maps:is_key(Url, Kept)],
     Idle = maps:from_list([{Url, maps:get(Url, Idle0, 0) + 1}
                            || {Url, Client} <- Candidates, not carries(Client)]),
     Leave = [Url || {Url, N} <- maps:to_list(Idle), N >= 2],
@@ -98,6 +103,15 @@ leave_idle(#state{homes = Homes, kept_until = Kept0, idle = Idle0} = S) ->
          ok = macula_dist_sup:leave_relay(Url)
      end || Url <- Leave],
     S#state{kept_until = Kept, idle = maps:without(Leave, Idle)}.
+
+peers_homes() ->
+    case macula_dist_sup:relay_set() of
+        {Set, K} ->
+            lists:usort([U || Peer <- erlang:nodes(connected),
+                              U <- macula_dist_relay_set:homes(atom_to_binary(Peer, utf8), Set, K)]);
+        undefined ->
+            []
+    end.
 
 %% Whether a relay client is connected to its relay.
 is_up(undefined) ->
