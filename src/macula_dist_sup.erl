@@ -109,8 +109,7 @@ install_set(Set, K, Node) ->
     %% Relays that left the set stay listed (last) while they carry sessions.
     Left = maps:keys(Index) -- Set,
     persistent_term:put({macula_dist, relay_clients},
-                        [client_name(U) || U <- Homes ++ (Set -- Homes)] ++
-                            [macula_dist_relay_client:client_name(maps:get(U, Index)) || U <- Left]),
+                        [client_name(U) || U <- Homes ++ (Set -- Homes) ++ Left]),
     Homes.
 
 %% The node's relay set and how many homes a name has, if it runs on one.

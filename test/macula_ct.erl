@@ -7,7 +7,7 @@
          exchange/3, run_exchange/3, await_exchange/1, random_bytes/1]).
 -export([peer_args/2, start_peer/3, start_peer/4, stop_peer/1, host/0, node_name/1]).
 -export([make_ca/2, issue_cert/4]).
--export([spawn_os/2, wait_for_file/2, checked_both_ways/7, session_relay/2, free_udp_port/0,
+-export([spawn_os/2, wait_for_file/2, checked_both_ways/7, traffic_while/3, session_relay/2, free_udp_port/0,
          relay_process/3, relay_process/4, relay_metric/2, dns_server/3, dns_zone/2, dns_stop/1,
          case_started/0, case_ended/0, sh/1, all_ok/1, ms_until/2, ms_until/3,
          session_path/2, netns_peer/3, release_dir/1, netns_relay/5, relay_bin/0,
@@ -309,16 +309,22 @@ session_path(Status, Peer) ->
 %% The relay binary in network namespace Ns, on Addr:4434, its identity in
 %% Dir; Extra: more arguments. #{url, fingerprint}.
 netns_relay(Bin, Ns, {Addr, Port}, Dir, Extra) ->
+    maps:remove(os_pid, spawn_relay("ip netns exec " ++ Ns ++ " ", Bin, Addr, Port, Dir, Extra)).
+
+%% Starts the relay binary (after Prefix, a command it runs under) on
+%% Addr:Port with its identity in Dir and Extra arguments; waits for its
+%% fingerprint. #{os_pid, url, fingerprint}.
+spawn_relay(Prefix, Bin, Addr, Port, Dir, Extra) ->
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     FpFile = filename:join(Dir, "fingerprint"),
     _ = file:delete(FpFile),
-    Cmd = lists:flatten(io_lib:format("exec ip netns exec ~ts '~ts' --listen ~ts:~b "
-                                      "--state-dir '~ts' --allow-anonymous "
-                                      "--fingerprint-file '~ts' ~ts",
-                                      [Ns, Bin, Addr, Port, Dir, FpFile, Extra])),
-    _ = spawn_os(Cmd, filename:join(Dir, "relay.log")),
+    Cmd = lists:flatten(io_lib:format("exec ~ts'~ts' --listen ~ts:~b --state-dir '~ts' "
+                                      "--allow-anonymous --fingerprint-file '~ts' ~ts",
+                                      [Prefix, Bin, Addr, Port, Dir, FpFile, Extra])),
+    Pid = spawn_os(Cmd, filename:join(Dir, "relay.log")),
     Fp = wait_for_file(FpFile, 100),
-    #{url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Addr, Port])), fingerprint => Fp}.
+    #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Addr, Port])),
+      fingerprint => Fp}.
 
 %% A peer on Relay inside network namespace Ns (recorded in `peers').
 netns_peer(Name, Ns, Relay) ->
@@ -352,18 +358,9 @@ relay_process(Bin, Dir, Port) ->
 
 %% ... listening on Ip (a loopback address).
 relay_process(Bin, Dir, Ip, Port) ->
-    ok = filelib:ensure_dir(filename:join(Dir, "x")),
-    FpFile = filename:join(Dir, "fingerprint"),
-    _ = file:delete(FpFile),
     %% Its metrics on the same port number, over TCP.
-    Cmd = lists:flatten(io_lib:format("exec '~ts' --listen ~ts:~b --state-dir '~ts' "
-                                      "--allow-anonymous --fingerprint-file '~ts' "
-                                      "--metrics ~ts:~b",
-                                      [Bin, Ip, Port, Dir, FpFile, Ip, Port])),
-    Pid = spawn_os(Cmd, filename:join(Dir, "relay.log")),
-    Fp = wait_for_file(FpFile, 100),
-    #{os_pid => Pid, url => iolist_to_binary(io_lib:format("quic://~ts:~b", [Ip, Port])),
-      fingerprint => Fp, metrics => {Ip, Port}}.
+    Metrics = lists:flatten(io_lib:format("--metrics ~ts:~b", [Ip, Port])),
+    (spawn_relay("", Bin, Ip, Port, Dir, Metrics))#{metrics => {Ip, Port}}.
 
 %% A gauge or counter (no labels) of a relay_process's metrics, or
 %% `undefined' when the relay does not answer.
@@ -458,6 +455,26 @@ watch_result({Name, Timeout}) ->
 connect_all(Nodes) ->
     [pong = net_adm:ping(N) || N <- Nodes, N =/= node()],
     lists:sort(nodes()).
+
+%% Checked traffic both ways between each pair of peers ({{A, AN}, {B,
+%% BN}}): Count messages of Size, PauseMs apart, each A watching BN for a
+%% nodedown. Disturb() runs meanwhile; then every message must have
+%% arrived once, in order, intact, with no nodedown. Returns what
+%% Disturb() returned.
+traffic_while(Pairs, {Count, Size, PauseMs}, Disturb) ->
+    [ok = peer:call(A, ?MODULE, watch, [BN, traffic_watch], 120000) || {{A, _}, {_, BN}} <- Pairs],
+    Self = self(),
+    [spawn_link(fun() ->
+                        Self ! {traffic, A, checked_both_ways(A, AN, B, BN, Count, Size, PauseMs)}
+                end) || {{A, AN}, {B, BN}} <- Pairs],
+    Disturbed = Disturb(),
+    [receive
+         {traffic, A, Results} -> [{ok, Count, _, _} = R || R <- Results]
+     after 180000 -> error({no_traffic_result, A})
+     end || {{A, _}, _} <- Pairs],
+    [timeout = peer:call(A, ?MODULE, watch_result, [{traffic_watch, 100}], 120000)
+     || {{A, _}, _} <- Pairs],
+    Disturbed.
 
 %% Sends 1..Count to a registered receiver on Node, in order.
 ordered_sender(Node, Name, Count) ->

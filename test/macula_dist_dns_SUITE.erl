@@ -114,6 +114,10 @@ homes(Node, Set) -> homes(Node, Set, 2).
 homes(Node, Set, K) ->
     macula_dist_relay_set:homes(atom_to_binary(Node, utf8), Set, K).
 
+%% P holds Set and is on N's homes in it.
+on_set(P, N, Set) ->
+    call(P, macula_dist_sup, relay_set, []) =:= {Set, 2} andalso homes(N, Set) -- connected(P) =:= [].
+
 connected(P) ->
     [Url || #{relay_url := Url, connection := connected} <- call(P, macula_dist_cluster, status, [])].
 
@@ -162,10 +166,7 @@ nodes_follow_the_set_as_dns_changes_it(Config) ->
     ok = set_zone(Config, All -- [Out]),
     %% (A node whose homes did not change is on them before it resolved
     %% the name again: it must have the new set too.)
-    Joined = fun({P, N}) ->
-                     call(P, macula_dist_sup, relay_set, []) =:= {After, 2} andalso
-                         homes(N, After) -- connected(P) =:= []
-             end,
+    Joined = fun({P, N}) -> on_set(P, N, After) end,
     ?assert(is_integer(macula_ct:ms_until(fun() -> lists:all(Joined, Peers) end, 15000))),
     ct:pal("homes before ~p~nafter ~p",
            [[{N, homes(N, Before)} || N <- Nodes], [{N, homes(N, After)} || N <- Nodes]]),
@@ -259,33 +260,25 @@ fleet_case(Config, Fleet, Port) ->
     ct:pal("40 nodes up in ~b ms, full mesh in ~b ms", [T1 - T0, erlang:monotonic_time(millisecond) - T1]),
     ok = lives_seen_from_both_sides(Peers, Five),
     Pairs = lists:zip(lists:sublist(Peers, 10), lists:sublist(lists:nthtail(20, Peers), 10)),
-    [ok = call(A, macula_ct, watch, [BN, fleet_watch]) || {{A, _}, {_, BN}} <- Pairs],
-    Self = self(),
-    [spawn_link(fun() ->
-                        Self ! {traffic, A, macula_ct:checked_both_ways(A, AN, B, BN, 400, 8 * 1024, 25)}
-                end) || {{A, AN}, {B, BN}} <- Pairs],
-    %% DNS adds the sixth relay: the nodes it is a home of join it.
     Six = urls(Fleet),
-    ok = set_zone(Config, Fleet),
-    Moved = [{P, N} || {P, N} <- Peers, lists:member(maps:get(url, Sixth), homes(N, Six))],
-    OnHomes = fun() ->
-                      lists:all(fun({P, N}) ->
-                                        call(P, macula_dist_sup, relay_set, []) =:= {Six, 2} andalso
-                                            homes(N, Six) -- connected(P) =:= []
-                                end, Peers)
+    Disturb = fun() ->
+                      %% DNS adds the sixth relay: the nodes it is a home of join it.
+                      ok = set_zone(Config, Fleet),
+                      OnHomes = fun() ->
+                                        lists:all(fun({P, N}) -> on_set(P, N, Six) end, Peers)
+                                end,
+                      ?assert(is_integer(macula_ct:ms_until(OnHomes, 30000))),
+                      Moved = [N || {_, N} <- Peers,
+                                    lists:member(maps:get(url, Sixth), homes(N, Six))],
+                      ct:pal("~b of 40 names have the added relay as a home", [length(Moved)]),
+                      ?assert(length(Moved) > 0 andalso length(Moved) < 40),
+                      %% The relay most nodes are on dies.
+                      {_, Dying} = lists:max([{macula_ct:relay_metric(R, <<"macula_relay_nodes">>), R}
+                                              || R <- Five]),
+                      _ = os:cmd("kill -9 " ++ maps:get(os_pid, Dying)),
+                      Dying
               end,
-    ?assert(is_integer(macula_ct:ms_until(OnHomes, 30000))),
-    ct:pal("~b of 40 names have the added relay as a home", [length(Moved)]),
-    ?assert(length(Moved) > 0 andalso length(Moved) < 40),
-    %% The relay most nodes are on dies.
-    {_, Busiest} = lists:max([{macula_ct:relay_metric(R, <<"macula_relay_nodes">>), R} || R <- Five]),
-    os:cmd("kill -9 " ++ maps:get(os_pid, Busiest)),
-    [receive
-         {traffic, A, Results} -> [?assertMatch({ok, 400, _, _}, R) || R <- Results]
-     after 180000 -> error({no_traffic_result, A})
-     end || {{A, _}, _} <- Pairs],
-    [?assertEqual(timeout, call(A, macula_ct, watch_result, [{fleet_watch, 100}]))
-     || {{A, _}, _} <- Pairs],
+    Busiest = macula_ct:traffic_while(Pairs, {400, 8 * 1024, 25}, Disturb),
     ?assert(is_integer(macula_ct:ms_until(Meshed, 30000))),
     Alive = Fleet -- [Busiest],
     Dead = maps:get(url, Busiest),
