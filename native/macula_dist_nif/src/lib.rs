@@ -16,6 +16,13 @@ mod vm_runtime;
 
 use std::sync::atomic::Ordering;
 
+/// The NIF's own allocator. With glibc's, its threads' arenas gave memory
+/// back and took it again so often that zeroing fresh pages was a third
+/// of its CPU while a mesh of seventy nodes formed (`perf`: sysmalloc's
+/// page faults); mimalloc keeps freed pages for reuse a while.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use macula_dist_node::relay_client::LIVE_CLIENTS;
 use macula_dist_node::tunnel::LIVE_TUNNELS;
 

@@ -11,7 +11,6 @@
 //! straight to the peer's address, under the same virtual address.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -21,6 +20,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use macula_relay_proto::node::direct::{self, DirectPath, Event, Probe};
+use macula_relay_proto::node::direct_paths::DirectPaths;
 use macula_relay_proto::node::paths::{is_virtual, Paths, Route};
 use macula_relay_proto::wire::dataplane::{self, Datagram, SessionId, HEADER_LEN, NO_BIND};
 use quinn::udp::{RecvMeta, Transmit};
@@ -42,7 +42,7 @@ pub struct NodeSocket {
     /// quinn's receive waker, to wake it when held datagrams are released.
     waker: Mutex<Option<Waker>>,
     /// Sessions looking for, or on, a direct path.
-    directs: Mutex<HashMap<SessionId, Direct>>,
+    directs: Mutex<DirectPaths<Direct>>,
     /// Wakes the task that runs the direct paths' timers.
     direct_timer: Arc<Notify>,
     direct_task: std::sync::Once,
@@ -51,19 +51,11 @@ pub struct NodeSocket {
 /// Told when a session's path changes.
 pub type OnPath = Arc<dyn Fn(Event) + Send + Sync>;
 
+/// A session with a direct path: its virtual address, and who to tell.
+#[derive(Clone)]
 struct Direct {
     vaddr: SocketAddr,
-    path: DirectPath,
     on_path: OnPath,
-}
-
-impl std::fmt::Debug for Direct {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Direct")
-            .field("vaddr", &self.vaddr)
-            .field("path", &self.path)
-            .finish()
-    }
 }
 
 thread_local! {
@@ -82,7 +74,7 @@ impl NodeSocket {
             paths: Mutex::new(Paths::new(ipv6)),
             pending: Mutex::new(VecDeque::new()),
             waker: Mutex::new(None),
-            directs: Mutex::new(HashMap::new()),
+            directs: Mutex::new(DirectPaths::default()),
             direct_timer: Arc::new(Notify::new()),
             direct_task: std::sync::Once::new(),
         })
@@ -101,21 +93,18 @@ impl NodeSocket {
         let Some(route) = self.route(&vaddr) else {
             return false;
         };
-        let path = DirectPath::new(route.session, secret, requester, Instant::now());
-        lock(&self.directs).insert(
-            route.session,
-            Direct {
-                vaddr,
-                path,
-                on_path,
-            },
-        );
+        let now = Instant::now();
+        let path = DirectPath::new(route.session, secret, requester, now);
+        let sooner =
+            lock(&self.directs).insert(route.session, path, Direct { vaddr, on_path }, now);
         self.direct_task.call_once(|| {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(run_direct(Arc::downgrade(self), self.direct_timer.clone()));
             }
         });
-        self.direct_timer.notify_one();
+        if sooner {
+            self.direct_timer.notify_one();
+        }
         true
     }
 
@@ -124,10 +113,12 @@ impl NodeSocket {
         let Some(route) = self.route(vaddr) else {
             return;
         };
-        if let Some(d) = lock(&self.directs).get_mut(&route.session) {
-            d.path.add_candidates(addrs, Instant::now());
+        let now = Instant::now();
+        let updated =
+            lock(&self.directs).update(&route.session, now, |p, _| p.add_candidates(addrs, now));
+        if let Some(((), true)) = updated {
+            self.direct_timer.notify_one();
         }
-        self.direct_timer.notify_one();
     }
 
     /// The session's direct address, when it has one.
@@ -135,26 +126,17 @@ impl NodeSocket {
         lock(&self.paths).destination(vaddr).and_then(|(_, d)| d)
     }
 
-    /// Runs the direct paths' timers; returns when to run them next (none:
-    /// no session looks for a path).
+    /// Runs the direct paths' due timers; returns when to run them next
+    /// (none: no session looks for a path).
     fn poll_directs(&self) -> Option<Instant> {
-        let now = Instant::now();
         let mut out: Vec<Probe> = vec![];
         let mut changes = vec![];
-        let next = {
-            let mut directs = lock(&self.directs);
-            for d in directs.values_mut() {
-                if let Some(e) = d.path.poll(now, &mut out) {
-                    changes.push((d.vaddr, e));
-                }
-            }
-            directs.values().map(|d| d.path.next_timeout(now)).min()
-        };
+        let next = lock(&self.directs).poll(Instant::now(), &mut out, &mut changes);
         for (to, probe) in out {
             self.send_probe(to, &probe);
         }
-        for (vaddr, e) in changes {
-            self.change_path(vaddr, e);
+        for (direct, e) in changes {
+            self.change_path(direct, e);
         }
         next
     }
@@ -171,10 +153,9 @@ impl NodeSocket {
     /// A direct session sends: an idle one wakes the timers, which probe
     /// its path at once.
     fn note_sent(&self, session: SessionId) {
-        let woke = lock(&self.directs)
-            .get_mut(&session)
-            .is_some_and(|d| d.path.sent(Instant::now()));
-        if woke {
+        let now = Instant::now();
+        let updated = lock(&self.directs).update(&session, now, |p, _| p.sent(now));
+        if let Some((true, true)) = updated {
             self.direct_timer.notify_one();
         }
     }
@@ -190,21 +171,16 @@ impl NodeSocket {
         });
     }
 
-    fn change_path(&self, vaddr: SocketAddr, event: Event) {
-        let direct = match event {
+    fn change_path(&self, direct: Direct, event: Event) {
+        let addr = match event {
             Event::Direct(addr) => Some(addr),
             Event::Relay => None,
         };
-        let Some(route) = self.route(&vaddr) else {
+        if self.route(&direct.vaddr).is_none() {
             return;
-        };
-        lock(&self.paths).set_direct(&vaddr, direct);
-        let on_path = lock(&self.directs)
-            .get(&route.session)
-            .map(|d| d.on_path.clone());
-        if let Some(on_path) = on_path {
-            on_path(event);
         }
+        lock(&self.paths).set_direct(&direct.vaddr, addr);
+        (direct.on_path)(event);
     }
 
     /// Probe datagrams received (after the receive lock is let go).
@@ -214,28 +190,29 @@ impl NodeSocket {
             let Some(session) = direct::probe_session(&d) else {
                 continue;
             };
-            let (answer, back, event, validated, vaddr) =
-                match lock(&self.directs).get_mut(&session) {
-                    Some(entry) => {
-                        let (a, e) = entry.path.on_datagram(from, &d, now);
-                        // A fresh probe from an address not validated yet:
-                        // probe it back now, so it is validated within a round trip.
-                        let back = a.as_ref().and_then(|_| entry.path.probe_to(from));
-                        (a, back, e, entry.path.validated(&from), entry.vaddr)
-                    }
-                    None => continue,
-                };
+            let updated = lock(&self.directs).update(&session, now, |path, direct| {
+                let (a, e) = path.on_datagram(from, &d, now);
+                // A fresh probe from an address not validated yet: probe it
+                // back now, so it is validated within a round trip.
+                let back = a.as_ref().and_then(|_| path.probe_to(from));
+                (a, back, e, path.validated(&from), direct.clone())
+            });
+            let Some(((answer, back, event, validated, direct), sooner)) = updated else {
+                continue;
+            };
             if validated {
                 // The peer answered our probe from `from`: it may send the
                 // session's datagrams from there before this side goes direct.
-                lock(&self.paths).accept_from(&vaddr, from);
+                lock(&self.paths).accept_from(&direct.vaddr, from);
             }
             for (to, probe) in answer.into_iter().chain(back) {
                 self.send_probe(to, &probe);
+            }
+            if sooner {
                 self.direct_timer.notify_one();
             }
             if let Some(e) = event {
-                self.change_path(vaddr, e);
+                self.change_path(direct, e);
             }
         }
     }

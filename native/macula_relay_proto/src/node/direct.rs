@@ -18,8 +18,9 @@
 //! +--------+-----------------+--------+--------+-----------------+------------------+
 //! ```
 //!
-//! `kind` is 0 (probe) or 1 (answer), `sender` 0 (the session's requester)
-//! or 1 (its target). The tag is HMAC-SHA256 over the bytes before it,
+//! `kind` is 0 (probe), 1 (answer) or 2 (keep probe: a probe of the path
+//! its sender uses), `sender` 0 (the session's requester) or 1 (its
+//! target). The tag is HMAC-SHA256 over the bytes before it,
 //! keyed with a secret both nodes export from their QUIC connection's TLS
 //! session (RFC 5705 exporter): nobody else can make a probe or an answer,
 //! so nobody else can move a session to an address. A path is taken only
@@ -47,6 +48,10 @@ use crate::wire::dataplane::SessionId;
 pub const PROBE_DATAGRAM: u8 = 0x02;
 pub const PROBE_LEN: usize = 35;
 const TAG_LEN: usize = 16;
+/// Probe kinds (byte 9).
+const PROBE: u8 = 0;
+const ANSWER: u8 = 1;
+const KEEP_PROBE: u8 = 2;
 
 /// How often each candidate is probed while looking for a path.
 pub const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -56,16 +61,21 @@ pub const PROBE_FOR: Duration = Duration::from_secs(2);
 /// [`MAX_REST`].
 pub const FIRST_REST: Duration = Duration::from_secs(5);
 pub const MAX_REST: Duration = Duration::from_secs(60);
-/// How often a direct path is probed while in use.
-pub const KEEP_EVERY: Duration = Duration::from_millis(200);
+/// How often a direct path is probed while in use (a node with a hundred
+/// busy sessions sends two hundred probes a second at this rate: one
+/// round trip of probes per session a second would cost a mesh of a
+/// hundred nodes more CPU than its distribution traffic).
+pub const KEEP_EVERY: Duration = Duration::from_millis(500);
 /// A direct path in use without an answer for this long is given up.
-pub const LOST_AFTER: Duration = Duration::from_millis(800);
+pub const LOST_AFTER: Duration = Duration::from_millis(1500);
 /// A session that sent nothing for this long is idle.
 pub const IDLE_AFTER: Duration = Duration::from_secs(2);
-/// How often an idle session's direct path is probed.
-pub const IDLE_KEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often an idle session's direct path is probed. The session's own
+/// QUIC keep-alives (every 10 s) keep the NAT mappings open, and each wakes
+/// the path (it is probed at once), so an idle path needs few probes.
+pub const IDLE_KEEP_EVERY: Duration = Duration::from_secs(25);
 /// An idle session's direct path without an answer for this long is given up.
-pub const IDLE_LOST_AFTER: Duration = Duration::from_secs(15);
+pub const IDLE_LOST_AFTER: Duration = Duration::from_secs(60);
 /// Candidates kept per session, at most.
 pub const MAX_CANDIDATES: usize = 16;
 /// Probes remembered (awaiting their answer), at most.
@@ -304,7 +314,7 @@ impl DirectPath {
                 self.next_probe = now + PROBE_EVERY;
             }
             State::Direct { addr, .. } => {
-                out.push((addr, self.probe(addr)));
+                out.push((addr, self.probe_of(KEEP_PROBE, addr)));
                 let every = match self.active(now) {
                     true => KEEP_EVERY,
                     false => IDLE_KEEP_EVERY,
@@ -317,13 +327,17 @@ impl DirectPath {
     }
 
     fn probe(&mut self, to: SocketAddr) -> [u8; PROBE_LEN] {
+        self.probe_of(PROBE, to)
+    }
+
+    fn probe_of(&mut self, kind: u8, to: SocketAddr) -> [u8; PROBE_LEN] {
         let nonce = self.next_nonce;
         self.next_nonce += 1;
         if self.sent.len() >= MAX_SENT {
             self.sent.pop_front();
         }
         self.sent.push_back((nonce, to));
-        self.datagram(0, nonce)
+        self.datagram(kind, nonce)
     }
 
     fn datagram(&self, kind: u8, nonce: u64) -> [u8; PROBE_LEN] {
@@ -360,7 +374,7 @@ impl DirectPath {
         nonce.copy_from_slice(&d[11..19]);
         let nonce = u64::from_be_bytes(nonce);
         match d[9] {
-            0 => {
+            kind @ (PROBE | KEEP_PROBE) => {
                 if !self.fresh(nonce) {
                     return (None, None);
                 }
@@ -375,9 +389,26 @@ impl DirectPath {
                     self.last_learned = Some(now);
                     self.add_candidates(&[from], now);
                 }
-                (Some((from, self.datagram(1, nonce))), None)
+                // A fresh keep probe from the path in use: the peer uses it
+                // too, and it carries the peer's datagrams as well as an
+                // answer would, so this side's own probe can wait (one side
+                // probes a busy pair's path, not both). A path that only
+                // works the other way is given up by the peer first, whose
+                // keep probes then stop (its probes while looking for a path
+                // again are kind 0, and count for nothing here).
+                if let State::Direct { addr, since, .. } = self.state {
+                    if addr == from && kind == KEEP_PROBE {
+                        self.state = State::Direct {
+                            addr,
+                            last_answer: now,
+                            since,
+                        };
+                        self.next_probe = self.next_probe.max(now + KEEP_EVERY);
+                    }
+                }
+                (Some((from, self.datagram(ANSWER, nonce))), None)
             }
-            1 => {
+            ANSWER => {
                 let Some(i) = self
                     .sent
                     .iter()
@@ -539,7 +570,7 @@ mod tests {
         let mut mallory = DirectPath::new(7, b"guess", false, now);
         let (answer, _) = mallory.on_datagram(addr(1), &out[0].1, now);
         assert!(answer.is_none());
-        let forged = mallory.datagram(1, 1);
+        let forged = mallory.datagram(ANSWER, 1);
         assert_eq!(a.on_datagram(addr(9), &forged, now), (None, None));
         // A real answer, but from an address the probe did not go to.
         let (answers, _) = deliver(&mut b, addr(1), out, now);
@@ -661,6 +692,92 @@ mod tests {
             t = a.next_timeout(t).max(t + Duration::from_millis(1));
         }
         assert_eq!(a.direct(), Some(addr(2)));
+    }
+
+    /// Runs both sides' timers from `from` to `to`, both sending all
+    /// along, with datagrams getting through as `a_to_b` and `b_to_a` say:
+    /// the probes each side sent (answers not counted), and each side's
+    /// first change of path.
+    fn run_busy_pair(
+        a: &mut DirectPath,
+        b: &mut DirectPath,
+        (from, to): (Instant, Instant),
+        a_to_b: bool,
+        b_to_a: bool,
+    ) -> ([usize; 2], [Option<(Instant, Event)>; 2]) {
+        let mut t = from;
+        let mut probes = [0; 2];
+        let mut changes = [None; 2];
+        let mut note = |side: usize, e: Option<Event>, t: Instant| {
+            if let (None, Some(e)) = (changes[side], e) {
+                changes[side] = Some((t, e));
+            }
+        };
+        while t < to {
+            a.sent(t);
+            b.sent(t);
+            for side in [0, 1] {
+                let (me, peer, there, back, my_addr, peer_addr) = match side {
+                    0 => (&mut *a, &mut *b, a_to_b, b_to_a, addr(1), addr(2)),
+                    _ => (&mut *b, &mut *a, b_to_a, a_to_b, addr(2), addr(1)),
+                };
+                let mut out = vec![];
+                note(side, me.poll(t, &mut out), t);
+                probes[side] += out.len();
+                if there {
+                    let (answers, events) = deliver(peer, my_addr, out, t);
+                    note(1 - side, events.first().copied(), t);
+                    if back {
+                        let (_, events) = deliver(me, peer_addr, answers, t);
+                        note(side, events.first().copied(), t);
+                    }
+                }
+            }
+            t = a
+                .next_timeout(t)
+                .min(b.next_timeout(t))
+                .max(t + Duration::from_millis(1));
+        }
+        (probes, changes)
+    }
+
+    #[test]
+    fn one_side_probes_a_busy_pairs_path() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let start = (now, now + Duration::from_millis(10));
+        let (_, changes) = run_busy_pair(&mut a, &mut b, start, true, true);
+        assert!(changes
+            .iter()
+            .all(|c| matches!(c, Some((_, Event::Direct(_))))));
+        // Ten busy seconds: about one probe per KEEP_EVERY in all, not
+        // one per side.
+        let busy = (
+            now + Duration::from_millis(10),
+            now + Duration::from_secs(10),
+        );
+        let (probes, changes) = run_busy_pair(&mut a, &mut b, busy, true, true);
+        assert_eq!(changes, [None, None]);
+        let per_side = (10_000 / KEEP_EVERY.as_millis()) as usize;
+        assert!(probes[0] + probes[1] <= per_side + 4, "{probes:?}");
+    }
+
+    #[test]
+    fn a_path_that_works_one_way_only_is_given_up_by_both() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let start = (now, now + Duration::from_millis(10));
+        run_busy_pair(&mut a, &mut b, start, true, true);
+        // B's datagrams stop reaching A; A's still reach B, and A keeps
+        // probing (kind 0) after it gives the path up.
+        let later = now + Duration::from_millis(10);
+        let span = (later, later + Duration::from_secs(20));
+        let (_, changes) = run_busy_pair(&mut a, &mut b, span, true, false);
+        for (t, e) in changes.map(Option::unwrap) {
+            assert_eq!(e, Event::Relay);
+            assert!(t.duration_since(later) <= 2 * LOST_AFTER + KEEP_EVERY);
+        }
+        assert_eq!((a.direct(), b.direct()), (None, None));
     }
 
     #[test]

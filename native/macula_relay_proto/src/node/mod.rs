@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod direct;
+pub mod direct_paths;
 pub mod dist_route;
 pub mod matcher;
 pub mod paths;
