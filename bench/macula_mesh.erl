@@ -38,6 +38,8 @@
 -define(COOKIE, "macula_mesh").
 
 main() ->
+    %% Url, Pin, RelayPid and RelayLog are comma lists: one per relay of
+    %% the set (bench/mesh.sh --relays).
     [NStr, Mode, Connect, Dir, Url, Pin, TokenFile, RelayPid, RelayLog] =
         init:get_plain_arguments(),
     N = list_to_integer(NStr),
@@ -66,7 +68,7 @@ env_int(Name, Default) ->
 %% ---- controller ----
 
 run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
-    Variant = variant(Connect),
+    Variant = variant(Connect) ++ relays_variant(RelayPid),
     io:format("mesh: N=~b mode=~s connect=~s relay pid ~s~n", [N, Mode, Variant, RelayPid]),
     Boot0 = now_us(),
     Nodes = start_nodes(N, Env),
@@ -75,7 +77,7 @@ run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
     io:format("  all ~b nodes up in ~.1f s (boot; not part of the mesh time)~n", [N, BootS]),
     _ = pmap(fun({P, _, _}) -> ok = peer:call(P, ?MODULE, node_prepare, [N - 1]) end, Nodes, 8),
     Red0 = pmap(fun({P, _, _}) -> peer:call(P, ?MODULE, node_reductions, []) end, Nodes, 8),
-    Rss0 = rss_kib(RelayPid),
+    Rss0 = relays_kib(RelayPid, "VmRSS"),
     Cpu0 = cpu_snapshot(RelayPid, Nodes),
     Plan = plan(Connect, Names),
     %% Go: each node stamps when it reached N-1 nodes; the plan is cast to
@@ -123,8 +125,8 @@ run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
     #{relay := IRelay, sched := ISched, nif := INif, other := IOther} =
         cpu_diff(CpuI0, cpu_snapshot(RelayPid, Nodes)),
     %% Memory, after the mesh and the calls.
-    RelayRss = rss_kib(RelayPid),
-    RelayHwm = status_kib(RelayPid, "VmHWM"),
+    RelayRss = relays_kib(RelayPid, "VmRSS"),
+    RelayHwm = relays_kib(RelayPid, "VmHWM"),
     NodeRss = lists:sort([rss_kib(OsPid) || {_, _, OsPid} <- Nodes]),
     NodePss = lists:sort([pss_kib(OsPid) || {_, _, OsPid} <- Nodes]),
     Statuses = pmap(fun({P, _, _}) -> peer:call(P, ?MODULE, node_status, []) end, Nodes, 8),
@@ -147,7 +149,7 @@ run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
     io:format("  global:sync() done on all nodes: ~s s after go~n", [fmt(GlobalS)]),
     io:format("  rpc:multicall over ~b nodes: first ~.1f ms, median ~.1f ms; ~b results, bad nodes ~p~n",
               [N, McFirst, McMedian, McResults, McBad]),
-    io:format("  relay RSS: ~.1f MiB before go, ~.1f MiB after, peak ~.1f MiB~n",
+    io:format("  relay RSS (the largest relay's): ~.1f MiB before go, ~.1f MiB after, peak ~.1f MiB~n",
               [Rss0 / 1024, RelayRss / 1024, RelayHwm / 1024]),
     io:format("  node RSS: median ~.1f MiB, max ~.1f MiB (PSS median ~.1f MiB, max ~.1f MiB)~n",
               [median(NodeRss) / 1024, lists:max(NodeRss) / 1024,
@@ -253,15 +255,22 @@ start_node(I, #{root := Root, dir := Dir, url := Url, pin := Pin, token_file := 
 %% then never forms: measured).
 carrier_args("tcp", _Url, _Pin, _Token) ->
     [];
-carrier_args(Mode, Url, Pin, Token) ->
-    ["-proto_dist", "macula", "-no_epmd",
-     "-macula_dist", "relay", quoted(Url),
-     "-macula_dist", "pin_sha256", quoted(Pin),
+carrier_args(Mode, Urls, Pins, Token) ->
+    Relay = case string:lexemes(Urls, ",") of
+                [Url] -> ["-macula_dist", "relay", quoted(Url)];
+                Set -> ["-macula_dist", "relay_set", list_arg(Set)]
+            end,
+    ["-proto_dist", "macula", "-no_epmd"] ++ Relay ++
+    ["-macula_dist", "pin_sha256", list_arg(string:lexemes(Pins, ",")),
      "-macula_dist", "token_file", quoted(Token),
      "-macula_dist", "tunnel", Mode,
      "-macula_dist", "idle_timeout", "10000"].
 
 quoted(S) -> "\"" ++ S ++ "\"".
+
+%% A list of strings as one argument: ["a","b"].
+list_arg([One]) -> quoted(One);
+list_arg(Strings) -> lists:flatten(["[", lists:join(",", [quoted(S) || S <- Strings]), "]"]).
 
 stop_nodes(Nodes) ->
     _ = pmap(fun({P, _, _}) -> try peer:stop(P) catch _:_ -> ok end end, Nodes, 16),
@@ -332,6 +341,18 @@ print_reductions(Before, After) ->
 
 rss_kib(OsPid) -> status_kib(OsPid, "VmRSS").
 
+%% The largest value of `Key' over the relays (each has its own bound).
+relays_kib(RelayPids, Key) ->
+    lists:max([0 | [status_kib(P, Key) || P <- relay_pids(RelayPids)]]).
+
+relay_pids(RelayPids) -> string:lexemes(RelayPids, ",").
+
+relays_variant(RelayPids) ->
+    case relay_pids(RelayPids) of
+        [_, _ | _] = Pids -> "/" ++ integer_to_list(length(Pids)) ++ "relays";
+        _ -> ""
+    end.
+
 status_kib(OsPid, Key) ->
     proc_kib("/proc/" ++ OsPid ++ "/status", Key).
 
@@ -355,7 +376,7 @@ proc_kib_(Bin, Key) ->
 cpu_snapshot(RelayPid, Nodes) ->
     Busy = machine_busy(),
     Me = lists:sum([T || {_, T} <- threads(os:getpid())]),
-    Relay = lists:sum([T || {_, T} <- threads(RelayPid)]),
+    Relay = lists:sum([T || Pid <- relay_pids(RelayPid), {_, T} <- threads(Pid)]),
     Node = [threads(OsPid) || {_, _, OsPid} <- Nodes],
     Acc = lists:foldl(fun({Comm, T}, A) ->
                               K = kind(Comm),
@@ -410,8 +431,9 @@ thread(File) ->
 
 %% ---- logs ----
 
-relay_log_counts(File) ->
-    Bin = case file:read_file(File) of {ok, B} -> B; {error, _} -> <<>> end,
+relay_log_counts(Files) ->
+    Bin = iolist_to_binary([B || F <- string:lexemes(Files, ","),
+                                 {ok, B} <- [file:read_file(F)]]),
     Lines = binary:split(Bin, <<"\n">>, [global]),
     Count = fun(P) -> length([L || L <- Lines, binary:match(L, P) =/= nomatch]) end,
     {Count(<<"tunnel opened">>), Count(<<"e2e session opened">>), Count(<<"tunnel closed">>)}.
@@ -518,11 +540,14 @@ proc_kind(P) ->
             "exited"
     end.
 
+%% Counts summed over the node's relay clients (one per relay it joined).
 node_status() ->
-    case macula_dist_relay_client:whereis_client() of
-        undefined -> #{};
-        Client -> macula_dist_relay_client:status(Client)
-    end.
+    lists:foldl(fun(S, Acc) ->
+                        maps:fold(fun(K, V, A) when is_integer(V) ->
+                                          A#{K => maps:get(K, A, 0) + V};
+                                     (_, _, A) -> A
+                                  end, Acc, S)
+                end, #{}, macula_dist:status()).
 
 %% Times of rpc:multicall(AllNodes, erlang, node, []) in ms: the first and
 %% the median of the rest; the results of the last call.

@@ -13,6 +13,8 @@
 #                a comma list runs each (env MESH_CONNECT)
 #   --dial-par K each node dials at most K of its targets at once (default 8;
 #                0: all at once) (env MESH_DIAL_PAR)
+#   --relays R   R relay processes as one set (-macula_dist relay_set; each
+#                node joins its two home relays), default 1 (env MESH_RELAYS)
 #   --no-build   use the existing relay binary and NIF
 #
 # Env: MESH_TIMEOUT (s, default 120) per wait; MESH_START_PAR (default 4) nodes
@@ -32,6 +34,7 @@ root=$(pwd)
 
 modes=${MESH_MODE:-e2e}
 connects=${MESH_CONNECT:-ordered}
+relays=${MESH_RELAYS:-1}
 build=1
 sizes=()
 while [ $# -gt 0 ]; do
@@ -42,6 +45,8 @@ while [ $# -gt 0 ]; do
         --connect=*) connects=${1#*=}; shift ;;
         --dial-par) export MESH_DIAL_PAR=$2; shift 2 ;;
         --dial-par=*) export MESH_DIAL_PAR=${1#*=}; shift ;;
+        --relays) relays=$2; shift 2 ;;
+        --relays=*) relays=${1#*=}; shift ;;
         --no-build) build=0; shift ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | cut -c3-; exit 0 ;;
         [0-9]*) sizes+=("$1"); shift ;;
@@ -51,10 +56,11 @@ done
 [ ${#sizes[@]} -gt 0 ] || sizes=(10)
 [ "$modes" = both ] && modes=e2e,stream
 [ "$modes" = all ] && modes=e2e,stream,tcp
+[ "$relays" -ge 1 ] 2>/dev/null || { echo "mesh.sh: --relays must be >= 1" >&2; exit 2; }
 for n in "${sizes[@]}"; do [ "$n" -ge 2 ] || { echo "mesh.sh: N must be >= 2" >&2; exit 2; }; done
 
 tmp=$(mktemp -d /tmp/macula_mesh.XXXXXX)
-relay_pid=""
+relay_pids=()
 ctl_pid=""
 
 # Kill only what this script started: the controller, the relay, and the
@@ -70,11 +76,34 @@ kill_nodes() {
     done
 }
 stop_relay() {
-    if [ -n "$relay_pid" ]; then
-        kill "$relay_pid" 2>/dev/null || true
-        wait "$relay_pid" 2>/dev/null || true
-        relay_pid=""
-    fi
+    local p
+    for p in "${relay_pids[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    relay_pids=()
+}
+
+# Starts relay number $2 of a run in directory $1; adds its URL, pin, log
+# and pid to the comma lists the controller takes.
+start_relay() {
+    local dir=$1 i=$2 pid addr
+    RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 "$relay_bin" "${relay_args[@]}" \
+        --fingerprint-file "$dir/fingerprint$i" >"$dir/relay$i.out" 2>"$dir/relay$i.log" &
+    pid=$!
+    relay_pids+=("$pid")
+    for _ in $(seq 100); do
+        grep -qs 'relay listening' "$dir/relay$i.log" && [ -s "$dir/fingerprint$i" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat "$dir/relay$i.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    addr=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/relay$i.log" | grep -o 'local_addr=[0-9.:]*' | head -1)
+    addr=${addr#local_addr=}
+    [ -n "$addr" ] || { echo "mesh.sh: relay address not found" >&2; cat "$dir/relay$i.log" >&2; exit 1; }
+    urls=${urls:+$urls,}quic://$addr
+    pins=${pins:+$pins,}$(tr -d ' \n' <"$dir/fingerprint$i")
+    logs=${logs:+$logs,}$dir/relay$i.log
+    ctl_relay=${ctl_relay:+$ctl_relay,}$pid
 }
 cleanup() {
     set +e
@@ -145,30 +174,18 @@ for mode in ${modes//,/ }; do
                 # like the relay), never the machine's own on port 4369.
                 epmd_port=$(free_port)
                 epmd -port "$epmd_port" >"$dir/epmd.log" 2>&1 &
-                relay_pid=$!
-                url=- pin=- relay_log=/dev/null ctl_relay=0
+                relay_pids=($!)
+                urls=- pins=- logs=/dev/null ctl_relay=0
                 sleep 0.5
             else
-                RUST_LOG=${RUST_LOG:-info} NO_COLOR=1 "$relay_bin" "${relay_args[@]}" \
-                    --fingerprint-file "$dir/fingerprint" >"$dir/relay.out" 2>"$dir/relay.log" &
-                relay_pid=$!
-                for _ in $(seq 100); do
-                    grep -qs 'relay listening' "$dir/relay.log" && [ -s "$dir/fingerprint" ] && break
-                    kill -0 "$relay_pid" 2>/dev/null || { cat "$dir/relay.log" >&2; exit 1; }
-                    sleep 0.1
-                done
-                addr=$(sed 's/\x1b\[[0-9;]*m//g' "$dir/relay.log" | grep -o 'local_addr=[0-9.:]*' | head -1)
-                addr=${addr#local_addr=}
-                [ -n "$addr" ] || { echo "mesh.sh: relay address not found" >&2; cat "$dir/relay.log" >&2; exit 1; }
-                url=quic://$addr
-                pin=$(tr -d ' \n' <"$dir/fingerprint")
-                relay_log=$dir/relay.log ctl_relay=$relay_pid
+                urls="" pins="" logs="" ctl_relay=""
+                for i in $(seq "$relays"); do start_relay "$dir" "$i"; done
             fi
             ERL_EPMD_PORT=${epmd_port:-${ERL_EPMD_PORT:-4369}} \
             erl -noshell +S 2:2 -pa "$root/bench/ebin" -pa "$root/_build/default/lib/macula_dist/ebin" \
                 -eval 'macula_mesh:main()' \
-                -extra "$n" "$mode" "$connect" "$dir" "$url" "$pin" "$tmp/token" \
-                "$ctl_relay" "$relay_log" > >(tee "$dir/out") &
+                -extra "$n" "$mode" "$connect" "$dir" "$urls" "$pins" "$tmp/token" \
+                "$ctl_relay" "$logs" > >(tee "$dir/out") &
             ctl_pid=$!
             if wait "$ctl_pid"; then :; else echo "mesh.sh: run N=$n mode=$mode connect=$connect failed"; fi
             ctl_pid=""
