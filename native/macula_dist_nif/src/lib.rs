@@ -19,9 +19,25 @@ use std::sync::atomic::Ordering;
 /// The NIF's own allocator. With glibc's, its threads' arenas gave memory
 /// back and took it again so often that zeroing fresh pages was a third
 /// of its CPU while a mesh of seventy nodes formed (`perf`: sysmalloc's
-/// page faults); mimalloc keeps freed pages for reuse a while.
+/// page faults); mimalloc keeps freed pages for reuse a while
+/// ([`PURGE_DELAY_MS`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// How long mimalloc keeps freed memory before giving it back to the OS:
+/// a mesh forming frees and takes memory again over seconds, and its
+/// default (1 s) gave it back in between (1.4 times the NIF's CPU in a
+/// mesh of seventy nodes, measured against 2 s).
+const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
+/// `mi_option_purge_delay` in mimalloc 3's `mi_option_t` (the -sys crate
+/// names only the options before it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn load(_env: rustler::Env, _info: rustler::Term) -> bool {
+    // SAFETY: sets an integer option; mimalloc reads options at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    true
+}
 
 use macula_dist_node::relay_client::LIVE_CLIENTS;
 use macula_dist_node::tunnel::LIVE_TUNNELS;
@@ -74,4 +90,4 @@ fn dist_lane_of_pid<'a>(env: rustler::Env<'a>, pid: rustler::Binary<'a>) -> rust
     }
 }
 
-rustler::init!("macula_dist_nif");
+rustler::init!("macula_dist_nif", load = load);
