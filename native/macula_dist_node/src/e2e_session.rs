@@ -80,6 +80,8 @@ pub struct SessionSetup {
     pub cluster: Option<Arc<Cluster>>,
     /// Cookie mode: the one TLS configuration of every inbound session.
     pub cookie_server_config: Option<Arc<quinn::ServerConfig>>,
+    /// Cookie mode: the one TLS configuration of every outbound session.
+    pub cookie_client_config: Option<quinn::ClientConfig>,
     pub events: mpsc::UnboundedSender<SessionEvent>,
     pub rt: Handle,
 }
@@ -120,6 +122,23 @@ impl SessionSetup {
                 PeerCheck::AnyKey,
                 transport,
             )?)),
+        }
+    }
+
+    /// The TLS configuration that connects to `target`: one for all in
+    /// cookie mode, one per target in cluster-CA mode (its certificate
+    /// must name it).
+    fn client_config(
+        &self,
+        target: &str,
+        transport: &macula_dist_quic::Transport,
+    ) -> anyhow::Result<quinn::ClientConfig> {
+        match (&self.cluster, &self.cookie_client_config) {
+            (None, Some(config)) => Ok(config.clone()),
+            _ => {
+                let (me, expected) = self.identities(target);
+                identity::client_config(&me, expected, transport)
+            }
         }
     }
 
@@ -216,8 +235,7 @@ pub fn connect(
     setup.rt.clone().spawn(async move {
         let vaddr = path.socket.add_session(path.route(&tunnel, bind));
         let opened = timeout(SESSION_SETUP, async {
-            let (me, expected) = setup.identities(&target);
-            let config = identity::client_config(&me, expected, &path.transport)?;
+            let config = setup.client_config(&target, &path.transport)?;
             let conn = path
                 .endpoint
                 .connect_with(config, vaddr, E2E_SERVER_NAME)?

@@ -451,6 +451,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(peer_key(peer))
         .with_client_auth_cert(me.chain(), me.key())?;
     tls.alpn_protocols = vec![ALPN_E2E.to_vec()];
+    // Sessions are never resumed: no cache of tickets and key shares.
+    tls.resumption = rustls::client::Resumption::disabled();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport.e2e_quinn_config()?));
@@ -470,6 +472,9 @@ pub fn server_config(
         .with_single_cert(me.chain(), me.key())?;
     tls.alpn_protocols = vec![ALPN_E2E.to_vec()];
     tls.max_early_data_size = 0;
+    // Sessions are never resumed: no tickets made, sent or stored.
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport.e2e_quinn_config()?));

@@ -949,11 +949,18 @@ async fn run(client: Arc<Client>, opts: ClientOptions, config: quinn::ClientConf
     let (session_events, mut session_rx) = mpsc::unbounded_channel();
     // (A relay without e2e sessions was refused in e2e mode.)
     if client.wants_e2e {
-        let cookie_server_config = match &client.cluster {
-            Some(_) => None,
-            None => crate::identity::server_config(&client.key, PeerCheck::AnyKey, &opts.transport)
-                .ok()
-                .map(Arc::new),
+        // Cookie mode: every session shows the node's key and takes any
+        // key (the PAKE checks the cookie), so one TLS configuration each
+        // way serves them all (building one loads the key: curve work).
+        let (cookie_server_config, cookie_client_config) = match &client.cluster {
+            Some(_) => (None, None),
+            None => (
+                crate::identity::server_config(&client.key, PeerCheck::AnyKey, &opts.transport)
+                    .ok()
+                    .map(Arc::new),
+                crate::identity::client_config(&client.key, PeerCheck::AnyKey, &opts.transport)
+                    .ok(),
+            ),
         };
         let _ = client.route.set(SessionRoute {
             endpoint: node_endpoint.endpoint.clone(),
@@ -968,6 +975,7 @@ async fn run(client: Arc<Client>, opts: ClientOptions, config: quinn::ClientConf
             key: client.key.clone(),
             cluster: client.cluster.clone(),
             cookie_server_config,
+            cookie_client_config,
             events: session_events,
             rt: client.rt.clone(),
         });
