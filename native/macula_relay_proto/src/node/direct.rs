@@ -127,11 +127,6 @@ pub struct DirectPath {
     rest: Duration,
     /// When the session last sent a datagram (see [`DirectPath::sent`]).
     last_sent: Option<Instant>,
-    /// When this node last sent a keep probe on its direct path.
-    last_keep: Option<Instant>,
-    /// Its last keep probe waits for an answer (or for a keep probe of the
-    /// peer's, which counts as one).
-    keep_pending: bool,
     /// This node's next probe nonce (counts up).
     next_nonce: u64,
     /// The peer's newest probe nonce, and which of the 64 before it came.
@@ -169,8 +164,6 @@ impl DirectPath {
             next_probe: now,
             rest: FIRST_REST,
             last_sent: None,
-            last_keep: None,
-            keep_pending: false,
             next_nonce: 1,
             peer_top: 0,
             peer_seen: 0,
@@ -237,10 +230,9 @@ impl DirectPath {
         }
     }
 
-    /// When a direct path with these timestamps counts as lost: an
-    /// active session's soon after its keep probe went unanswered.
+    /// When a direct path with these timestamps counts as lost.
     fn lost_at(&self, last_answer: Instant, since: Instant, now: Instant) -> Instant {
-        if self.active(now) && self.keep_pending {
+        if self.active(now) {
             last_answer.max(since) + LOST_AFTER
         } else {
             last_answer + IDLE_LOST_AFTER
@@ -321,34 +313,13 @@ impl DirectPath {
                 }
                 self.next_probe = now + PROBE_EVERY;
             }
-            State::Direct {
-                addr,
-                last_answer,
-                since,
-            } => {
-                let active = self.active(now);
-                // A busy session's path is probed while it sends; one that
-                // sent once (a keep-alive) and had its probe answered needs
-                // no more (a lost probe is probed again).
-                let unanswered = self.keep_pending;
-                let sent_since = match (self.last_sent, self.last_keep) {
-                    (Some(sent), Some(keep)) => sent > keep,
-                    _ => true,
+            State::Direct { addr, .. } => {
+                out.push((addr, self.probe_of(KEEP_PROBE, addr)));
+                let every = match self.active(now) {
+                    true => KEEP_EVERY,
+                    false => IDLE_KEEP_EVERY,
                 };
-                if !active || unanswered || sent_since {
-                    out.push((addr, self.probe_of(KEEP_PROBE, addr)));
-                    self.last_keep = Some(now);
-                    self.keep_pending = true;
-                    // A new round of probes after an answered one: the path
-                    // has LOST_AFTER from now to answer it.
-                    let since = if unanswered { since } else { now };
-                    self.state = State::Direct {
-                        addr,
-                        last_answer,
-                        since,
-                    };
-                }
-                self.next_probe = now + if active { KEEP_EVERY } else { IDLE_KEEP_EVERY };
+                self.next_probe = now + every;
             }
             State::Resting { .. } => {}
         }
@@ -432,7 +403,6 @@ impl DirectPath {
                             last_answer: now,
                             since,
                         };
-                        self.keep_pending = false;
                         self.next_probe = self.next_probe.max(now + KEEP_EVERY);
                     }
                 }
@@ -460,7 +430,6 @@ impl DirectPath {
                             last_answer: now,
                             since,
                         };
-                        self.keep_pending = false;
                         (None, None)
                     }
                     State::Direct { .. } => (None, None),
@@ -470,7 +439,6 @@ impl DirectPath {
                             last_answer: now,
                             since: now,
                         };
-                        self.keep_pending = false;
                         self.next_probe = now + KEEP_EVERY;
                         self.rest = FIRST_REST;
                         (None, Some(Event::Direct(from)))
@@ -792,36 +760,6 @@ mod tests {
         assert_eq!(changes, [None, None]);
         let per_side = (10_000 / KEEP_EVERY.as_millis()) as usize;
         assert!(probes[0] + probes[1] <= per_side + 4, "{probes:?}");
-    }
-
-    #[test]
-    fn a_lone_keep_alive_costs_one_probe_and_a_lost_one_is_sent_again() {
-        let now = Instant::now();
-        let (mut a, mut b) = pair(now);
-        run(&mut a, &mut b, now, now + Duration::from_millis(10), true);
-        // Idle, then one datagram (a QUIC keep-alive): one probe, answered,
-        // and none more while it stays active.
-        let later = now + Duration::from_secs(30);
-        run(&mut a, &mut b, now + Duration::from_millis(10), later, true);
-        assert!(a.sent(later));
-        let (probes, change) = run(&mut a, &mut b, later, later + IDLE_AFTER, true);
-        assert_eq!((probes, change), (1, None));
-        // The same with the probe lost: probed again at the next tick.
-        let again = later + Duration::from_secs(30);
-        run(&mut a, &mut b, later + IDLE_AFTER, again, true);
-        assert!(a.sent(again));
-        let mut out = vec![];
-        a.poll(again, &mut out);
-        assert_eq!(out.len(), 1);
-        let (probes, change) = run(
-            &mut a,
-            &mut b,
-            again + Duration::from_millis(1),
-            again + IDLE_AFTER,
-            true,
-        );
-        assert_eq!((probes, change), (1, None));
-        assert_eq!(a.direct(), Some(addr(2)));
     }
 
     #[test]
