@@ -86,6 +86,38 @@ async fn nodes_talk_end_to_end_through_the_relay() {
     drop((a.relay_conn, b.relay_conn));
 }
 
+/// A session finds the largest datagram its path carries in few probes:
+/// quinn's default MTU search sends four padded probes a side, a
+/// good part of a short session's packets when a mesh forms; e2e sessions
+/// probe at most twice (see `E2E_MTU_STEP`) and still reach the bound.
+#[tokio::test]
+async fn a_session_reaches_the_path_mtu_in_two_probes() {
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let (a_end, b_end, _) = session(&mut a, &mut b, b"cookie", b"cookie").await;
+    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let bound = macula_dist_quic::Transport::default().max_udp_payload
+        - macula_relay_proto::wire::dataplane::HEADER_LEN as u16;
+    for end in [&a_end, &b_end] {
+        timeout(WAIT, async {
+            while end.stats().path.current_mtu < bound {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the session reaches the MTU bound on loopback");
+        let path = end.stats().path;
+        assert_eq!(path.current_mtu, bound);
+        assert!(
+            path.sent_plpmtud_probes <= 2,
+            "{} MTU probes",
+            path.sent_plpmtud_probes
+        );
+    }
+    drop((a.relay_conn, b.relay_conn));
+}
+
 /// A node whose relay connection ends (here: closed; a kill -9 is the same
 /// after the idle timeout) takes its sessions with it, and the other side
 /// hears `tun_close` for each at once: it need not wait out the session's
