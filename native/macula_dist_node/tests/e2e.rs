@@ -40,6 +40,15 @@ async fn session(
     (s.requester, s.target, s.tunnel)
 }
 
+/// Nodes `a@h` and `b@h` on `relay`, and a session from `a` to `b` (both
+/// ends, and its tunnel id) with the same cookie.
+async fn nodes_in_a_session(relay: &Relay) -> (E2eNode, E2eNode, Connection, Connection, TunnelId) {
+    let mut a = join(relay, "a@h").await;
+    let mut b = join(relay, "b@h").await;
+    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
+    (a, b, a_end.unwrap(), b_end.unwrap(), tunnel)
+}
+
 async fn transfer(from: &Connection, to: &Connection, data: &[u8]) -> Vec<u8> {
     let (mut send, _) = from.open_bi().await.unwrap();
     let data2 = data.to_vec();
@@ -60,10 +69,7 @@ async fn transfer(from: &Connection, to: &Connection, data: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn nodes_talk_end_to_end_through_the_relay() {
     let relay = relay().await;
-    let mut a = join(&relay, "a@h").await;
-    let mut b = join(&relay, "b@h").await;
-    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
-    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let (mut a, b, a_end, b_end, tunnel) = nodes_in_a_session(&relay).await;
     assert_eq!(relay.stats().sessions, 1);
     let data = random_bytes(4 << 20);
     assert!(transfer(&a_end, &b_end, &data).await == data);
@@ -93,10 +99,7 @@ async fn nodes_talk_end_to_end_through_the_relay() {
 #[tokio::test]
 async fn a_session_reaches_the_path_mtu_in_two_probes() {
     let relay = relay().await;
-    let mut a = join(&relay, "a@h").await;
-    let mut b = join(&relay, "b@h").await;
-    let (a_end, b_end, _) = session(&mut a, &mut b, b"cookie", b"cookie").await;
-    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let (a, b, a_end, b_end, _) = nodes_in_a_session(&relay).await;
     let bound = macula_dist_quic::Transport::default().max_udp_payload
         - macula_relay_proto::wire::dataplane::HEADER_LEN as u16;
     for end in [&a_end, &b_end] {
@@ -167,10 +170,7 @@ fn start_direct(
 async fn a_session_goes_direct_and_the_relay_forwards_no_more_of_it() {
     let _quiet = QUIET.lock().await;
     let relay = relay().await;
-    let mut a = join(&relay, "a@h").await;
-    let mut b = join(&relay, "b@h").await;
-    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
-    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let (mut a, mut b, a_end, b_end, tunnel) = nodes_in_a_session(&relay).await;
     go_direct(&mut a, &mut b, &a_end, &b_end, &tunnel).await;
     timeout(WAIT, async {
         while a.socket.direct_of(&a_end.remote_address()).is_none()
@@ -311,10 +311,7 @@ async fn a_wrong_cookie_fails_the_handshake_on_both_sides() {
 #[tokio::test]
 async fn what_the_relay_alters_or_forges_is_never_delivered() {
     let relay = relay().await;
-    let mut a = join(&relay, "a@h").await;
-    let mut b = join(&relay, "b@h").await;
-    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
-    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let (_a, b, a_end, b_end, tunnel) = nodes_in_a_session(&relay).await;
     let (mut send, _) = a_end.open_bi().await.unwrap();
     send.write_all(b"open").await.unwrap();
     let (_, mut recv) = b_end.accept_bi().await.unwrap();
@@ -543,10 +540,7 @@ async fn a_replayed_probe_moves_nothing() {
     use std::sync::{Arc, Mutex};
     let _quiet = QUIET.lock().await;
     let relay = relay().await;
-    let mut a = join(&relay, "a@h").await;
-    let mut b = join(&relay, "b@h").await;
-    let (a_end, b_end, tunnel) = session(&mut a, &mut b, b"cookie", b"cookie").await;
-    let (a_end, b_end) = (a_end.unwrap(), b_end.unwrap());
+    let (mut a, mut b, a_end, b_end, tunnel) = nodes_in_a_session(&relay).await;
     let a_seen = a.reflexive_address().await.unwrap();
     let b_seen = b.reflexive_address().await.unwrap();
     // The forwarder: what comes from A goes to B and back; probes kept.
