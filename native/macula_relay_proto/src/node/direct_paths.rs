@@ -67,10 +67,6 @@ impl<T: Clone> DirectPaths<T> {
         self.paths.remove(session).map(|e| e.data)
     }
 
-    pub fn get(&self, session: &SessionId) -> Option<(&DirectPath, &T)> {
-        self.paths.get(session).map(|e| (&e.path, &e.data))
-    }
-
     pub fn len(&self) -> usize {
         self.paths.len()
     }
