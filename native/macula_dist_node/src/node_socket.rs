@@ -34,6 +34,14 @@ use macula_dist_quic::udp::{compact_slots, segments, UdpIo, Writable};
 /// held until their session was added.
 type Pending = VecDeque<(RecvMeta, Vec<u8>)>;
 
+/// What one receive saw besides the sessions' QUIC datagrams: probes, and
+/// the sessions that heard from their direct path.
+#[derive(Default)]
+struct Received {
+    probes: Vec<(SocketAddr, Vec<u8>)>,
+    heard: Vec<(SessionId, SocketAddr)>,
+}
+
 #[derive(Debug)]
 pub struct NodeSocket {
     udp: Arc<UdpIo>,
@@ -183,10 +191,20 @@ impl NodeSocket {
         (direct.on_path)(event);
     }
 
-    /// Probe datagrams received (after the receive lock is let go).
-    fn on_probes(&self, probes: Vec<(SocketAddr, Vec<u8>)>) {
+    /// Probes received, and sessions that heard from their direct path
+    /// (after the receive lock is let go).
+    fn on_received(&self, received: Received) {
+        if received.probes.is_empty() && received.heard.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        for (from, d) in probes {
+        if !received.heard.is_empty() {
+            let mut directs = lock(&self.directs);
+            for (session, from) in &received.heard {
+                directs.heard(session, *from, now);
+            }
+        }
+        for (from, d) in received.probes {
             let Some(session) = direct::probe_session(&d) else {
                 continue;
             };
@@ -323,12 +341,7 @@ impl NodeSocket {
     /// header and take their session's virtual address. A slot keeps its
     /// first run of datagrams of one origin; later runs of another origin
     /// go to the pending queue. Returns the bytes left in the slot.
-    fn demux(
-        &self,
-        buf: &mut [u8],
-        meta: &mut RecvMeta,
-        probes: &mut Vec<(SocketAddr, Vec<u8>)>,
-    ) -> usize {
+    fn demux(&self, buf: &mut [u8], meta: &mut RecvMeta, received: &mut Received) -> usize {
         let stride = if meta.stride == 0 {
             meta.len
         } else {
@@ -341,7 +354,9 @@ impl NodeSocket {
         let now = Instant::now();
         for (off, len) in segments(meta.len, stride) {
             if direct::probe_session(&buf[off..off + len]).is_some() {
-                probes.push((meta.addr, buf[off..off + len].to_vec()));
+                received
+                    .probes
+                    .push((meta.addr, buf[off..off + len].to_vec()));
                 continue;
             }
             let (origin, inner) = match dataplane::classify(&buf[off..off + len]) {
@@ -350,7 +365,15 @@ impl NodeSocket {
                 Datagram::Session { session, .. } => {
                     let inner = off + HEADER_LEN..off + len;
                     match paths.inbound(meta.addr, session) {
-                        Some(vaddr) => (vaddr, inner),
+                        Some(vaddr) => {
+                            let heard = (session, meta.addr);
+                            if paths.is_direct(&vaddr, &meta.addr)
+                                && received.heard.last() != Some(&heard)
+                            {
+                                received.heard.push(heard);
+                            }
+                            (vaddr, inner)
+                        }
                         None => {
                             paths.hold(meta.addr, session, &buf[inner], now);
                             continue;
@@ -437,14 +460,12 @@ impl AsyncUdpSocket for NodeSocket {
                 Poll::Ready(Ok(n)) => n,
                 other => return other,
             };
-            let mut probes = vec![];
+            let mut received = Received::default();
             for i in 0..n {
                 let len = meta[i].len;
-                meta[i].len = self.demux(&mut bufs[i][..len], &mut meta[i], &mut probes);
+                meta[i].len = self.demux(&mut bufs[i][..len], &mut meta[i], &mut received);
             }
-            if !probes.is_empty() {
-                self.on_probes(probes);
-            }
+            self.on_received(received);
             let kept = compact_slots(bufs, meta, n);
             if kept > 0 {
                 return Poll::Ready(Ok(kept));

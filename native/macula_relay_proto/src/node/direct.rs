@@ -68,6 +68,15 @@ pub const MAX_REST: Duration = Duration::from_secs(60);
 pub const KEEP_EVERY: Duration = Duration::from_millis(500);
 /// A direct path in use without an answer for this long is given up.
 pub const LOST_AFTER: Duration = Duration::from_millis(1500);
+/// How long the peer's session datagrams arriving on the path in use stand
+/// in for answers. While they keep coming, a busy path is probed every
+/// `HEARD_TRUST` instead of every [`KEEP_EVERY`] (in a forming mesh of
+/// forty nodes, keep probes and their answers were a third of all
+/// datagrams). The datagrams are not authenticated here (quinn drops forged
+/// ones later), so someone who forges the peer's address keeps a dead path
+/// at most this much longer: probes then go out again, and only answers
+/// count.
+pub const HEARD_TRUST: Duration = Duration::from_secs(5);
 /// A session that sent nothing for this long is idle.
 pub const IDLE_AFTER: Duration = Duration::from_secs(2);
 /// How often an idle session's direct path is probed. The session's own
@@ -99,9 +108,9 @@ enum State {
     Probing {
         until: Instant,
     },
-    /// `since`: when the path was taken or the session last became
-    /// active; a path in use is given up [`LOST_AFTER`] after the later of
-    /// it and the last answer.
+    /// `since`: when the path was taken, the session last became active,
+    /// or the peer's traffic last proved the path; a path in use is given
+    /// up [`LOST_AFTER`] after the later of it and the last answer.
     Direct {
         addr: SocketAddr,
         last_answer: Instant,
@@ -127,6 +136,9 @@ pub struct DirectPath {
     rest: Duration,
     /// When the session last sent a datagram (see [`DirectPath::sent`]).
     last_sent: Option<Instant>,
+    /// When a session datagram last came from the path in use (see
+    /// [`DirectPath::heard`]).
+    last_heard: Option<Instant>,
     /// This node's next probe nonce (counts up).
     next_nonce: u64,
     /// The peer's newest probe nonce, and which of the 64 before it came.
@@ -164,6 +176,7 @@ impl DirectPath {
             next_probe: now,
             rest: FIRST_REST,
             last_sent: None,
+            last_heard: None,
             next_nonce: 1,
             peer_top: 0,
             peer_seen: 0,
@@ -228,6 +241,26 @@ impl DirectPath {
             }
             _ => false,
         }
+    }
+
+    /// A session datagram came from `from`: on the path in use, it stands
+    /// in for an answer for a while (see [`HEARD_TRUST`]).
+    pub fn heard(&mut self, from: SocketAddr, now: Instant) {
+        if self.direct() == Some(from) {
+            self.last_heard = Some(now);
+        }
+    }
+
+    /// The peer's session datagrams on the path in use answer this side's
+    /// traffic: the last one came at most [`KEEP_EVERY`] before this side
+    /// last sent (the last datagram of an exchange is often a bare
+    /// acknowledgement, which nothing answers), and the last answer to a
+    /// probe is recent enough to trust them.
+    fn proven(&self, last_answer: Instant, now: Instant) -> bool {
+        let (Some(heard), Some(sent)) = (self.last_heard, self.last_sent) else {
+            return false;
+        };
+        heard + KEEP_EVERY >= sent && now < last_answer + HEARD_TRUST
     }
 
     /// When a direct path with these timestamps counts as lost.
@@ -297,6 +330,7 @@ impl DirectPath {
                 self.state = State::Resting {
                     until: now + FIRST_REST,
                 };
+                self.last_heard = None;
                 event = Some(Event::Relay);
             }
             State::Resting { until } if now >= until => self.start_probing(now),
@@ -313,9 +347,22 @@ impl DirectPath {
                 }
                 self.next_probe = now + PROBE_EVERY;
             }
-            State::Direct { addr, .. } => {
-                out.push((addr, self.probe_of(KEEP_PROBE, addr)));
-                let every = match self.active(now) {
+            State::Direct {
+                addr, last_answer, ..
+            } => {
+                let active = self.active(now);
+                if active && self.proven(last_answer, now) {
+                    // No probe this time; the path counts as answering
+                    // from now (as when the session wakes).
+                    self.state = State::Direct {
+                        addr,
+                        last_answer,
+                        since: now,
+                    };
+                } else {
+                    out.push((addr, self.probe_of(KEEP_PROBE, addr)));
+                }
+                let every = match active {
                     true => KEEP_EVERY,
                     false => IDLE_KEEP_EVERY,
                 };
@@ -439,6 +486,7 @@ impl DirectPath {
                             last_answer: now,
                             since: now,
                         };
+                        self.last_heard = None;
                         self.next_probe = now + KEEP_EVERY;
                         self.rest = FIRST_REST;
                         (None, Some(Event::Direct(from)))
@@ -695,15 +743,16 @@ mod tests {
     }
 
     /// Runs both sides' timers from `from` to `to`, both sending all
-    /// along, with datagrams getting through as `a_to_b` and `b_to_a` say:
+    /// along, with datagrams getting through as `a_to_b` and `b_to_a` say,
+    /// and each side hearing the other's session datagrams when `heard`:
     /// the probes each side sent (answers not counted), and each side's
     /// first change of path.
     fn run_busy_pair(
         a: &mut DirectPath,
         b: &mut DirectPath,
         (from, to): (Instant, Instant),
-        a_to_b: bool,
-        b_to_a: bool,
+        (a_to_b, b_to_a): (bool, bool),
+        heard: bool,
     ) -> ([usize; 2], [Option<(Instant, Event)>; 2]) {
         let mut t = from;
         let mut probes = [0; 2];
@@ -716,6 +765,13 @@ mod tests {
         while t < to {
             a.sent(t);
             b.sent(t);
+            // A side's session datagrams take the direct path while it has one.
+            if heard && a_to_b && a.direct().is_some() {
+                b.heard(addr(1), t);
+            }
+            if heard && b_to_a && b.direct().is_some() {
+                a.heard(addr(2), t);
+            }
             for side in [0, 1] {
                 let (me, peer, there, back, my_addr, peer_addr) = match side {
                     0 => (&mut *a, &mut *b, a_to_b, b_to_a, addr(1), addr(2)),
@@ -746,20 +802,67 @@ mod tests {
         let now = Instant::now();
         let (mut a, mut b) = pair(now);
         let start = (now, now + Duration::from_millis(10));
-        let (_, changes) = run_busy_pair(&mut a, &mut b, start, true, true);
+        let (_, changes) = run_busy_pair(&mut a, &mut b, start, (true, true), false);
         assert!(changes
             .iter()
             .all(|c| matches!(c, Some((_, Event::Direct(_))))));
-        // Ten busy seconds: about one probe per KEEP_EVERY in all, not
-        // one per side.
+        // Ten busy seconds, neither hearing the other's datagrams: about one
+        // probe per KEEP_EVERY in all, not one per side.
         let busy = (
             now + Duration::from_millis(10),
             now + Duration::from_secs(10),
         );
-        let (probes, changes) = run_busy_pair(&mut a, &mut b, busy, true, true);
+        let (probes, changes) = run_busy_pair(&mut a, &mut b, busy, (true, true), false);
         assert_eq!(changes, [None, None]);
         let per_side = (10_000 / KEEP_EVERY.as_millis()) as usize;
         assert!(probes[0] + probes[1] <= per_side + 4, "{probes:?}");
+    }
+
+    #[test]
+    fn the_peers_traffic_on_the_path_spares_most_probes() {
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        let start = (now, now + Duration::from_millis(10));
+        run_busy_pair(&mut a, &mut b, start, (true, true), true);
+        // Twenty busy seconds, each side hearing the other: a probe round
+        // per HEARD_TRUST, and the path kept.
+        let busy = (
+            now + Duration::from_millis(10),
+            now + Duration::from_secs(20),
+        );
+        let (probes, changes) = run_busy_pair(&mut a, &mut b, busy, (true, true), true);
+        assert_eq!(changes, [None, None]);
+        let rounds = (20 / HEARD_TRUST.as_secs()) as usize;
+        assert!(probes[0] + probes[1] <= 2 * rounds + 2, "{probes:?}");
+        assert_eq!((a.direct(), b.direct()), (Some(addr(2)), Some(addr(1))));
+    }
+
+    #[test]
+    fn datagrams_from_the_path_keep_a_dead_path_only_so_long() {
+        // The path stops answering, but datagrams keep coming from the
+        // peer's address (forged, say): probes start again once the last
+        // answer is HEARD_TRUST old, and the path is given up LOST_AFTER
+        // later.
+        let now = Instant::now();
+        let (mut a, mut b) = pair(now);
+        run(&mut a, &mut b, now, now + Duration::from_millis(10), true);
+        assert_eq!(a.direct(), Some(addr(2)));
+        let mut t = now + Duration::from_millis(10);
+        let mut probes = 0;
+        let event = loop {
+            a.sent(t);
+            a.heard(addr(2), t);
+            let mut out = vec![];
+            if let Some(e) = a.poll(t, &mut out) {
+                break e;
+            }
+            probes += out.len();
+            t = a.next_timeout(t).max(t + Duration::from_millis(1));
+        };
+        assert_eq!(event, Event::Relay);
+        assert!(t.duration_since(now) <= HEARD_TRUST + LOST_AFTER + KEEP_EVERY);
+        assert!(t.duration_since(now) >= HEARD_TRUST);
+        assert!((2..=4).contains(&probes), "{probes}");
     }
 
     #[test]
@@ -767,12 +870,12 @@ mod tests {
         let now = Instant::now();
         let (mut a, mut b) = pair(now);
         let start = (now, now + Duration::from_millis(10));
-        run_busy_pair(&mut a, &mut b, start, true, true);
+        run_busy_pair(&mut a, &mut b, start, (true, true), true);
         // B's datagrams stop reaching A; A's still reach B, and A keeps
         // probing (kind 0) after it gives the path up.
         let later = now + Duration::from_millis(10);
         let span = (later, later + Duration::from_secs(20));
-        let (_, changes) = run_busy_pair(&mut a, &mut b, span, true, false);
+        let (_, changes) = run_busy_pair(&mut a, &mut b, span, (true, false), true);
         for (t, e) in changes.map(Option::unwrap) {
             assert_eq!(e, Event::Relay);
             assert!(t.duration_since(later) <= 2 * LOST_AFTER + KEEP_EVERY);

@@ -10,6 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::direct::{DirectPath, Event, Probe};
@@ -93,6 +94,15 @@ impl<T: Clone> DirectPaths<T> {
         Some((result, self.push(at, *session)))
     }
 
+    /// A session datagram came from `from` (see [`DirectPath::heard`]). It
+    /// only ever puts deadlines off, so the queue is left as it is: an entry
+    /// that comes up early is run and pushed back.
+    pub fn heard(&mut self, session: &SessionId, from: SocketAddr, now: Instant) {
+        if let Some(entry) = self.paths.get_mut(session) {
+            entry.path.heard(from, now);
+        }
+    }
+
     /// Runs the paths whose timers are due: their probes go into `out`,
     /// their changes of path into `changes`. Returns when to run next
     /// (none: no path left).
@@ -157,7 +167,6 @@ const MIN_STEP: std::time::Duration = std::time::Duration::from_millis(1);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
     use std::time::Duration;
 
     fn addr(port: u16) -> SocketAddr {

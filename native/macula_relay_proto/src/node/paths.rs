@@ -143,6 +143,11 @@ impl Paths {
         Some((*route, self.direct.get(vaddr).copied()))
     }
 
+    /// True when `from` is the direct address the session at `vaddr` uses.
+    pub fn is_direct(&self, vaddr: &SocketAddr, from: &SocketAddr) -> bool {
+        self.direct.get(vaddr) == Some(from)
+    }
+
     pub fn route(&self, vaddr: &SocketAddr) -> Option<&Route> {
         self.routes.get(vaddr)
     }
