@@ -178,6 +178,10 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
     case is_node_name(Node) andalso dial_clients(Node) of
         [_ | _] = Clients ->
+            %% Joining the target's relays is finding where it is (as
+            %% inet_tls_dist resets its timer after the address lookup):
+            %% the session and the handshake get the whole set-up time.
+            dist_util:reset_timer(Timer),
             case request_tunnel(Clients, atom_to_binary(Node, utf8), []) of
                 {ok, _ConnRef, Tunnel} ->
                     Ctrl = start_controller(Tunnel, undefined),
