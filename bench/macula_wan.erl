@@ -225,6 +225,10 @@ loaded_rtt(B) ->
 %% most bytes the carrier held unsent (macula's `send_pending').
 loaded_rtt(B, Pings, Seconds) ->
     Self = self(),
+    %% The echo is spawned before the load starts: under load a sender the
+    %% VM suspended (busy_dist_port) can stay suspended for the whole run,
+    %% and only the pings below are bounded by the deadline.
+    Echo = spawn(B, macula_bench, echo, []),
     Streamer = spawn(fun() ->
                              Counter = spawn(B, ?MODULE, counter, [self(), 8]),
                              Self ! streaming,
@@ -234,7 +238,6 @@ loaded_rtt(B, Pings, Seconds) ->
     receive streaming -> ok end,
     timer:sleep(1000),
     Watcher = spawn(fun() -> watch_busy(B, 0, 0) end),
-    Echo = spawn(B, macula_bench, echo, []),
     Deadline = erlang:monotonic_time(millisecond) + Seconds * 1000,
     %% The pinger runs apart: a sender the VM suspended (busy_dist_port)
     %% does not see its own deadline.

@@ -18,7 +18,8 @@
          checked_send/4, checked_send/5, checked_receiver/2, checked_result/2,
          capture_log/0, logged/1, mailbox_sampler/1, mailbox_max/1,
          echo_server/1, pingers/4, pid_ordered_receiver/2, pid_ordered_senders/4,
-         last_words/1, name_monitor_order/3]).
+         last_words/1, name_monitor_order/3, acking_receiver/1, windowed_stream/4,
+         pings_within/4]).
 %% logger handler callback (capture_log/0).
 -export([log/2]).
 
@@ -563,6 +564,40 @@ echo_server(Name) ->
                          end)),
     ok.
 
+%% Registers Name: acknowledges every {win, From, Seq, _} to From.
+acking_receiver(Name) ->
+    register(Name, spawn(fun Loop() ->
+                                 receive {win, From, Seq, _} -> From ! {win_ack, Seq} end,
+                                 Loop()
+                         end)),
+    ok.
+
+%% Streams Size-byte messages to Name on Node without end, at most Window
+%% unacknowledged (acking_receiver/1), as a windowed transfer does; stopped
+%% by exit(Pid, kill).
+windowed_stream(Node, Name, Window, Size) ->
+    Payload = crypto:strong_rand_bytes(Size),
+    spawn(fun() -> window_loop({Name, Node}, Payload, 1, 0, Window) end).
+
+window_loop(To, Payload, Seq, Acked, Window) when Seq - Acked > Window ->
+    receive {win_ack, A} -> window_loop(To, Payload, Seq, max(A, Acked), Window) end;
+window_loop(To, Payload, Seq, Acked, Window) ->
+    To ! {win, self(), Seq, Payload},
+    window_loop(To, Payload, Seq + 1, Acked, Window).
+
+%% Count round trips with the echo server Name on Node, one after another:
+%% `ok' when all came back within Ms in all, else how many did.
+pings_within(Node, Name, Count, Ms) ->
+    Self = self(),
+    Pinger = spawn(fun() -> Self ! {pings, ping_loop({Name, Node}, 1, Count)} end),
+    receive
+        {pings, Result} -> Result
+    after Ms ->
+        {dictionary, D} = process_info(Pinger, dictionary),
+        exit(Pinger, kill),
+        {not_in_time, proplists:get_value(pinged, D, 0)}
+    end.
+
 %% Pingers processes, each Count round trips of 64 random bytes with the
 %% echo server Name on Node: `ok' when every answer came back intact and
 %% in order, else the first pinger's complaint.
@@ -579,6 +614,7 @@ pingers(Node, Name, Pingers, Count) ->
 ping_loop(_To, Seq, Count) when Seq > Count ->
     ok;
 ping_loop(To, Seq, Count) ->
+    put(pinged, Seq - 1),
     P = crypto:strong_rand_bytes(64),
     To ! {ping, self(), Seq, P},
     receive

@@ -16,7 +16,8 @@
          relay_nodes_lists_the_others/1, autoconnect_meshes_by_itself/1,
          direct_path_on_loopback/1, direct_false_stays_relayed/1,
          keeper_answers_sys_while_reconnecting/1, deprecated_calls_answer_as_before/1,
-         bulk_beside_pingers_in_order/1, name_monitor_down_after_last_words/1,
+         bulk_beside_pingers_in_order/1, pings_beside_a_windowed_stream/1,
+         name_monitor_down_after_last_words/1,
          vm_packets_routed_by_sender/1]).
 
 suite() -> [{timetrap, {minutes, 5}}].
@@ -34,7 +35,8 @@ groups() ->
              relay_restart_reconnects, idle_connection_kept_by_ticks, one_udp_port_per_node,
              second_node_with_a_live_name_fails_to_boot, relay_nodes_lists_the_others,
              autoconnect_meshes_by_itself, kill_9_seen_with_default_ticktime,
-             bulk_beside_pingers_in_order, name_monitor_down_after_last_words,
+             bulk_beside_pingers_in_order, pings_beside_a_windowed_stream,
+             name_monitor_down_after_last_words,
              vm_packets_routed_by_sender],
     [{e2e, [], Cases ++ [cluster_ca_mode, direct_path_on_loopback, direct_false_stays_relayed,
                          keeper_answers_sys_while_reconnecting, deprecated_calls_answer_as_before]},
@@ -236,6 +238,22 @@ bulk_beside_pingers_in_order(Config) ->
         stream ->
             ?assertEqual({ok, [{lanes, 0}]}, call(A, net_kernel, getopts, [BN, [lanes]]))
     end.
+
+%% A transfer with a window of 16 MiB never ends while 50 pings go one
+%% after another: the carrier drains the VM's queue past the window, so the
+%% VM never suspends the pinger behind the stream (before, a stream tunnel
+%% said busy at 4 MiB, and the VM resumed the streamer first each time:
+%% the pinger waited for minutes).
+pings_beside_a_windowed_stream(Config) ->
+    [{A, _}, {B, BN}] = peers(Config, [pa32, pb32]),
+    ?assertEqual(pong, call(A, net_adm, ping, [BN])),
+    ok = call(B, macula_ct, acking_receiver, [macula_win]),
+    ok = call(B, macula_ct, echo_server, [macula_echo]),
+    Streamer = call(A, macula_ct, windowed_stream, [BN, macula_win, 16, 1 bsl 20]),
+    timer:sleep(1000),
+    Result = call(A, macula_ct, pings_within, [BN, macula_echo, 50, 60000]),
+    call(A, erlang, exit, [Streamer, kill]),
+    ?assertEqual(ok, Result).
 
 %% The DOWN of a monitor by name names no pid, so it goes behind a fence;
 %% it still comes after the process's last message, 300 times, with a bulk

@@ -74,6 +74,9 @@ pub struct Tunnel {
     pub outbound: bool,
     pub mode: Mode,
     outbox: Outbox,
+    /// The distribution handshake is done ([`Tunnel::split_by_sender`]
+    /// was asked, in either mode): the split water marks apply.
+    data_phase: AtomicBool,
     want_writable: AtomicBool,
     credit: AtomicU32,
     credit_added: Notify,
@@ -209,6 +212,7 @@ impl Tunnel {
                 .zip(streams.conn.as_ref().map(|c| c.remote_address())),
             conn: streams.conn.clone(),
             outbox: Outbox::default(),
+            data_phase: AtomicBool::new(false),
             want_writable: AtomicBool::new(false),
             credit: AtomicU32::new(0),
             credit_added: Notify::new(),
@@ -282,6 +286,12 @@ impl Tunnel {
     /// From now on (the distribution handshake is done), each sending
     /// process's packets go on its own lane.
     pub fn split_by_sender(&self) -> Result<(), NotE2e> {
+        // A stream tunnel keeps its one stream, but drains the VM's queue
+        // as far as an e2e session does: below the cap the VM never marks
+        // the connection busy, and a windowed transfer does not get every
+        // other sender suspended (and starved: the VM resumes them in the
+        // order they were suspended, the bulk sender first each time).
+        self.data_phase.store(true, Ordering::Release);
         if self.mode != Mode::E2e {
             return Err(NotE2e);
         }
@@ -298,7 +308,7 @@ impl Tunnel {
     }
 
     fn water_marks(&self) -> (usize, usize) {
-        if self.outbox.is_split() {
+        if self.data_phase.load(Ordering::Acquire) {
             (SPLIT_HIGH_WATER, SPLIT_LOW_WATER)
         } else {
             (HIGH_WATER, LOW_WATER)
