@@ -593,9 +593,12 @@ pings_within(Node, Name, Count, Ms) ->
     receive
         {pings, Result} -> Result
     after Ms ->
-        {dictionary, D} = process_info(Pinger, dictionary),
+        Done = case process_info(Pinger, dictionary) of
+                   {dictionary, D} -> proplists:get_value(pinged, D, 0);
+                   undefined -> Count
+               end,
         exit(Pinger, kill),
-        {not_in_time, proplists:get_value(pinged, D, 0)}
+        receive {pings, Result} -> Result after 0 -> {not_in_time, Done} end
     end.
 
 %% Pingers processes, each Count round trips of 64 random bytes with the
