@@ -797,15 +797,22 @@ mod tests {
         (probes, changes)
     }
 
-    #[test]
-    fn one_side_probes_a_busy_pairs_path() {
-        let now = Instant::now();
+    /// Two sides busy from `now`, both gone direct within 10 ms (hearing
+    /// each other's datagrams when `heard`).
+    fn busy_pair_gone_direct(now: Instant, heard: bool) -> (DirectPath, DirectPath) {
         let (mut a, mut b) = pair(now);
         let start = (now, now + Duration::from_millis(10));
-        let (_, changes) = run_busy_pair(&mut a, &mut b, start, (true, true), false);
+        let (_, changes) = run_busy_pair(&mut a, &mut b, start, (true, true), heard);
         assert!(changes
             .iter()
             .all(|c| matches!(c, Some((_, Event::Direct(_))))));
+        (a, b)
+    }
+
+    #[test]
+    fn one_side_probes_a_busy_pairs_path() {
+        let now = Instant::now();
+        let (mut a, mut b) = busy_pair_gone_direct(now, false);
         // Ten busy seconds, neither hearing the other's datagrams: about one
         // probe per KEEP_EVERY in all, not one per side.
         let busy = (
@@ -821,9 +828,7 @@ mod tests {
     #[test]
     fn the_peers_traffic_on_the_path_spares_most_probes() {
         let now = Instant::now();
-        let (mut a, mut b) = pair(now);
-        let start = (now, now + Duration::from_millis(10));
-        run_busy_pair(&mut a, &mut b, start, (true, true), true);
+        let (mut a, mut b) = busy_pair_gone_direct(now, true);
         // Twenty busy seconds, each side hearing the other: a probe round
         // per HEARD_TRUST, and the path kept.
         let busy = (
@@ -868,9 +873,7 @@ mod tests {
     #[test]
     fn a_path_that_works_one_way_only_is_given_up_by_both() {
         let now = Instant::now();
-        let (mut a, mut b) = pair(now);
-        let start = (now, now + Duration::from_millis(10));
-        run_busy_pair(&mut a, &mut b, start, (true, true), true);
+        let (mut a, mut b) = busy_pair_gone_direct(now, true);
         // B's datagrams stop reaching A; A's still reach B, and A keeps
         // probing (kind 0) after it gives the path up.
         let later = now + Duration::from_millis(10);
