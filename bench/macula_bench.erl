@@ -8,7 +8,7 @@
 
 -export([main/1]).
 %% Shared with macula_wan.
--export([tls_optfile/1, rtt/3, setup/2]).
+-export([tls_optfile/1, rtt/3, setup/2, make_busy/1]).
 %% Run on node A (and macula_wan:loaded_rtt/3: latency under load).
 -export([rtt/1, small/1, bulk/1, setup/1, mem_start/1, mem_status/0, mem_finish/0]).
 %% Run on node B.
@@ -126,8 +126,9 @@ run_pair(Carrier, Rep, Env) ->
     {B, BN} = start_node(list_to_atom("bench_b" ++ Suffix), 1, Carrier, Env),
     try
         pong = peer:call(A, net_adm, ping, [BN]),
-        lists:prefix("macula_direct", atom_to_list(Carrier)) andalso wait_direct(A, BN, 100),
         Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 600000) end,
+        lists:prefix("macula_direct", atom_to_list(Carrier)) andalso
+            (Call(make_busy) =:= ok andalso wait_direct(A, BN, 100)),
         {P50, P99} = Call(rtt),
         Small = Call(small),
         Cpu0 = cpu_seconds(maps:get(relay_pid, Env)),
@@ -332,6 +333,14 @@ checker(Next, Problem) ->
     end.
 
 is_macula(Carrier) -> lists:prefix("macula", atom_to_list(Carrier)).
+
+%% Sends 256 KiB to BN: a session that carried that much through its relay
+%% looks for a direct path (a quiet one stays on the relay).
+make_busy(BN) ->
+    Bin = crypto:strong_rand_bytes(256 * 1024),
+    Size = byte_size(Bin),
+    Size = erpc:call(BN, erlang, byte_size, [Bin]),
+    ok.
 
 %% Waits (100 ms steps) until A's session with BN is on a direct path.
 wait_direct(_A, BN, 0) -> error({no_direct_path, BN});

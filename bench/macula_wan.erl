@@ -121,7 +121,8 @@ run_pair(Carrier, Rep, #{ns_a := NsA, ns_b := NsB, addr_a := AddrA, addr_b := Ad
     {A, _} = start_node(list_to_atom("wan_a" ++ Suffix), NsA, AddrA, Carrier, Env),
     try
         pong = peer:call(A, net_adm, ping, [BN], 60000),
-        lists:prefix("macula_direct", atom_to_list(Carrier)) andalso wait_direct(A, BN, 100),
+        lists:prefix("macula_direct", atom_to_list(Carrier)) andalso
+            (peer:call(A, macula_bench, make_busy, [BN], 600000) =:= ok andalso wait_direct(A, BN, 100)),
         Call = fun(F) -> peer:call(A, ?MODULE, F, [BN], 900000) end,
         {P50, P99} = Call(idle_rtt),
         Small = Call(small),

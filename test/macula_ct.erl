@@ -13,7 +13,7 @@
          session_path/2, netns_peer/3, release_dir/1, netns_relay/5, relay_bin/0,
          namespace_suite/4]).
 %% Run on peer nodes.
--export([big_exchange/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
+-export([big_exchange/2, make_busy/2, random_with_md5/1, watch/2, watch_result/1, ordered_sender/3,
          ordered_receiver/2, receiver_result/1, connect_all/1, register_here/1,
          checked_send/4, checked_send/5, checked_receiver/2, checked_result/2,
          capture_log/0, logged/1, mailbox_sampler/1, mailbox_max/1,
@@ -221,6 +221,14 @@ start_peer(Name, RelayInfo, Extra, Opts) ->
 
 stop_peer(Peer) ->
     try peer:stop(Peer) catch _:_ -> ok end,
+    ok.
+
+%% Moves enough through the session between peer P and node Peer for it to
+%% look for a direct path: a session does once it carried 256 KiB through
+%% its relay (`BUSY_BYTES' in the protocol crate's direct.rs), and this is
+%% 512 KiB, each side sending half.
+make_busy(P, Peer) ->
+    {ok, _} = peer:call(P, ?MODULE, big_exchange, [Peer, 128 * 1024], 120000),
     ok.
 
 %% ---- run on peers ----

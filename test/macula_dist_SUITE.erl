@@ -455,8 +455,9 @@ relay_restart_reconnects(Config) ->
             ?assertEqual(AN, call(A, erlang, node, [])),
             ?assertEqual(pang, call(A, net_adm, ping, [BN]));
         e2e ->
-            %% On loopback the session goes direct: it needs no relay, and
-            %% outlives this one (past the 10 s a session waits for one).
+            %% On loopback a busy session goes direct: it needs no relay,
+            %% and outlives this one (past the 10 s a session waits for one).
+            ok = macula_ct:make_busy(A, BN),
             ?assertEqual(true, wait_for(fun() -> session_paths(A, BN) =/= [relay] end)),
             macula_dist_relay:stop(Relay),
             timer:sleep(12000),
@@ -584,13 +585,19 @@ session_paths(P, Peer) ->
              #{peer := N, path := Path} <- Ss, N =:= Name].
 
 %% On loopback the relay sees each node at 127.0.0.1:Port and tells the
-%% other (`cand`): their probes are answered and the session goes direct,
-%% under the same QUIC connection. Status shows the address; traffic both
-%% ways goes on with no nodedown.
+%% other (`cand`). A quiet session stays on the relay; once it carried
+%% 256 KiB its nodes probe each other, the probes are answered and the
+%% session goes direct, under the same QUIC connection. Status shows the
+%% address; traffic both ways goes on with no nodedown.
 direct_path_on_loopback(Config) ->
     [{A, AN}, {B, BN}] = peers(Config, [pa22, pb22]),
     ?assertEqual(pong, call(A, net_adm, ping, [BN])),
     ok = call(A, macula_ct, watch, [BN, macula_direct_watch]),
+    [BN = call(A, erpc, call, [BN, erlang, node, []]) || _ <- lists:seq(1, 100)],
+    timer:sleep(500),
+    ?assertEqual([relay], session_paths(A, BN)),
+    ?assertEqual([relay], session_paths(B, AN)),
+    ok = macula_ct:make_busy(A, BN),
     IsDirect = fun(P, Peer) -> case session_paths(P, Peer) of
                                    [{direct, <<"127.0.0.1:", _/binary>>}] -> true;
                                    _ -> false

@@ -34,12 +34,13 @@ use macula_dist_quic::udp::{compact_slots, segments, UdpIo, Writable};
 /// held until their session was added.
 type Pending = VecDeque<(RecvMeta, Vec<u8>)>;
 
-/// What one receive saw besides the sessions' QUIC datagrams: probes, and
-/// the sessions that heard from their direct path.
+/// What one receive saw besides the sessions' QUIC datagrams: probes, the
+/// sessions that heard from their direct path, and those that got busy.
 #[derive(Default)]
 struct Received {
     probes: Vec<(SocketAddr, Vec<u8>)>,
     heard: Vec<(SessionId, SocketAddr)>,
+    busy: Vec<SessionId>,
 }
 
 #[derive(Debug)]
@@ -102,7 +103,10 @@ impl NodeSocket {
             return false;
         };
         let now = Instant::now();
-        let path = DirectPath::new(route.session, secret, requester, now);
+        let mut path = DirectPath::new(route.session, secret, requester, now);
+        if lock(&self.paths).is_busy(&vaddr) {
+            path.busy(now);
+        }
         let sooner =
             lock(&self.directs).insert(route.session, path, Direct { vaddr, on_path }, now);
         self.direct_task.call_once(|| {
@@ -168,6 +172,16 @@ impl NodeSocket {
         }
     }
 
+    /// A session carried [`direct::BUSY_BYTES`] through its relay: it
+    /// starts looking for a direct path.
+    fn got_busy(&self, session: SessionId) {
+        let now = Instant::now();
+        let updated = lock(&self.directs).update(&session, now, |p, _| p.busy(now));
+        if let Some(((), true)) = updated {
+            self.direct_timer.notify_one();
+        }
+    }
+
     fn send_probe(&self, to: SocketAddr, probe: &[u8]) {
         // A probe that cannot go now is one of many.
         let _ = self.udp.try_send(&Transmit {
@@ -194,8 +208,11 @@ impl NodeSocket {
     /// Probes received, and sessions that heard from their direct path
     /// (after the receive lock is let go).
     fn on_received(&self, received: Received) {
-        if received.probes.is_empty() && received.heard.is_empty() {
+        if received.probes.is_empty() && received.heard.is_empty() && received.busy.is_empty() {
             return;
+        }
+        for session in received.busy {
+            self.got_busy(session);
         }
         let now = Instant::now();
         if !received.heard.is_empty() {
@@ -367,10 +384,12 @@ impl NodeSocket {
                     match paths.inbound(meta.addr, session) {
                         Some(vaddr) => {
                             let heard = (session, meta.addr);
-                            if paths.is_direct(&vaddr, &meta.addr)
-                                && received.heard.last() != Some(&heard)
-                            {
-                                received.heard.push(heard);
+                            if paths.is_direct(&vaddr, &meta.addr) {
+                                if received.heard.last() != Some(&heard) {
+                                    received.heard.push(heard);
+                                }
+                            } else if paths.carried(&vaddr, inner.len(), direct::BUSY_BYTES) {
+                                received.busy.push(session);
                             }
                             (vaddr, inner)
                         }
@@ -426,11 +445,21 @@ impl AsyncUdpSocket for NodeSocket {
         if !is_virtual(&transmit.destination) {
             return self.udp.try_send(transmit);
         }
-        let destination = lock(&self.paths).destination(&transmit.destination);
+        let (destination, busy) = {
+            let mut paths = lock(&self.paths);
+            let destination = paths.destination(&transmit.destination);
+            let relayed = matches!(destination, Some((_, None)));
+            let len = transmit.contents.len();
+            let busy = relayed && paths.carried(&transmit.destination, len, direct::BUSY_BYTES);
+            (destination, busy)
+        };
         match destination {
             Some((route, direct)) => {
                 if direct.is_some() {
                     self.note_sent(route.session);
+                }
+                if busy {
+                    self.got_busy(route.session);
                 }
                 self.send_session(route, direct, transmit)
             }
@@ -490,6 +519,9 @@ impl AsyncUdpSocket for NodeSocket {
     }
 }
 
+/// The least time between two runs of the direct paths' timers.
+const DIRECT_TICK: Duration = Duration::from_millis(25);
+
 /// Runs the direct paths' timers while the socket lives.
 async fn run_direct(socket: Weak<NodeSocket>, wake: Arc<Notify>) {
     loop {
@@ -497,9 +529,12 @@ async fn run_direct(socket: Weak<NodeSocket>, wake: Arc<Notify>) {
             Some(s) => s.poll_directs(),
             None => return,
         };
+        // At most one run a tick: a node's paths fall due at scattered
+        // instants, and waking for each cost more than the probes.
         let wait = next
             .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(1));
+            .unwrap_or(Duration::from_secs(1))
+            .max(DIRECT_TICK);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = wake.notified() => {}

@@ -176,6 +176,7 @@ mod tests {
     fn path(session: SessionId, now: Instant) -> DirectPath {
         let mut p = DirectPath::new(session, b"secret", true, now);
         p.add_candidates(&[addr(session as u16)], now);
+        p.busy(now);
         p
     }
 

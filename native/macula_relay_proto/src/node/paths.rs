@@ -39,6 +39,9 @@ pub struct Paths {
     inbound: HashMap<(SocketAddr, SessionId), SocketAddr>,
     /// Sessions on a direct path: where their datagrams go instead.
     direct: HashMap<SocketAddr, SocketAddr>,
+    /// Sessions not busy yet, and the bytes they carried so far (see
+    /// [`Paths::carried`]).
+    quiet: HashMap<SocketAddr, u64>,
     early: Vec<(SocketAddr, SessionId, Vec<u8>, Instant)>,
 }
 
@@ -59,6 +62,7 @@ impl Paths {
             routes: HashMap::new(),
             inbound: HashMap::new(),
             direct: HashMap::new(),
+            quiet: HashMap::new(),
             early: Vec::new(),
         }
     }
@@ -84,7 +88,9 @@ impl Paths {
             Some(v) => *v,
             None => self.allocate(),
         };
-        self.routes.insert(vaddr, route);
+        if self.routes.insert(vaddr, route).is_none() {
+            self.quiet.insert(vaddr, 0);
+        }
         self.inbound.insert(key, vaddr);
         let mut held = vec![];
         self.early.retain_mut(|(relay, session, d, _)| {
@@ -102,6 +108,7 @@ impl Paths {
         let route = self.routes.remove(vaddr)?;
         self.inbound.remove(&(route.relay, route.session));
         self.direct.remove(vaddr);
+        self.quiet.remove(vaddr);
         // Direct addresses it was heard from (few sessions ever have one).
         self.inbound.retain(|_, v| v != vaddr);
         Some(route)
@@ -141,6 +148,27 @@ impl Paths {
     pub fn destination(&self, vaddr: &SocketAddr) -> Option<(Route, Option<SocketAddr>)> {
         let route = self.routes.get(vaddr)?;
         Some((*route, self.direct.get(vaddr).copied()))
+    }
+
+    /// Counts `bytes` the session at `vaddr` carried; true once, on the call
+    /// that brings them to `busy` in all (the session is then no longer
+    /// counted).
+    pub fn carried(&mut self, vaddr: &SocketAddr, bytes: usize, busy: u64) -> bool {
+        let Some(sum) = self.quiet.get_mut(vaddr) else {
+            return false;
+        };
+        *sum += bytes as u64;
+        if *sum < busy {
+            return false;
+        }
+        self.quiet.remove(vaddr);
+        true
+    }
+
+    /// True when the session at `vaddr` reached its `busy` count (see
+    /// [`Paths::carried`]).
+    pub fn is_busy(&self, vaddr: &SocketAddr) -> bool {
+        self.routes.contains_key(vaddr) && !self.quiet.contains_key(vaddr)
     }
 
     /// True when `from` is the direct address the session at `vaddr` uses.
@@ -291,5 +319,25 @@ mod tests {
         // Stale ones make room.
         assert!(p.hold(relay(), 7, b"x", now + EARLY_WAIT));
         assert_eq!(p.held_count(), 1);
+    }
+
+    #[test]
+    fn a_session_is_busy_once_it_carried_enough() {
+        let mut paths = Paths::new(false);
+        let (a, _) = paths.add(route(1));
+        let (b, _) = paths.add(route(2));
+        assert!(!paths.is_busy(&a));
+        assert!(!paths.carried(&a, 600, 1000));
+        assert!(paths.carried(&a, 400, 1000));
+        // Told once; another session counts on its own.
+        assert!(!paths.carried(&a, 5000, 1000));
+        assert!(paths.is_busy(&a));
+        assert!(!paths.carried(&b, 999, 1000));
+        // Added again (a relay's claim): the count goes on.
+        paths.add(route(2));
+        assert!(paths.carried(&b, 1, 1000));
+        paths.remove(&b);
+        assert!(!paths.is_busy(&b));
+        assert!(!paths.carried(&b, 5000, 1000));
     }
 }
