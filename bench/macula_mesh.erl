@@ -70,6 +70,7 @@ env_int(Name, Default) ->
 run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
     Variant = variant(Connect) ++ relays_variant(RelayPid),
     io:format("mesh: N=~b mode=~s connect=~s relay pid ~s~n", [N, Mode, Variant, RelayPid]),
+    ok = tls_optfile(Env),
     Boot0 = now_us(),
     Nodes = start_nodes(N, Env),
     BootS = (now_us() - Boot0) / 1.0e6,
@@ -227,8 +228,7 @@ start_nodes(N, #{dir := Dir} = Env) ->
     PidFile = filename:join(Dir, "pids"),
     pmap(fun(I) -> start_node(I, Env, PidFile) end, lists:seq(1, N), Par).
 
-start_node(I, #{root := Root, dir := Dir, url := Url, pin := Pin, token_file := Token,
-                mode := Mode}, PidFile) ->
+start_node(I, #{root := Root, dir := Dir} = Env, PidFile) ->
     Name = node_name(I),
     Log = filename:join(Dir, atom_to_list(Name) ++ ".log"),
     Args = ["+S", "1:1", "+SDcpu", "1:1", "+SDio", "1", "+A", "1",
@@ -239,7 +239,7 @@ start_node(I, #{root := Root, dir := Dir, url := Url, pin := Pin, token_file := 
             "-kernel", "logger",
             lists:flatten(io_lib:format("[{handler,default,logger_std_h,#{config=>#{file=>~p}}}]",
                                         [Log]))]
-        ++ carrier_args(Mode, Url, Pin, Token)
+        ++ carrier_args(Env)
         ++ string:lexemes(os:getenv("MESH_ERL_ARGS", ""), " "),
     {ok, Peer, Node} = peer:start(#{name => Name, connection => standard_io,
                                     args => Args, wait_boot => 60000}),
@@ -248,14 +248,17 @@ start_node(I, #{root := Root, dir := Dir, url := Url, pin := Pin, token_file := 
     {Peer, Node, OsPid}.
 
 %% tcp: plain inet_tcp_dist, for comparison (bench/mesh.sh runs a private
-%% epmd and sets ERL_EPMD_PORT); e2e and stream: -proto_dist macula. The
-%% relay connection's idle timeout is raised from 2 s to 10 s: a hundred
-%% VMs on two cores starve each other's NIF threads for seconds while the
-%% mesh forms, and with 2 s the relay connections time out (the mesh
-%% then never forms: measured).
-carrier_args("tcp", _Url, _Pin, _Token) ->
+%% epmd and sets ERL_EPMD_PORT); tls: inet_tls_dist the same way, both ends
+%% proving a certificate (see tls_optfile/1); e2e and stream: -proto_dist
+%% macula. The relay connection's idle timeout is raised from 2 s to 10 s:
+%% a hundred VMs on two cores starve each other's NIF threads for seconds
+%% while the mesh forms, and with 2 s the relay connections time out (the
+%% mesh then never forms: measured).
+carrier_args(#{mode := "tcp"}) ->
     [];
-carrier_args(Mode, Urls, Pins, Token) ->
+carrier_args(#{mode := "tls", dir := Dir}) ->
+    ["-proto_dist", "inet_tls", "-ssl_dist_optfile", tls_optfile_name(Dir)];
+carrier_args(#{mode := Mode, url := Urls, pin := Pins, token_file := Token}) ->
     Relay = case string:lexemes(Urls, ",") of
                 [Url] -> ["-macula_dist", "relay", quoted(Url)];
                 Set -> ["-macula_dist", "relay_set", list_arg(Set)]
@@ -265,6 +268,24 @@ carrier_args(Mode, Urls, Pins, Token) ->
      "-macula_dist", "token_file", quoted(Token),
      "-macula_dist", "tunnel", Mode,
      "-macula_dist", "idle_timeout", "10000"].
+
+%% The tls mode's inet_tls_dist options, as close to what an e2e session
+%% proves as OTP offers: TLS 1.3, Ed25519 certificates from a test CA,
+%% and each end checks the other's (verify_peer both ways; no host name
+%% check, the certificate names no host).
+tls_optfile(#{mode := "tls", dir := Dir}) ->
+    Key = [{key, {namedCurve, ed25519}}],
+    Chain = #{root => Key, intermediates => [], peer => Key},
+    #{server_config := Server, client_config := Client} =
+        public_key:pkix_test_data(#{server_chain => Chain, client_chain => Chain}),
+    Common = [{versions, ['tlsv1.3']}, {verify, verify_peer}],
+    Opts = [{server, Server ++ Common ++ [{fail_if_no_peer_cert, true}]},
+            {client, Client ++ Common ++ [{server_name_indication, disable}]}],
+    file:write_file(tls_optfile_name(Dir), io_lib:format("~p.~n", [Opts]));
+tls_optfile(_) ->
+    ok.
+
+tls_optfile_name(Dir) -> filename:join(Dir, "ssl_dist.conf").
 
 quoted(S) -> "\"" ++ S ++ "\"".
 

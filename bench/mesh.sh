@@ -5,7 +5,8 @@
 #
 #   N ...        node counts, one run each with a fresh relay (default: 10)
 #   --mode       -macula_dist tunnel: e2e (default), stream, both (e2e,stream), or tcp
-#                (plain inet_tcp_dist with a private epmd, for comparison), or a
+#                (plain inet_tcp_dist with a private epmd, for comparison), or tls
+#                (inet_tls_dist, TLS 1.3 with certificates checked both ways), or a
 #                comma list, or all (e2e,stream,tcp) (env MESH_MODE)
 #   --connect    ordered: node i connects to the nodes j > i (default)
 #                all:     every node connects to every other at once (both ends dial)
@@ -169,9 +170,9 @@ for mode in ${modes//,/ }; do
             mkdir -p "$dir"
             wait_quiet
             epmd_port=""
-            if [ "$mode" = tcp ]; then
-                # Plain inet_tcp_dist for comparison: a private epmd (stopped
-                # like the relay), never the machine's own on port 4369.
+            if [ "$mode" = tcp ] || [ "$mode" = tls ]; then
+                # inet_tcp_dist or inet_tls_dist for comparison: a private epmd
+                # (stopped like the relay), never the machine's own on port 4369.
                 epmd_port=$(free_port)
                 epmd -port "$epmd_port" >"$dir/epmd.log" 2>&1 &
                 relay_pids=($!)

@@ -9,7 +9,8 @@
 %% wrong relay or configuration fails the boot with its reason. A node with
 %% several relays boots with those that answer (`optional'): a keeper whose
 %% relay did not answer reports why and keeps trying. After that,
-%% when the relay connection ends (the client stops with `{relay_closed, _}'),
+%% when the relay connection ends (the client stops with
+%% `{shutdown, {relay_closed, _}}'),
 %% the keeper connects again, with backoff (100 ms doubling to 5 s), for as
 %% long as it takes: a relay outage costs the node its connections, never
 %% the node itself (net_kernel's supervisor would give up after a few quick
@@ -120,7 +121,8 @@ dialer(Keeper, Name, Url, Node, Opts) ->
 
 %% ---- connected ----
 
-connected(info, {'EXIT', Client, {relay_closed, replaced}}, #data{client = Client} = Data) ->
+connected(info, {'EXIT', Client, {shutdown, {relay_closed, replaced}}},
+          #data{client = Client} = Data) ->
     %% Another connection with this node's name and key took over (this
     %% one had stopped answering): taking the name back would split the
     %% node in two.

@@ -24,9 +24,10 @@
 %% `{ok, ConnRef, Tunnel}' once the tunnel is up; the caller owns it.
 %% Inbound tunnels are handed to the kernel given with `set_kernel/2' as
 %% `{accept, AcceptPid, Tunnel, inet, macula}'. When the relay connection
-%% ends the client stops with `{relay_closed, Reason}', `Reason' being
-%% `replaced' when the relay gave this node's name to a newer connection
-%% (of the same key), else the relay's text; stream tunnel owners get
+%% ends the client stops with `{shutdown, {relay_closed, Reason}}' (a
+%% shutdown: the warning it logs is the report, not a crash report),
+%% `Reason' being `replaced' when the relay gave this node's name to a
+%% newer connection (of the same key), else the relay's text; stream tunnel owners get
 %% `{macula_tunnel, Tunnel, closed}', e2e sessions carry on as above.
 %%
 %% Options (`start_link/3,4'; missing ones come from the `macula_dist'
@@ -206,7 +207,7 @@ call(Client, Request) ->
     try gen_server:call(Client, Request)
     catch exit:{noproc, _} -> {error, no_client};
           exit:{normal, _} -> {error, no_client};
-          exit:{{relay_closed, _}, _} -> {error, relay_closed}
+          exit:{{shutdown, {relay_closed, _}}, _} -> {error, relay_closed}
     end.
 
 %% gen_server
@@ -279,7 +280,7 @@ handle_cast(_Msg, S) ->
 %% connection (its keeper then stops), else the relay's text.
 handle_info({macula_client, {closed, Reason}}, S) ->
     logger:warning("macula_dist: relay connection closed: ~ts", [Reason]),
-    {stop, {relay_closed, Reason}, S};
+    {stop, {shutdown, {relay_closed, Reason}}, S};
 handle_info({macula_client, {cookie, Source, Tag}}, #state{client = C, cookie = Cookie} = S) ->
     ok = macula_dist_nif:client_cookie(C, Tag, cookie(Cookie, Source)),
     {noreply, S};

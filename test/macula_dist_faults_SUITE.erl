@@ -17,14 +17,14 @@
          end_per_testcase/2]).
 -export([lossy_link_delivers_everything/1, relay_killed_and_restarted/1, relay_stopped_5s/1,
          stopped_receiver_bounds_memory/1, sigterm_with_relay_stopped/1,
-         one_of_two_relays_killed/1, no_relay_in_common/1]).
+         one_of_two_relays_killed/1, no_relay_in_common/1, replaced_node_stays_down/1]).
 
 suite() -> [{timetrap, {minutes, 4}}].
 
 all() ->
     [lossy_link_delivers_everything, relay_killed_and_restarted, relay_stopped_5s,
      stopped_receiver_bounds_memory, sigterm_with_relay_stopped, one_of_two_relays_killed,
-     no_relay_in_common].
+     no_relay_in_common, replaced_node_stays_down].
 
 end_per_suite(_Config) ->
     ok.
@@ -219,6 +219,44 @@ sigterm_with_relay_stopped(Config) ->
     ct:pal("SIGTERM with the relay stopped: the node exited after ~b ms", [Ms]),
     ?assert(Gone),
     ?assert(Ms =< 2000).
+
+%% A node stopped (SIGSTOP) while a newer connection with its name and
+%% key identifies (the same node restarted, say): the relay gives the
+%% name to the newer one and closes the old connection `replaced'. Once
+%% the old node runs again its relay client stops with
+%% `{shutdown, {relay_closed, replaced}}' (no crash report) and its keeper
+%% stops for good: taking the name back would split the node in two. The
+%% newer connection keeps the name.
+replaced_node_stays_down(Config) ->
+    Dir = filename:join(?config(priv_dir, Config), "relay_replaced"),
+    #{url := Url, fingerprint := Pin} = Relay = start_relay(Config, Dir, free_udp_port()),
+    StateDir = filename:join(?config(priv_dir, Config), "replaced_state"),
+    %% A's relay connection outlives the stop (its default idle timeout,
+    %% 2 s, would end it first and hide the relay's `replaced').
+    {A, AN} = peer(pa7, Relay, ["-macula_dist", "state_dir", "\"" ++ StateDir ++ "\"",
+                                "-macula_dist", "idle_timeout", "30000"]),
+    [#{key_id := KeyA}] = call(A, macula_dist, status, []),
+    Keeper = fun() -> lists:keyfind({macula_dist_keeper, 1}, 1,
+                                    call(A, supervisor, which_children, [macula_dist_sup]))
+             end,
+    {_, KeeperPid, worker, _} = Keeper(),
+    ?assert(is_pid(KeeperPid)),
+    APid = os_pid(A),
+    os:cmd("kill -STOP " ++ APid),
+    %% The same name and key (state_dir holds A's key): the relay probes
+    %% A for a second, hears nothing, and hands the name over.
+    {ok, Newer} = macula_ct:raw_client(Url, Pin, atom_to_binary(AN),
+                                       #{state_dir => StateDir}),
+    os:cmd("kill -CONT " ++ APid),
+    ?assert(retry(fun() -> call(A, macula_dist_relay_client, clients, []) =:= [] end, 100, 100)),
+    %% The keeper stopped (its child is gone, not restarting): it tries
+    %% no more.
+    ?assert(retry(fun() -> element(2, Keeper()) =:= undefined end, 50, 100)),
+    ?assertEqual([], call(A, macula_dist_relay_client, clients, [])),
+    ?assertMatch(#{identified := true, key_id := KeyA}, macula_dist_nif:client_status(Newer)),
+    receive {macula_client, {closed, Why}} -> ct:fail({newer_connection_closed, Why})
+    after 0 -> ok
+    end.
 
 %% The relay list of a node on all of Relays (each pinned).
 on_relays(Relays) ->
