@@ -31,7 +31,11 @@
                 %% Former homes and when they may be left.
                 kept_until = #{} :: #{binary() => integer()},
                 %% Checks in a row a joined relay was found idle.
-                idle = #{} :: #{binary() => pos_integer()}}).
+                idle = #{} :: #{binary() => pos_integer()},
+                %% The homes of each connected peer, for the set they were
+                %% computed over (a 100-node mesh hashed every peer over
+                %% the set at every check: 15 % of the nodes' reductions).
+                peer_homes = {undefined, #{}} :: {term(), #{node() => [binary()]}}}).
 
 -spec start_link(macula_dist_relay_set:source(), [{atom(), term()}], pos_integer() | infinity) ->
           {ok, pid()} | {error, term()}.
@@ -92,7 +96,8 @@ leave_idle(#state{homes = Homes, kept_until = Kept0, idle = Idle0} = S) ->
                        Joined),
     %% The homes of every node this one is connected to stay joined: a
     %% session on one of a peer's homes fails over to its other home.
-    Needed = Homes ++ peers_homes(),
+    {_, ByPeer} = PeerHomes = peer_homes(S#state.peer_homes),
+    Needed = Homes ++ lists:usort(lists:append(maps:values(ByPeer))),
     Candidates = [{Url, Client} || HomeUp, {Url, Client} <- Joined,
                                    not lists:member(Url, Needed), not maps:is_key(Url, Kept)],
     Idle = maps:from_list([{Url, maps:get(Url, Idle0, 0) + 1}
@@ -102,16 +107,25 @@ leave_idle(#state{homes = Homes, kept_until = Kept0, idle = Idle0} = S) ->
          logger:info("macula_dist: leaving relay ~ts (not a home, nothing on it)", [Url]),
          ok = macula_dist_sup:leave_relay(Url)
      end || Url <- Leave],
-    S#state{kept_until = Kept, idle = maps:without(Leave, Idle)}.
+    S#state{kept_until = Kept, idle = maps:without(Leave, Idle), peer_homes = PeerHomes}.
 
-peers_homes() ->
+%% The homes of the peers connected now: those of the last check kept
+%% while the set is the same, the new ones computed, the gone ones dropped.
+peer_homes({SetNow, Known}) ->
     case macula_dist_sup:relay_set() of
-        {Set, K} ->
-            lists:usort([U || Peer <- erlang:nodes(connected),
-                              U <- macula_dist_relay_set:homes(atom_to_binary(Peer, utf8), Set, K)]);
+        {Set, K} = SetNow ->
+            {SetNow, by_peer(Known, Set, K)};
+        {Set, K} = Changed ->
+            {Changed, by_peer(#{}, Set, K)};
         undefined ->
-            []
+            {undefined, #{}}
     end.
+
+by_peer(Known, Set, K) ->
+    maps:from_list([{Peer, case Known of
+                               #{Peer := Homes} -> Homes;
+                               #{} -> macula_dist_relay_set:homes(atom_to_binary(Peer, utf8), Set, K)
+                           end} || Peer <- erlang:nodes(connected)]).
 
 %% Whether a relay client is connected to its relay.
 is_up(undefined) ->
