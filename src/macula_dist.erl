@@ -200,8 +200,10 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
     end.
 
 %% The relay clients to ask for a tunnel to Node, in order: every client of
-%% a relay list; with a relay set, the target's home relays (one this node
-%% shares first), joined now if this node is not on them yet.
+%% a relay list; with a relay set, the target's home relays this node is
+%% on (one it shares first). Those it is not on are joined in the
+%% background (a session fails over to its target's other home); if it is
+%% on none, the dial waits for the first of them to answer.
 dial_clients(Node) ->
     case macula_dist_sup:relay_set() of
         undefined ->
@@ -209,8 +211,19 @@ dial_clients(Node) ->
         {Set, K} ->
             Mine = macula_dist_relay_set:homes(atom_to_binary(node(), utf8), Set, K),
             Theirs = macula_dist_relay_set:homes(atom_to_binary(Node, utf8), Set, K),
-            [Pid || Url <- macula_dist_relay_set:meeting_order(Mine, Theirs),
-                    Pid <- [macula_dist_sup:ensure_relay(Url)], is_pid(Pid)]
+            Joins = [macula_dist_sup:join_relay(Url)
+                     || Url <- macula_dist_relay_set:meeting_order(Mine, Theirs)],
+            case [Client || {client, Client} <- Joins] of
+                [] -> first_joined(Joins);
+                Clients -> Clients
+            end
+    end.
+
+%% The setup timer bounds the wait.
+first_joined(Joins) ->
+    case macula_dist_keeper:await_first([Keeper || {joining, Keeper} <- Joins]) of
+        {ok, Client} -> [Client];
+        {error, _} -> []
     end.
 
 %% Through the node's relays in order: the first that has the target gives

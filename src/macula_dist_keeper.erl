@@ -18,6 +18,11 @@
 %% the node's name to a newer connection (`{relay_closed, replaced}'): the
 %% keeper then stops for good.
 %%
+%% A keeper started `background' (a relay of the set joined as a dial
+%% needs it) answers at once and makes its first attempt as it makes the
+%% later ones, so that joins never queue behind each other in the node's
+%% supervisor; `await_first/1' waits for its outcome.
+%%
 %% A connection attempt after the first runs in a process of its own (it
 %% may wait the whole `connect_timeout' for a relay that is down), so the
 %% keeper still answers `sys' and ends at once on its supervisor's
@@ -25,7 +30,7 @@
 -module(macula_dist_keeper).
 -behaviour(gen_statem).
 
--export([start_link/5]).
+-export([start_link/5, await_first/1]).
 -export([init_it/6]).
 -export([callback_mode/0, init/1, connecting/3, connected/3, terminate/3, format_status/1]).
 
@@ -43,17 +48,30 @@
                %% connected: the running client.
                client :: pid() | undefined,
                %% connecting: the process running an attempt, if any.
-               dialer :: pid() | undefined}).
+               dialer :: pid() | undefined,
+               %% connecting: await_first/1 callers, answered by the
+               %% attempt's outcome.
+               waiters = [] :: [gen_statem:from()],
+               %% Whether a connection was made before (the next is
+               %% logged as made "again").
+               connected_before = true :: boolean()}).
 
 %% Returns `{ok, Pid, connected}', or, `optional', `{ok, Pid, {error, Why}}'
-%% while it keeps trying.
--spec start_link(atom(), string() | binary(), binary(), map(), required | optional) ->
-          {ok, pid(), connected | {error, term()}} | {error, term()}.
+%% while it keeps trying, or, `background', `{ok, Pid, joining}' before
+%% its first attempt.
+-spec start_link(atom(), string() | binary(), binary(), map(),
+                 required | optional | background) ->
+          {ok, pid(), connected | joining | {error, term()}} | {error, term()}.
 start_link(Name, Url, Node, Opts, Mode) ->
     proc_lib:start_link(?MODULE, init_it, [self(), Name, Url, Node, Opts, Mode]).
 
 %% gen_statem's own start cannot answer with the first attempt's outcome:
 %% this makes the attempt, answers start_link/5, then becomes the gen_statem.
+init_it(Starter, Name, Url, Node, Opts, background) ->
+    process_flag(trap_exit, true),
+    proc_lib:init_ack(Starter, {ok, self(), joining}),
+    Data = #data{name = Name, url = Url, node = Node, opts = Opts, connected_before = false},
+    gen_statem:enter_loop(?MODULE, [], connecting, Data, [retry(0)]);
 init_it(Starter, Name, Url, Node, Opts, Mode) ->
     process_flag(trap_exit, true),
     Data = #data{name = Name, url = Url, node = Node, opts = Opts},
@@ -69,6 +87,21 @@ init_it(Starter, Name, Url, Node, Opts, Mode) ->
             exit(normal)
     end.
 
+%% The client of whichever keeper connects first (each answers after its
+%% next attempt), or `{error, none_connected}' once every one has failed.
+-spec await_first([pid()]) -> {ok, pid()} | {error, none_connected}.
+await_first(Keepers) ->
+    first_answer(lists:foldl(fun(K, Ids) -> gen_statem:send_request(K, await_client, K, Ids) end,
+                             gen_statem:reqids_new(), Keepers)).
+
+first_answer(Requests) ->
+    case gen_statem:receive_response(Requests, infinity, true) of
+        {{reply, {ok, Client}}, _Keeper, _Rest} -> {ok, Client};
+        {{reply, {error, _}}, _Keeper, Rest} -> first_answer(Rest);
+        {{error, _}, _Keeper, Rest} -> first_answer(Rest);
+        no_request -> {error, none_connected}
+    end.
+
 callback_mode() ->
     state_functions.
 
@@ -80,11 +113,17 @@ init(_) ->
 
 connecting(state_timeout, dial, Data) ->
     {keep_state, Data#data{dialer = dial(Data)}};
+connecting({call, From}, await_client, #data{waiters = Waiters} = Data) ->
+    {keep_state, Data#data{waiters = [From | Waiters]}};
 connecting(info, {dialed, Dialer, {ok, Client}}, #data{dialer = Dialer, url = Url} = Data) ->
     link(Client),
     Dialer ! {linked, self()},
-    logger:notice("macula_dist: connected to relay ~p again", [Url]),
-    {next_state, connected, Data#data{dialer = undefined, client = Client, backoff = ?MIN_BACKOFF}};
+    Data#data.connected_before andalso
+        logger:notice("macula_dist: connected to relay ~p again", [Url]),
+    {next_state, connected,
+     Data#data{dialer = undefined, client = Client, backoff = ?MIN_BACKOFF, waiters = [],
+               connected_before = true},
+     [{reply, From, {ok, Client}} || From <- Data#data.waiters]};
 connecting(info, {dialed, Dialer, {error, Reason}}, #data{dialer = Dialer} = Data) ->
     not_reachable(Reason, Data);
 %% The attempt crashed before it answered.
@@ -93,11 +132,12 @@ connecting(info, {'EXIT', Dialer, Reason}, #data{dialer = Dialer} = Data) ->
 connecting(Type, Event, _Data) ->
     other(Type, Event).
 
-not_reachable(Reason, #data{url = Url, backoff = Backoff} = Data) ->
+not_reachable(Reason, #data{url = Url, backoff = Backoff, waiters = Waiters} = Data) ->
     Next = min(Backoff * 2, ?MAX_BACKOFF),
     logger:warning("macula_dist: relay ~p not reachable (~p); next try in ~b ms",
                    [Url, Reason, Next]),
-    {keep_state, Data#data{dialer = undefined, backoff = Next}, [retry(Next)]}.
+    {keep_state, Data#data{dialer = undefined, backoff = Next, waiters = []},
+     [retry(Next) | [{reply, From, {error, Reason}} || From <- Waiters]]}.
 
 retry(Backoff) ->
     {state_timeout, Backoff, dial}.
@@ -133,6 +173,8 @@ connected(info, {'EXIT', Client, Reason}, #data{client = Client} = Data) ->
     logger:warning("macula_dist: relay client stopped (~p); connecting again", [Reason]),
     {next_state, connecting, Data#data{client = undefined, backoff = ?MIN_BACKOFF},
      [retry(?MIN_BACKOFF)]};
+connected({call, From}, await_client, #data{client = Client}) ->
+    {keep_state_and_data, [{reply, From, {ok, Client}}]};
 connected(Type, Event, _Data) ->
     other(Type, Event).
 

@@ -9,7 +9,7 @@
 -behaviour(supervisor).
 
 -export([start_link/0, start_client/3, stop_client/0, start_autoconnect/0]).
--export([start_set_client/4, ensure_relay/1, relay_set/0, set_changed/1, joined_relays/0,
+-export([start_set_client/4, ensure_relay/1, join_relay/1, relay_set/0, set_changed/1, joined_relays/0,
          leave_relay/1, homes/0]).
 -export([init/1]).
 
@@ -131,14 +131,35 @@ homes() ->
 %% if it is not connected.
 -spec ensure_relay(binary()) -> pid() | undefined.
 ensure_relay(Url) ->
-    {_Set, _K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
+    case join_relay(Url) of
+        {client, Client} ->
+            Client;
+        {joining, Keeper} ->
+            case macula_dist_keeper:await_first([Keeper]) of
+                {ok, Client} -> Client;
+                {error, _} -> undefined
+            end;
+        {error, _} ->
+            undefined
+    end.
+
+%% Joins relay Url of the set unless the node is on it: its client if it
+%% is connected now, else its keeper, which connects in the background.
+%% The supervisor starts such a keeper at once (it does not wait for the
+%% relay), so a dial never waits for another dial's join.
+-spec join_relay(binary()) -> {client, pid()} | {joining, pid()} | {error, term()}.
+join_relay(Url) ->
     Name = client_name(Url),
     case whereis(Name) of
         undefined ->
-            _ = start_keeper(relay_index(Url), Name, Url, Node, Opts, optional),
-            whereis(Name);
-        Pid ->
-            Pid
+            {_Set, _K, Node, Opts} = persistent_term:get({macula_dist, relay_set}),
+            case start_keeper(relay_index(Url), Name, Url, Node, Opts, background) of
+                {ok, Keeper} -> {joining, Keeper};
+                {error, {already_started, Keeper}} -> {joining, Keeper};
+                {error, _} = Error -> Error
+            end;
+        Client ->
+            {client, Client}
     end.
 
 %% The relays of the set this node has a client for (joined), with it.
@@ -169,7 +190,9 @@ start_keeper(I, Name, Url, Node, Opts, Mode) ->
              restart => transient, shutdown => 10000, type => worker},
     case supervisor:start_child(?MODULE, Spec) of
         {ok, Pid, connected} -> {ok, Pid};
+        {ok, Pid, joining} -> {ok, Pid};
         {ok, Pid, {error, Reason}} -> {waiting, Pid, Reason};
+        {error, {already_started, Pid}} -> {error, {already_started, Pid}};
         {error, {Reason, _Child}} -> {error, Reason};
         {error, _} = Error -> Error
     end.

@@ -1,7 +1,8 @@
 %% A relay set on loopback: five relay processes, nodes started with
 %% `-macula_dist relay_set [...]'. Each node joins its two home relays
 %% (rendezvous hashing of its name over the set, macula_dist_relay_set) and
-%% a target's homes when it first dials it; a session runs on a home of
+%% a target's homes when it first dials it (in the background when it is
+%% on one already); a session runs on a home of
 %% its target. Sessions stay on the relays (`direct false'): on loopback
 %% they would go direct, around the relays this suite tests.
 -module(macula_dist_fleet_SUITE).
@@ -10,13 +11,13 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1, init_per_testcase/2,
          end_per_testcase/2]).
--export([nodes_live_on_their_homes/1, a_relay_of_the_set_dies/1]).
+-export([nodes_live_on_their_homes/1, a_relay_of_the_set_dies/1, a_silent_home_delays_no_dial/1]).
 
 -define(RELAYS, 5).
 
 suite() -> [{timetrap, {minutes, 5}}].
 
-all() -> [nodes_live_on_their_homes, a_relay_of_the_set_dies].
+all() -> [nodes_live_on_their_homes, a_relay_of_the_set_dies, a_silent_home_delays_no_dial].
 
 init_per_suite(Config) ->
     [{relay_bin, macula_ct:relay_bin()} | Config].
@@ -122,3 +123,37 @@ a_relay_of_the_set_dies(Config) ->
      || {P, N} <- Peers, {_, O} <- Peers, O =/= N],
     ct:pal("killed ~ts, which carried ~b session ends; all moved",
            [Busiest, length([X || X <- Carried, X =:= Busiest])]).
+
+%% A target's home that takes packets and answers none (its process
+%% stopped, as a relay behind a dead route) must not hold up a dial
+%% through the target's other home: the caller, on neither, joins both
+%% at once and dials through the first that answers. (Joining them one
+%% after the other waited out the silent relay's connect timeout, here
+%% past the 7 s set-up time: the dial failed, and every other dial that
+%% needed a relay joined waited behind it.)
+a_silent_home_delays_no_dial(Config) ->
+    Relays = fleet(Config, "s"),
+    Names = [list_to_atom("fs" ++ integer_to_list(I)) || I <- lists:seq(1, 40)],
+    %% Two names with no home in common (found by the set's own hash).
+    [{Target, Caller} | _] =
+        [{T, C} || T <- Names, C <- Names, T =/= C,
+                   homes(macula_ct:node_name(T), Relays) -- homes(macula_ct:node_name(C), Relays)
+                       =:= homes(macula_ct:node_name(T), Relays)],
+    [{_, TargetNode}] = peers(Relays, [Target]),
+    %% The caller's QUIC handshakes wait the whole 10 s connect timeout
+    %% for a relay that answers nothing (with the default 2 s idle timeout
+    %% a handshake gives up sooner).
+    {CallerPeer, _} = macula_ct:start_peer(Caller, set_info(Relays),
+                                           ["-macula_dist", "direct", "false",
+                                            "-macula_dist", "idle_timeout", "10000"]),
+    put(peers, [CallerPeer | get(peers)]),
+    [Silent, Other] = homes(TargetNode, Relays),
+    [#{os_pid := SilentPid}] = [R || #{url := U} = R <- Relays, U =:= Silent],
+    _ = os:cmd("kill -STOP " ++ SilentPid),
+    try
+        ?assertEqual(pong, call(CallerPeer, net_adm, ping, [TargetNode])),
+        ?assertEqual([Other], macula_ct:session_relay(
+                                call(CallerPeer, macula_dist_cluster, status, []), TargetNode))
+    after
+        os:cmd("kill -CONT " ++ SilentPid)
+    end.
