@@ -180,10 +180,16 @@ do_setup(Kernel, Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
         [_ | _] = Clients ->
             %% Joining the target's relays is finding where it is (as
             %% inet_tls_dist resets its timer after the address lookup):
-            %% the session and the handshake get the whole set-up time.
+            %% the session gets the whole set-up time.
             dist_util:reset_timer(Timer),
             case request_tunnel(Clients, atom_to_binary(Node, utf8), []) of
                 {ok, _ConnRef, Tunnel} ->
+                    %% The session is up (the node reached, keys and
+                    %% cookie proven): the distribution handshake gets
+                    %% the whole set-up time, as inet_tls_dist's
+                    %% accepting side starts its timer after the TLS
+                    %% handshake.
+                    dist_util:reset_timer(Timer),
                     Ctrl = start_controller(Tunnel, undefined),
                     HSData = (hs_data(Ctrl, Tunnel))#hs_data{
                                kernel_pid = Kernel, other_node = Node, this_node = MyNode,
