@@ -214,7 +214,8 @@ fn session_handshake(data: &[u8]) {
         assert_eq!(session_auth::encode_candidates(&addrs), data);
     }
     let tunnel = macula_relay_proto::TunnelId::from_bytes([3; 16]);
-    let mut me = SessionAuth::new(Role::Target, Some(b"cookie"), "a@h", "b@h", &tunnel, [9; 32]);
+    let cookie = macula_relay_proto::node::cookie_pake::CookiePake::new(b"cookie");
+    let mut me = SessionAuth::new(Role::Target, Some(&cookie), "a@h", "b@h", &tunnel, [9; 32]);
     let half = data.len() / 2;
     if me.on_pake(&data[..half]).is_ok() {
         assert!(me.check_confirmation(&data[half..]).is_err());

@@ -9,12 +9,14 @@
 //! channel; when a session's connection ends, the node's registry finds
 //! the client that carries it by then ([`crate::registry::Node`]).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use macula_dist_quic::nudge::nudge;
+use macula_relay_proto::node::cookie_pake::CookiePake;
 use macula_relay_proto::node::paths::Route;
 use macula_relay_proto::node::session_auth::{self, Role, SessionAuth};
 use macula_relay_proto::wire::dataplane::session_id;
@@ -36,6 +38,29 @@ const SESSION_SETUP: Duration = Duration::from_secs(10);
 const SESSION_DRAIN: Duration = Duration::from_millis(500);
 /// Bytes read ahead while looking for a handshake frame, at most.
 const HANDSHAKE_BUFFER: usize = 2 * (session_auth::MAX_FRAME + 2) + 4096;
+
+/// Cookies whose PAKE constants are kept, at most.
+const COOKIES_KEPT: usize = 8;
+
+/// Each cookie's PAKE constants, made once ([`CookiePake`]): a node has one
+/// cookie, or a few set per peer with `erlang:set_cookie/2`.
+#[derive(Default)]
+pub struct CookiePakes(Mutex<VecDeque<(Vec<u8>, Arc<CookiePake>)>>);
+
+impl CookiePakes {
+    fn of(&self, cookie: &[u8]) -> Arc<CookiePake> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, pake)) = kept.iter().find(|(c, _)| c == cookie) {
+            return pake.clone();
+        }
+        let pake = Arc::new(CookiePake::new(cookie));
+        if kept.len() == COOKIES_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((cookie.to_vec(), pake.clone()));
+        pake
+    }
+}
 
 /// What became of a session being set up, for the client that set it up.
 pub enum SessionEvent {
@@ -82,6 +107,8 @@ pub struct SessionSetup {
     pub cookie_server_config: Option<Arc<quinn::ServerConfig>>,
     /// Cookie mode: the one TLS configuration of every outbound session.
     pub cookie_client_config: Option<quinn::ClientConfig>,
+    /// Cookie mode: the PAKE's constants of each cookie.
+    pub pakes: Arc<CookiePakes>,
     pub events: mpsc::UnboundedSender<SessionEvent>,
     pub rt: Handle,
 }
@@ -97,9 +124,9 @@ impl SessionSetup {
         }
     }
 
-    /// The cookie the PAKE uses: none in cluster-CA mode.
-    fn pake_cookie<'a>(&self, cookie: &'a [u8]) -> Option<&'a [u8]> {
-        self.cluster.is_none().then_some(cookie)
+    /// The PAKE of `cookie`: none in cluster-CA mode.
+    fn cookie_pake(&self, cookie: &[u8]) -> Option<Arc<CookiePake>> {
+        self.cluster.is_none().then(|| self.pakes.of(cookie))
     }
 
     /// The TLS configuration that accepts a session from `source`: one for
@@ -243,7 +270,7 @@ pub fn connect(
             let (mut send, mut recv) = conn.open_bi().await?;
             let mut auth = SessionAuth::new(
                 Role::Requester,
-                setup.pake_cookie(&cookie),
+                setup.cookie_pake(&cookie).as_deref(),
                 &setup.node_name,
                 &target,
                 &tunnel,
@@ -369,7 +396,7 @@ impl Inbound {
                 );
                 let mut auth = SessionAuth::new(
                     Role::Target,
-                    setup.pake_cookie(&self.cookie),
+                    setup.cookie_pake(&self.cookie).as_deref(),
                     &self.source,
                     &setup.node_name,
                     &tunnel,

@@ -460,16 +460,23 @@ pub fn client_config(
 }
 
 /// The target's side of a session: `me` as the server certificate, and a
-/// client certificate that passes `peer` required.
+/// client certificate that passes `peer` required, except in cookie mode
+/// ([`PeerCheck::AnyKey`]): there any key would pass, so asking for one
+/// would only cost a signature and its check a session. The PAKE, bound to
+/// this TLS session's exporter, proves the peer. (The requester still
+/// holds a certificate, and shows it to a target that asks.)
 pub fn server_config(
     me: &NodeIdentity,
     peer: PeerCheck,
     transport: &Transport,
 ) -> anyhow::Result<quinn::ServerConfig> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(peer_key(peer))
-        .with_single_cert(me.chain(), me.key())?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match peer {
+        PeerCheck::AnyKey => builder.with_no_client_auth(),
+        peer => builder.with_client_cert_verifier(peer_key(peer)),
+    };
+    let mut tls = builder.with_single_cert(me.chain(), me.key())?;
     tls.alpn_protocols = vec![ALPN_E2E.to_vec()];
     tls.max_early_data_size = 0;
     // Sessions are never resumed: no tickets made, sent or stored.

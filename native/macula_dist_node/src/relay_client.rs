@@ -976,6 +976,7 @@ async fn run(client: Arc<Client>, opts: ClientOptions, config: quinn::ClientConf
             cluster: client.cluster.clone(),
             cookie_server_config,
             cookie_client_config,
+            pakes: Default::default(),
             events: session_events,
             rt: client.rt.clone(),
         });

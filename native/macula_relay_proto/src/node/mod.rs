@@ -1,6 +1,7 @@
 //! The node's machines, driven by the node crate's async glue.
 
 pub mod control;
+pub mod cookie_pake;
 pub mod direct;
 pub mod direct_paths;
 pub mod dist_route;

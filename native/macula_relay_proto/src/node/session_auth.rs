@@ -31,8 +31,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ring::{hkdf, hmac};
-use spake2::{Ed25519Group, Identity, Password, Spake2};
 use subtle::ConstantTimeEq;
+
+use super::cookie_pake::{CookiePake, PakeRun, Side};
 
 use crate::TunnelId;
 
@@ -77,7 +78,7 @@ pub enum AuthError {
 pub struct SessionAuth {
     role: Role,
     /// None in cluster-CA mode (TLS authenticated the peer).
-    spake: Option<Spake2<Ed25519Group>>,
+    spake: Option<PakeRun>,
     my_pake: Vec<u8>,
     transcript: Vec<u8>,
     exporter: [u8; 32],
@@ -85,12 +86,12 @@ pub struct SessionAuth {
 }
 
 impl SessionAuth {
-    /// `cookie`: the cookie this node uses with its peer, or None in
-    /// cluster-CA mode. `exporter`: 32 bytes exported from the session's
+    /// `cookie`: the cookie this node uses with its peer (made once per
+    /// cookie), or None in cluster-CA mode. `exporter`: 32 bytes exported from the session's
     /// TLS with [`EXPORTER_LABEL`] and the tunnel id as context.
     pub fn new(
         role: Role,
-        cookie: Option<&[u8]>,
+        cookie: Option<&CookiePake>,
         requester: &str,
         target: &str,
         tunnel: &TunnelId,
@@ -98,16 +99,12 @@ impl SessionAuth {
     ) -> Self {
         let (spake, my_pake) = match cookie {
             Some(cookie) => {
-                let (password, a, b) = (
-                    Password::new(cookie),
-                    Identity::new(requester.as_bytes()),
-                    Identity::new(target.as_bytes()),
-                );
-                let (state, msg) = match role {
-                    Role::Requester => Spake2::<Ed25519Group>::start_a(&password, &a, &b),
-                    Role::Target => Spake2::<Ed25519Group>::start_b(&password, &a, &b),
+                let side = match role {
+                    Role::Requester => Side::A,
+                    Role::Target => Side::B,
                 };
-                (Some(state), msg)
+                let (run, msg) = cookie.start(side, requester.as_bytes(), target.as_bytes());
+                (Some(run), msg.to_vec())
             }
             None => (None, Vec::new()),
         };
@@ -137,7 +134,7 @@ impl SessionAuth {
             return Err(AuthError::OutOfOrder);
         }
         let shared = match self.spake.take() {
-            Some(state) => state.finish(peer).map_err(|_| AuthError::BadPake)?,
+            Some(run) => run.finish(peer).map_err(|_| AuthError::BadPake)?.to_vec(),
             None if peer.is_empty() => Vec::new(),
             // The peer runs a PAKE and this side does not: the two ends
             // are not configured alike.
@@ -285,9 +282,24 @@ mod tests {
         exporter_a: [u8; 32],
         exporter_b: [u8; 32],
     ) -> (SessionAuth, SessionAuth) {
+        let (pake_a, pake_b) = (cookie_a.map(CookiePake::new), cookie_b.map(CookiePake::new));
         (
-            SessionAuth::new(Role::Requester, cookie_a, "a@h", "b@h", &TUNNEL, exporter_a),
-            SessionAuth::new(Role::Target, cookie_b, "a@h", "b@h", &TUNNEL, exporter_b),
+            SessionAuth::new(
+                Role::Requester,
+                pake_a.as_ref(),
+                "a@h",
+                "b@h",
+                &TUNNEL,
+                exporter_a,
+            ),
+            SessionAuth::new(
+                Role::Target,
+                pake_b.as_ref(),
+                "a@h",
+                "b@h",
+                &TUNNEL,
+                exporter_b,
+            ),
         )
     }
 
@@ -347,8 +359,9 @@ mod tests {
     /// fails, cookie or not.
     #[test]
     fn another_name_fails() {
-        let a = SessionAuth::new(Role::Requester, Some(b"c"), "a@h", "b@h", &TUNNEL, [1; 32]);
-        let b = SessionAuth::new(Role::Target, Some(b"c"), "x@h", "b@h", &TUNNEL, [1; 32]);
+        let pake = CookiePake::new(b"c");
+        let a = SessionAuth::new(Role::Requester, Some(&pake), "a@h", "b@h", &TUNNEL, [1; 32]);
+        let b = SessionAuth::new(Role::Target, Some(&pake), "x@h", "b@h", &TUNNEL, [1; 32]);
         let (a_got, b_got) = run(a, b);
         assert!(a_got.is_err() && b_got.is_err());
     }
