@@ -34,8 +34,11 @@ const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn load(_env: rustler::Env, _info: rustler::Term) -> bool {
-    // SAFETY: sets an integer option; mimalloc reads options at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    // mimalloc's own variable, when set, wins (as it does for any program).
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets an integer option; mimalloc reads options at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
     true
 }
 
