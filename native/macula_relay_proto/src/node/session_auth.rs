@@ -86,9 +86,10 @@ pub struct SessionAuth {
 }
 
 impl SessionAuth {
-    /// `cookie`: the cookie this node uses with its peer (made once per
-    /// cookie), or None in cluster-CA mode. `exporter`: 32 bytes exported from the session's
-    /// TLS with [`EXPORTER_LABEL`] and the tunnel id as context.
+    /// `cookie`: the PAKE of the cookie this node uses with its peer (made
+    /// once per cookie), or None in cluster-CA mode. `exporter`: 32 bytes
+    /// exported from the session's TLS with [`EXPORTER_LABEL`] and the
+    /// tunnel id as context.
     pub fn new(
         role: Role,
         cookie: Option<&CookiePake>,
