@@ -246,9 +246,12 @@ impl Client {
         if opts.cluster.is_some() && !opts.wants_e2e {
             return Err("cluster CA mode needs e2e sessions (tunnel e2e)".into());
         }
-        let config =
-            relay_trust::client_config_with_key(&opts.trust, &opts.transport, Some(&opts.key))
-                .map_err(|e| format!("{e:#}"))?;
+        let config = relay_trust::client_config_with_key(
+            &opts.trust,
+            &relay_transport(&opts),
+            Some(&opts.key),
+        )
+        .map_err(|e| format!("{e:#}"))?;
         let (events, events_rx) = mpsc::unbounded_channel();
         LIVE_CLIENTS.fetch_add(1, Ordering::Relaxed);
         let node = registry::node(&opts.node);
@@ -1001,6 +1004,8 @@ async fn run(client: Arc<Client>, opts: ClientOptions, config: quinn::ClientConf
         client
             .rt
             .spawn(accept_streams(client.clone(), conn.clone()));
+    } else {
+        client.rt.spawn(drop_probe_streams(conn.clone()));
     }
     client.rt.spawn(housekeeping(client.clone()));
     // Weak, and ended by the shutdown: the client itself holds the
@@ -1165,6 +1170,32 @@ async fn read_control(
                 Err(e) => client.log(Level::Warning, format!("ignored a control frame: {e}")),
             }
         }
+    }
+}
+
+/// Streams the relay may have open on an e2e node's connection at once.
+/// quinn makes room for every stream the peer may open when the connection
+/// starts: the 4096 a stream-mode node allows took about 400 KiB a relay
+/// connection, for streams an e2e node never reads.
+const E2E_RELAY_STREAMS: u32 = 4;
+
+/// The settings of this node's relay connection: in e2e mode the relay
+/// opens streams only as liveness probes ([`drop_probe_streams`]).
+fn relay_transport(opts: &ClientOptions) -> macula_dist_quic::Transport {
+    let mut transport = opts.transport.clone();
+    if opts.wants_e2e {
+        transport.max_streams = transport.max_streams.min(E2E_RELAY_STREAMS);
+    }
+    transport
+}
+
+/// An e2e node's answer to the streams the relay opens: the relay opens
+/// one (and resets it) only to see that the node still answers when its
+/// name is claimed again. Each is taken and dropped at once, so that
+/// probes never use up the few streams the node allows the relay.
+async fn drop_probe_streams(conn: quinn::Connection) {
+    while let Ok(stream) = conn.accept_bi().await {
+        drop(stream);
     }
 }
 

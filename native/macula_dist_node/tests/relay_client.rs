@@ -139,3 +139,35 @@ async fn another_key_cannot_take_a_live_name() {
     assert!(holder.status().phase == macula_relay_proto::node::control::Phase::Connected);
     relay.stop().await;
 }
+
+/// The same key claiming a live name makes the relay probe the holder (a
+/// stream opened and reset at once). An e2e node allows the relay only a
+/// few streams at a time, so it takes and drops each probe: more probes
+/// than that still each find the holder alive, and it keeps its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_holder_answers_more_probes_than_it_allows_streams() {
+    let relay = Relay::start(Config::loopback()).await.unwrap();
+    let rt = tokio::runtime::Handle::current();
+    let port = relay.local_addr().port();
+    let key = Arc::new(NodeIdentity::generate().unwrap());
+    let (holder, mut holder_events) =
+        Client::start(options(&relay, port, "probed@h", key.clone()), rt.clone()).unwrap();
+    assert!(matches!(
+        next_event(&mut holder_events).await,
+        ClientEvent::Identified
+    ));
+    for _ in 0..12 {
+        let (claimant, mut events) =
+            Client::start(options(&relay, port, "probed@h", key.clone()), rt.clone()).unwrap();
+        match next_event(&mut events).await {
+            ClientEvent::ConnectFailed(e) => assert_eq!(
+                e,
+                macula_dist_node::relay_client::ConnectError::Refused("name_taken".into())
+            ),
+            _ => panic!("the holder answered no probe: its name was handed over"),
+        }
+        drop(claimant);
+    }
+    assert!(holder.status().phase == macula_relay_proto::node::control::Phase::Connected);
+    relay.stop().await;
+}
