@@ -80,6 +80,7 @@ run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
     Red0 = pmap(fun({P, _, _}) -> peer:call(P, ?MODULE, node_reductions, []) end, Nodes, 8),
     Rss0 = relays_kib(RelayPid, "VmRSS"),
     Cpu0 = cpu_snapshot(RelayPid, Nodes),
+    Net0 = net_sent(),
     Plan = plan(Connect, Names),
     %% Go: each node stamps when it reached N-1 nodes; the plan is cast to
     %% all nodes back to back.
@@ -91,6 +92,7 @@ run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
     Timeout = env_int("MESH_TIMEOUT", 120) * 1000,
     {Complete, Results} = wait_mesh(Nodes, N - 1, erlang:monotonic_time(millisecond) + Timeout),
     Cpu1 = cpu_snapshot(RelayPid, Nodes),
+    Net1 = net_sent(),
     Red1 = pmap(fun({P, _, _}) -> peer:call(P, ?MODULE, node_reductions, []) end, Nodes, 8),
     Reached = [R || #{reached := R} <- Results, R =/= undefined],
     MeshS = case Complete of
@@ -168,6 +170,9 @@ run(#{n := N, mode := Mode, connect := Connect, relay_pid := RelayPid} = Env) ->
               "nodes ~.2f s (schedulers ~.2f, NIF runtime ~.2f, other ~.2f), controller ~.2f s; "
               "other processes on the machine ~.2f s~n",
               [WallS, 2 * WallS, RCpu, SCpu + NCpu + OCpu, SCpu, NCpu, OCpu, CtlCpu, max(0.0, Foreign)]),
+    {Udp, Tcp} = {maps:get(udp, Net1) - maps:get(udp, Net0), maps:get(tcp, Net1) - maps:get(tcp, Net0)},
+    io:format("  sent on the machine during the mesh: ~b UDP sends (~b a link), ~b TCP segments (~b a link)~n",
+              [Udp, Udp div Links, Tcp, Tcp div Links]),
     Foreign > max(0.2, 0.2 * WallS) andalso
         io:format("  NOTE: other processes used the CPU during the mesh; times are skewed~n"),
     io:format("  idle mesh for ~b s: relay ~.1f%, nodes ~.1f% of one core (schedulers ~.1f, NIF runtime ~.1f, other ~.1f)~n",
@@ -392,6 +397,17 @@ proc_kib_(Bin, Key) ->
                        binary:longest_common_prefix([L, KeyB]) =:= byte_size(KeyB)],
     [_, Kb | _] = string:lexemes(binary_to_list(Line), " \t"),
     list_to_integer(Kb).
+
+%% UDP sends (a GSO batch counts once) and TCP segments sent so far,
+%% machine-wide: what the mesh's packets cost in syscalls and crypto.
+net_sent() ->
+    {ok, Bin} = file:read_file("/proc/net/snmp"),
+    Lines = [string:lexemes(binary_to_list(L), " ") || L <- binary:split(Bin, <<"\n">>, [global]), L =/= <<>>],
+    Value = fun(Proto, Key) ->
+                    [Names, Values] = [tl(L) || [P | _] = L <- Lines, P =:= Proto ++ ":"],
+                    list_to_integer(element(2, lists:keyfind(Key, 1, lists:zip(Names, Values))))
+            end,
+    #{udp => Value("Udp", "OutDatagrams"), tcp => Value("Tcp", "OutSegs")}.
 
 %% CPU ticks per thread kind: #{relay, sched, nif, other}.
 cpu_snapshot(RelayPid, Nodes) ->

@@ -17,13 +17,13 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use macula_relay_proto::wire::dataplane::{
-    classify, clear_bind, header, session_id, Datagram, SessionId, HEADER_LEN, NO_BIND,
-    SESSION_DATAGRAM,
-};
 use macula_relay_proto::node::paths::{is_virtual, Paths, Route, EARLY_WAIT, MAX_EARLY};
 use macula_relay_proto::relay::sessions::{
     Claim, Claims, DropReason, KeepRefusal, Kept, SessionIdTaken, SessionTable, Verdict,
+};
+use macula_relay_proto::wire::dataplane::{
+    classify, clear_bind, header, session_id, Datagram, SessionId, HEADER_LEN, NO_BIND,
+    SESSION_DATAGRAM,
 };
 use macula_relay_proto::{BindKey, DecodeError, FrameDecoder, Message, TunnelId};
 
@@ -334,12 +334,14 @@ fn exchange(tunnel: TunnelId, bind: BindKey, side: usize) -> BindKey {
         Message::TunnelOk {
             tunnel,
             bind: Some(bind),
+            path_mtu: Some(1472),
         }
     } else {
         Message::TunnelNotify {
             tunnel,
             source: "a@h".into(),
             bind: Some(bind),
+            path_mtu: Some(1472),
         }
     };
     let frame = msg.encode();
@@ -824,10 +826,15 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             target: "b@host".into(),
             mode: macula_relay_proto::Mode::E2e,
         },
-        Message::TunnelOk { tunnel, bind: None },
+        Message::TunnelOk {
+            tunnel,
+            bind: None,
+            path_mtu: None,
+        },
         Message::TunnelOk {
             tunnel,
             bind: Some([1, 2, 3, 4, 5, 6, 7, 0xff]),
+            path_mtu: Some(1472),
         },
         Message::TunnelError {
             reason: "mode_unsupported".into(),
@@ -836,11 +843,13 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             tunnel,
             source: "a@host".into(),
             bind: None,
+            path_mtu: None,
         },
         Message::TunnelNotify {
             tunnel,
             source: "a@host".into(),
             bind: Some([9; 8]),
+            path_mtu: None,
         },
         Message::TunnelClose { tunnel },
         Message::ProtocolError {

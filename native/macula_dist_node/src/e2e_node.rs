@@ -46,6 +46,8 @@ pub struct Session {
     pub target: Result<Connection, quinn::ConnectionError>,
     /// `[requester, target]` bind keys (tests replay them from elsewhere).
     pub binds: [BindKey; 2],
+    /// `[requester, target]`: the path MTU the relay told each (`pmtu`).
+    pub path_mtus: [Option<u16>; 2],
 }
 
 impl E2eNode {
@@ -212,6 +214,7 @@ pub async fn session(
         tunnel,
         source,
         bind: Some(b_bind),
+        path_mtu: b_path_mtu,
     } = b.next().await?
     else {
         bail!("expected an e2e tun_notify")
@@ -220,6 +223,7 @@ pub async fn session(
     let Message::TunnelOk {
         tunnel: granted,
         bind: Some(a_bind),
+        path_mtu: a_path_mtu,
     } = a.next().await?
     else {
         bail!("expected an e2e tun_ok")
@@ -233,7 +237,12 @@ pub async fn session(
     let b_expects = PeerCheck::Key(NodeIdentity::derive(b_cookie, &a.name)?.spki);
     let b_vaddr = b.route(&tunnel, b_bind);
     let a_vaddr = a.route(&tunnel, a_bind);
-    let server_config = Arc::new(identity::server_config(&b_me, b_expects, &transport)?);
+    // As a node's sessions do: started at the path MTU the relay gave.
+    let mut server_config = identity::server_config(&b_me, b_expects, &transport)?;
+    if let Some(t) = transport.e2e_session_quinn_config(b_path_mtu)? {
+        server_config.transport_config(Arc::new(t));
+    }
+    let server_config = Arc::new(server_config);
     let b_endpoint = b.endpoint.clone();
     let accept = tokio::spawn(async move {
         let incoming = timeout(WAIT, b_endpoint.accept())
@@ -246,7 +255,10 @@ pub async fn session(
         );
         Ok(incoming.accept_with(server_config)?.await)
     });
-    let client_config = identity::client_config(&a_me, a_expects, &transport)?;
+    let mut client_config = identity::client_config(&a_me, a_expects, &transport)?;
+    if let Some(t) = transport.e2e_session_quinn_config(a_path_mtu)? {
+        client_config.transport_config(Arc::new(t));
+    }
     let requester = a
         .endpoint
         .connect_with(client_config, a_vaddr, E2E_SERVER_NAME)?
@@ -257,5 +269,6 @@ pub async fn session(
         requester,
         target,
         binds: [a_bind, b_bind],
+        path_mtus: [a_path_mtu, b_path_mtu],
     })
 }

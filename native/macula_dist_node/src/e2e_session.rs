@@ -238,6 +238,19 @@ pub struct SessionRoute {
 }
 
 impl SessionRoute {
+    /// A session's own transport settings, when the relay's word on its
+    /// path (`pmtu`) lets it start at the MTU it would otherwise probe for;
+    /// `None`: the configuration's own.
+    fn session_transport(
+        &self,
+        path_mtu: Option<u16>,
+    ) -> anyhow::Result<Option<Arc<quinn::TransportConfig>>> {
+        Ok(self
+            .transport
+            .e2e_session_quinn_config(path_mtu)?
+            .map(Arc::new))
+    }
+
     fn route(&self, tunnel: &TunnelId, bind: BindKey) -> Route {
         Route {
             relay: self.relay,
@@ -249,11 +262,13 @@ impl SessionRoute {
 
 /// The requester's side: connect, open the tunnel's stream, run the PAKE
 /// (offering `candidates`), and tell the client.
+#[allow(clippy::too_many_arguments)]
 pub fn connect(
     setup: &SessionSetup,
     path: SessionRoute,
     tunnel: TunnelId,
     bind: BindKey,
+    path_mtu: Option<u16>,
     cookie: Vec<u8>,
     target: String,
     candidates: Vec<SocketAddr>,
@@ -262,7 +277,10 @@ pub fn connect(
     setup.rt.clone().spawn(async move {
         let vaddr = path.socket.add_session(path.route(&tunnel, bind));
         let opened = timeout(SESSION_SETUP, async {
-            let config = setup.client_config(&target, &path.transport)?;
+            let mut config = setup.client_config(&target, &path.transport)?;
+            if let Some(transport) = path.session_transport(path_mtu)? {
+                config.transport_config(transport);
+            }
             let conn = path
                 .endpoint
                 .connect_with(config, vaddr, E2E_SERVER_NAME)?
@@ -325,6 +343,7 @@ struct Inbound {
     path: SessionRoute,
     tunnel: TunnelId,
     bind: BindKey,
+    path_mtu: Option<u16>,
     source: String,
     vaddr: SocketAddr,
     cookie: Vec<u8>,
@@ -340,6 +359,7 @@ pub fn expect(
     tunnel: TunnelId,
     source: String,
     bind: BindKey,
+    path_mtu: Option<u16>,
     cookie: &[u8],
     candidates: Vec<SocketAddr>,
 ) -> SocketAddr {
@@ -355,6 +375,7 @@ pub fn expect(
             path: path.clone(),
             tunnel,
             bind,
+            path_mtu,
             source,
             vaddr,
             cookie,
@@ -386,7 +407,10 @@ impl Inbound {
         rt.spawn(async move {
             let setup = &self.setup;
             let accepted = timeout(SESSION_SETUP, async {
-                let config = setup.server_config(&self.source, &self.path.transport)?;
+                let mut config = setup.server_config(&self.source, &self.path.transport)?;
+                if let Some(transport) = self.path.session_transport(self.path_mtu)? {
+                    Arc::make_mut(&mut config).transport_config(transport);
+                }
                 let conn = incoming.accept_with(config)?.await?;
                 let (send, recv) = conn.accept_bi().await?;
                 let (tunnel, mut streams) = read_prefix(send, recv).await?;

@@ -384,7 +384,11 @@ impl Client {
                 state.matcher.on_tunnel_ok(tunnel, now);
                 state.matcher.fail(&tunnel, "downgrade_refused".into())
             }
-            Handled::SessionOffered { tunnel, bind } => {
+            Handled::SessionOffered {
+                tunnel,
+                bind,
+                path_mtu,
+            } => {
                 let e2e = state.matcher.front().and_then(|r| r.e2e.clone());
                 let matched = state.matcher.on_tunnel_ok(tunnel, now);
                 match (e2e, self.route.get(), self.setup.get()) {
@@ -395,6 +399,7 @@ impl Client {
                             route.clone(),
                             tunnel,
                             bind,
+                            path_mtu,
                             cookie,
                             target,
                             candidates,
@@ -636,7 +641,7 @@ impl Client {
     /// The owner's answer to a cookie request: ready the inbound session.
     pub fn cookie(self: &Arc<Self>, tag: u64, cookie: &[u8]) {
         let mut state = self.lock();
-        let Some((tunnel, source, bind)) = state.control.cookie_answered(tag) else {
+        let Some((tunnel, source, bind, path_mtu)) = state.control.cookie_answered(tag) else {
             return;
         };
         let (Some(route), Some(setup)) = (self.route.get(), self.setup.get()) else {
@@ -649,6 +654,7 @@ impl Client {
             tunnel,
             source,
             bind,
+            path_mtu,
             cookie,
             candidates,
         );

@@ -121,6 +121,52 @@ async fn a_session_reaches_the_path_mtu_in_two_probes() {
     drop((a.relay_conn, b.relay_conn));
 }
 
+/// The relay tells both sides of a session the MTU its connections to
+/// them found (`pmtu` in `tun_ok` and `tun_notify`): the session starts
+/// there, at its own bound, and sends no MTU probe at all (probes and
+/// their acknowledgements were a sixth of a forming mesh's datagrams).
+/// Full-size datagrams then cross the relay: a transfer arrives whole,
+/// without a black hole detected.
+#[tokio::test]
+async fn a_session_starts_at_the_path_mtu_the_relay_found() {
+    let relay = relay().await;
+    let mut a = join(&relay, "a@h").await;
+    let mut b = join(&relay, "b@h").await;
+    let relay_bound = macula_dist_quic::Transport::default().max_udp_payload;
+    let bound = relay_bound - macula_relay_proto::wire::dataplane::HEADER_LEN as u16;
+    // The relay's connections search their own MTU as they start: a
+    // session asked meanwhile gets a smaller word (or none) and searches.
+    let s = timeout(WAIT, async {
+        loop {
+            let s = e2e_node::session(&mut a, &mut b, b"cookie", b"cookie")
+                .await
+                .unwrap();
+            if s.path_mtus == [Some(relay_bound); 2] {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the relay finds the loopback MTU of both its connections");
+    let (requester, target) = (s.requester.unwrap(), s.target.unwrap());
+    for end in [&requester, &target] {
+        let path = end.stats().path;
+        assert_eq!(path.current_mtu, bound);
+        assert_eq!(path.sent_plpmtud_probes, 0);
+    }
+    let data = random_bytes(1 << 20);
+    assert_eq!(transfer(&requester, &target, &data).await, data);
+    assert_eq!(transfer(&target, &requester, &data).await, data);
+    for end in [&requester, &target] {
+        let path = end.stats().path;
+        assert_eq!(path.current_mtu, bound);
+        assert_eq!(path.sent_plpmtud_probes, 0);
+        assert_eq!(path.black_holes_detected, 0);
+    }
+    drop((a.relay_conn, b.relay_conn));
+}
+
 /// A node whose relay connection ends (here: closed; a kill -9 is the same
 /// after the idle timeout) takes its sessions with it, and the other side
 /// hears `tun_close` for each at once: it need not wait out the session's

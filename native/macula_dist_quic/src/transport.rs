@@ -148,6 +148,35 @@ impl Transport {
         Ok(t)
     }
 
+    /// One session's settings, given the relay's word on its path
+    /// (`pmtu`): started at [`Transport::e2e_initial_mtu`] when that gives
+    /// a start; `None`: [`Transport::e2e_quinn_config`]'s, as they are.
+    pub fn e2e_session_quinn_config(
+        &self,
+        path_mtu: Option<u16>,
+    ) -> anyhow::Result<Option<quinn::TransportConfig>> {
+        let Some(mtu) = self.e2e_initial_mtu(path_mtu) else {
+            return Ok(None);
+        };
+        let mut t = self.e2e_quinn_config()?;
+        t.initial_mtu(mtu);
+        Ok(Some(t))
+    }
+
+    /// Where an e2e session starts its MTU, given the relay's word on the
+    /// path (`pmtu`: the MTU of the relay's connections to both sides): that
+    /// less the relay's session header, within the session's search bound.
+    /// At the bound, the session sends no MTU probes: four datagrams and
+    /// their acknowledgements fewer a session, a sixth of a forming mesh's.
+    /// `None` (no word, or no room above QUIC's 1200 bytes): quinn starts
+    /// at 1200 and searches, as without a relay's word. A relay that lies
+    /// costs its sessions a black hole detection (back to 1200), no more.
+    pub fn e2e_initial_mtu(&self, path_mtu: Option<u16>) -> Option<u16> {
+        let inner = path_mtu?.checked_sub(HEADER_LEN as u16)?;
+        let mtu = inner.min(self.max_udp_payload - HEADER_LEN as u16);
+        (mtu > QUIC_MIN_MTU).then_some(mtu)
+    }
+
     /// The endpoint settings: largest datagram, and the QUIC bit never greased (session datagrams are told apart by it).
     pub fn endpoint_config(&self) -> anyhow::Result<quinn::EndpointConfig> {
         let mut config = quinn::EndpointConfig::default();
@@ -226,5 +255,36 @@ pub const E2E_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// path's MTU.
 pub const E2E_MTU_STEP: u16 = 100;
 
+/// The datagram every QUIC path must carry (RFC 9000, 14), quinn's floor.
+const QUIC_MIN_MTU: u16 = 1200;
+
 /// What an unidentified connection may make the relay buffer, at most.
 pub const UNIDENTIFIED_WINDOW: u32 = 256 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_starts_at_the_relays_path_mtu_within_its_own_bound() {
+        let t = Transport::default(); // max_udp_payload 1472
+        let header = HEADER_LEN as u16;
+        // No word from the relay: quinn's 1200 and search.
+        assert_eq!(t.e2e_initial_mtu(None), None);
+        // A 1500-byte path: at the search bound, nothing left to probe.
+        assert_eq!(t.e2e_initial_mtu(Some(1472)), Some(1472 - header));
+        // A lie (or a jumbo path) never passes the node's own bound.
+        assert_eq!(t.e2e_initial_mtu(Some(u16::MAX)), Some(1472 - header));
+        // A smaller path: there, searching up from it.
+        assert_eq!(t.e2e_initial_mtu(Some(1400)), Some(1400 - header));
+        // No room above QUIC's floor once the header is paid: quinn's way.
+        assert_eq!(t.e2e_initial_mtu(Some(1200 + header)), None);
+        assert_eq!(t.e2e_initial_mtu(Some(1200)), None);
+        assert_eq!(t.e2e_initial_mtu(Some(0)), None);
+        // quinn takes every start this gives; none, the shared settings.
+        for pmtu in [1219, 1300, 1472, u16::MAX] {
+            assert!(t.e2e_session_quinn_config(Some(pmtu)).unwrap().is_some());
+        }
+        assert!(t.e2e_session_quinn_config(Some(1200)).unwrap().is_none());
+    }
+}

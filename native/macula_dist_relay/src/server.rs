@@ -901,6 +901,7 @@ impl Session {
             let _ = answer.send(Message::TunnelOk {
                 tunnel: id,
                 bind: None,
+                path_mtu: None,
             });
             shared.lock().send_to(
                 tunnel.target,
@@ -908,6 +909,7 @@ impl Session {
                     tunnel: id,
                     source: tunnel.requester_name.clone(),
                     bind: None,
+                    path_mtu: None,
                 },
             );
             let counted = shared.events.stream_bytes.clone();
@@ -965,9 +967,10 @@ impl Session {
             .nodes
             .get(&tunnel.target)
             .zip(state.nodes.get(&self.conn_id))
-            .map(|(t, r)| (r.seen, t.seen));
+            .map(|(t, r)| (r.seen, t.seen, path_mtu(&r.conn, &t.conn)));
+        let path_mtu = ends.map(|(_, _, mtu)| mtu);
         let opened = match ends {
-            Some((requester_addr, target_addr)) => {
+            Some((requester_addr, target_addr, _)) => {
                 self.shared.sessions().open(id, requester_addr, target_addr)
             }
             None => Err(sessions::SessionIdTaken),
@@ -985,6 +988,7 @@ impl Session {
                 tunnel: id,
                 source: tunnel.requester_name.clone(),
                 bind: Some(target_key),
+                path_mtu,
             },
         );
         drop(state);
@@ -993,6 +997,7 @@ impl Session {
         self.answer(Message::TunnelOk {
             tunnel: id,
             bind: Some(requester_key),
+            path_mtu,
         });
     }
 
@@ -1174,6 +1179,19 @@ impl Drop for Session {
 }
 
 /// A tunnel was granted `started` ago.
+/// The MTU both relay connections of a session carry, each as the relay
+/// found it (its sending direction, which paths mostly share with the
+/// other): a session's datagrams cross both, so it may start there
+/// instead of probing its way up (a node clamps the value to its own
+/// bounds; too large costs it a black hole detection, no more).
+fn path_mtu(requester: &quinn::Connection, target: &quinn::Connection) -> u16 {
+    requester
+        .stats()
+        .path
+        .current_mtu
+        .min(target.stats().path.current_mtu)
+}
+
 fn opened_metrics(shared: &Shared, mode: Mode, started: std::time::Instant) {
     let labels = metrics::mode(mode);
     shared.events.tunnels_opened.get_or_create(&labels).inc();

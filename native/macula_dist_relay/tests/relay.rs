@@ -467,7 +467,11 @@ async fn a_stalled_target_does_not_hold_up_other_requests() {
     );
     assert_eq!(
         a.next().await,
-        Some(Message::TunnelOk { tunnel, bind: None })
+        Some(Message::TunnelOk {
+            tunnel,
+            bind: None,
+            path_mtu: None
+        })
     );
     relay.stop().await;
 }

@@ -153,6 +153,8 @@ pub enum Handled {
         tunnel: TunnelId,
         /// Its bind key at the relay.
         bind: BindKey,
+        /// The relay's word on the path's MTU (`pmtu`), if it gave one.
+        path_mtu: Option<u16>,
     },
     /// The request in front was offered a stream tunnel in e2e mode: feed
     /// the matcher its `tun_ok`, then fail it with `downgrade_refused`.
@@ -169,6 +171,8 @@ pub enum Handled {
         source: String,
         /// Its bind key at the relay.
         bind: BindKey,
+        /// The relay's word on the path's MTU (`pmtu`), if it gave one.
+        path_mtu: Option<u16>,
         /// The tag the owner's cookie answer carries.
         tag: u64,
     },
@@ -215,6 +219,7 @@ struct CookieWait {
     tunnel: TunnelId,
     source: String,
     bind: BindKey,
+    path_mtu: Option<u16>,
     at: Instant,
 }
 
@@ -307,7 +312,9 @@ impl RelayControl {
         on_direct: impl Fn(&TunnelId) -> bool,
     ) -> Handled {
         match msg {
-            Message::TunnelOk { tunnel, bind: None } if self.wants_e2e => {
+            Message::TunnelOk {
+                tunnel, bind: None, ..
+            } if self.wants_e2e => {
                 self.refuse_downgrade(
                     tunnel,
                     now,
@@ -318,7 +325,12 @@ impl RelayControl {
             Message::TunnelOk {
                 tunnel,
                 bind: Some(bind),
-            } => Handled::SessionOffered { tunnel, bind },
+                path_mtu,
+            } => Handled::SessionOffered {
+                tunnel,
+                bind,
+                path_mtu,
+            },
             Message::TunnelNotify {
                 tunnel, bind: None, ..
             } if self.wants_e2e => {
@@ -329,7 +341,8 @@ impl RelayControl {
                 tunnel,
                 source,
                 bind: Some(bind),
-            } => self.announced(tunnel, source, bind, now),
+                path_mtu,
+            } => self.announced(tunnel, source, bind, path_mtu, now),
             msg @ (Message::TunnelOk { .. }
             | Message::TunnelNotify { .. }
             | Message::TunnelError { .. }) => Handled::Matcher(msg),
@@ -403,6 +416,7 @@ impl RelayControl {
         tunnel: TunnelId,
         source: String,
         bind: BindKey,
+        path_mtu: Option<u16>,
         now: Instant,
     ) -> Handled {
         let from_source = self.pending.values().filter(|p| p.source == source).count();
@@ -433,6 +447,7 @@ impl RelayControl {
                 tunnel,
                 source: source.clone(),
                 bind,
+                path_mtu,
                 at: now,
             },
         );
@@ -440,6 +455,7 @@ impl RelayControl {
             tunnel,
             source,
             bind,
+            path_mtu,
             tag,
         }
     }
@@ -525,12 +541,18 @@ impl RelayControl {
     }
 
     /// The owner's cookie for an announced session arrived: the session to
-    /// ready, if it is still expected.
-    pub fn cookie_answered(&mut self, tag: u64) -> Option<(TunnelId, String, BindKey)> {
+    /// ready (tunnel, source, bind key, path MTU), if it is still expected.
+    pub fn cookie_answered(
+        &mut self,
+        tag: u64,
+    ) -> Option<(TunnelId, String, BindKey, Option<u16>)> {
         let wait = self.cookie_waits.remove(&tag)?;
-        self.pending
-            .contains_key(&wait.tunnel)
-            .then_some((wait.tunnel, wait.source, wait.bind))
+        self.pending.contains_key(&wait.tunnel).then_some((
+            wait.tunnel,
+            wait.source,
+            wait.bind,
+            wait.path_mtu,
+        ))
     }
 
     /// An announced session's route: where its datagrams come from.
@@ -754,6 +776,7 @@ mod tests {
             Message::TunnelOk {
                 tunnel: tid(1),
                 bind: None,
+                path_mtu: None,
             },
             now,
             not_direct,
@@ -764,6 +787,7 @@ mod tests {
                 tunnel: tid(2),
                 source: "mallory@h".into(),
                 bind: None,
+                path_mtu: None,
             },
             now,
             not_direct,
@@ -786,6 +810,7 @@ mod tests {
             tunnel: tid(1),
             source: "a@h".into(),
             bind: None,
+            path_mtu: None,
         };
         let h = c.handle(msg.clone(), Instant::now(), not_direct);
         assert_eq!(h, Handled::Matcher(msg));
@@ -802,6 +827,7 @@ mod tests {
                     tunnel: tid(n),
                     source: source.into(),
                     bind: Some(BIND),
+                    path_mtu: None,
                 },
                 now,
                 not_direct,
@@ -867,6 +893,7 @@ mod tests {
                     ]),
                     source: format!("n{}@h", n / 10),
                     bind: Some(BIND),
+                    path_mtu: None,
                 },
                 now,
                 not_direct,
@@ -877,6 +904,7 @@ mod tests {
             tunnel: tid(200),
             source: "new@h".into(),
             bind: Some(BIND),
+            path_mtu: None,
         };
         assert_eq!(c.handle(over.clone(), now, not_direct), Handled::Done);
         c.expire(now + PENDING_INBOUND_FOR, not_direct);
@@ -895,15 +923,17 @@ mod tests {
                 tunnel: tid(1),
                 source: "a@h".into(),
                 bind: Some(BIND),
+                path_mtu: Some(1472),
             },
             now,
             not_direct,
         ) else {
             panic!("not announced")
         };
+        // The relay's path MTU waits with the session for the cookie.
         assert_eq!(
             c.cookie_answered(tag),
-            Some((tid(1), "a@h".to_string(), BIND))
+            Some((tid(1), "a@h".to_string(), BIND, Some(1472)))
         );
         assert_eq!(c.cookie_answered(tag), None, "answered once");
         let Handled::InboundAnnounced { tag, .. } = c.handle(
@@ -911,6 +941,7 @@ mod tests {
                 tunnel: tid(2),
                 source: "a@h".into(),
                 bind: Some(BIND),
+                path_mtu: None,
             },
             now,
             not_direct,
@@ -1209,6 +1240,7 @@ mod tests {
                     tunnel: tid(n),
                     source: "m@h".into(),
                     bind: None,
+                    path_mtu: None,
                 },
                 now,
                 not_direct,

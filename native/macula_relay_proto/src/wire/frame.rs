@@ -30,19 +30,24 @@ pub enum Message {
     /// absent or `"stream"` is a version 1 stream tunnel).
     TunnelRequest { target: String, mode: Mode },
     /// relay → node: `t: "tun_ok"`, `tid`; an e2e tunnel adds `mode: "e2e"`
-    /// and `bind`, this side's session secret.
+    /// and `bind`, this side's session secret, and optionally `pmtu`.
     TunnelOk {
         tunnel: TunnelId,
         bind: Option<BindKey>,
+        /// e2e only, `pmtu`: the smaller of the MTUs (largest UDP payloads)
+        /// the relay's connections to the two sides have found, where the
+        /// session may start its own instead of probing up to it.
+        path_mtu: Option<u16>,
     },
     /// relay → node: `t: "tun_err"`, `r`.
     TunnelError { reason: String },
     /// relay → node: `t: "tun_notify"`, `tid`, `src`; an e2e tunnel adds
-    /// `mode: "e2e"` and `bind`.
+    /// `mode: "e2e"` and `bind`, and optionally `pmtu` (as in `tun_ok`).
     TunnelNotify {
         tunnel: TunnelId,
         source: String,
         bind: Option<BindKey>,
+        path_mtu: Option<u16>,
     },
     /// node → relay: `t: "tun_close"`, `tid`. relay → node (version 2):
     /// the e2e session's other side left the relay.
@@ -190,10 +195,15 @@ impl Message {
     fn fields(&self) -> Vec<(&'static str, Value)> {
         let text = |s: &str| Value::from(s);
         let tid = |t: &TunnelId| Value::from(t.as_string());
-        let e2e = |fields: &mut Vec<(&'static str, Value)>, bind: &Option<BindKey>| {
+        let e2e = |fields: &mut Vec<(&'static str, Value)>,
+                   bind: &Option<BindKey>,
+                   path_mtu: &Option<u16>| {
             if let Some(bind) = bind {
                 fields.push(("mode", Value::from(Mode::E2e.as_str())));
                 fields.push(("bind", Value::from(hex(bind))));
+                if let Some(mtu) = path_mtu {
+                    fields.push(("pmtu", Value::from(*mtu)));
+                }
             }
         };
         let mut fields = vec![("t", text(self.type_name()))];
@@ -243,9 +253,13 @@ impl Message {
                     fields.push(("mode", text(mode.as_str())));
                 }
             }
-            Message::TunnelOk { tunnel, bind } => {
+            Message::TunnelOk {
+                tunnel,
+                bind,
+                path_mtu,
+            } => {
                 fields.push(("tid", tid(tunnel)));
-                e2e(&mut fields, bind);
+                e2e(&mut fields, bind, path_mtu);
             }
             Message::TunnelClose { tunnel } | Message::SessionLost { tunnel } => {
                 fields.push(("tid", tid(tunnel)))
@@ -263,10 +277,11 @@ impl Message {
                 tunnel,
                 source,
                 bind,
+                path_mtu,
             } => {
                 fields.push(("tid", tid(tunnel)));
                 fields.push(("src", text(source)));
-                e2e(&mut fields, bind);
+                e2e(&mut fields, bind, path_mtu);
             }
         }
         fields
@@ -328,6 +343,7 @@ impl Message {
             "tun_ok" => Ok(Message::TunnelOk {
                 tunnel: map.tunnel_id("tun_ok")?,
                 bind: map.bind()?,
+                path_mtu: map.path_mtu()?,
             }),
             "tun_err" => Ok(Message::TunnelError {
                 reason: map.text("tun_err", "r")?,
@@ -336,6 +352,7 @@ impl Message {
                 tunnel: map.tunnel_id("tun_notify")?,
                 source: map.text("tun_notify", "src")?,
                 bind: map.bind()?,
+                path_mtu: map.path_mtu()?,
             }),
             "tun_close" => Ok(Message::TunnelClose {
                 tunnel: map.tunnel_id("tun_close")?,
@@ -470,6 +487,20 @@ impl Fields {
             .optional_text(key)?
             .ok_or(DecodeError::MissingKey { msg: "e2e", key })?;
         unhex(&text).map(Some).ok_or(DecodeError::BadValue { key })
+    }
+
+    /// An e2e frame's `pmtu`, if any (ignored in stream mode, as `bind`).
+    fn path_mtu(&self) -> Result<Option<u16>, DecodeError> {
+        if self.mode()? == Mode::Stream {
+            return Ok(None);
+        }
+        let key = "pmtu";
+        match self.optional_u64(key)? {
+            None => Ok(None),
+            Some(v) => u16::try_from(v)
+                .map(Some)
+                .map_err(|_| DecodeError::BadValue { key }),
+        }
     }
 
     fn tunnel_id(&self, msg: &'static str) -> Result<TunnelId, DecodeError> {
@@ -622,10 +653,20 @@ mod tests {
                 target: "b@host".into(),
                 mode: Mode::E2e,
             },
-            Message::TunnelOk { tunnel, bind: None },
+            Message::TunnelOk {
+                tunnel,
+                bind: None,
+                path_mtu: None,
+            },
             Message::TunnelOk {
                 tunnel,
                 bind: Some([1, 2, 3, 4, 5, 6, 7, 0xff]),
+                path_mtu: None,
+            },
+            Message::TunnelOk {
+                tunnel,
+                bind: Some([1, 2, 3, 4, 5, 6, 7, 0xff]),
+                path_mtu: Some(1472),
             },
             Message::TunnelError {
                 reason: "target_not_connected".into(),
@@ -634,11 +675,13 @@ mod tests {
                 tunnel,
                 source: "a@host".into(),
                 bind: None,
+                path_mtu: None,
             },
             Message::TunnelNotify {
                 tunnel,
                 source: "a@host".into(),
                 bind: Some([9; 8]),
+                path_mtu: Some(1200),
             },
             Message::TunnelClose { tunnel },
             Message::ProtocolError {
@@ -730,6 +773,7 @@ mod tests {
             tunnel: TunnelId::from_bytes([1; 16]),
             source: "a@h".into(),
             bind: None,
+            path_mtu: None,
         }
         .encode();
         let value = rmpv::decode::read_value(&mut &bytes[4..]).unwrap();
@@ -740,6 +784,40 @@ mod tests {
             .map(|(k, _)| k.as_str().unwrap().to_string())
             .collect();
         assert_eq!(keys, ["t", "tid", "src"]);
+    }
+
+    #[test]
+    fn a_path_mtu_is_a_u16_of_an_e2e_frame() {
+        let frame = |mode: &str, pmtu: Value| {
+            let map = Value::Map(vec![
+                (Value::from("t"), Value::from("tun_ok")),
+                (Value::from("tid"), Value::from("00".repeat(16))),
+                (Value::from("mode"), Value::from(mode)),
+                (Value::from("bind"), Value::from("00".repeat(8))),
+                (Value::from("pmtu"), pmtu),
+            ]);
+            let mut body = vec![];
+            rmpv::encode::write_value(&mut body, &map).unwrap();
+            Message::decode_body(&body)
+        };
+        let mtu = |m: Result<Message, DecodeError>| match m {
+            Ok(Message::TunnelOk { path_mtu, .. }) => Ok(path_mtu),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(mtu(frame("e2e", Value::from(1472))), Ok(Some(1472)));
+        let bad = Err(DecodeError::BadValue { key: "pmtu" });
+        assert_eq!(mtu(frame("e2e", Value::from(65536))), bad);
+        assert_eq!(
+            mtu(frame("e2e", Value::from(-1))),
+            Err(DecodeError::WrongType { key: "pmtu" })
+        );
+        assert_eq!(
+            mtu(frame("e2e", Value::from("1472"))),
+            Err(DecodeError::WrongType { key: "pmtu" })
+        );
+        // A stream tunnel has no session to size.
+        assert_eq!(mtu(frame("stream", Value::from(1472))), Ok(None));
     }
 
     #[test]
@@ -862,6 +940,17 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// An e2e side (a bind key, maybe a path MTU) or none: stream
+        /// frames carry no `pmtu`.
+        fn e2e_side() -> impl Strategy<Value = (Option<BindKey>, Option<u16>)> {
+            proptest::option::of((any::<[u8; 8]>(), proptest::option::of(any::<u16>()))).prop_map(
+                |side| match side {
+                    Some((bind, mtu)) => (Some(bind), mtu),
+                    None => (None, None),
+                },
+            )
+        }
+
         fn text() -> impl Strategy<Value = String> {
             "[a-zA-Z0-9_@.\\-]{0,40}"
         }
@@ -886,16 +975,22 @@ mod tests {
                     target,
                     mode: if e2e { Mode::E2e } else { Mode::Stream }
                 }),
-                (tid.clone(), proptest::option::of(any::<[u8; 8]>()))
-                    .prop_map(|(tunnel, bind)| Message::TunnelOk { tunnel, bind }),
+                (tid.clone(), e2e_side()).prop_map(|(tunnel, (bind, path_mtu))| {
+                    Message::TunnelOk {
+                        tunnel,
+                        bind,
+                        path_mtu,
+                    }
+                }),
                 text().prop_map(|reason| Message::TunnelError { reason }),
-                (tid.clone(), text(), proptest::option::of(any::<[u8; 8]>())).prop_map(
-                    |(tunnel, source, bind)| Message::TunnelNotify {
+                (tid.clone(), text(), e2e_side()).prop_map(|(tunnel, source, (bind, path_mtu))| {
+                    Message::TunnelNotify {
                         tunnel,
                         source,
-                        bind
+                        bind,
+                        path_mtu,
                     }
-                ),
+                }),
                 tid.clone()
                     .prop_map(|tunnel| Message::TunnelClose { tunnel }),
                 (tid.clone(), any::<[u8; 8]>(), text()).prop_map(|(tunnel, bind, peer)| {
