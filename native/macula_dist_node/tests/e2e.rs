@@ -124,7 +124,7 @@ async fn a_session_reaches_the_path_mtu_in_two_probes() {
 /// The relay tells both sides of a session the MTU its connections to
 /// them found (`pmtu` in `tun_ok` and `tun_notify`): the session starts
 /// there, at its own bound, and sends no MTU probe at all (probes and
-/// their acknowledgements were a sixth of a forming mesh's datagrams).
+/// their acknowledgements were a seventh of a forming mesh's datagrams).
 /// Full-size datagrams then cross the relay: a transfer arrives whole,
 /// without a black hole detected.
 #[tokio::test]

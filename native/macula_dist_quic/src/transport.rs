@@ -167,13 +167,14 @@ impl Transport {
     /// path (`pmtu`: the MTU of the relay's connections to both sides): that
     /// less the relay's session header, within the session's search bound.
     /// At the bound, the session sends no MTU probes: four datagrams and
-    /// their acknowledgements fewer a session, a sixth of a forming mesh's.
-    /// `None` (no word, or no room above QUIC's 1200 bytes): quinn starts
-    /// at 1200 and searches, as without a relay's word. A relay that lies
-    /// costs its sessions a black hole detection (back to 1200), no more.
+    /// their acknowledgements fewer a session, a seventh of the datagrams
+    /// of a forming 100-node mesh. `None` (no word, or no room above
+    /// QUIC's 1200 bytes): quinn starts at 1200 and searches, as without a
+    /// relay's word. A relay that lies costs its sessions a black hole
+    /// detection (back to 1200), no more.
     pub fn e2e_initial_mtu(&self, path_mtu: Option<u16>) -> Option<u16> {
         let inner = path_mtu?.checked_sub(HEADER_LEN as u16)?;
-        let mtu = inner.min(self.max_udp_payload - HEADER_LEN as u16);
+        let mtu = inner.min(self.max_udp_payload.saturating_sub(HEADER_LEN as u16));
         (mtu > QUIC_MIN_MTU).then_some(mtu)
     }
 

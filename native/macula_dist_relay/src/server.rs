@@ -1178,7 +1178,6 @@ impl Drop for Session {
     }
 }
 
-/// A tunnel was granted `started` ago.
 /// The MTU both relay connections of a session carry, each as the relay
 /// found it (its sending direction, which paths mostly share with the
 /// other): a session's datagrams cross both, so it may start there
@@ -1192,6 +1191,7 @@ fn path_mtu(requester: &quinn::Connection, target: &quinn::Connection) -> u16 {
         .min(target.stats().path.current_mtu)
 }
 
+/// A tunnel was granted `started` ago.
 fn opened_metrics(shared: &Shared, mode: Mode, started: std::time::Instant) {
     let labels = metrics::mode(mode);
     shared.events.tunnels_opened.get_or_create(&labels).inc();
