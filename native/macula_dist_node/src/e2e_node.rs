@@ -240,7 +240,7 @@ pub async fn session(
     // As a node's sessions do: started at the path MTU the relay gave.
     let mut server_config = identity::server_config(&b_me, b_expects, &transport)?;
     if let Some(t) = transport.e2e_session_quinn_config(b_path_mtu)? {
-        server_config.transport_config(Arc::new(t));
+        server_config.transport_config(t);
     }
     let server_config = Arc::new(server_config);
     let b_endpoint = b.endpoint.clone();
@@ -257,7 +257,7 @@ pub async fn session(
     });
     let mut client_config = identity::client_config(&a_me, a_expects, &transport)?;
     if let Some(t) = transport.e2e_session_quinn_config(a_path_mtu)? {
-        client_config.transport_config(Arc::new(t));
+        client_config.transport_config(t);
     }
     let requester = a
         .endpoint

@@ -238,19 +238,6 @@ pub struct SessionRoute {
 }
 
 impl SessionRoute {
-    /// A session's own transport settings, when the relay's word on its
-    /// path (`pmtu`) lets it start at the MTU it would otherwise probe for;
-    /// `None`: the configuration's own.
-    fn session_transport(
-        &self,
-        path_mtu: Option<u16>,
-    ) -> anyhow::Result<Option<Arc<quinn::TransportConfig>>> {
-        Ok(self
-            .transport
-            .e2e_session_quinn_config(path_mtu)?
-            .map(Arc::new))
-    }
-
     fn route(&self, tunnel: &TunnelId, bind: BindKey) -> Route {
         Route {
             relay: self.relay,
@@ -278,7 +265,7 @@ pub fn connect(
         let vaddr = path.socket.add_session(path.route(&tunnel, bind));
         let opened = timeout(SESSION_SETUP, async {
             let mut config = setup.client_config(&target, &path.transport)?;
-            if let Some(transport) = path.session_transport(path_mtu)? {
+            if let Some(transport) = path.transport.e2e_session_quinn_config(path_mtu)? {
                 config.transport_config(transport);
             }
             let conn = path
@@ -408,7 +395,11 @@ impl Inbound {
             let setup = &self.setup;
             let accepted = timeout(SESSION_SETUP, async {
                 let mut config = setup.server_config(&self.source, &self.path.transport)?;
-                if let Some(transport) = self.path.session_transport(self.path_mtu)? {
+                if let Some(transport) = self
+                    .path
+                    .transport
+                    .e2e_session_quinn_config(self.path_mtu)?
+                {
                     Arc::make_mut(&mut config).transport_config(transport);
                 }
                 let conn = incoming.accept_with(config)?.await?;

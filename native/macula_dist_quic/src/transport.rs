@@ -154,13 +154,13 @@ impl Transport {
     pub fn e2e_session_quinn_config(
         &self,
         path_mtu: Option<u16>,
-    ) -> anyhow::Result<Option<quinn::TransportConfig>> {
+    ) -> anyhow::Result<Option<Arc<quinn::TransportConfig>>> {
         let Some(mtu) = self.e2e_initial_mtu(path_mtu) else {
             return Ok(None);
         };
         let mut t = self.e2e_quinn_config()?;
         t.initial_mtu(mtu);
-        Ok(Some(t))
+        Ok(Some(Arc::new(t)))
     }
 
     /// Where an e2e session starts its MTU, given the relay's word on the
